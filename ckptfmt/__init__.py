@@ -1,0 +1,85 @@
+"""ckptfmt: self-describing PyTorch checkpoints.
+
+One .safetensors file carries the weights and, in its header, the architecture config, the
+training record, provenance and a digest of the weights; `load_model(path)` rebuilds the model
+from the file alone.
+
+Names are imported on first use, so `import ckptfmt` and the torch-free parts (ModelConfig,
+read_header, inspect of a .safetensors) never import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ModelConfig": "config",
+    "read_sidecar": "config",
+    "read_header": "header",
+    "register_model": "registry",
+    "registered_model_types": "registry",
+    "save_model_with_config": "checkpoint",
+    "load_model": "checkpoint",
+    "load_model_with_config": "checkpoint",
+    "load_training_state": "checkpoint",
+    "infer_model_config": "checkpoint",
+    "weights_digest": "tensors",
+    "read_state_dict": "tensors",
+    "convert": "convert",
+    "convert_all": "convert",
+    "ConvertResult": "convert",
+    "inspect_checkpoint": "inspect",
+    "verify": "inspect",
+    "diff": "inspect",
+    "MultiTaskPredictor": "predict",
+    "CkptfmtError": "errors",
+    "CheckpointNotFoundError": "errors",
+    "OutputExistsError": "errors",
+    "WriteError": "errors",
+    "HeaderError": "errors",
+    "ConfigError": "errors",
+    "UnknownModelTypeError": "errors",
+    "ShapeMismatchError": "errors",
+    "ArchitectureNotRecognisedError": "errors",
+    "LegacyCheckpointError": "errors",
+    "UnsafePickleError": "errors",
+    "IntegrityError": "errors",
+    "DeviceError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ckptfmt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from .checkpoint import (
+        infer_model_config, load_model, load_model_with_config, load_training_state,
+        save_model_with_config,
+    )
+    from .config import ModelConfig, read_sidecar
+    from .convert import ConvertResult, convert, convert_all
+    from .errors import (
+        ArchitectureNotRecognisedError, CheckpointNotFoundError, CkptfmtError, ConfigError,
+        DeviceError, HeaderError, IntegrityError, LegacyCheckpointError, OutputExistsError,
+        ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
+    )
+    from .header import read_header
+    from .inspect import diff, inspect_checkpoint, verify
+    from .predict import MultiTaskPredictor
+    from .registry import register_model, registered_model_types
+    from .tensors import read_state_dict, weights_digest

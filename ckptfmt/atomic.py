@@ -1,0 +1,161 @@
+"""Atomic writes: a file appears whole under its name, or not at all.
+
+Every output goes to a temp file in the same folder (so the final rename never crosses a file
+system), is flushed and fsynced, then takes its name: by `os.link` when nothing may be
+overwritten (which fails, atomically, if the name was taken meanwhile), by `os.replace` when
+overwriting was asked for. The folder is fsynced after the rename. On any failure the temp file
+is removed; one left by a killed process has a recognisable name, `.NAME.ckptfmt-tmp-PID-XXXX`,
+and the next write to the same name removes it once its process is gone.
+
+Files are created with mode 0o666 and so follow the umask, as `open()` would.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OutputExistsError, WriteError
+
+__all__ = ["atomic_write", "check_writable", "write_all"]
+
+_TMP_MARK = ".ckptfmt-tmp-"
+_WRITE_CHUNK = 64 << 20
+
+
+def check_writable(path: Path, *, overwrite: bool) -> None:
+    """Refuse early what the final rename would refuse: a symlink, a folder, an existing file."""
+    if path.is_symlink():
+        raise WriteError(
+            f"is a symbolic link (to {os.readlink(path)}); ckptfmt does not write through links. "
+            "Give the real path as the output, or remove the link",
+            path=path,
+        )
+    if path.is_dir():
+        raise WriteError("is a folder; give a file name as the output", path=path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError("already exists; pass --force (overwrite=True) to replace it", path=path)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[int]:
+    """Write `path` atomically, creating its folder if needed; the body writes to the yielded
+    file descriptor.
+
+    Example:
+        >>> with atomic_write("model_config.json") as fd:
+        ...     write_all(fd, b"{}")
+    """
+    path = Path(path)
+    check_writable(path, overwrite=overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(exc, path, "cannot create its folder") from None
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        raise _write_error(exc, path, "cannot create a file in its folder") from None
+    try:
+        try:
+            yield fd
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _commit(tmp, path, overwrite=overwrite)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError) and not isinstance(exc, (WriteError, OutputExistsError)):
+            raise _write_error(exc, path, "writing failed") from exc
+        raise
+    _fsync_folder(path.parent)
+
+
+def write_all(fd: int, data) -> None:
+    """Write a whole bytes-like object to `fd`, however many calls it takes."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view[:_WRITE_CHUNK])
+        view = view[written:]
+
+
+def _commit(tmp: Path, path: Path, *, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(
+            "already exists; pass --force (overwrite=True) to replace it", path=path
+        ) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+            raise
+        # A file system without hard links: fall back to a checked rename.
+        if path.exists():
+            raise OutputExistsError(
+                "already exists; pass --force (overwrite=True) to replace it", path=path
+            ) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    prefix = f".{path.name}{_TMP_MARK}"
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for candidate in candidates:
+        pid = candidate.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            try:
+                candidate.unlink()
+            except OSError:
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the file itself is already synced
+    finally:
+        os.close(fd)
+
+
+def _write_error(exc: OSError, path: Path, what: str) -> WriteError:
+    reasons = {
+        errno.ENOSPC: "no space left on device; free some space and retry",
+        errno.EDQUOT: "disk quota exceeded; free some space and retry",
+        errno.EACCES: f"permission denied in {path.parent}; choose a writable output folder (-o)",
+        errno.EPERM: f"permission denied in {path.parent}; choose a writable output folder (-o)",
+        errno.EROFS: f"{path.parent} is on a read-only file system; choose another output folder (-o)",
+    }
+    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    return WriteError(f"{what}: {reason}. Any previous file there is intact", path=path)

@@ -1,0 +1,329 @@
+"""The `ckptfmt` command: a thin layer over the library.
+
+Results go to stdout (pure JSON with --json), progress and warnings to stderr. A user error is
+one line, `Error: FILE: problem; fix`, and exit 1 (usage errors exit 2); never a traceback.
+Heavy modules are imported inside the commands, so `ckptfmt --help` and `ckptfmt inspect` of a
+.safetensors never import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import CkptfmtError
+
+logger = logging.getLogger("ckptfmt")
+
+
+class _StderrHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        click.echo(f"{prefix}{record.getMessage()}", err=True)
+
+
+def _user_errors(command):
+    """Turn our errors, and the OS errors a user can cause, into one line and exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CkptfmtError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckptfmt")
+@click.option("-v", "--verbose", is_flag=True, help="Also show informational messages on stderr.")
+def main(verbose: bool) -> None:
+    """Self-describing PyTorch checkpoints.
+
+    One .safetensors file holds the weights and, in its header, the architecture config,
+    training record, provenance and a digest of the weights.
+
+    \b
+    Example:
+        ckptfmt convert checkpoints/          # migrate every .pth under a folder
+        ckptfmt inspect checkpoints/multitask_joint/best_model.safetensors
+    """
+    logger.handlers[:] = [_StderrHandler()]
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
+    from .header import loads_strict
+
+    overrides = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            overrides[key] = loads_strict(raw, what=f"--set {key}")
+        except CkptfmtError:
+            overrides[key] = raw  # not JSON: a plain string, as in --set description=joint run
+    return overrides
+
+
+def _echo_json(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="A .safetensors file (one source) or a folder mirroring the sources' layout. "
+                   "Default: beside each source.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A model_config.json to use instead of the sidecar or the inferred config.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Set a config field (repeatable); checked against the weights.")
+@click.option("--model-type", help="Only try this registered architecture (with --config: attach it).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+              help="Cast floating-point tensors; the cast is recorded in provenance.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs and a disagreeing sidecar.")
+@click.option("--unsafe-pickle", is_flag=True,
+              help="Allow arbitrary pickled objects. This RUNS CODE from the file: only for files you trust.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
+@_user_errors
+def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_pickle, as_json):
+    """Convert legacy .pth checkpoints to self-describing .safetensors.
+
+    PATHS are files or folders (every .pth/.pt under them). Each becomes NAME.safetensors with
+    the architecture config embedded, plus model_config.json beside it. The config comes from
+    --config, else the sidecar beside the source, else the tensor shapes. Files already
+    converted from the same source bytes are skipped.
+
+    \b
+    Example:
+        ckptfmt convert checkpoints/
+        ckptfmt convert old.pth -o new.safetensors --set description="joint fine-tuning"
+    """
+    from .checkpoint import architecture_summary
+    from .convert import convert_all
+
+    overrides = _parse_set(sets)
+
+    def progress(index: int, total: int, source: Path) -> None:
+        if total > 1 and not as_json:
+            click.echo(f"[{index + 1}/{total}] {source}", err=True)
+
+    results = convert_all(
+        paths, output=output, on_start=progress, config=config_path, overrides=overrides,
+        model_type=model_type, dtype=dtype, force=force, unsafe_pickle=unsafe_pickle,
+    )
+    counts = {status: sum(r.status == status for r in results) for status in ("converted", "skipped", "failed")}
+    if as_json:
+        _echo_json({"results": [r.to_dict() for r in results], **counts})
+    else:
+        for r in results:
+            for warning in r.warnings:
+                click.echo(f"warning: {r.source}: {warning}", err=True)
+            if r.status == "failed":
+                click.echo(f"[FAIL] {r.error}")
+            elif r.status == "skipped":
+                click.echo(f"[SKIP] {r.source}: already converted to {r.output} (same source sha256)")
+            else:
+                arch = architecture_summary(r.config) if r.config else "weights only, no config"
+                click.echo(f"[OK]   {r.source} -> {r.output}  ({arch})")
+        if not results:
+            click.echo("No .pth or .pt files found.", err=True)
+        click.echo(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed")
+    if counts["failed"]:
+        sys.exit(1)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:,} B" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def _summary_line(info: dict[str, Any]) -> str:
+    if "error" in info:
+        return f"{info['file']}  ERROR {info['error']}"
+    config = info.get("config")
+    arch = (f"{config['model_type']} base_filters={config['base_filters']}, depth={config['depth']}"
+            if config else "no config")
+    if info.get("config_source") == "inferred":
+        arch += " (inferred)"
+    sidecar = (info.get("sidecar") or {}).get("status", "-")
+    return (f"{info['file']}  {info['kind']}  {arch}  {info['tensors']['parameters']:,} params  "
+            f"{_size(info['size'])}  sidecar: {sidecar}")
+
+
+def _render_inspect(info: dict[str, Any]) -> None:
+    rows = [("file", info["file"]), ("size", _size(info["size"]))]
+    if info["kind"] == "legacy":
+        rows.append(("format", f"legacy pickle ({info['serialization']}), read with weights_only=True"))
+    else:
+        version = info["format_version"]
+        rows.append(("format", f"ckptfmt {version}" if version else f"{info['kind']} (not written by ckptfmt)"))
+    for row in rows:
+        click.echo(f"{row[0]:<12}{row[1]}")
+    config = info.get("config")
+    if config:
+        source = {"inferred": "inferred from the weights (legacy)", "sidecar": "from the sidecar (legacy)"}.get(
+            info.get("config_source"), info.get("config_source"))
+        click.echo(f"config      {source}")
+        for key in sorted(config):
+            click.echo(f"  {key:<18}{json.dumps(config[key])}")
+    elif info.get("note") or info.get("not_recognised"):
+        click.echo(f"config      none: {info.get('note') or info.get('not_recognised')}")
+    training = info.get("training") or {}
+    if training:
+        parts = []
+        if "epoch" in training:
+            parts.append(f"epoch {training['epoch']}")
+        if training.get("metrics"):
+            parts.append(", ".join(f"{k}={v}" for k, v in training["metrics"].items()))
+        if training.get("optimizer"):
+            parts.append(f"optimizer state in {training['optimizer']['file']}")
+        if training.get("extra"):
+            parts.append(f"also {', '.join(training['extra'])}")
+        click.echo(f"training    {'; '.join(parts)}")
+    provenance = info.get("provenance") or {}
+    if provenance:
+        line = f"created {provenance.get('created_at')} by ckptfmt {provenance.get('ckptfmt')}, torch {provenance.get('torch')}"
+        source = provenance.get("source")
+        if source:
+            line += f"; converted from {source['file']} ({source['serialization']}, sha256 {source['sha256'][:12]}...)"
+        if provenance.get("cast"):
+            line += f"; cast to {provenance['cast']['to']}"
+        click.echo(f"provenance  {line}")
+    tensors = info["tensors"]
+    dtypes = "; ".join(f"{d}: {v['tensors']} tensors, {_size(v['bytes'])}" for d, v in tensors["dtypes"].items())
+    click.echo(f"tensors     {tensors['count']} tensors, {tensors['parameters']:,} parameters; {dtypes}")
+    sidecar = info.get("sidecar")
+    if sidecar:
+        line = sidecar["status"]
+        if sidecar.get("differences"):
+            line += ": " + "; ".join(sidecar["differences"])
+        if sidecar.get("message"):
+            line += ": " + sidecar["message"]
+        click.echo(f"sidecar     {line}")
+    for tensor in info.get("tensor_list", []):
+        click.echo(f"  {tensor['name']:<40}{tensor['dtype']:<6}{tensor['shape']}")
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--tensors", is_flag=True, help="Also list each tensor's name, dtype and shape.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
+@_user_errors
+def inspect_command(path, tensors, as_json):
+    """Show what a checkpoint is: config, training record, provenance, tensors, sidecar.
+
+    A .safetensors is answered from its header alone, in milliseconds whatever its size. A
+    legacy .pth is loaded safely (weights only) and its config inferred. A folder gives one
+    line per checkpoint.
+
+    \b
+    Example:
+        ckptfmt inspect checkpoints/multitask_joint/best_model.safetensors
+        ckptfmt inspect checkpoints/ --json
+    """
+    from .inspect import inspect_checkpoint, inspect_folder
+
+    if path.is_dir():
+        rows = inspect_folder(path)
+        if as_json:
+            _echo_json(rows)
+        else:
+            for row in rows:
+                click.echo(_summary_line(row))
+        return
+    info = inspect_checkpoint(path, tensors=tensors)
+    if as_json:
+        _echo_json(info)
+    else:
+        _render_inspect(info)
+
+
+@main.command("verify")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
+@_user_errors
+def verify_command(paths, as_json):
+    """Check checkpoints are intact and consistent; exit 0 only if every check passes.
+
+    Checks the header (strict rules), the config, the config against the tensor shapes, the
+    sidecar, and the weights digest (every byte read once).
+
+    \b
+    Example:
+        ckptfmt verify checkpoints/multitask_joint/best_model.safetensors
+    """
+    from .inspect import verify
+
+    reports = [verify(path) for path in paths]
+    if as_json:
+        _echo_json([r.to_dict() for r in reports])
+    else:
+        for report in reports:
+            if report.ok:
+                speed = report.to_dict()["gb_per_s"]
+                detail = f"digest read {_size(report.bytes_hashed)}" + (f" at {speed} GB/s" if speed else "")
+                click.echo(f"[OK]   {report.path}: {', '.join(c['check'] for c in report.checks)} ({detail})")
+            for failure in report.failures:
+                click.echo(f"[FAIL] {failure}")
+    if not all(r.ok for r in reports):
+        sys.exit(1)
+
+
+@main.command("diff")
+@click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--values", is_flag=True, help="Add the max absolute difference of differing tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
+@_user_errors
+def diff_command(a, b, values, as_json):
+    """Compare two checkpoints (.pth or .safetensors, in any mix).
+
+    Shows config differences, tensors in one file only, shape or dtype changes, and which
+    common tensors differ. Exits 0 when identical, 1 when they differ.
+
+    \b
+    Example:
+        ckptfmt diff best_model.pth best_model.safetensors
+        ckptfmt diff run1/best_model.safetensors run2/best_model.safetensors --values
+    """
+    from .inspect import diff
+
+    result = diff(a, b, values=values)
+    if as_json:
+        _echo_json(result)
+    else:
+        for line in result["config"]:
+            click.echo(f"config   {line}")
+        for name in result["only_in_a"]:
+            click.echo(f"only in A  {name}")
+        for name in result["only_in_b"]:
+            click.echo(f"only in B  {name}")
+        for change in result["changed"]:
+            click.echo(f"changed  {change['name']}: {change['a'][0]} {change['a'][1]} -> {change['b'][0]} {change['b'][1]}")
+        for tensor in result["tensors"]:
+            if not tensor["identical"]:
+                extra = f" (max abs diff {tensor['max_abs_diff']:.6g})" if "max_abs_diff" in tensor else ""
+                click.echo(f"differs  {tensor['name']}{extra}")
+        same = sum(t["identical"] for t in result["tensors"])
+        click.echo(f"{same} of {len(result['tensors'])} common tensors identical; "
+                   + ("the checkpoints are identical" if result["identical"] else "the checkpoints differ"))
+    if not result["identical"]:
+        sys.exit(1)

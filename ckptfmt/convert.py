@@ -1,0 +1,336 @@
+"""Legacy `.pth` -> self-describing `.safetensors`, losslessly and safely.
+
+For each file: read it with the weights-only unpickler, unwrap its state dict, resolve the
+config (`config=` > sidecar beside the source > inferred from the tensor shapes, then
+`overrides`), check it against the shapes, write the weights atomically, read them back and
+compare their digest with the one computed from the source tensors, and only then write the
+sidecar. The source is never modified. A checkpoint that no registered architecture recognises
+is still converted, weights only, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import check_writable
+from .checkpoint import (
+    OPTIMIZER_SUFFIX,
+    check_sidecar_accepts,
+    provenance_record,
+    architecture_summary,
+    build_metadata,
+    check_shapes,
+    infer_model_config,
+    write_optimizer_state,
+)
+from .config import ModelConfig, read_sidecar, write_sidecar
+from .digest import digest_file
+from .errors import (
+    ArchitectureNotRecognisedError,
+    CheckpointNotFoundError,
+    CkptfmtError,
+    ConfigError,
+    IntegrityError,
+    ShapeMismatchError,
+    WriteError,
+)
+from .header import read_header
+from .legacy import read_legacy_checkpoint, sha256_file
+from .tensors import DTYPE_NAMES, weights_digest, write_safetensors
+
+__all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
+
+logger = logging.getLogger("ckptfmt")
+
+LEGACY_SUFFIXES = (".pth", ".pt")
+CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class ConvertResult:
+    """What happened to one source file.
+
+    `status` is "converted", "skipped" (its output already records the same source sha256) or
+    "failed" (then `error` says why). `config` is None for a weights-only conversion.
+    """
+
+    source: Path
+    status: str
+    output: Path | None = None
+    sidecar: Path | None = None
+    optimizer_file: Path | None = None
+    config: ModelConfig | None = None
+    config_source: str | None = None
+    source_sha256: str | None = None
+    weights_sha256: str | None = None
+    tensors: int = 0
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source),
+            "status": self.status,
+            "output": str(self.output) if self.output else None,
+            "sidecar": str(self.sidecar) if self.sidecar else None,
+            "optimizer_file": str(self.optimizer_file) if self.optimizer_file else None,
+            "config": self.config.to_dict() if self.config else None,
+            "config_source": self.config_source,
+            "source_sha256": self.source_sha256,
+            "weights_sha256": self.weights_sha256,
+            "tensors": self.tensors,
+            "error": self.error,
+            "warnings": self.warnings,
+        }
+
+
+def default_output(source: Path) -> Path:
+    return source.with_suffix(".safetensors")
+
+
+def convert(
+    source: str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = None,
+    config: ModelConfig | str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    model_type: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    unsafe_pickle: bool = False,
+) -> ConvertResult:
+    """Convert one legacy checkpoint to a self-describing .safetensors file plus sidecar.
+
+    Args:
+        source: the `.pth`/`.pt` file.
+        output: the .safetensors to write; default beside the source, same stem.
+        config: a ModelConfig or a config JSON file; default the sidecar beside the source,
+            else the config inferred from the tensor shapes.
+        overrides: config fields to set on top, checked against the shapes.
+        model_type: only try this architecture (or, with `config`, attach it).
+        dtype: "fp16", "bf16" or "fp32" to cast floating-point tensors (recorded in provenance).
+        force: overwrite an existing output or a disagreeing sidecar.
+        unsafe_pickle: allow arbitrary pickles. This runs code from the file.
+
+    Returns:
+        A ConvertResult with status "converted" or "skipped".
+
+    Raises:
+        CkptfmtError: whatever stopped the conversion; nothing was written.
+
+    Example:
+        >>> result = convert("checkpoints/multitask_joint/best_model.pth")
+        >>> result.output, architecture_summary(result.config)
+        (PosixPath('checkpoints/multitask_joint/best_model.safetensors'), 'base_filters=16, depth=3')
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise CheckpointNotFoundError("no such file" if not source.exists() else "is not a file", path=source)
+    output = Path(output) if output is not None else default_output(source)
+    result = ConvertResult(source=source, status="converted", output=output)
+    if dtype is not None and dtype not in CAST_DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(CAST_DTYPES)}, not {dtype!r}", path=source)
+    if output.suffix != ".safetensors":
+        raise WriteError("the output must end in .safetensors", path=output)
+    if output.exists() and os.path.samefile(source, output):
+        raise WriteError("is both the source and the output; choose another output (-o)", path=output)
+
+    if output.exists() and not output.is_symlink():
+        previous = _recorded_source_sha256(output)
+        if previous is not None and not force and previous == sha256_file(source):
+            result.status, result.source_sha256 = "skipped", previous
+            return result
+    check_writable(output, overwrite=force)
+
+    legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle)
+    result.source_sha256 = legacy.sha256
+    state_dict = legacy.state_dict
+    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
+    overrides = dict(overrides or {})
+    if model_type is not None:
+        overrides["model_type"] = model_type
+    resolved, result.config_source = _resolve_config(
+        source, shapes, config, overrides, model_type=model_type, force=force, warnings=result.warnings
+    )
+    result.config = resolved
+    if resolved is not None:
+        check_sidecar_accepts(output, resolved, overwrite=force)
+
+    cast = None
+    if dtype is not None:
+        state_dict, cast = _cast(state_dict, CAST_DTYPES[dtype])
+    if legacy.dropped:
+        result.warnings.append(
+            f"not carried over (neither tensors nor plain data): {', '.join(legacy.dropped)}"
+        )
+
+    training = dict(legacy.training)
+    if legacy.optimizer_state is not None:
+        companion = output.with_name(output.stem + OPTIMIZER_SUFFIX)
+        try:
+            training["optimizer"] = write_optimizer_state(companion, legacy.optimizer_state, overwrite=force)
+            result.optimizer_file = companion
+        except ConfigError as exc:
+            result.warnings.append(f"optimizer state not carried over: {exc.message}")
+
+    source_record = {
+        "file": source.name,
+        "sha256": legacy.sha256,
+        "serialization": legacy.serialization,
+    }
+    if legacy.wrapper_key:
+        source_record["state_dict_key"] = legacy.wrapper_key
+    if legacy.stripped_prefixes:
+        source_record["stripped_prefixes"] = legacy.stripped_prefixes
+    provenance = provenance_record(source=source_record, **({"cast": cast} if cast else {}))
+    digest = weights_digest(state_dict)
+    metadata = build_metadata(resolved, training=training, provenance=provenance, digest=digest)
+    write_safetensors(output, state_dict, metadata, overwrite=force)
+    _check_written(output, digest)
+    result.weights_sha256, result.tensors = digest, len(state_dict)
+    if resolved is not None:
+        result.sidecar = write_sidecar(output.parent, resolved, output.name, digest, overwrite=force)
+    return result
+
+
+def _recorded_source_sha256(output: Path) -> str | None:
+    try:
+        return read_header(output).provenance().get("source", {}).get("sha256")
+    except CkptfmtError:
+        return None
+
+
+def _resolve_config(
+    source: Path, shapes: dict[str, tuple[int, ...]], config: Any, overrides: dict[str, Any],
+    *, model_type: str | None, force: bool, warnings: list[str],
+) -> tuple[ModelConfig | None, str | None]:
+    if config is not None:
+        resolved, origin = (config if isinstance(config, ModelConfig) else ModelConfig.load(config)), "--config"
+    else:
+        sidecar = read_sidecar(source.parent)
+        resolved, origin = (sidecar.config, "sidecar") if sidecar else (None, None)
+        if resolved is not None and not overrides:
+            try:
+                check_shapes(resolved, shapes, path=source)
+            except ShapeMismatchError as exc:
+                if not force:
+                    raise ShapeMismatchError(
+                        f"its sidecar {sidecar.path.name} does not fit the weights: {exc.message}. "
+                        "Fix or remove the sidecar, give --config, or pass --force to replace it "
+                        "with the config inferred from the weights",
+                        path=source,
+                    ) from None
+                warnings.append(f"the sidecar did not fit the weights ({exc.message}); inferred the config instead")
+                resolved = None
+        if resolved is None:
+            try:
+                resolved, origin = infer_model_config(shapes, model_type=model_type, path=source), "inferred"
+            except ArchitectureNotRecognisedError as exc:
+                if overrides:
+                    raise
+                warnings.append(f"converted as weights only, with no config: {exc.message}")
+                return None, None
+    if overrides:
+        try:
+            resolved = resolved.replace(**overrides)
+        except ConfigError as exc:
+            raise type(exc)(f"--set rejected: {exc.message}", path=source) from None
+    check_shapes(resolved, shapes, path=source, overridden=tuple(overrides))
+    return resolved, origin
+
+
+def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    cast: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            key = DTYPE_NAMES[tensor.dtype]
+            counts[key] = counts.get(key, 0) + 1
+            tensor = tensor.to(dtype)
+        cast[name] = tensor
+    return cast, {"to": DTYPE_NAMES[dtype], "from": counts}
+
+
+def _check_written(output: Path, digest: str) -> None:
+    """Read the written file back: its stored digest and its data must match the source."""
+    header = read_header(output)
+    actual = digest_file(header)
+    if header.weights_sha256 != digest or actual != digest:
+        output.unlink(missing_ok=True)
+        raise IntegrityError(
+            "reading back the written file gave other bytes than the source tensors "
+            f"(sha256 {actual[:12]}... != {digest[:12]}...); it was removed. Check the disk and retry",
+            path=output,
+        )
+
+
+def find_checkpoints(path: Path) -> list[Path]:
+    """A file as is; a folder as every `.pth`/`.pt` under it, recursively, in sorted order."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix in LEGACY_SUFFIXES and p.is_file())
+    return [path]
+
+
+def convert_all(
+    paths: Iterable[str | os.PathLike],
+    *,
+    output: str | os.PathLike | None = None,
+    on_start: Callable[[int, int, Path], None] | None = None,
+    **options: Any,
+) -> list[ConvertResult]:
+    """Convert files and folders of checkpoints; a failure does not stop the others.
+
+    Args:
+        paths: files, or folders searched recursively for `.pth`/`.pt`.
+        output: a .safetensors file (one source only) or a folder that mirrors the sources'
+            layout; default beside each source.
+        on_start: called as `on_start(index, total, source)` before each file (for progress).
+        **options: as for `convert`.
+
+    Returns:
+        One ConvertResult per source file, failed ones included.
+
+    Example:
+        >>> results = convert_all(["checkpoints/"])
+        >>> [r.status for r in results]
+        ['converted', 'converted', 'converted', 'converted']
+    """
+    jobs: list[tuple[Path, Path | None]] = []
+    for root in map(Path, paths):
+        for source in find_checkpoints(root):
+            jobs.append((source, _output_for(source, root, output)))
+    if output is not None and Path(output).suffix == ".safetensors" and len(jobs) != 1:
+        raise WriteError(
+            f"is one file but there are {len(jobs)} sources; give a folder as the output",
+            path=output,
+        )
+    results = []
+    for index, (source, target) in enumerate(jobs):
+        if on_start is not None:
+            on_start(index, len(jobs), source)
+        try:
+            results.append(convert(source, output=target, **options))
+        except CkptfmtError as exc:
+            results.append(ConvertResult(source=source, status="failed", output=target, error=str(exc)))
+    return results
+
+
+def _output_for(source: Path, root: Path, output: str | os.PathLike | None) -> Path | None:
+    if output is None:
+        return None
+    output = Path(output)
+    if output.suffix == ".safetensors":
+        return output
+    relative = source.relative_to(root) if root.is_dir() else Path(source.name)
+    return output / default_output(relative)

@@ -1,0 +1,73 @@
+"""The canonical weights digest, `ckptfmt.weights_sha256`.
+
+SHA-256 over the state dict's tensors in sorted name order (tied aliases included), each
+contributing a JSON record `[name, dtype, shape, nbytes]` and a newline, then its raw bytes.
+The file layout plays no part, so the same weights give the same digest in any file, and a
+`.pth` can be compared with the `.safetensors` made from it. Standard library only: `verify`
+streams a file through it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from .errors import HeaderError
+from .header import Header
+
+__all__ = ["WeightsHasher", "digest_file"]
+
+_CHUNK = 8 << 20
+
+
+class WeightsHasher:
+    """Feeds tensors into the canonical digest: `begin` each tensor in sorted name order,
+    then `update` with its raw bytes (any bytes-like object; hashlib reads it without a copy).
+    """
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._previous: str | None = None
+
+    def begin(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+        if self._previous is not None and name <= self._previous:
+            raise ValueError(f"tensors must come in sorted name order: {name!r} after {self._previous!r}")
+        self._previous = name
+        self._sha.update(json.dumps([name, dtype, list(shape), nbytes]).encode() + b"\n")
+
+    def update(self, data) -> None:
+        self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def digest_file(header: Header) -> str:
+    """Stream the tensor data of a .safetensors file through the canonical digest.
+
+    Each stored byte is read once, in chunks into one buffer, so memory stays flat whatever
+    the file size.
+
+    Example:
+        >>> from ckptfmt.header import read_header
+        >>> header = read_header("model.safetensors")
+        >>> digest_file(header) == header.weights_sha256
+        True
+    """
+    aliases = header.aliases
+    hasher = WeightsHasher()
+    largest = max((info.nbytes for info in header.tensors.values()), default=0)
+    buffer = memoryview(bytearray(min(_CHUNK, largest)))
+    with open(header.path, "rb", buffering=0) as f:
+        for name in sorted([*header.tensors, *aliases]):
+            info = header.tensors[aliases.get(name, name)]
+            hasher.begin(name, info.dtype, info.shape, info.nbytes)
+            position, end = header.data_offset + info.start, header.data_offset + info.end
+            while position < end:
+                got = os.preadv(f.fileno(), [buffer[: min(_CHUNK, end - position)]], position)
+                if got == 0:
+                    raise HeaderError(f"ends inside tensor {name!r}; it is truncated", path=header.path)
+                hasher.update(buffer[:got])
+                position += got
+    return hasher.hexdigest()

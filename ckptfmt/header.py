@@ -1,0 +1,361 @@
+"""Reading a .safetensors header with the standard library alone.
+
+This module never imports torch and never reads tensor data: `ckptfmt inspect` and
+`ModelConfig.from_checkpoint` answer from the first few kilobytes of a file of any size.
+
+On top of the checks safetensors makes itself (lengths, offsets, dtypes), the header is read
+under stricter rules, because it is the boundary where untrusted files enter: duplicate keys,
+null or non-string metadata, NUL characters, empty tensor names, oversized metadata, and, in
+the embedded JSON documents, NaN, Infinity, huge integers and deep nesting are all refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointNotFoundError, HeaderError
+
+__all__ = [
+    "DTYPE_SIZES",
+    "FORMAT_VERSION",
+    "Header",
+    "KEY_ALIASES",
+    "KEY_CONFIG",
+    "KEY_FORMAT",
+    "KEY_FORMAT_VERSION",
+    "KEY_OPTIMIZER",
+    "KEY_PROVENANCE",
+    "KEY_TRAINING",
+    "KEY_WEIGHTS_SHA256",
+    "TensorInfo",
+    "looks_like_safetensors",
+    "loads_strict",
+    "read_header",
+]
+
+FORMAT_VERSION = "1"
+KEY_FORMAT = "format"
+KEY_FORMAT_VERSION = "ckptfmt.format_version"
+KEY_CONFIG = "ckptfmt.config"
+KEY_TRAINING = "ckptfmt.training"
+KEY_PROVENANCE = "ckptfmt.provenance"
+KEY_WEIGHTS_SHA256 = "ckptfmt.weights_sha256"
+# Tied tensors are stored once; each alias names the stored tensor it shares memory with.
+KEY_ALIASES = "ckptfmt.aliases"
+# Marks an optimizer-state companion file and holds its non-tensor structure.
+KEY_OPTIMIZER = "ckptfmt.optimizer"
+
+# safetensors' own header limit; a larger header is refused before it is read.
+MAX_HEADER_BYTES = 100_000_000
+MAX_METADATA_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
+# 2**63 has 19 digits; anything longer is not a tensor size, a count or an epoch.
+_MAX_INT_DIGITS = 19
+
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the header describes it. Offsets are relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated .safetensors header.
+
+    `tensors` is in file order; `aliases` maps a tied tensor's name to the stored tensor whose
+    memory it shares (empty for files that have none).
+    """
+
+    path: Path
+    file_size: int
+    data_offset: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+    @property
+    def is_ckptfmt(self) -> bool:
+        return KEY_FORMAT_VERSION in self.metadata
+
+    @property
+    def format_version(self) -> str | None:
+        return self.metadata.get(KEY_FORMAT_VERSION)
+
+    @property
+    def weights_sha256(self) -> str | None:
+        return self.metadata.get(KEY_WEIGHTS_SHA256)
+
+    def config_dict(self) -> dict[str, Any] | None:
+        """The embedded config as a dict (not yet validated as a ModelConfig), or None."""
+        return self._json(KEY_CONFIG)
+
+    def training(self) -> dict[str, Any]:
+        return self._json(KEY_TRAINING) or {}
+
+    def provenance(self) -> dict[str, Any]:
+        return self._json(KEY_PROVENANCE) or {}
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        aliases = self._json(KEY_ALIASES) or {}
+        for alias, target in aliases.items():
+            if not isinstance(target, str) or target not in self.tensors or alias in self.tensors:
+                raise HeaderError(
+                    f"metadata {KEY_ALIASES!r} ties {alias!r} to {target!r}, which is not a stored "
+                    "tensor; the file is damaged, re-create it from its source",
+                    path=self.path,
+                )
+        return aliases
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor name the state dict has (aliases included) with its shape."""
+        shapes = {name: info.shape for name, info in self.tensors.items()}
+        shapes.update({alias: shapes[target] for alias, target in self.aliases.items()})
+        return shapes
+
+    def _json(self, key: str) -> dict[str, Any] | None:
+        text = self.metadata.get(key)
+        if text is None:
+            return None
+        value = loads_strict(text, what=f"metadata {key!r}", path=self.path)
+        if not isinstance(value, dict):
+            raise HeaderError(
+                f"metadata {key!r} must be a JSON object, not {type(value).__name__}; "
+                "the file is damaged or was not written by ckptfmt",
+                path=self.path,
+            )
+        return value
+
+
+def looks_like_safetensors(path: str | os.PathLike) -> bool:
+    """True for a `.safetensors` name, or a file that starts like one (a length, then a JSON
+    object): a renamed file is told apart from a torch zip (`PK`) or a pickle by content."""
+    if os.fspath(path).endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        start = f.read(9)
+    return len(start) == 9 and start[8:9] == b"{"
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate the header of a .safetensors file, without reading tensor data.
+
+    Args:
+        path: the .safetensors file.
+
+    Returns:
+        The parsed `Header`: tensors with dtype, shape and offsets, and the metadata.
+
+    Raises:
+        CheckpointNotFoundError: no file at `path`.
+        HeaderError: the header breaks a safetensors rule or one of ckptfmt's stricter ones.
+
+    Example:
+        >>> header = read_header("checkpoints/multitask_joint/best_model.safetensors")
+        >>> header.config_dict()["depth"]
+        3
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            if file_size < 8:
+                raise HeaderError(
+                    f"is {file_size} bytes long, too short for a safetensors file "
+                    "(8-byte header length first)",
+                    path=path,
+                )
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > MAX_HEADER_BYTES:
+                raise HeaderError(
+                    f"declares a {header_len}-byte header, over the {MAX_HEADER_BYTES}-byte limit; "
+                    "the file is damaged or not a safetensors file",
+                    path=path,
+                )
+            if 8 + header_len > file_size:
+                raise HeaderError(
+                    f"declares a {header_len}-byte header but the file is only {file_size} bytes; "
+                    "it is truncated or not a safetensors file",
+                    path=path,
+                )
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("no such file", path=path) from None
+    except IsADirectoryError:
+        raise HeaderError("is a folder, not a .safetensors file", path=path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeaderError(f"header is not valid UTF-8 (byte {exc.start})", path=path) from None
+    document = loads_strict(text, what="header", path=path)
+    if not isinstance(document, dict):
+        raise HeaderError("header is not a JSON object", path=path)
+    metadata = _check_metadata(document.pop("__metadata__", {}), path)
+    tensors = _check_tensors(document, file_size - 8 - header_len, path)
+    return Header(path, file_size, 8 + header_len, tensors, metadata)
+
+
+def _check_metadata(metadata: Any, path: Path) -> dict[str, str]:
+    if not isinstance(metadata, dict):
+        raise HeaderError("__metadata__ is not a JSON object", path=path)
+    total = 0
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            shown = "null" if value is None else type(value).__name__
+            raise HeaderError(
+                f"metadata {key!r} is {shown}; safetensors metadata values must be strings",
+                path=path,
+            )
+        if "\x00" in key or "\x00" in value:
+            raise HeaderError(f"metadata {key!r} contains a NUL character", path=path)
+        total += len(key.encode()) + len(value.encode())
+    if total > MAX_METADATA_BYTES:
+        raise HeaderError(
+            f"metadata is {total} bytes, over the {MAX_METADATA_BYTES}-byte limit", path=path
+        )
+    return metadata
+
+
+def _check_tensors(document: dict[str, Any], data_size: int, path: Path) -> dict[str, TensorInfo]:
+    infos = []
+    for name, entry in document.items():
+        where = f"tensor {name!r}"
+        if not name or "\x00" in name:
+            raise HeaderError(f"{where}: tensor names must be non-empty and free of NUL", path=path)
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise HeaderError(
+                f"{where} must have exactly dtype, shape and data_offsets", path=path
+            )
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPE_SIZES:
+            raise HeaderError(
+                f"{where} has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}", path=path
+            )
+        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+            raise HeaderError(f"{where} has an invalid shape {shape!r}", path=path)
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_size(o) for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise HeaderError(f"{where} has invalid data_offsets {offsets!r}", path=path)
+        info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+        expected = info.numel * DTYPE_SIZES[dtype]
+        if info.nbytes != expected:
+            raise HeaderError(
+                f"{where}: shape {list(shape)} of {dtype} needs {expected} bytes but its "
+                f"data_offsets span {info.nbytes}",
+                path=path,
+            )
+        infos.append(info)
+    position = 0
+    for info in sorted(infos, key=lambda i: (i.start, i.end)):
+        if info.start != position:
+            problem = "overlaps the tensor before it" if info.start < position else "leaves a gap"
+            raise HeaderError(
+                f"tensor {info.name!r} {problem} (starts at byte {info.start}, expected "
+                f"{position}); the data offsets are corrupt",
+                path=path,
+            )
+        position = info.end
+    if position != data_size:
+        problem = "trailing bytes after the last tensor" if position < data_size else "truncated"
+        raise HeaderError(
+            f"tensor data is {data_size} bytes but the header describes {position}: {problem}",
+            path=path,
+        )
+    return {info.name: info for info in infos}
+
+
+def _is_size(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def loads_strict(text: str, *, what: str, path: str | os.PathLike | None = None) -> Any:
+    """Parse JSON from an untrusted file, refusing what the json module lets through.
+
+    Refused: a byte-order mark, duplicate keys, NaN and Infinity (also by overflow, as 1e999),
+    integers of more than 19 digits, and nesting deeper than 32.
+
+    Example:
+        >>> loads_strict('{"depth": 4}', what="config")
+        {'depth': 4}
+    """
+    if text.startswith("\ufeff"):
+        raise HeaderError(f"{what} starts with a byte-order mark; save it as plain UTF-8", path=path)
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in items:
+            if key in result:
+                raise HeaderError(f"{what} has the key {key!r} twice", path=path)
+            result[key] = value
+        return result
+
+    def constant(name: str) -> float:
+        raise HeaderError(f"{what} contains {name}, which is not valid JSON", path=path)
+
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
+            raise HeaderError(
+                f"{what} contains a {len(digits)}-digit integer; at most {_MAX_INT_DIGITS} allowed",
+                path=path,
+            )
+        return int(digits)
+
+    def real(digits: str) -> float:
+        value = float(digits)
+        if not math.isfinite(value):
+            raise HeaderError(f"{what} contains {digits}, which overflows to infinity", path=path)
+        return value
+
+    try:
+        value = json.loads(
+            text, object_pairs_hook=pairs, parse_constant=constant, parse_int=integer,
+            parse_float=real,
+        )
+    except json.JSONDecodeError as exc:
+        raise HeaderError(
+            f"{what} is not valid JSON: {exc.msg} at position {exc.pos}", path=path
+        ) from None
+    except RecursionError:
+        too_deep = True
+    else:
+        too_deep = _depth(value) > MAX_JSON_DEPTH
+    if too_deep:
+        raise HeaderError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels", path=path)
+    return value
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0

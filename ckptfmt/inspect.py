@@ -1,0 +1,344 @@
+"""What `inspect`, `verify` and `diff` compute; the CLI only renders it.
+
+`inspect_checkpoint` of a .safetensors reads the header and nothing else, and imports no torch:
+its cost does not grow with the file. A legacy .pth has no header, so it is loaded (safely,
+weights-only), which needs torch. `verify` reads every byte once to check the digest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig, config_differences, read_sidecar
+from .digest import digest_file
+from .errors import CheckpointNotFoundError, CkptfmtError
+from .header import DTYPE_SIZES, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
+
+__all__ = ["VerifyReport", "diff", "inspect_checkpoint", "inspect_folder", "sidecar_status", "verify"]
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dict[str, Any]:
+    """Describe a checkpoint: config, training record, provenance, tensors, sidecar status.
+
+    For a .safetensors only the header is read. For a legacy .pth the file is loaded with the
+    weights-only unpickler and the config is inferred from the shapes (marked as such).
+
+    Example:
+        >>> info = inspect_checkpoint("checkpoints/multitask_joint/best_model.safetensors")
+        >>> info["config"]["depth"], info["sidecar"]["status"]
+        (3, 'consistent')
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError("no such file", path=path)
+    if path.is_dir():
+        raise CheckpointNotFoundError("is a folder; use inspect_folder", path=path)
+    if not looks_like_safetensors(path):
+        return _inspect_legacy(path, tensors=tensors)
+    header = read_header(path)
+    config = header.config_dict()
+    if config is not None:
+        config = ModelConfig.from_dict(config, path=path).to_dict()
+    kind = "optimizer state" if KEY_OPTIMIZER in header.metadata else (
+        "ckptfmt" if header.is_ckptfmt else "safetensors"
+    )
+    infos = [(name, info.dtype, info.shape) for name, info in header.tensors.items()]
+    info = {
+        "file": str(path),
+        "kind": kind,
+        "size": header.file_size,
+        "format_version": header.format_version,
+        "config": config,
+        "config_source": "embedded" if config is not None else None,
+        "training": header.training(),
+        "provenance": header.provenance(),
+        "weights_sha256": header.weights_sha256,
+        "aliases": header.aliases,
+        "tensors": _tensor_summary(infos),
+        "sidecar": sidecar_status(header) if kind == "ckptfmt" else None,
+    }
+    if kind == "ckptfmt" and config is None:
+        info["note"] = "weights only: no registered architecture recognised it, so it has no config"
+    if tensors:
+        info["tensor_list"] = [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in infos]
+    return info
+
+
+def _tensor_summary(infos: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, Any]:
+    dtypes: dict[str, dict[str, int]] = {}
+    parameters = 0
+    for _, dtype, shape in infos:
+        count = math.prod(shape)
+        parameters += count
+        entry = dtypes.setdefault(dtype, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += count * DTYPE_SIZES[dtype]
+    return {"count": len(infos), "parameters": parameters, "dtypes": dict(sorted(dtypes.items()))}
+
+
+def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
+    from .checkpoint import infer_model_config
+    from .legacy import read_legacy_checkpoint
+    from .tensors import DTYPE_NAMES
+
+    legacy = read_legacy_checkpoint(path)
+    infos = [(n, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in legacy.state_dict.items()]
+    shapes = {n: s for n, _, s in infos}
+    try:
+        inferred, reason = infer_model_config(shapes, path=path).to_dict(), None
+    except CkptfmtError as exc:
+        inferred, reason = None, exc.message
+    sidecar = read_sidecar(path.parent)
+    info = {
+        "file": str(path),
+        "kind": "legacy",
+        "size": path.stat().st_size,
+        "serialization": legacy.serialization,
+        "source_sha256": legacy.sha256,
+        "state_dict_key": legacy.wrapper_key,
+        "stripped_prefixes": legacy.stripped_prefixes,
+        "config": sidecar.config.to_dict() if sidecar else inferred,
+        "config_source": "sidecar" if sidecar else ("inferred" if inferred else None),
+        "inferred_config": inferred,
+        "not_recognised": reason,
+        "training": legacy.training,
+        "has_optimizer_state": legacy.optimizer_state is not None,
+        "tensors": _tensor_summary([(n, d, s) for n, d, s in infos if d in DTYPE_SIZES]),
+        "sidecar": {"status": "present", "path": str(sidecar.path)} if sidecar else {"status": "missing"},
+    }
+    if tensors:
+        info["tensor_list"] = [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in infos]
+    return info
+
+
+def sidecar_status(header: Header) -> dict[str, Any]:
+    """Whether `model_config.json` beside the file agrees with it.
+
+    status: "consistent", "missing", "unbound" (the sidecar does not list this file),
+    "stale" (it is bound to other weights: the file was replaced, or a crash came between
+    writing the weights and the sidecar), "disagrees" (other config fields), "invalid".
+    """
+    folder = header.path.parent
+    try:
+        sidecar = read_sidecar(folder)
+    except CkptfmtError as exc:
+        return {"status": "invalid", "path": str(folder / "model_config.json"), "message": exc.message}
+    if sidecar is None:
+        return {"status": "missing"}
+    status: dict[str, Any] = {"status": "consistent", "path": str(sidecar.path)}
+    embedded = header.config_dict()
+    if embedded is not None:
+        differences = config_differences(ModelConfig.from_dict(embedded, path=header.path), sidecar.config)
+        if differences:
+            status.update(status="disagrees", differences=differences)
+            return status
+    bound = sidecar.weights.get(header.path.name)
+    if bound is None:
+        status["status"] = "unbound"
+    elif bound != header.weights_sha256:
+        status.update(status="stale", bound_sha256=bound)
+    return status
+
+
+def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """One summary per checkpoint under `folder` (recursively); unreadable ones carry `error`."""
+    folder = Path(folder)
+    rows = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()):
+        try:
+            rows.append(inspect_checkpoint(path))
+        except CkptfmtError as exc:
+            rows.append({"file": str(path), "error": str(exc)})
+    return rows
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of `verify`: each check with its result; `ok` only if every one passed."""
+
+    path: Path
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    bytes_hashed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(check["ok"] for check in self.checks)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{self.path}: {c['message']}" for c in self.checks if not c["ok"]]
+
+    def add(self, name: str, ok: bool, message: str) -> None:
+        self.checks.append({"check": name, "ok": ok, "message": message})
+
+    def to_dict(self) -> dict[str, Any]:
+        gbps = self.bytes_hashed / self.seconds / 1e9 if self.seconds else None
+        return {
+            "file": str(self.path), "ok": self.ok, "checks": self.checks,
+            "bytes_hashed": self.bytes_hashed, "seconds": round(self.seconds, 4),
+            "gb_per_s": round(gbps, 3) if gbps else None,
+        }
+
+
+def verify(path: str | os.PathLike) -> VerifyReport:
+    """Check a .safetensors checkpoint: header rules, config, shapes, sidecar, weights digest.
+
+    Example:
+        >>> report = verify("checkpoints/multitask_joint/best_model.safetensors")
+        >>> report.ok, report.failures
+        (True, [])
+    """
+    path = Path(path)
+    report = VerifyReport(path)
+    try:
+        if not path.exists():
+            raise CheckpointNotFoundError("no such file", path=path)
+        if not looks_like_safetensors(path):
+            report.add("format", False, "is a legacy pickle checkpoint, which records nothing to verify "
+                       "against; convert it with `ckptfmt convert`")
+            return report
+        header = read_header(path)
+    except CkptfmtError as exc:
+        report.add("header", False, exc.message)
+        return report
+    report.add("header", True, "well formed")
+
+    config = None
+    try:
+        embedded = header.config_dict()
+        if embedded is None:
+            report.add("config", True, "none embedded (weights only)")
+        else:
+            config = ModelConfig.from_dict(embedded)
+            report.add("config", True, f"valid, schema {embedded.get('schema_version', 0)}")
+    except CkptfmtError as exc:
+        report.add("config", False, f"invalid embedded config: {exc.message}")
+
+    if config is not None:
+        from .checkpoint import check_shapes
+
+        try:
+            check_shapes(config, header.shapes())
+            report.add("shapes", True, f"all {len(header.shapes())} tensors fit the config")
+        except CkptfmtError as exc:
+            report.add("shapes", False, f"config does not match the tensors: {exc.message}")
+
+    if header.is_ckptfmt and KEY_OPTIMIZER not in header.metadata:
+        status = sidecar_status(header)
+        messages = {
+            "consistent": (True, "sidecar consistent"),
+            "missing": (True, "no sidecar (the embedded config is authoritative)"),
+            "unbound": (True, "sidecar does not list this file (written by an older tool?)"),
+            "stale": (False, "sidecar is bound to other weights (sha256 "
+                      f"{status.get('bound_sha256', '')[:12]}...): the file was replaced, or a crash "
+                      "came between writing the weights and the sidecar; re-run the save or convert"),
+            "disagrees": (False, f"sidecar disagrees with the embedded config: {'; '.join(status.get('differences', []))}"),
+            "invalid": (False, f"sidecar is invalid: {status.get('message')}"),
+        }
+        report.add("sidecar", *messages[status["status"]])
+
+    recorded = header.weights_sha256
+    if recorded is None:
+        report.add("digest", False, "records no weights digest (not written by ckptfmt); nothing to verify against")
+    else:
+        start = time.perf_counter()
+        try:
+            actual = digest_file(header)
+        except (CkptfmtError, OSError) as exc:
+            report.add("digest", False, f"cannot read the tensor data: {exc}")
+        else:
+            report.seconds = time.perf_counter() - start
+            report.bytes_hashed = header.file_size - header.data_offset
+            if actual == recorded:
+                report.add("digest", True, f"weights sha256 {actual[:12]}... matches")
+            else:
+                report.add("digest", False, f"weights digest mismatch: the tensor data was changed or corrupted "
+                           f"(recorded {recorded[:12]}..., actual {actual[:12]}...)")
+    _verify_companion(header, report)
+    return report
+
+
+def _verify_companion(header: Header, report: VerifyReport) -> None:
+    try:
+        binding = header.training().get("optimizer")
+    except CkptfmtError as exc:
+        report.add("training", False, f"invalid training record: {exc.message}")
+        return
+    if not binding:
+        return
+    companion = header.path.parent / str(binding.get("file"))
+    try:
+        actual = digest_file(read_header(companion))
+    except CkptfmtError as exc:
+        report.add("optimizer", False, f"optimizer state {companion.name}: {exc.message}")
+        return
+    if actual != binding.get("sha256"):
+        report.add("optimizer", False, f"optimizer state {companion.name} does not match this checkpoint's record")
+    else:
+        report.add("optimizer", True, f"optimizer state {companion.name} matches")
+
+
+def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) -> dict[str, Any]:
+    """Compare two checkpoints, .pth or .safetensors in any mix.
+
+    Returns config differences, tensors in one file only, shape or dtype changes, and for
+    common tensors whether they are identical (with `values`, the max absolute difference).
+
+    Example:
+        >>> d = diff("best_model.pth", "best_model.safetensors")
+        >>> d["identical"]
+        True
+    """
+    import numpy as np
+
+    from .tensors import read_state_dict, tensor_bytes
+
+    sides = []
+    for path in map(Path, (a, b)):
+        if not path.exists():
+            raise CheckpointNotFoundError("no such file", path=path)
+        if looks_like_safetensors(path):
+            config = read_header(path).config_dict()
+            sides.append((ModelConfig.from_dict(config, path=path) if config else None, read_state_dict(path)))
+        else:
+            from .legacy import read_legacy_checkpoint
+
+            legacy = read_legacy_checkpoint(path)
+            sidecar = read_sidecar(path.parent)
+            sides.append((sidecar.config if sidecar else None, legacy.state_dict))
+    (config_a, sd_a), (config_b, sd_b) = sides
+    if config_a is not None and config_b is not None:
+        config_diff = config_differences(config_a, config_b)
+    elif config_a is None and config_b is None:
+        config_diff = []
+    else:
+        config_diff = [f"config: {'none' if config_a is None else 'present'} != {'none' if config_b is None else 'present'}"]
+    changed, tensors = [], []
+    for name in sorted(set(sd_a) & set(sd_b)):
+        ta, tb = sd_a[name], sd_b[name]
+        if ta.shape != tb.shape or ta.dtype != tb.dtype:
+            changed.append({"name": name, "a": [str(ta.dtype), list(ta.shape)], "b": [str(tb.dtype), list(tb.shape)]})
+            continue
+        identical = bool(np.array_equal(tensor_bytes(ta), tensor_bytes(tb)))
+        entry: dict[str, Any] = {"name": name, "identical": identical}
+        if values and not entry["identical"] and ta.numel():
+            entry["max_abs_diff"] = float((ta.double() - tb.double()).abs().max()) if not ta.is_complex() else None
+        tensors.append(entry)
+    only_a, only_b = sorted(set(sd_a) - set(sd_b)), sorted(set(sd_b) - set(sd_a))
+    return {
+        "a": str(a), "b": str(b),
+        "config": config_diff,
+        "only_in_a": only_a, "only_in_b": only_b,
+        "changed": changed,
+        "tensors": tensors,
+        "differing": [t["name"] for t in tensors if not t["identical"]],
+        "identical": not (config_diff or only_a or only_b or changed) and all(t["identical"] for t in tensors),
+    }

@@ -1,0 +1,164 @@
+"""Tensors in and out of .safetensors files, with torch.
+
+The writer is our own rather than `safetensors.torch.save_file`, for three reasons: it writes
+through `atomic_write` (temp file, fsync, rename, mode from the umask, where save_file writes
+0600 in place); it streams each tensor's bytes straight from memory, where save_file first
+copies every tensor into a bytes object (twice the memory for a 1 GB checkpoint); and it
+stores tied tensors once, recording the ties in `ckptfmt.aliases`, where save_file refuses
+them. The output is a plain safetensors file that `safetensors.torch.load_file` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write, write_all
+from .digest import WeightsHasher
+from .errors import HeaderError
+from .header import DTYPE_SIZES, KEY_ALIASES, Header, read_header
+
+__all__ = [
+    "DTYPE_NAMES",
+    "load_tensors",
+    "split_aliases",
+    "tensor_bytes",
+    "weights_digest",
+    "write_safetensors",
+]
+
+DTYPE_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
+    torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3",
+    torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+    torch.int64: "I64", torch.uint64: "U64", torch.float64: "F64", torch.complex64: "C64",
+}
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def dtype_name(tensor: torch.Tensor, name: str) -> str:
+    try:
+        return DTYPE_NAMES[tensor.dtype]
+    except KeyError:
+        raise HeaderError(
+            f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store; "
+            f"cast it to one of {', '.join(str(d) for d in DTYPE_NAMES)}"
+        ) from None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's raw bytes, C order, as a uint8 array (a view when already contiguous on CPU)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    return flat.view(torch.uint8).numpy()
+
+
+def split_aliases(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Separate tied tensors: views of the same memory with the same layout are stored once.
+
+    Returns the tensors to store and `{alias: stored name}`; the stored name of a tie group is
+    its first name in sorted order, so the split is the same whatever the dict's order.
+    """
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            raise HeaderError(
+                f"state dict entry {name!r} is a {type(tensor).__name__}, not a tensor; "
+                "only tensors can be stored as weights"
+            )
+        key = None
+        if tensor.numel() > 0 and tensor.device.type != "meta":
+            key = (
+                tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tensor.stride(), tensor.dtype, tensor.device,
+            )
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+        else:
+            if key is not None:
+                seen[key] = name
+            stored[name] = tensor
+    return stored, aliases
+
+
+def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The canonical digest (`ckptfmt.weights_sha256`) of a state dict held in memory.
+
+    Example:
+        >>> weights_digest(model.state_dict()) == read_header(path).weights_sha256
+        True
+    """
+    hasher = WeightsHasher()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        data = tensor_bytes(tensor)
+        hasher.begin(name, dtype_name(tensor, name), tuple(tensor.shape), data.nbytes)
+        hasher.update(data)
+    return hasher.hexdigest()
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+    *, overwrite: bool = False,
+) -> Path:
+    """Write a safetensors file atomically, streaming tensor bytes from memory.
+
+    Tied tensors (see `split_aliases`) are stored once and listed in `ckptfmt.aliases`. Tensors
+    are laid out by decreasing item size, then name, so each starts aligned to its item size.
+    """
+    path = Path(path)
+    stored, aliases = split_aliases(tensors)
+    metadata = dict(metadata)
+    if aliases:
+        metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
+    order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        tensor = stored[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": dtype_name(tensor, name),
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
+    with atomic_write(path, overwrite=overwrite) as fd:
+        write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
+        for name in order:
+            data = tensor_bytes(stored[name])
+            if data.nbytes:
+                write_all(fd, data)
+    return path
+
+
+def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a file as a state dict, ties restored as shared tensors.
+
+    On the CPU the tensors are views into a memory map of the file: nothing is copied until
+    written to, so loading costs one copy of the weights at most.
+    """
+    from safetensors import safe_open
+
+    with safe_open(header.path, framework="pt", device=str(device)) as f:
+        state_dict = {name: f.get_tensor(name) for name in header.tensors}
+    for alias, target in header.aliases.items():
+        state_dict[alias] = state_dict[target]
+    return state_dict
+
+
+def read_state_dict(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a .safetensors file written by ckptfmt (or anything else) into a state dict."""
+    return load_tensors(read_header(path), device=device)

@@ -1,0 +1,145 @@
+"""The multi-task U-Net of the brain-tumour MRI work: segmentation and classification.
+
+An encoder of `depth` levels (two 3x3 conv+BN+ReLU each, base_filters * 2**i channels,
+max-pool down), a bottleneck, and a decoder of transposed convolutions with skip
+concatenation. A 1x1 head gives segmentation logits at input resolution; a head on the
+bottleneck (global average pool, then linear) gives classification logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ckptfmt.errors import ArchitectureNotRecognisedError
+from ckptfmt.registry import get_model_entry, register_model
+
+__all__ = ["MultiTaskUNet", "create_multi_task_model", "infer_config"]
+
+
+def _double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def infer_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
+    """Recover the five architecture numbers from a state dict's tensor shapes alone.
+
+    Args:
+        state_dict: tensor names to tensors, or to their shapes.
+
+    Returns:
+        `{"base_filters", "depth", "in_channels", "seg_out_channels", "cls_num_classes"}`.
+
+    Raises:
+        ArchitectureNotRecognisedError: the state dict is not this architecture; the message
+            says which tensor is missing, unexpected or of the wrong shape.
+
+    Example:
+        >>> infer_config(MultiTaskUNet(base_filters=16, depth=3).state_dict())["depth"]
+        3
+    """
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in state_dict:
+            raise ArchitectureNotRecognisedError(f"not a multi-task U-Net: it has no tensor {name!r}")
+        value = state_dict[name]
+        return tuple(getattr(value, "shape", value))
+
+    first, seg, cls = shape("enc.0.0.weight"), shape("seg_head.weight"), shape("cls_head.weight")
+    if len(first) != 4 or len(seg) != 4 or len(cls) != 2:
+        raise ArchitectureNotRecognisedError(
+            "not a multi-task U-Net: enc.0.0.weight, seg_head.weight and cls_head.weight have "
+            f"shapes {list(first)}, {list(seg)}, {list(cls)}"
+        )
+    depth = 0
+    while f"enc.{depth}.0.weight" in state_dict:
+        depth += 1
+    params = {
+        "base_filters": first[0], "depth": depth, "in_channels": first[1],
+        "seg_out_channels": seg[0], "cls_num_classes": cls[0],
+    }
+    if not 1 <= depth <= 8 or min(params.values()) < 1:
+        raise ArchitectureNotRecognisedError(f"not a multi-task U-Net: the shapes give {params}")
+    expected = get_model_entry("multitask").state_shapes(params)
+    for name, want in expected.items():
+        if shape(name) != want:
+            raise ArchitectureNotRecognisedError(
+                f"not a multi-task U-Net with {params}: {name} is {list(shape(name))}, "
+                f"expected {list(want)}"
+            )
+    extra = sorted(set(state_dict) - set(expected))
+    if extra:
+        raise ArchitectureNotRecognisedError(
+            f"not a multi-task U-Net: unexpected tensor{'s' if len(extra) > 1 else ''} "
+            f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}"
+        )
+    return params
+
+
+@register_model("multitask", infer_config=infer_config)
+class MultiTaskUNet(nn.Module):
+    """U-Net with a segmentation head and a classification head.
+
+    Args:
+        base_filters: channels of the first level; level i has base_filters * 2**i.
+        depth: number of encoder levels (inputs must have sides divisible by 2**depth).
+        in_channels: channels of the input image.
+        seg_out_channels: segmentation logit channels.
+        cls_num_classes: classification logits.
+
+    Example:
+        >>> model = MultiTaskUNet(base_filters=16, depth=3)
+        >>> seg, cls = model(torch.zeros(2, 1, 64, 64))
+        >>> seg.shape, cls.shape
+        (torch.Size([2, 1, 64, 64]), torch.Size([2, 2]))
+    """
+
+    def __init__(
+        self, base_filters: int = 64, depth: int = 4, in_channels: int = 1,
+        seg_out_channels: int = 1, cls_num_classes: int = 2,
+    ):
+        super().__init__()
+        widths = [base_filters * 2**i for i in range(depth + 1)]
+        self.depth = depth
+        self.enc = nn.ModuleList(
+            _double_conv(in_channels if i == 0 else widths[i - 1], widths[i]) for i in range(depth)
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = _double_conv(widths[depth - 1], widths[depth])
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in range(depth)
+        )
+        self.dec = nn.ModuleList(_double_conv(2 * widths[i], widths[i]) for i in range(depth))
+        self.seg_head = nn.Conv2d(widths[0], seg_out_channels, 1)
+        self.cls_head = nn.Linear(widths[depth], cls_num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        multiple = 2**self.depth
+        if x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(
+                f"input sides {tuple(x.shape[-2:])} must be multiples of 2**depth = {multiple}; "
+                "pad the image (MultiTaskPredictor does this for you)"
+            )
+        skips = []
+        for level in self.enc:
+            x = level(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        cls_logits = self.cls_head(torch.flatten(x.mean(dim=(2, 3)), 1))
+        for i in reversed(range(self.depth)):
+            x = self.dec[i](torch.cat([self.up[i](x), skips[i]], dim=1))
+        return self.seg_head(x), cls_logits
+
+
+def create_multi_task_model(**params: int) -> MultiTaskUNet:
+    """The seed's factory: `create_multi_task_model(**config.get_model_params())`."""
+    return MultiTaskUNet(**params)
