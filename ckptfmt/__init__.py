@@ -47,6 +47,7 @@ _EXPORTS = {
     "LegacyCheckpointError": "errors",
     "UnsafePickleError": "errors",
     "IntegrityError": "errors",
+    "InputError": "errors",
     "DeviceError": "errors",
 }
 
@@ -75,7 +76,7 @@ if TYPE_CHECKING:
     from .convert import ConvertResult, convert, convert_all
     from .errors import (
         ArchitectureNotRecognisedError, CheckpointNotFoundError, CkptfmtError, ConfigError,
-        DeviceError, HeaderError, IntegrityError, LegacyCheckpointError, OutputExistsError,
+        DeviceError, HeaderError, InputError, IntegrityError, LegacyCheckpointError, OutputExistsError,
         ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
     )
     from .header import read_header

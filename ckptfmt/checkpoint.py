@@ -279,7 +279,7 @@ def load_training_state(checkpoint_path: str | os.PathLike, optimizer: torch.opt
         >>> load_training_state("runs/joint/best_model.safetensors", optimizer)["epoch"]
         12
     """
-    path = Path(checkpoint_path)
+    path = resolve_checkpoint_path(checkpoint_path)
     training = read_header(path).training()
     if optimizer is not None:
         binding = training.get("optimizer")
@@ -324,9 +324,7 @@ def open_checkpoint(
     path: str | os.PathLike, *, overrides: Mapping[str, Any] | None = None, unsafe_pickle: bool = False
 ) -> OpenedCheckpoint:
     """Read a checkpoint's header (or a legacy file) and resolve and check its config."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFoundError("no such file", path=path)
+    path = resolve_checkpoint_path(path)
     if path.is_dir():
         raise CheckpointNotFoundError("is a folder; give the checkpoint file inside it", path=path)
     header = legacy = None
@@ -337,6 +335,7 @@ def open_checkpoint(
         sidecar = read_sidecar(path.parent)
         if embedded is not None:
             config, source = ModelConfig.from_dict(embedded, path=path), "embedded"
+            logger.info("Loaded model config from: %s (embedded)", path)
             if sidecar is not None and path.name in sidecar.weights:
                 differences = config_differences(config, sidecar.config)
                 if differences:
@@ -371,6 +370,19 @@ def open_checkpoint(
     check_shapes(config, shapes, path=path, overridden=tuple(overrides))
     logger.info("Using architecture: %s", architecture_summary(config))
     return OpenedCheckpoint(path, config, source, header, legacy)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """The file to read. `NAME.pth` that was saved as `NAME.safetensors` (as
+    save_model_with_config does) is found there, so the seed's paths keep working."""
+    path = Path(path)
+    if path.exists():
+        return path
+    saved_as = path.with_suffix(".safetensors")
+    if path.suffix in (".pth", ".pt") and saved_as.exists():
+        logger.info("%s: reading %s, which it was saved as", path, saved_as)
+        return saved_as
+    raise CheckpointNotFoundError("no such file", path=path)
 
 
 def architecture_summary(config: ModelConfig) -> str:
@@ -447,7 +459,7 @@ def check_shapes(
     raise ShapeMismatchError(f"{culprit} expects {problems[0]}{more}{weights_say}; {fix}", path=path)
 
 
-def _device(device: str | torch.device, path: Path) -> torch.device:
+def resolve_device(device: str | torch.device, path: Path) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -461,7 +473,7 @@ def _build(
     opened: OpenedCheckpoint, *, device: str | torch.device, dtype: torch.dtype | None, strict: bool,
     factory: Callable[..., torch.nn.Module] | None = None,
 ) -> torch.nn.Module:
-    device = _device(device, opened.path)
+    device = resolve_device(device, opened.path)
     factory = factory or get_model_entry(opened.config.model_type).builder
     with torch.device("meta"):
         model = factory(**opened.config.get_model_params())

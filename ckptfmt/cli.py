@@ -327,3 +327,54 @@ def diff_command(a, b, values, as_json):
                    + ("the checkpoints are identical" if result["identical"] else "the checkpoints differ"))
     if not result["identical"]:
         sys.exit(1)
+
+
+@main.command("predict")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the masks (NAME_mask.png, NAME_mask.npy) and the predictions table.")
+@click.option("--device", help="cuda or cpu; default CUDA when available.")
+@click.option("--precision", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default="auto",
+              show_default=True, help="auto: fp16 on CUDA, fp32 on the CPU.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Mask threshold; default the one in the checkpoint's config.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--format", "table_format", type=click.Choice(["json", "csv"]), default="json", show_default=True,
+              help="Format of the class-probability table.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@_user_errors
+def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, batch_size, table_format, force):
+    """Segment and classify images with a multi-task U-Net checkpoint.
+
+    INPUTS are .npy arrays or image files (PNG, JPEG, TIFF), or folders of them. Image files are
+    scaled to [0, 1] by bit depth; then the normalisation recorded in the checkpoint applies.
+    A bad input is reported and the others still run; the exit code is 1 if any failed.
+
+    \b
+    Example:
+        ckptfmt predict checkpoints/multitask_joint/best_model.safetensors scans/ --out masks/
+    """
+    from .predict import MultiTaskPredictor, find_inputs, predict_files
+
+    predictor = MultiTaskPredictor(checkpoint, device=device, precision=precision, batch_size=batch_size)
+    files = find_inputs(inputs)
+    if not files:
+        raise click.ClickException("no .npy or image files found in the inputs")
+    with click.progressbar(length=len(files), label="predicting", file=sys.stderr) as bar:
+        results, table = predict_files(
+            predictor, files, out_dir, threshold=threshold, table_format=table_format,
+            overwrite=force, on_done=lambda _: bar.update(1),
+        )
+    failed = 0
+    for result in results:
+        if result.error:
+            failed += 1
+            click.echo(f"[FAIL] {result.error}")
+        else:
+            p = result.prediction
+            click.echo(f"[OK]   {result.input}: {p.class_name} ({p.class_probabilities[p.label]:.3f}), "
+                       f"{int(p.mask.sum())} mask pixels -> {result.outputs[0]}")
+    click.echo(f"{len(results) - failed} predicted, {failed} failed; classes in {table}")
+    if failed:
+        sys.exit(1)

@@ -321,17 +321,18 @@ def read_sidecar(folder: str | os.PathLike) -> Sidecar | None:
 
 
 def write_sidecar(
-    folder: str | os.PathLike, config: ModelConfig, weights_file: str, weights_sha256: str,
-    *, overwrite: bool = False,
+    folder: str | os.PathLike, config: ModelConfig, weights_file: str | None = None,
+    weights_sha256: str | None = None, *, overwrite: bool = False,
 ) -> Path:
     """Write or update `folder/model_config.json`, binding `weights_file` to its digest.
 
     Several checkpoints of one architecture share a folder's sidecar (best_model and
-    last_model, as in the seed), each with its own binding. A sidecar holding another config
-    is an error naming the fields, unless `overwrite`, which starts it afresh.
+    last_model, as in the seed), each with its own binding; legacy .pth files get none. A
+    sidecar holding another config is an error naming the fields, unless `overwrite`, which
+    starts it afresh.
     """
     existing = read_sidecar(folder)
-    bindings = {weights_file: weights_sha256}
+    bindings = {weights_file: weights_sha256} if weights_file else {}
     if existing is not None:
         differences = config_differences(existing.config, config)
         if not differences:

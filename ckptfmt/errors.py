@@ -15,6 +15,7 @@ what to do. Classes also inherit the matching builtin, so callers may catch eith
     ├── LegacyCheckpointError(ValueError)            unreadable or corrupt .pth
     │   └── UnsafePickleError                        the pickle needs a global that can run code
     ├── IntegrityError(ValueError)                   digest or sidecar disagrees with the weights
+    ├── InputError(ValueError)                       an input image the predictor cannot read
     └── DeviceError(RuntimeError)                    device or precision not available
 """
 
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigError",
     "DeviceError",
     "HeaderError",
+    "InputError",
     "IntegrityError",
     "LegacyCheckpointError",
     "OutputExistsError",
@@ -93,6 +95,10 @@ class UnsafePickleError(LegacyCheckpointError):
 
 
 class IntegrityError(CkptfmtError, ValueError):
+    pass
+
+
+class InputError(CkptfmtError, ValueError):
     pass
 
 

@@ -1,0 +1,326 @@
+"""MultiTaskPredictor: rebuild the multi-task U-Net from its checkpoint and run it.
+
+No architecture argument is needed: the config comes from the file (or, for a legacy .pth,
+from the sidecar or the weights). The normalisation used in training and the segmentation
+threshold are part of that config, so inference cannot drift from training. On CUDA it runs in
+fp16 by default (half weights and activations, channels_last, cudnn.benchmark); on the CPU in
+fp32.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_model_with_config, resolve_device
+from .atomic import atomic_write, check_writable, write_all
+from .errors import CkptfmtError, ConfigError, DeviceError, InputError
+
+__all__ = ["MultiTaskPredictor", "Prediction", "find_inputs", "normalize", "predict_files", "read_image"]
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Prediction:
+    """The result for one image.
+
+    `probabilities` is the segmentation probability map (H x W, or C x H x W when the model has
+    several segmentation channels), `mask` the same thresholded, `class_probabilities` one per
+    class, `label` the most probable class and `class_name` its name from the config.
+    """
+
+    probabilities: np.ndarray
+    mask: np.ndarray
+    class_probabilities: np.ndarray
+    label: int
+    class_name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "class_name": self.class_name,
+            "class_probabilities": [round(float(p), 6) for p in self.class_probabilities],
+            "mask_pixels": int(self.mask.sum()),
+        }
+
+
+def normalize(images: torch.Tensor, normalization: dict[str, Any]) -> torch.Tensor:
+    """Apply a config's normalisation to a float32 batch N x C x H x W (per image, per channel)."""
+    mode = normalization["mode"]
+    if mode == "none":
+        return images
+    if mode == "minmax":
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        span = images.amax(dim=(1, 2, 3), keepdim=True) - low
+        return (images - low) / torch.where(span > 0, span, torch.ones_like(span))
+    if mode == "zscore":
+        mean = images.mean(dim=(2, 3), keepdim=True)
+        std = images.std(dim=(2, 3), keepdim=True, unbiased=False)
+        return (images - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    mean = torch.tensor(normalization["mean"], dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(normalization["std"], dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+class MultiTaskPredictor:
+    """Segmentation and classification with a multi-task U-Net checkpoint.
+
+    Args:
+        checkpoint_path: a .safetensors written by ckptfmt, or a legacy .pth (config from the
+            sidecar beside it, else inferred from the weights with a warning).
+        base_filters, depth, **overrides: config fields to override (the seed's arguments);
+            checked against the weights before anything is loaded.
+        device: "cuda", "cpu", ...; default CUDA when available.
+        precision: "auto" (fp16 on CUDA, fp32 on the CPU), "fp16", "bf16" or "fp32".
+        batch_size: images per forward pass.
+
+    Example:
+        >>> predictor = MultiTaskPredictor("checkpoints/multitask_joint/best_model.safetensors")
+        >>> result = predictor.predict(np.zeros((64, 64), np.float32))
+        >>> result.mask.shape, result.class_name
+        ((64, 64), 'class_0')
+    """
+
+    def __init__(
+        self,
+        checkpoint_path: str | os.PathLike,
+        *,
+        base_filters: int | None = None,
+        depth: int | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "auto",
+        batch_size: int = 16,
+        **overrides: Any,
+    ):
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = resolve_device(device, checkpoint_path)
+        self.precision = self._resolve_precision(precision, checkpoint_path)
+        if type(batch_size) is not int or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive int, not {batch_size!r}", path=checkpoint_path)
+        self.batch_size = batch_size
+        self.checkpoint_path = Path(checkpoint_path)
+        self.model, self.config, self.checkpoint = load_model_with_config(
+            checkpoint_path, device=self.device, base_filters=base_filters, depth=depth, **overrides
+        )
+        self.dtype = PRECISIONS[self.precision]
+        if self.dtype != torch.float32:
+            self.model.to(self.dtype)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+
+    def _resolve_precision(self, precision: str, path) -> str:
+        if precision == "auto":
+            return "fp16" if self.device.type == "cuda" else "fp32"
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be auto, {', '.join(PRECISIONS)}, not {precision!r}", path=path)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise DeviceError(
+                f"precision fp16 needs a CUDA device; on {self.device.type} use fp32 (or bf16)", path=path
+            )
+        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("this GPU does not support bf16; use fp16 or fp32", path=path)
+        return precision
+
+    @property
+    def multiple(self) -> int:
+        return 2**self.config.depth
+
+    def predict(
+        self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], *,
+        threshold: float | None = None,
+    ) -> Prediction | list[Prediction]:
+        """Predict one image (H x W or C x H x W) or a batch (N x C x H x W, or a list of images
+        of any sizes). Any dtype; images are normalised as the config records.
+
+        Returns:
+            One Prediction for one image, a list for a batch.
+        """
+        threshold = self.config.seg_threshold if threshold is None else threshold
+        if not 0 < threshold < 1:
+            raise ConfigError(f"threshold must lie between 0 and 1, not {threshold!r}")
+        if isinstance(images, (list, tuple)):
+            batch = [self._as_chw(image) for image in images]
+            single = False
+        else:
+            tensor = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+            single = tensor.dim() in (2, 3)
+            if tensor.dim() == 4:
+                batch = [self._as_chw(image) for image in tensor]
+            elif single:
+                batch = [self._as_chw(tensor)]
+            else:
+                raise InputError(
+                    f"images must be H x W, C x H x W or N x C x H x W, not {tuple(tensor.shape)}"
+                )
+        results: list[Prediction | None] = [None] * len(batch)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(batch):
+            by_shape.setdefault(tuple(image.shape), []).append(index)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                for index, prediction in zip(chunk, self._run(torch.stack([batch[i] for i in chunk]), threshold)):
+                    results[index] = prediction
+        return results[0] if single else results
+
+    def _as_chw(self, image: Any) -> torch.Tensor:
+        tensor = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+        if tensor.dim() == 2:
+            tensor = tensor.unsqueeze(0)
+        if tensor.dim() != 3 or tensor.shape[0] != self.config.in_channels:
+            raise InputError(
+                f"the model takes {self.config.in_channels}-channel images (C x H x W or H x W), "
+                f"not shape {tuple(tensor.shape)}"
+            )
+        if tensor.shape[1] == 0 or tensor.shape[2] == 0:
+            raise InputError(f"image of shape {tuple(tensor.shape)} is empty")
+        return tensor.detach().to("cpu", torch.float32)
+
+    @torch.inference_mode()
+    def _run(self, images: torch.Tensor, threshold: float) -> list[Prediction]:
+        height, width = images.shape[-2:]
+        images = normalize(images, self.config.normalization)
+        pad_h, pad_w = -height % self.multiple, -width % self.multiple
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        seg_logits, cls_logits = self.model(images)
+        probabilities = torch.sigmoid(seg_logits[..., :height, :width].float()).cpu().numpy()
+        class_probabilities = torch.softmax(cls_logits.float(), dim=1).cpu().numpy()
+        results = []
+        for probability, classes in zip(probabilities, class_probabilities):
+            if probability.shape[0] == 1:
+                probability = probability[0]
+            label = int(classes.argmax())
+            results.append(Prediction(probability, probability > threshold, classes, label, self.config.class_name(label)))
+        return results
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+INPUT_SUFFIXES = (".npy", *IMAGE_SUFFIXES)
+
+
+def read_image(path: str | os.PathLike, *, in_channels: int = 1) -> np.ndarray:
+    """Read an input file as float32 C x H x W (or H x W).
+
+    `.npy` arrays are taken as they are (never unpickled). Image files are scaled to [0, 1] by
+    their bit depth and converted to grayscale or RGB to match `in_channels`.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            reason = str(exc).split(". ")[0] if "pickled" not in str(exc) else "not a plain numeric array"
+            raise InputError(f"is not a readable .npy array ({reason})", path=path) from None
+        if array.dtype.kind not in "biuf":
+            raise InputError(f"holds {array.dtype} data; expected numbers", path=path)
+        return array.astype(np.float32)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(image, dtype=np.float32) / (65535.0 if image.mode.startswith("I;16") else 1.0)
+            else:
+                mode = "RGB" if in_channels == 3 else "L"
+                array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"cannot be read as an image: {exc}", path=path) from None
+    return array.transpose(2, 0, 1) if array.ndim == 3 else array
+
+
+def find_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders as their `.npy` and image files, recursively, sorted."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in INPUT_SUFFIXES and p.is_file())
+        else:
+            found.append(path)
+    return found
+
+
+@dataclass
+class FileResult:
+    input: Path
+    prediction: Prediction | None = None
+    outputs: tuple[Path, ...] = ()
+    error: str | None = None
+
+
+def predict_files(
+    predictor: MultiTaskPredictor, inputs: Sequence[Path], out_dir: str | os.PathLike, *,
+    threshold: float | None = None, table_format: str = "json", overwrite: bool = False,
+    on_done=None,
+) -> tuple[list[FileResult], Path]:
+    """Predict each input file and write its mask (PNG and .npy) and one table of classes.
+
+    A bad input is recorded with its error and the rest go on. Returns the per-file results and
+    the path of the table (`predictions.json` or `predictions.csv`).
+    """
+    import json
+
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    table = out_dir / f"predictions.{table_format}"
+    check_writable(table, overwrite=overwrite)
+    results, stems = [], set()
+    for path in inputs:
+        result = FileResult(path)
+        try:
+            if path.stem in stems:
+                raise InputError("has the same name as an earlier input; its outputs would collide", path=path)
+            stems.add(path.stem)
+            if not path.is_file():
+                raise InputError("no such file", path=path)
+            result.prediction = predictor.predict(read_image(path, in_channels=predictor.config.in_channels), threshold=threshold)
+            mask = result.prediction.mask
+            png, npy = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_mask.npy"
+            planes = mask if mask.ndim == 2 else np.concatenate(list(mask), axis=0)
+            with atomic_write(png, overwrite=overwrite) as fd:
+                buffer = io.BytesIO()
+                Image.fromarray(planes.astype(np.uint8) * 255).save(buffer, format="PNG")
+                write_all(fd, buffer.getvalue())
+            with atomic_write(npy, overwrite=overwrite) as fd:
+                buffer = io.BytesIO()
+                np.save(buffer, mask)
+                write_all(fd, buffer.getvalue())
+            result.outputs = (png, npy)
+        except CkptfmtError as exc:
+            result.error = str(exc)
+        results.append(result)
+        if on_done is not None:
+            on_done(result)
+    names = [predictor.config.class_name(i) for i in range(predictor.config.cls_num_classes)]
+    rows = [
+        {"input": str(r.input), **r.prediction.to_dict()} for r in results if r.prediction is not None
+    ]
+    if table_format == "json":
+        text = json.dumps({"checkpoint": str(predictor.checkpoint_path), "class_names": names, "predictions": rows},
+                          indent=2, sort_keys=True) + "\n"
+    else:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["input", "label", "class_name", *(f"p_{n}" for n in names), "mask_pixels"])
+        for row in rows:
+            writer.writerow([row["input"], row["label"], row["class_name"], *row["class_probabilities"], row["mask_pixels"]])
+        text = buffer.getvalue()
+    with atomic_write(table, overwrite=overwrite) as fd:
+        write_all(fd, text.encode())
+    return results, table

@@ -1,0 +1,67 @@
+"""Shared test helpers: small models saved for real, and commands run as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ckptfmt import ModelConfig, save_model_with_config
+from models.multitask_unet import MultiTaskUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "checkpoints"
+# What tools/make_demo_checkpoints.py trains.
+DEMO_ARCHITECTURE = {"base_filters": 4, "depth": 3, "in_channels": 1, "seg_out_channels": 1, "cls_num_classes": 2}
+
+
+def small_model(seed: int = 0, **architecture) -> tuple[MultiTaskUNet, ModelConfig]:
+    """A randomly initialised model with non-trivial BatchNorm statistics, and its config."""
+    params = {"base_filters": 4, "depth": 2, **architecture}
+    torch.manual_seed(seed)
+    model = MultiTaskUNet(**params)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.num_batches_tracked.fill_(7)
+    return model.eval(), ModelConfig(**params)
+
+
+def save_small(folder: Path, name: str = "best_model.safetensors", **architecture) -> tuple[Path, MultiTaskUNet, ModelConfig]:
+    model, config = small_model(**architecture)
+    path = save_model_with_config(model, folder / name, config)
+    return path, model, config
+
+
+def copy_demo(tmp_path: Path) -> Path:
+    target = tmp_path / "checkpoints"
+    shutil.copytree(DEMO, target)
+    return target
+
+
+def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command in a fresh Python process, as a user would."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run("-m", "ckptfmt", *args, cwd=cwd, env=env)
+
+
+def state_dicts_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    from ckptfmt.tensors import tensor_bytes
+
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        and tensor_bytes(a[k]).tobytes() == tensor_bytes(b[k]).tobytes()
+        for k in a
+    )

@@ -1,0 +1,256 @@
+"""Saving with the config and rebuilding from the file alone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import ckptfmt
+from ckptfmt import (
+    ModelConfig,
+    ShapeMismatchError,
+    load_model,
+    load_model_with_config,
+    load_training_state,
+    read_header,
+    save_model_with_config,
+)
+from ckptfmt.tensors import read_state_dict, weights_digest, write_safetensors
+from models.multitask_unet import MultiTaskUNet, create_multi_task_model
+
+from .helpers import run, save_small, small_model, state_dicts_bit_identical
+
+ARCHITECTURES = [
+    {"base_filters": 24, "depth": 3, "in_channels": 4, "seg_out_channels": 3, "cls_num_classes": 4},
+    {"base_filters": 4, "depth": 1, "in_channels": 1, "seg_out_channels": 1, "cls_num_classes": 2},
+    {"base_filters": 6, "depth": 4, "in_channels": 2, "seg_out_channels": 2, "cls_num_classes": 7},
+]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES, ids=lambda a: "-".join(map(str, a.values())))
+def test_load_model_in_a_fresh_process_gives_identical_outputs(tmp_path, architecture):
+    path, model, config = save_small(tmp_path, **architecture)
+    side = 2 ** architecture["depth"] * 2
+    torch.manual_seed(1)
+    x = torch.randn(2, architecture["in_channels"], side, side)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = model(x)
+    code = (
+        "import sys, torch, ckptfmt\n"
+        "model = ckptfmt.load_model(sys.argv[1])\n"
+        "x = torch.load(sys.argv[2], weights_only=True)\n"
+        "with torch.no_grad(): seg, cls = model(x)\n"
+        "torch.save({'seg': seg, 'cls': cls}, sys.argv[3])\n"
+    )
+    result = run("-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "out.pt"))
+    assert result.returncode == 0, result.stderr
+    outputs = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.equal(outputs["seg"], expected[0]) and torch.equal(outputs["cls"], expected[1])
+
+
+def test_header_and_config_are_read_without_torch(tmp_path):
+    path, _, config = save_small(tmp_path, base_filters=8, depth=3)
+    code = (
+        "import sys\n"
+        "from ckptfmt import ModelConfig, read_header\n"
+        "config = ModelConfig.from_checkpoint(sys.argv[1])\n"
+        "header = read_header(sys.argv[1])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(config.base_filters, config.depth, len(header.tensors))\n"
+    )
+    result = run("-c", code, str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["8", "3", str(len(MultiTaskUNet(8, 3).state_dict()))]
+
+
+def test_file_metadata_follows_the_format(tmp_path):
+    model, config = small_model()
+    path = save_model_with_config(model, tmp_path / "m.safetensors", config, epoch=4, metrics={"dice": 0.75})
+    metadata = read_header(path).metadata
+    assert metadata["format"] == "pt"
+    assert metadata["ckptfmt.format_version"] == "1"
+    assert json.loads(metadata["ckptfmt.config"]) == config.to_dict()
+    assert json.loads(metadata["ckptfmt.training"]) == {"epoch": 4, "metrics": {"dice": 0.75}}
+    provenance = json.loads(metadata["ckptfmt.provenance"])
+    assert provenance["ckptfmt"] == ckptfmt.__version__ and provenance["torch"] == torch.__version__
+    assert provenance["created_at"].endswith("+00:00")
+    assert metadata["ckptfmt.weights_sha256"] == weights_digest(model.state_dict())
+
+
+def test_files_are_plain_safetensors(tmp_path):
+    path, model, _ = save_small(tmp_path)
+    assert state_dicts_bit_identical(load_file(path), model.state_dict())
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["format"] == "pt"
+        assert set(f.keys()) == set(model.state_dict())
+
+
+def test_sidecar_mirrors_the_config_and_binds_the_weights(tmp_path):
+    path, model, config = save_small(tmp_path, base_filters=8)
+    sidecar = json.loads((tmp_path / "model_config.json").read_text())
+    assert sidecar == {
+        **config.to_dict(),
+        "weights": {"best_model.safetensors": weights_digest(model.state_dict())},
+    }
+    assert sidecar["base_filters"] == 8 and sidecar["model_type"] == "multitask"
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path, _, _ = save_small(tmp_path)
+    finally:
+        os.umask(old)
+    for written in (path, tmp_path / "model_config.json"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o640
+
+
+def test_pth_name_is_written_as_safetensors_with_a_warning(tmp_path, caplog):
+    model, config = small_model()
+    with caplog.at_level(logging.WARNING, logger="ckptfmt"):
+        path = save_model_with_config(model, tmp_path / "best_model.pth", config)
+    assert path == tmp_path / "best_model.safetensors"
+    assert not (tmp_path / "best_model.pth").exists()
+    assert f"writing {path}" in caplog.text
+    # The seed's inference code passes the .pth name; it finds what was written.
+    assert isinstance(load_model(tmp_path / "best_model.pth"), MultiTaskUNet)
+
+
+def test_existing_checkpoint_is_not_overwritten(tmp_path):
+    path, _, config = save_small(tmp_path)
+    before = path.read_bytes()
+    other, _ = small_model(seed=5)
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+        save_model_with_config(other, path, config)
+    assert path.read_bytes() == before
+    save_model_with_config(other, path, config, overwrite=True)
+    assert state_dicts_bit_identical(read_state_dict(path), other.state_dict())
+
+
+def test_config_that_does_not_fit_the_model_is_refused_before_writing(tmp_path):
+    model, _ = small_model(base_filters=4)
+    with pytest.raises(ShapeMismatchError, match=r"base_filters=8 expects enc\.0\.0\.weight \[8, 1, 3, 3\]; the file has \[4, 1, 3, 3\]"):
+        save_model_with_config(model, tmp_path / "m.safetensors", ModelConfig(base_filters=8, depth=2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_override_names_field_tensor_and_shapes_before_allocating(tmp_path, monkeypatch):
+    path, _, _ = save_small(tmp_path, base_filters=4, depth=2)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("tensors were loaded before the shape check")
+
+    monkeypatch.setattr("ckptfmt.checkpoint.load_tensors", no_loading)
+    with pytest.raises(ShapeMismatchError) as excinfo:
+        load_model(path, base_filters=32)
+    assert str(excinfo.value) == (
+        f"{path}: base_filters=32 expects enc.0.0.weight [32, 1, 3, 3]; the file has [4, 1, 3, 3], "
+        "and 55 more mismatches (the weights say base_filters=4); remove the override"
+    )
+    with pytest.raises(ShapeMismatchError, match=r"depth=3 expects enc\.2\.0\.weight \[16, 8, 3, 3\]; the file has no such tensor.*\(the weights say depth=2\)"):
+        load_model(path, depth=3)
+
+
+def test_load_model_options(tmp_path):
+    path, model, _ = save_small(tmp_path)
+    loaded = load_model(path, dtype=torch.float64)
+    assert not loaded.training
+    assert loaded.enc[0][0].weight.dtype == torch.float64
+    assert torch.equal(loaded.enc[0][0].weight, model.enc[0][0].weight.double())
+    with pytest.raises(ckptfmt.DeviceError, match="invalid device 'gpu0'"):
+        load_model(path, device="gpu0")
+
+
+def test_load_model_with_config_returns_the_seeds_triple(tmp_path):
+    model, config = small_model()
+    path = save_model_with_config(model, tmp_path / "best.safetensors", config, epoch=10, metrics={"accuracy": 0.95})
+    loaded, loaded_config, checkpoint = load_model_with_config(path, model_factory_fn=create_multi_task_model)
+    assert loaded_config == config
+    assert checkpoint["epoch"] == 10 and checkpoint["metrics"] == {"accuracy": 0.95}
+    assert checkpoint["config_source"] == "embedded"
+    assert not any(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    assert state_dicts_bit_identical(loaded.state_dict(), model.state_dict())
+
+
+def test_legacy_pth_loads_with_an_inferred_config_and_a_warning(tmp_path, caplog):
+    model, config = small_model(base_filters=8, depth=3)
+    torch.save(model.state_dict(), tmp_path / "old.pth")
+    with caplog.at_level(logging.WARNING, logger="ckptfmt"):
+        loaded, loaded_config, checkpoint = load_model_with_config(tmp_path / "old.pth")
+    assert loaded_config.get_model_params() == config.get_model_params()
+    assert checkpoint["config_source"] == "inferred"
+    assert "architecture inferred from the weights: base_filters=8, depth=3" in caplog.text
+    assert "default configuration" not in caplog.text
+    assert state_dicts_bit_identical(loaded.state_dict(), model.state_dict())
+
+
+def test_resume_equals_never_stopping(tmp_path):
+    """Save at step 3, resume in a new model and optimizer: steps 4-6 match bit for bit."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 1, 16, 16), torch.randint(0, 2, (4,))) for _ in range(6)]
+
+    def step(model, optimizer, batch):
+        x, y = batch
+        seg, cls = model(x)
+        loss = seg.square().mean() + torch.nn.functional.cross_entropy(cls, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model, config = small_model()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)
+    for batch in batches[:3]:
+        step(model, optimizer, batch)
+    path = save_model_with_config(model, tmp_path / "ckpt.safetensors", config, optimizer=optimizer, epoch=3)
+    for batch in batches[3:]:
+        step(model, optimizer, batch)
+
+    resumed = load_model(path).train()
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=1.0)
+    assert load_training_state(path, resumed_optimizer)["epoch"] == 3
+    for batch in batches[3:]:
+        step(resumed, resumed_optimizer, batch)
+    assert state_dicts_bit_identical(resumed.state_dict(), model.state_dict())
+    assert resumed_optimizer.param_groups[0]["betas"] == (0.8, 0.99)
+
+
+def test_optimizer_state_is_pickle_free_and_bound_to_its_checkpoint(tmp_path):
+    model, config = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 1, 8, 8))[0].sum().backward()
+    optimizer.step()
+    path = save_model_with_config(model, tmp_path / "a.safetensors", config, optimizer=optimizer)
+    companion = tmp_path / "a.optimizer.safetensors"
+    assert read_header(companion).metadata["ckptfmt.optimizer"].startswith("{")
+    save_model_with_config(model, tmp_path / "b.safetensors", config, optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+    (tmp_path / "b.optimizer.safetensors").replace(companion)
+    with pytest.raises(ckptfmt.IntegrityError, match="does not match the checkpoint"):
+        load_training_state(path, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_tied_tensors_are_stored_once_and_stay_tied(tmp_path):
+    shared = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    tensors = {"decoder.weight": shared, "encoder.weight": shared, "scale": torch.tensor(2.0), "empty": torch.zeros(0, 3)}
+    path = write_safetensors(tmp_path / "tied.safetensors", tensors, {"format": "pt"})
+    header = read_header(path)
+    assert sorted(header.tensors) == ["decoder.weight", "empty", "scale"]
+    assert header.aliases == {"encoder.weight": "decoder.weight"}
+    loaded = read_state_dict(path)
+    assert loaded["encoder.weight"].data_ptr() == loaded["decoder.weight"].data_ptr()
+    assert state_dicts_bit_identical(loaded, tensors)
+
+
+def test_non_contiguous_tensors_are_written_in_logical_order(tmp_path):
+    base = torch.arange(12, dtype=torch.int16).reshape(3, 4)
+    tensors = {"t": base.t(), "slice": base[:, 1::2]}
+    path = write_safetensors(tmp_path / "views.safetensors", tensors, {"format": "pt"})
+    assert state_dicts_bit_identical(load_file(path), {k: v.contiguous() for k, v in tensors.items()})

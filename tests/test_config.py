@@ -1,0 +1,129 @@
+"""ModelConfig: the seed's fields and API, strict validation, schema migrations, the sidecar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ckptfmt import ConfigError, ModelConfig, UnknownModelTypeError
+from ckptfmt.config import SCHEMA_VERSION, read_sidecar, write_sidecar
+from models.multitask_unet import create_multi_task_model
+
+
+def test_defaults_are_the_seeds():
+    config = ModelConfig()
+    assert config.get_model_params() == {
+        "base_filters": 64, "depth": 4, "in_channels": 1, "seg_out_channels": 1, "cls_num_classes": 2,
+    }
+    assert (config.model_type, config.version) == ("multitask", "1.0")
+
+
+def test_get_model_params_builds_the_model():
+    config = ModelConfig(base_filters=8, depth=2, in_channels=3, seg_out_channels=2, cls_num_classes=5)
+    model = create_multi_task_model(**config.get_model_params())
+    assert model.cls_head.out_features == 5 and model.seg_head.out_channels == 2
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("base_filters", 64.0, "base_filters must be an int, not float 64.0"),
+        ("base_filters", True, "base_filters must be an int, not bool True"),
+        ("depth", "4", "depth must be an int, not str '4'"),
+        ("in_channels", -1, "in_channels must lie in 1..4096, not -1"),
+        ("cls_num_classes", 0, "cls_num_classes must lie in 1..1000000, not 0"),
+        ("depth", 9, "depth must lie in 1..8, not 9"),
+        ("seg_threshold", 1.5, "seg_threshold must be a number between 0 and 1, not 1.5"),
+        ("class_names", ["a"], "class_names has 1 names but cls_num_classes is 2"),
+        ("normalization", {"mode": "fixed", "mean": [0.5], "std": [0]},
+         "normalization std must be positive, not [0]"),
+        ("normalization", {"mode": "zscore", "mean": 1}, "normalization mode 'zscore' takes exactly the keys mode, not mean, mode"),
+    ],
+)
+def test_invalid_values_are_refused_with_the_field_named(field, value, message):
+    with pytest.raises(ConfigError) as excinfo:
+        ModelConfig(**{field: value})
+    assert str(excinfo.value) == message
+
+
+def test_unknown_model_type_lists_the_registered_ones():
+    with pytest.raises(UnknownModelTypeError, match=r"model_type 'resnet' is not registered; known: multitask\."):
+        ModelConfig(model_type="resnet")
+
+
+def test_import_path_model_type_is_refused_without_importing():
+    with pytest.raises(ConfigError, match="import paths are never followed"):
+        ModelConfig(model_type="os.system")
+
+
+def test_unknown_keys_are_refused_by_name(tmp_path):
+    path = tmp_path / "model_config.json"
+    path.write_text(json.dumps({"base_filters": 32, "dropout": 0.1, "schema_version": 1}))
+    with pytest.raises(ConfigError) as excinfo:
+        ModelConfig.load(path)
+    assert str(excinfo.value).startswith(f"{path}: unknown config key 'dropout'; known keys: base_filters,")
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "model_config.json"
+    path.write_text(json.dumps({"base_filters": 32, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(ConfigError, match=rf"written by a newer ckptfmt \(schema {SCHEMA_VERSION + 1}\)"):
+        ModelConfig.load(path)
+
+
+def test_seed_sidecar_without_schema_is_migrated(tmp_path):
+    """The original system's model_config.json (schema 0) loads as is."""
+    seed = {
+        "base_filters": 64, "depth": 4, "in_channels": 1, "seg_out_channels": 1, "cls_num_classes": 2,
+        "model_type": "multitask", "version": "1.0",
+        "description": "Multi-task model - Joint fine-tuning (FINAL)",
+        "trained_on": "BraTS 2020 + Kaggle Brain MRI (both tasks)",
+        "training_config": "configs/multitask_joint_quick_test.yaml",
+    }
+    (tmp_path / "model_config.json").write_text(json.dumps(seed))
+    config = ModelConfig.from_checkpoint_dir(tmp_path)
+    assert config.to_dict() == {**ModelConfig().to_dict(), **seed, "schema_version": SCHEMA_VERSION}
+
+
+def test_missing_sidecar_is_an_error_not_a_default(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model_config.json here; run `ckptfmt convert"):
+        ModelConfig.from_checkpoint_dir(tmp_path)
+
+
+def test_save_load_round_trip_and_no_silent_overwrite(tmp_path):
+    config = ModelConfig(base_filters=16, depth=3, class_names=["healthy", "tumour"],
+                         normalization={"mode": "fixed", "mean": 0.2, "std": 0.5}, description="x")
+    path = config.save(tmp_path / "model_config.json")
+    assert ModelConfig.load(path) == config
+    assert json.loads(path.read_text())["normalization"] == {"mode": "fixed", "mean": [0.2], "std": [0.5]}
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+        config.save(path)
+    config.replace(depth=2).save(path, overwrite=True)
+    assert ModelConfig.load(path).depth == 2
+
+
+def test_replace_validates_and_names_unknown_fields():
+    assert ModelConfig().replace(depth=3).depth == 3
+    with pytest.raises(ConfigError, match="unknown config key 'detph'"):
+        ModelConfig().replace(detph=3)
+
+
+def test_sidecar_binds_several_files_of_one_config_and_refuses_another(tmp_path):
+    config = ModelConfig(base_filters=8)
+    write_sidecar(tmp_path, config, "best_model.safetensors", "a" * 64)
+    write_sidecar(tmp_path, config, "last_model.safetensors", "b" * 64)
+    sidecar = read_sidecar(tmp_path)
+    assert sidecar.weights == {"best_model.safetensors": "a" * 64, "last_model.safetensors": "b" * 64}
+    with pytest.raises(ConfigError, match=r"holds another config \(base_filters: 8 != 16\); pass --force"):
+        write_sidecar(tmp_path, ModelConfig(base_filters=16), "best_model.safetensors", "c" * 64)
+    write_sidecar(tmp_path, ModelConfig(base_filters=16), "best_model.safetensors", "c" * 64, overwrite=True)
+    assert read_sidecar(tmp_path).weights == {"best_model.safetensors": "c" * 64}
+
+
+def test_config_module_does_not_import_torch():
+    code = "import sys; from ckptfmt import ModelConfig; ModelConfig(depth=3); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,300 @@
+"""`ckptfmt convert`: legacy .pth -> self-describing .safetensors, per layout and per refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import ckptfmt
+from ckptfmt import ModelConfig, convert, load_model, read_header
+from ckptfmt.cli import main
+from ckptfmt.legacy import read_legacy_checkpoint
+from models.multitask_unet import MultiTaskUNet
+
+from .helpers import DEMO_ARCHITECTURE, copy_demo, run_cli, small_model, state_dicts_bit_identical
+
+# The shipped demo checkpoints: one per legacy layout.
+LAYOUTS = {
+    "bare state_dict": "multitask_seg_warmup/best_model.pth",
+    "DataParallel module. prefix": "multitask_cls_head/best_model.pth",
+    "model_state_dict + optimizer + epoch + metrics": "multitask_joint/best_model.pth",
+    "pre-1.6 serialization": "multitask_joint/last_model.pth",
+}
+
+
+def source_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """What the source holds, unwrapped by hand, independently of ckptfmt's reader."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model_state_dict", "state_dict"):
+        if key in obj:
+            obj = obj[key]
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
+def test_each_layout_converts_losslessly(tmp_path, layout):
+    demo = copy_demo(tmp_path)
+    source = demo / LAYOUTS[layout]
+    before = source.read_bytes()
+    result = convert(source)
+    assert result.status == "converted" and result.output == source.with_suffix(".safetensors")
+    expected = source_state_dict(source)
+    assert state_dicts_bit_identical(load_file(result.output), expected)
+    assert result.config.get_model_params() == DEMO_ARCHITECTURE
+    original = MultiTaskUNet(**DEMO_ARCHITECTURE)
+    original.load_state_dict(expected)
+    original.eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(load_model(result.output)(x), original(x)))
+    assert source.read_bytes() == before
+
+
+def test_training_record_and_optimizer_are_carried_over(tmp_path):
+    demo = copy_demo(tmp_path)
+    result = convert(demo / "multitask_joint/best_model.pth")
+    header = read_header(result.output)
+    legacy = torch.load(demo / "multitask_joint/best_model.pth", weights_only=True)
+    assert header.training()["epoch"] == legacy["epoch"]
+    assert header.training()["metrics"] == legacy["metrics"]
+    provenance = header.provenance()
+    assert provenance["source"]["file"] == "best_model.pth"
+    assert provenance["source"]["serialization"] == "torch zip"
+    assert provenance["source"]["state_dict_key"] == "model_state_dict"
+    model = load_model(result.output).train()
+    optimizer = torch.optim.Adam(model.parameters())
+    ckptfmt.load_training_state(result.output, optimizer)
+    restored = optimizer.state_dict()
+    for index, state in legacy["optimizer_state_dict"]["state"].items():
+        assert all(torch.equal(state[k], restored["state"][index][k]) for k in state)
+
+
+def test_the_seed_sidecar_supplies_description_and_is_rewritten_with_bindings(tmp_path):
+    demo = copy_demo(tmp_path)
+    first = convert(demo / "multitask_joint/best_model.pth")
+    second = convert(demo / "multitask_joint/last_model.pth")
+    assert first.config_source == second.config_source == "sidecar"
+    sidecar = json.loads((demo / "multitask_joint/model_config.json").read_text())
+    assert sidecar["description"] == "Multi-task model - Joint fine-tuning (demo)"
+    assert sidecar["weights"] == {
+        "best_model.safetensors": first.weights_sha256, "last_model.safetensors": second.weights_sha256,
+    }
+
+
+def test_prefixes_of_compile_and_ddp_are_stripped(tmp_path):
+    model, config = small_model()
+    torch.save({"model": {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "c.pth")
+    result = convert(tmp_path / "c.pth")
+    assert state_dicts_bit_identical(load_file(result.output), model.state_dict())
+    assert read_header(result.output).provenance()["source"]["stripped_prefixes"] == ["module.", "_orig_mod."]
+
+
+def test_dtype_cast_is_recorded(tmp_path):
+    model, _ = small_model()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    result = convert(tmp_path / "m.pth", dtype="fp16")
+    header = read_header(result.output)
+    assert {info.dtype for info in header.tensors.values()} == {"F16", "I64"}
+    floats = sum(v.is_floating_point() for v in model.state_dict().values())
+    assert header.provenance()["cast"] == {"to": "F16", "from": {"F32": floats}}
+    expected = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    assert state_dicts_bit_identical(load_file(result.output), expected)
+
+
+def test_set_overrides_are_checked_against_the_weights(tmp_path):
+    model, _ = small_model()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    with pytest.raises(ckptfmt.ShapeMismatchError, match=r"depth=3 expects .*\(the weights say depth=2\)"):
+        convert(tmp_path / "m.pth", overrides={"depth": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+    result = convert(tmp_path / "m.pth", overrides={"class_names": ["healthy", "tumour"]})
+    assert ModelConfig.from_checkpoint(result.output).class_names == ("healthy", "tumour")
+
+
+def test_a_sidecar_that_does_not_fit_is_an_error_unless_forced(tmp_path):
+    model, _ = small_model(base_filters=4)
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    ModelConfig(base_filters=8, depth=2).save(tmp_path / "model_config.json")
+    with pytest.raises(ckptfmt.ShapeMismatchError, match="its sidecar model_config.json does not fit the weights: base_filters=8 expects"):
+        convert(tmp_path / "m.pth")
+    result = convert(tmp_path / "m.pth", force=True)
+    assert result.config.base_filters == 4
+    assert ModelConfig.load(tmp_path / "model_config.json").base_filters == 4
+
+
+def test_unrecognised_weights_convert_as_weights_only(tmp_path):
+    tensors = {"fc.weight": torch.randn(3, 5), "fc.bias": torch.randn(3)}
+    torch.save(tensors, tmp_path / "mlp.pth")
+    result = runner_invoke(["convert", str(tmp_path / "mlp.pth")])
+    assert result.exit_code == 0
+    assert "weights only, no config" in result.stdout
+    assert "warning: " in result.stderr and "converted as weights only" in result.stderr
+    output = tmp_path / "mlp.safetensors"
+    assert state_dicts_bit_identical(load_file(output), tensors)
+    assert not (tmp_path / "model_config.json").exists()
+    shown = runner_invoke(["inspect", str(output)])
+    assert "config      none: weights only" in shown.stdout
+
+
+def test_model_type_with_config_attaches_a_config(tmp_path, monkeypatch):
+    from ckptfmt import registry
+
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+
+    @registry.register_model("linearhead")
+    class LinearHead(torch.nn.Module):
+        def __init__(self, in_channels=1, cls_num_classes=2, **architecture):
+            super().__init__()
+            self.fc = torch.nn.Linear(in_channels, cls_num_classes)
+
+    tensors = {"fc.weight": torch.randn(3, 5), "fc.bias": torch.randn(3)}
+    torch.save(tensors, tmp_path / "head.pth")
+    (tmp_path / "cfg").mkdir()
+    ModelConfig(model_type="linearhead", in_channels=5, cls_num_classes=3).save(tmp_path / "cfg/head.json")
+    result = runner_invoke(["convert", str(tmp_path / "head.pth"), "--model-type", "linearhead",
+                            "--config", str(tmp_path / "cfg/head.json")])
+    assert result.exit_code == 0, result.output
+    assert ModelConfig.from_checkpoint(tmp_path / "head.safetensors").model_type == "linearhead"
+
+
+def runner_invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_cli_converts_a_folder_with_a_report(tmp_path):
+    demo = copy_demo(tmp_path)
+    result = run_cli("convert", "checkpoints", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [
+        "[OK]   checkpoints/multitask_cls_head/best_model.pth -> checkpoints/multitask_cls_head/best_model.safetensors  (base_filters=4, depth=3)",
+        "[OK]   checkpoints/multitask_joint/best_model.pth -> checkpoints/multitask_joint/best_model.safetensors  (base_filters=4, depth=3)",
+        "[OK]   checkpoints/multitask_joint/last_model.pth -> checkpoints/multitask_joint/last_model.safetensors  (base_filters=4, depth=3)",
+        "[OK]   checkpoints/multitask_seg_warmup/best_model.pth -> checkpoints/multitask_seg_warmup/best_model.safetensors  (base_filters=4, depth=3)",
+        "4 converted, 0 skipped, 0 failed",
+    ]
+    assert "[1/4] checkpoints/multitask_cls_head/best_model.pth" in result.stderr
+    again = run_cli("convert", "checkpoints", cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.splitlines()[-1] == "0 converted, 4 skipped, 0 failed"
+    assert again.stdout.startswith("[SKIP] checkpoints/multitask_cls_head/best_model.pth: already converted")
+
+
+def test_changed_source_is_not_skipped_and_not_overwritten_without_force(tmp_path):
+    model, _ = small_model()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    convert(tmp_path / "m.pth")
+    torch.save(small_model(seed=3)[0].state_dict(), tmp_path / "m.pth")
+    with pytest.raises(FileExistsError, match="m.safetensors: already exists; pass --force"):
+        convert(tmp_path / "m.pth")
+    assert convert(tmp_path / "m.pth", force=True).status == "converted"
+
+
+def test_output_folder_mirrors_the_layout_and_json_is_pure(tmp_path):
+    copy_demo(tmp_path)
+    result = run_cli("convert", "checkpoints", "-o", "out", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert (document["converted"], document["failed"]) == (4, 0)
+    assert (tmp_path / "out/multitask_joint/best_model.safetensors").exists()
+    assert (tmp_path / "out/multitask_joint/model_config.json").exists()
+    assert not (tmp_path / "checkpoints/multitask_joint/best_model.safetensors").exists()
+
+
+def test_a_failed_file_does_not_stop_the_others(tmp_path):
+    copy_demo(tmp_path)
+    (tmp_path / "checkpoints/broken.pth").write_bytes(b"\x80\x02not a checkpoint")
+    result = run_cli("convert", "checkpoints", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "4 converted, 0 skipped, 1 failed"
+    assert "[FAIL] checkpoints/broken.pth: " in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_os_system_payload_is_refused_nothing_run_nothing_written(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"weight": torch.zeros(2), "x": _Payload(marker)}, tmp_path / "evil.pth")
+    result = run_cli("convert", "evil.pth", cwd=tmp_path)
+    assert result.returncode == 1
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pth"]
+    assert "Traceback" not in result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "[FAIL] evil.pth: refused to unpickle: it needs the global posix.system, which the safe "
+        "(weights-only) loader does not allow because unpickling it can run code. If you trust "
+        "this file, pass --unsafe-pickle (unsafe_pickle=True)"
+    )
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torchscript_archive_is_refused_saying_what_it_is(tmp_path):
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    scripted.save(str(tmp_path / "scripted.pt"))
+    with pytest.raises(ckptfmt.LegacyCheckpointError, match=r"is a TorchScript archive \(torch.jit.save\)"):
+        convert(tmp_path / "scripted.pt")
+
+
+def test_unsafe_pickle_is_explicit(tmp_path):
+    import argparse
+
+    model, _ = small_model()
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "m.pth")
+    with pytest.raises(ckptfmt.UnsafePickleError, match="needs the global argparse.Namespace"):
+        convert(tmp_path / "m.pth")
+    result = convert(tmp_path / "m.pth", unsafe_pickle=True)
+    assert state_dicts_bit_identical(load_file(result.output), model.state_dict())
+    assert "args" in result.warnings[0]
+
+
+def test_reader_unwraps_extra_training_data(tmp_path):
+    model, _ = small_model()
+    torch.save({"net": model.state_dict(), "epoch": 7, "best_dice": torch.tensor(0.5), "scheduler": {"last_epoch": 7}}, tmp_path / "m.pth")
+    legacy = read_legacy_checkpoint(tmp_path / "m.pth")
+    assert legacy.wrapper_key == "net"
+    assert legacy.training == {"epoch": 7, "extra": {"best_dice": 0.5, "scheduler": {"last_epoch": 7}}}
+
+
+def test_generate_model_configs_prints_the_seed_report(tmp_path):
+    demo = copy_demo(tmp_path)
+    (demo / "multitask_joint/model_config.json").unlink()
+    from .helpers import ROOT, run
+
+    result = run(str(ROOT / "tools/generate_model_configs.py"), str(demo))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "=" * 80,
+        "Generating Model Configuration Files",
+        "=" * 80,
+        "",
+        "[OK] Generated config for: multitask_cls_head",
+        f"  Location: {demo}/multitask_cls_head/model_config.json",
+        "  Architecture: base_filters=4, depth=3",
+        "",
+        "[OK] Generated config for: multitask_joint",
+        f"  Location: {demo}/multitask_joint/model_config.json",
+        "  Architecture: base_filters=4, depth=3",
+        "",
+        "[OK] Generated config for: multitask_seg_warmup",
+        f"  Location: {demo}/multitask_seg_warmup/model_config.json",
+        "  Architecture: base_filters=4, depth=3",
+        "",
+        "=" * 80,
+        "✅ Generated 3 configuration files",
+        "=" * 80,
+    ]
+    assert ModelConfig.from_checkpoint_dir(demo / "multitask_joint").get_model_params() == DEMO_ARCHITECTURE
