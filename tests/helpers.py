@@ -65,3 +65,16 @@ def state_dicts_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Ten
         and tensor_bytes(a[k]).tobytes() == tensor_bytes(b[k]).tobytes()
         for k in a
     )
+
+
+def craft_safetensors(path: Path, header_json: str, data: bytes = b"") -> Path:
+    """Write a safetensors file byte by byte, from raw header text (duplicate keys and all)."""
+    raw = header_json.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def flip_byte(path: Path, offset_from_end: int = 1) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))

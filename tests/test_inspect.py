@@ -1,0 +1,235 @@
+"""`inspect`, `verify` and `diff`: what a checkpoint is, at once, and whether it is intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ckptfmt
+from ckptfmt import ModelConfig, read_header
+from ckptfmt.checkpoint import build_metadata
+from ckptfmt.cli import main
+from ckptfmt.inspect import diff, inspect_checkpoint, verify
+from ckptfmt.tensors import weights_digest, write_safetensors
+
+from .helpers import copy_demo, flip_byte, run_cli, save_small, small_model
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def test_inspect_shows_config_training_provenance_tensors_and_sidecar(tmp_path):
+    model, config = small_model()
+    path = ckptfmt.save_model_with_config(model, tmp_path / "m.safetensors", config, epoch=2, metrics={"dice": 0.5})
+    result = invoke("inspect", path)
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"file        {path}"
+    assert lines[2] == "format      ckptfmt 1"
+    assert "config      embedded" in lines and "  base_filters      4" in lines and "  depth             2" in lines
+    assert "training    epoch 2; dice=0.5" in lines
+    assert any(line.startswith("provenance  created ") for line in lines)
+    parameters = sum(t.numel() for t in model.state_dict().values())
+    assert any(line.startswith(f"tensors     {len(model.state_dict())} tensors, {parameters:,} parameters; F32: ") for line in lines)
+    assert lines[-1] == "sidecar     consistent"
+
+
+def test_inspect_json_is_one_document(tmp_path):
+    path, model, config = save_small(tmp_path)
+    result = invoke("inspect", path, "--json", "--tensors")
+    document = json.loads(result.stdout)
+    assert document["config"] == config.to_dict()
+    assert document["weights_sha256"] == weights_digest(model.state_dict())
+    assert {t["name"] for t in document["tensor_list"]} == set(model.state_dict())
+    counters = [t for t in model.state_dict().values() if t.dtype == torch.int64]
+    assert document["tensors"]["dtypes"]["I64"] == {"tensors": len(counters), "bytes": 8 * len(counters)}
+
+
+def test_inspect_of_safetensors_leaves_torch_unimported(tmp_path):
+    path, _, _ = save_small(tmp_path)
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from ckptfmt.cli import main\n"
+        "result = CliRunner().invoke(main, ['inspect', sys.argv[1], '--tensors'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print('torch' in sys.modules)\n"
+    )
+    from .helpers import run
+
+    out = run("-c", code, str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_inspect_of_a_legacy_pth_marks_the_config_inferred(tmp_path):
+    model, _ = small_model(base_filters=8)
+    torch.save({"state_dict": model.state_dict(), "epoch": 4}, tmp_path / "old.pth")
+    result = invoke("inspect", tmp_path / "old.pth")
+    assert result.exit_code == 0
+    assert "format      legacy pickle (torch zip), read with weights_only=True" in result.stdout
+    assert "config      inferred from the weights (legacy)" in result.stdout
+    assert "  base_filters      8" in result.stdout
+    assert "training    epoch 4" in result.stdout
+
+
+def test_inspect_of_a_folder_gives_a_line_per_checkpoint(tmp_path):
+    demo = copy_demo(tmp_path)
+    ckptfmt.convert(demo / "multitask_joint/best_model.pth")
+    result = invoke("inspect", demo)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 6
+    (converted,) = [line for line in lines if line.startswith(f"{demo}/multitask_joint/best_model.safetensors ")]
+    assert converted.startswith(f"{demo}/multitask_joint/best_model.safetensors  ckptfmt  multitask base_filters=4, depth=3  30,901 params")
+    assert converted.endswith("sidecar: consistent")
+    assert f"{demo}/multitask_seg_warmup/best_model.pth  legacy  multitask base_filters=4, depth=3 (inferred)  30,901 params  150.7 KB  sidecar: missing" in lines
+
+
+def test_inspect_answers_from_the_header_only(tmp_path, monkeypatch):
+    """A 1 GB file costs what a 1 KB file costs: no tensor byte is read."""
+    path, _, _ = save_small(tmp_path)
+    header_size = read_header(path).data_offset
+    with open(path, "ab") as f:
+        f.truncate(path.stat().st_size)
+    reads = []
+    real_open = open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if str(file) == str(path):
+            original = handle.read
+            handle.read = lambda n=-1: reads.append(n) or original(n)
+        return handle
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    inspect_checkpoint(path)
+    assert sum(reads) <= header_size + 9
+
+
+def test_verify_passes_an_intact_file_and_reports_speed(tmp_path):
+    path, _, _ = save_small(tmp_path)
+    result = invoke("verify", path)
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"[OK]   {path}: header, config, shapes, sidecar, digest (digest read ")
+    report = json.loads(invoke("verify", path, "--json").stdout)[0]
+    assert report["ok"] and report["bytes_hashed"] > 0
+
+
+def test_verify_detects_a_flipped_byte(tmp_path):
+    path, _, _ = save_small(tmp_path)
+    flip_byte(path, 100)
+    result = invoke("verify", path)
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"[FAIL] {path}: weights digest mismatch: the tensor data was changed or corrupted")
+
+
+def test_verify_detects_an_edited_sidecar(tmp_path):
+    path, _, _ = save_small(tmp_path)
+    sidecar = tmp_path / "model_config.json"
+    document = json.loads(sidecar.read_text())
+    document["base_filters"] = 8
+    sidecar.write_text(json.dumps(document))
+    result = invoke("verify", path)
+    assert result.exit_code == 1
+    assert result.stdout.strip() == f"[FAIL] {path}: sidecar disagrees with the embedded config: base_filters: 4 != 8"
+
+
+def test_verify_detects_a_config_that_does_not_match_its_tensors(tmp_path):
+    model, _ = small_model(base_filters=4)
+    wrong = ModelConfig(base_filters=8, depth=2)
+    metadata = build_metadata(wrong, training={}, provenance={}, digest=weights_digest(model.state_dict()))
+    path = write_safetensors(tmp_path / "wrong.safetensors", model.state_dict(), metadata)
+    result = invoke("verify", path)
+    assert result.exit_code == 1
+    assert result.stdout.strip().startswith(
+        f"[FAIL] {path}: config does not match the tensors: base_filters=8 expects enc.0.0.weight [8, 1, 3, 3]; the file has [4, 1, 3, 3]"
+    )
+
+
+def test_verify_detects_a_crash_between_weights_and_sidecar(tmp_path):
+    """New weights renamed into place, old sidecar still there: the binding tells."""
+    path, _, config = save_small(tmp_path)
+    old_sidecar = (tmp_path / "model_config.json").read_bytes()
+    other, _ = small_model(seed=9)
+    ckptfmt.save_model_with_config(other, path, config, overwrite=True)
+    (tmp_path / "model_config.json").write_bytes(old_sidecar)
+    report = verify(path)
+    assert not report.ok
+    assert report.failures[0].startswith(f"{path}: sidecar is bound to other weights")
+
+
+def test_verify_of_several_files_lists_each_failure(tmp_path):
+    good, _, _ = save_small(tmp_path / "a")
+    bad, _, _ = save_small(tmp_path / "b")
+    flip_byte(bad, 50)
+    result = run_cli("verify", str(good), str(bad))
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0].startswith(f"[OK]   {good}")
+    assert result.stdout.splitlines()[1].startswith(f"[FAIL] {bad}: weights digest mismatch")
+    assert "Traceback" not in result.stderr
+
+
+def test_diff_across_pth_and_safetensors(tmp_path):
+    model, _ = small_model()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    converted = ckptfmt.convert(tmp_path / "m.pth").output
+    same = invoke("diff", tmp_path / "m.pth", converted)
+    assert same.exit_code == 0
+    assert same.stdout.strip().endswith("common tensors identical; the checkpoints are identical")
+
+    changed = {k: v.clone() for k, v in model.state_dict().items()}
+    changed["cls_head.bias"] += 0.25
+    del changed["seg_head.bias"]
+    changed["extra.weight"] = torch.zeros(2)
+    changed["cls_head.weight"] = changed["cls_head.weight"].double()
+    torch.save(changed, tmp_path / "changed.pth")
+    result = invoke("diff", converted, tmp_path / "changed.pth", "--values")
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert "only in A  seg_head.bias" in lines
+    assert "only in B  extra.weight" in lines
+    assert "changed  cls_head.weight: torch.float32 [2, 16] -> torch.float64 [2, 16]" in lines
+    assert "differs  cls_head.bias (max abs diff 0.25)" in lines
+
+
+def test_diff_reports_config_differences(tmp_path):
+    a, _, _ = save_small(tmp_path / "a")
+    model, config = small_model()
+    b = ckptfmt.save_model_with_config(model, tmp_path / "b/best_model.safetensors", config.replace(description="v2"))
+    assert diff(a, b)["config"] == ["description: '' != 'v2'"]
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "verify", "diff", "predict"])
+def test_every_command_has_help_with_an_example(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "Example:" in result.stdout and f"ckptfmt {command} " in result.stdout
+
+
+def test_help_does_not_import_torch():
+    from .helpers import run
+
+    code = "import sys\nfrom ckptfmt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    out = run("-c", code)
+    assert out.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "{tmp}/garbage.safetensors"], "Error: {tmp}/garbage.safetensors: declares a "),
+        (["verify", "{tmp}/missing.safetensors"], "Error: Invalid value for 'PATHS...': File '{tmp}/missing.safetensors' does not exist."),
+        (["inspect", "{tmp}/garbage.pth"], "Error: {tmp}/garbage.pth: refused to unpickle"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x04garbage")
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode in (1, 2)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message.format(tmp=tmp_path))
