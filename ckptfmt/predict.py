@@ -124,12 +124,16 @@ class MultiTaskPredictor:
             return "fp16" if self.device.type == "cuda" else "fp32"
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be auto, {', '.join(PRECISIONS)}, not {precision!r}", path=path)
-        if precision == "fp16" and self.device.type != "cuda":
+        # Asking the device is the only reliable answer (bf16 on older GPUs, half on some CPUs).
+        dtype = PRECISIONS[precision]
+        try:
+            F.conv2d(torch.zeros(1, 1, 4, 4, dtype=dtype, device=self.device),
+                     torch.zeros(1, 1, 3, 3, dtype=dtype, device=self.device))
+        except (RuntimeError, TypeError) as exc:
             raise DeviceError(
-                f"precision fp16 needs a CUDA device; on {self.device.type} use fp32 (or bf16)", path=path
-            )
-        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise DeviceError("this GPU does not support bf16; use fp16 or fp32", path=path)
+                f"precision {precision} is not supported on {self.device} ({str(exc).splitlines()[0]}); "
+                "use fp32", path=path,
+            ) from None
         return precision
 
     @property

@@ -1,0 +1,163 @@
+"""MultiTaskPredictor and `ckptfmt predict`: the demo model, rebuilt from its file, at work."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ckptfmt
+from ckptfmt import ModelConfig, MultiTaskPredictor, ShapeMismatchError
+from ckptfmt.predict import normalize
+from tools.phantoms import make_phantoms
+
+from .helpers import DEMO, run, run_cli, save_small, small_model
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    """The shipped joint checkpoint, converted from its .pth as a user would."""
+    folder = tmp_path_factory.mktemp("demo")
+    return ckptfmt.convert(DEMO / "multitask_joint/best_model.pth", output=folder / "best_model.safetensors").output
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return make_phantoms(96, seed=777)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_predicts_in_a_fresh_process_with_no_architecture_argument(demo_model, held_out, tmp_path):
+    images, masks, labels = held_out
+    index = int(np.flatnonzero(labels == 1)[0])
+    np.save(tmp_path / "scan.npy", images[index, 0])
+    code = (
+        "import sys, json, numpy as np\n"
+        "from ckptfmt import MultiTaskPredictor\n"
+        "result = MultiTaskPredictor(sys.argv[1]).predict(np.load(sys.argv[2]))\n"
+        "np.save(sys.argv[3], result.mask)\n"
+        "print(json.dumps(result.to_dict()))\n"
+    )
+    out = run("-c", code, str(demo_model), str(tmp_path / "scan.npy"), str(tmp_path / "mask.npy"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["class_name"] == "class_1"
+    assert dice(np.load(tmp_path / "mask.npy"), masks[index, 0] > 0.5) >= 0.8
+
+
+def test_masks_reach_dice_08_on_held_out_phantoms(demo_model, held_out):
+    images, masks, labels = held_out
+    predictions = MultiTaskPredictor(demo_model).predict(images)
+    predicted = np.stack([p.mask for p in predictions])
+    lesion = labels == 1
+    assert dice(predicted[lesion], masks[lesion, 0] > 0.5) >= 0.8
+    assert np.mean([p.label for p in predictions] == labels) >= 0.9
+
+
+def test_cli_predict_writes_masks_and_a_table(demo_model, held_out, tmp_path):
+    images = tmp_path / "scans"
+    images.mkdir()
+    np.save(images / "a.npy", held_out[0][1, 0])
+    Image.fromarray((held_out[0][2, 0] * 255).astype(np.uint8)).save(images / "b.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    result = run_cli("predict", str(demo_model), str(images), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"[OK]   {images}/a.npy: class_{held_out[2][1]} (")
+    assert lines[1].startswith(f"[OK]   {images}/b.png: class_{held_out[2][2]} (")
+    assert lines[2].startswith(f"[FAIL] {images}/broken.png: cannot be read as an image")
+    assert lines[-1] == f"2 predicted, 1 failed; classes in {tmp_path}/out/predictions.json"
+    mask = np.array(Image.open(tmp_path / "out/a_mask.png"))
+    assert set(np.unique(mask)) <= {0, 255}
+    assert np.array_equal(mask == 255, np.load(tmp_path / "out/a_mask.npy"))
+    table = json.loads((tmp_path / "out/predictions.json").read_text())
+    assert table["class_names"] == ["class_0", "class_1"]
+    assert [row["input"] for row in table["predictions"]] == [f"{images}/a.npy", f"{images}/b.png"]
+    again = run_cli("predict", str(demo_model), str(images / "a.npy"), "--out", str(tmp_path / "out"))
+    assert again.returncode == 1 and "already exists; pass --force" in again.stderr
+    csv = run_cli("predict", str(demo_model), str(images / "a.npy"), "--out", str(tmp_path / "csv"), "--format", "csv")
+    assert csv.returncode == 0, csv.stderr
+    assert (tmp_path / "csv/predictions.csv").read_text().splitlines()[0] == "input,label,class_name,p_class_0,p_class_1,mask_pixels"
+
+
+def test_wrong_depth_override_fails_before_loading(demo_model, monkeypatch):
+    monkeypatch.setattr("ckptfmt.checkpoint.load_tensors", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ShapeMismatchError, match=r"depth=4 expects .*\(the weights say depth=3\); remove the override"):
+        MultiTaskPredictor(demo_model, depth=4)
+
+
+def test_fp16_agrees_with_fp32(demo_model, held_out):
+    images = held_out[0][:32]
+    full = MultiTaskPredictor(demo_model, precision="fp32").predict(images)
+    half = MultiTaskPredictor(demo_model, precision="fp16").predict(images)
+    assert dice(np.stack([p.mask for p in full]), np.stack([p.mask for p in half])) >= 0.99
+    assert max(np.abs(f.class_probabilities - h.class_probabilities).max() for f, h in zip(full, half)) <= 1e-2
+
+
+def test_input_forms_and_padding(tmp_path):
+    path, model, _ = save_small(tmp_path, depth=2, in_channels=2)
+    predictor = MultiTaskPredictor(path)
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 16, 16), dtype=np.float32)
+    single = predictor.predict(image)
+    with torch.no_grad():
+        seg, cls = model(torch.from_numpy(image)[None])
+    assert np.allclose(single.probabilities, torch.sigmoid(seg)[0, 0].numpy(), atol=1e-6)
+    assert np.allclose(single.class_probabilities, torch.softmax(cls, 1)[0].numpy(), atol=1e-6)
+    batch = predictor.predict(np.stack([image, image]))
+    assert len(batch) == 2 and np.array_equal(batch[0].mask, single.mask)
+    odd = predictor.predict([rng.random((2, 13, 7)), torch.from_numpy(image), (image * 255).astype(np.uint8)])
+    assert [p.mask.shape for p in odd] == [(13, 7), (16, 16), (16, 16)]
+    with pytest.raises(ckptfmt.InputError, match=r"the model takes 2-channel images \(C x H x W or H x W\), not shape \(3, 16, 16\)"):
+        predictor.predict(rng.random((3, 16, 16)))
+
+
+def test_normalisation_and_threshold_come_from_the_config(tmp_path):
+    model, _ = small_model()
+    config = ModelConfig(base_filters=4, depth=2, normalization={"mode": "fixed", "mean": 0.5, "std": 0.25},
+                         seg_threshold=0.7, class_names=["healthy", "tumour"])
+    path = ckptfmt.save_model_with_config(model, tmp_path / "m.safetensors", config)
+    predictor = MultiTaskPredictor(path)
+    image = np.random.default_rng(1).random((16, 16), dtype=np.float32)
+    result = predictor.predict(image)
+    with torch.no_grad():
+        seg, _ = model((torch.from_numpy(image)[None, None] - 0.5) / 0.25)
+    probabilities = torch.sigmoid(seg)[0, 0].numpy()
+    assert np.allclose(result.probabilities, probabilities, atol=1e-6)
+    assert np.array_equal(result.mask, result.probabilities > 0.7)
+    assert np.array_equal(predictor.predict(image, threshold=0.2).mask, result.probabilities > 0.2)
+    assert result.class_name in ("healthy", "tumour")
+
+
+@pytest.mark.parametrize("mode", ["none", "minmax", "zscore"])
+def test_per_image_normalisations(mode):
+    images = torch.rand(3, 2, 8, 8) * 100 + 7
+    out = normalize(images, {"mode": mode})
+    if mode == "minmax":
+        assert torch.allclose(out.amin(dim=(1, 2, 3)), torch.zeros(3)) and torch.allclose(out.amax(dim=(1, 2, 3)), torch.ones(3))
+    elif mode == "zscore":
+        assert torch.allclose(out.mean(dim=(2, 3)), torch.zeros(3, 2), atol=1e-5)
+    else:
+        assert out is images
+
+
+def test_legacy_pth_predicts_with_an_inferred_config_and_a_warning(tmp_path, caplog):
+    model, _ = small_model()
+    torch.save({"model_state_dict": model.state_dict()}, tmp_path / "old.pth")
+    with caplog.at_level(logging.WARNING, logger="ckptfmt"):
+        predictor = MultiTaskPredictor(tmp_path / "old.pth")
+    assert predictor.checkpoint["config_source"] == "inferred"
+    assert "architecture inferred from the weights" in caplog.text
+
+
+def test_unsupported_precision_is_a_clear_error(demo_model):
+    with pytest.raises(ckptfmt.ConfigError, match="precision must be auto, fp32, fp16, bf16, not 'int8'"):
+        MultiTaskPredictor(demo_model, precision="int8")
+    assert MultiTaskPredictor(demo_model, precision="bf16").model.seg_head.weight.dtype == torch.bfloat16
