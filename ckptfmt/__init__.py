@@ -28,9 +28,9 @@ _EXPORTS = {
     "infer_model_config": "checkpoint",
     "weights_digest": "tensors",
     "read_state_dict": "tensors",
-    "convert": "convert",
-    "convert_all": "convert",
-    "ConvertResult": "convert",
+    "convert": "converter",
+    "convert_all": "converter",
+    "ConvertResult": "converter",
     "inspect_checkpoint": "inspect",
     "verify": "inspect",
     "diff": "inspect",
@@ -73,7 +73,7 @@ if TYPE_CHECKING:
         save_model_with_config,
     )
     from .config import ModelConfig, read_sidecar
-    from .convert import ConvertResult, convert, convert_all
+    from .converter import ConvertResult, convert, convert_all
     from .errors import (
         ArchitectureNotRecognisedError, CheckpointNotFoundError, CkptfmtError, ConfigError,
         DeviceError, HeaderError, InputError, IntegrityError, LegacyCheckpointError, OutputExistsError,

@@ -23,7 +23,7 @@ import torch
 
 from .atomic import check_writable
 from .config import ARCHITECTURE_FIELDS, ModelConfig, config_differences, read_sidecar, write_sidecar
-from .digest import digest_file
+from .digest import check_digest, digest_file
 from .errors import (
     ArchitectureNotRecognisedError,
     CheckpointNotFoundError,
@@ -471,9 +471,11 @@ def resolve_device(device: str | torch.device, path: Path) -> torch.device:
 
 def _build(
     opened: OpenedCheckpoint, *, device: str | torch.device, dtype: torch.dtype | None, strict: bool,
-    factory: Callable[..., torch.nn.Module] | None = None,
+    factory: Callable[..., torch.nn.Module] | None = None, verify: bool = False,
 ) -> torch.nn.Module:
     device = resolve_device(device, opened.path)
+    if verify and opened.header is not None:
+        check_digest(opened.header)
     factory = factory or get_model_entry(opened.config.model_type).builder
     with torch.device("meta"):
         model = factory(**opened.config.get_model_params())
@@ -499,6 +501,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     strict: bool = True,
+    verify: bool = False,
     unsafe_pickle: bool = False,
     **overrides: Any,
 ) -> torch.nn.Module:
@@ -510,6 +513,8 @@ def load_model(
         device: where the weights go; on the CPU they are memory-mapped, not copied.
         dtype: cast floating-point weights after loading (e.g. torch.float16).
         strict: every tensor must match, as in `load_state_dict`.
+        verify: check the weights digest first (reads the whole file once; off by default
+            so that loading stays a memory map).
         unsafe_pickle: for a legacy .pth only; allow arbitrary pickles (runs code from the file).
         **overrides: config fields to change; checked against the weights before loading.
 
@@ -521,7 +526,7 @@ def load_model(
         >>> seg_logits, cls_logits = model(torch.zeros(1, 1, 64, 64))
     """
     opened = open_checkpoint(checkpoint_path, overrides=overrides, unsafe_pickle=unsafe_pickle)
-    return _build(opened, device=device, dtype=dtype, strict=strict)
+    return _build(opened, device=device, dtype=dtype, strict=strict, verify=verify)
 
 
 def load_model_with_config(

@@ -114,7 +114,7 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
         ckptfmt convert old.pth -o new.safetensors --set description="joint fine-tuning"
     """
     from .checkpoint import architecture_summary
-    from .convert import convert_all
+    from .converter import convert_all
 
     overrides = _parse_set(sets)
 

@@ -13,10 +13,10 @@ import hashlib
 import json
 import os
 
-from .errors import HeaderError
+from .errors import HeaderError, IntegrityError
 from .header import Header
 
-__all__ = ["WeightsHasher", "digest_file"]
+__all__ = ["WeightsHasher", "check_digest", "digest_file"]
 
 _CHUNK = 8 << 20
 
@@ -71,3 +71,28 @@ def digest_file(header: Header) -> str:
                 hasher.update(buffer[:got])
                 position += got
     return hasher.hexdigest()
+
+
+def check_digest(header: Header) -> str:
+    """Stream the file through the digest and compare it with the one its header records.
+
+    Returns:
+        The digest.
+
+    Raises:
+        IntegrityError: no digest is recorded, or the data does not match it.
+    """
+    recorded = header.weights_sha256
+    if recorded is None:
+        raise IntegrityError(
+            "records no weights digest (not written by ckptfmt), so there is nothing to verify against",
+            path=header.path,
+        )
+    actual = digest_file(header)
+    if actual != recorded:
+        raise IntegrityError(
+            f"weights digest mismatch: the tensor data was changed or corrupted (recorded "
+            f"{recorded[:12]}..., actual {actual[:12]}...); restore the file from a good copy",
+            path=header.path,
+        )
+    return actual

@@ -13,12 +13,14 @@ state; `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes ar
 
 from __future__ import annotations
 
+import _compat_pickle
 import hashlib
 import logging
 import math
 import os
 import re
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,13 +148,18 @@ def _torch_load(path: Path, *, unsafe_pickle: bool) -> Any:
     if unsafe_pickle:
         logger.warning("%s: unpickling with weights_only=False (--unsafe-pickle): this can run code", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+        with warnings.catch_warnings():
+            # The weights-only unpickler warns about any protocol but 2, then refuses or reads
+            # the file anyway; either way the warning tells the user nothing they can act on.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except Exception as exc:  # torch, zipfile and pickle raise anything; all become ours
         text = str(exc)
         found = _GLOBAL.search(text)
         if found and not unsafe_pickle:
             raise UnsafePickleError(
-                f"refused to unpickle: it needs the global {found.group(1)}, which the safe "
+                f"refused to unpickle: it needs the global {_python3_name(found.group(1))}, which the safe "
                 "(weights-only) loader does not allow because unpickling it can run code. If you "
                 "trust this file, pass --unsafe-pickle (unsafe_pickle=True)",
                 path=path,
@@ -172,6 +179,16 @@ def _torch_load(path: Path, *, unsafe_pickle: bool) -> Any:
             "it is damaged, truncated or not a checkpoint",
             path=path,
         ) from None
+
+
+def _python3_name(name: str) -> str:
+    """The name as Python 3 resolves it: protocol-2 pickles spell `subprocess.call` as
+    `commands.call` and torch prints builtins bare (`exec`)."""
+    module, _, attribute = name.rpartition(".")
+    if not module:
+        return f"builtins.{attribute}"
+    module, attribute = _compat_pickle.NAME_MAPPING.get((module, attribute), (module, attribute))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attribute}"
 
 
 def _is_state_dict(value: Any) -> bool:

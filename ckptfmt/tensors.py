@@ -150,10 +150,14 @@ def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[
     On the CPU the tensors are views into a memory map of the file: nothing is copied until
     written to, so loading costs one copy of the weights at most.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(header.path, framework="pt", device=str(device)) as f:
-        state_dict = {name: f.get_tensor(name) for name in header.tensors}
+    try:
+        with safe_open(header.path, framework="pt", device=str(device)) as f:
+            state_dict = {name: f.get_tensor(name) for name in header.tensors}
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        # read_header has already applied stricter rules; this is the file changing under us.
+        raise HeaderError(f"safetensors cannot read it: {exc}", path=header.path) from None
     for alias, target in header.aliases.items():
         state_dict[alias] = state_dict[target]
     return state_dict

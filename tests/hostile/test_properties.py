@@ -1,0 +1,116 @@
+"""Property tests: random configs and state dicts round-trip exactly; random damage is caught."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+import ckptfmt
+from ckptfmt import CkptfmtError, ModelConfig
+from ckptfmt.checkpoint import build_metadata
+from ckptfmt.digest import digest_file
+from ckptfmt.header import read_header
+from ckptfmt.tensors import DTYPE_NAMES, read_state_dict, weights_digest, write_safetensors
+
+from models.multitask_unet import MultiTaskUNet
+
+from ..helpers import state_dicts_bit_identical
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=30)
+
+
+@st.composite
+def configs(draw) -> ModelConfig:
+    in_channels = draw(st.integers(1, 8))
+    classes = draw(st.integers(1, 6))
+    normalization = draw(st.sampled_from([
+        {"mode": "none"}, {"mode": "minmax"}, {"mode": "zscore"},
+        {"mode": "fixed",
+         "mean": draw(st.lists(st.floats(-1e6, 1e6), min_size=in_channels, max_size=in_channels)),
+         "std": draw(st.lists(st.floats(1e-6, 1e6), min_size=in_channels, max_size=in_channels))},
+    ]))
+    return ModelConfig(
+        base_filters=draw(st.integers(1, 4096)), depth=draw(st.integers(1, 8)), in_channels=in_channels,
+        seg_out_channels=draw(st.integers(1, 16)), cls_num_classes=classes,
+        version=draw(text), description=draw(text), trained_on=draw(text), training_config=draw(text),
+        class_names=draw(st.none() | st.lists(text, min_size=classes, max_size=classes)),
+        normalization=normalization,
+        seg_threshold=draw(st.floats(1e-6, 1 - 1e-6)),
+    )
+
+
+@SETTINGS
+@given(config=configs())
+def test_random_configs_round_trip(tmp_path, config):
+    assert ModelConfig.from_dict(json.loads(config.to_json())) == config
+    metadata = build_metadata(config, training={}, provenance={}, digest=weights_digest({}))
+    path = write_safetensors(tmp_path / "c.safetensors", {}, metadata, overwrite=True)
+    assert ModelConfig.from_checkpoint(path) == config
+
+
+# safetensors' torch side reads these back; the rest of DTYPE_NAMES it cannot always.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
+          torch.int16, torch.int32, torch.int64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
+names = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1, max_size=20)
+
+
+@st.composite
+def state_dicts(draw) -> dict[str, torch.Tensor]:
+    result = {}
+    for name in draw(st.lists(names, min_size=0, max_size=6, unique=True)):
+        if result and draw(st.booleans()) and draw(st.booleans()):
+            result[name] = result[draw(st.sampled_from(sorted(result)))]  # a tie
+            continue
+        dtype = draw(st.sampled_from(DTYPES))
+        shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        raw = bytearray(draw(st.binary(min_size=size, max_size=size)))
+        if dtype == torch.bool:
+            raw = bytearray(b & 1 for b in raw)
+        flat = torch.frombuffer(raw, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+        result[name] = flat.view(dtype).reshape(shape)
+    return result
+
+
+@SETTINGS
+@given(state_dict=state_dicts())
+def test_random_state_dicts_round_trip_bit_exactly(tmp_path, state_dict):
+    path = write_safetensors(tmp_path / "t.safetensors", state_dict, {"format": "pt"}, overwrite=True)
+    assert state_dicts_bit_identical(read_state_dict(path), state_dict)
+    stored = load_file(path)
+    assert all(state_dicts_bit_identical({k: stored[k]}, {k: state_dict[k]}) for k in stored)
+    assert digest_file(read_header(path)) == weights_digest(state_dict)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = ModelConfig(base_filters=1, depth=1, description="tiny")
+    path = ckptfmt.save_model_with_config(MultiTaskUNet(**config.get_model_params()), folder / "tiny.safetensors", config)
+    return path.read_bytes(), read_state_dict(path)
+
+
+@settings(SETTINGS, max_examples=200)
+@given(mutations=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=6))
+def test_random_byte_mutations_load_identically_or_raise_ours(tmp_path, tiny_checkpoint, mutations):
+    original, expected = tiny_checkpoint
+    data = bytearray(original)
+    for where, value in mutations:
+        data[int(where * len(data))] = value
+    path = tmp_path / "mutated.safetensors"
+    path.write_bytes(bytes(data))
+    try:
+        model = ckptfmt.load_model(path, verify=True)
+    except CkptfmtError as error:
+        assert str(error).startswith(f"{path}: ")
+    else:
+        assert state_dicts_bit_identical(model.state_dict(), expected)
