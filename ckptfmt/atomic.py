@@ -58,7 +58,7 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
         raise _write_error(exc, path, "cannot create a file in its folder") from None
     try:

@@ -40,7 +40,6 @@ from .header import (
     KEY_OPTIMIZER,
     KEY_PROVENANCE,
     KEY_TRAINING,
-    KEY_WEIGHTS_SHA256,
     Header,
     looks_like_safetensors,
     loads_strict,
@@ -48,7 +47,7 @@ from .header import (
 )
 from .legacy import LegacyCheckpoint, read_legacy_checkpoint
 from .registry import get_model_entry, registered_model_types
-from .tensors import load_tensors, weights_digest, write_safetensors
+from .tensors import load_tensors, write_safetensors
 
 __all__ = [
     "build_metadata",
@@ -120,22 +119,21 @@ def save_model_with_config(
     training = _training_record(epoch, metrics, path)
     if optimizer is not None:
         training["optimizer"] = write_optimizer_state(companion, optimizer.state_dict(), overwrite=overwrite)
-    digest = weights_digest(state_dict)
-    metadata = build_metadata(config, training=training, provenance=provenance_record(), digest=digest)
-    write_safetensors(path, state_dict, metadata, overwrite=overwrite)
+    metadata = build_metadata(config, training=training, provenance=provenance_record())
+    digest = write_safetensors(path, state_dict, metadata, overwrite=overwrite)
     write_sidecar(path.parent, config, path.name, digest, overwrite=overwrite)
     return path
 
 
 def build_metadata(
-    config: ModelConfig | None, *, training: Mapping[str, Any], provenance: Mapping[str, Any], digest: str
+    config: ModelConfig | None, *, training: Mapping[str, Any], provenance: Mapping[str, Any]
 ) -> dict[str, str]:
-    """The `__metadata__` of a ckptfmt file (see the README's format section)."""
+    """The `__metadata__` of a ckptfmt file (see the README's format section); the weights
+    digest is added by `write_safetensors` as it writes."""
     metadata = {
         KEY_FORMAT: "pt",
         KEY_FORMAT_VERSION: FORMAT_VERSION,
         KEY_PROVENANCE: _dumps(provenance),
-        KEY_WEIGHTS_SHA256: digest,
     }
     if config is not None:
         metadata[KEY_CONFIG] = json.dumps(config.to_dict(), sort_keys=True)
@@ -226,15 +224,12 @@ def write_optimizer_state(
         )
 
     structure = encode(dict(state_dict), "optimizer")
-    digest = weights_digest(tensors)
     metadata = {
         KEY_FORMAT: "pt",
         KEY_FORMAT_VERSION: FORMAT_VERSION,
         KEY_OPTIMIZER: json.dumps(structure, sort_keys=True),
-        KEY_WEIGHTS_SHA256: digest,
     }
-    write_safetensors(path, tensors, metadata, overwrite=overwrite)
-    return {"file": path.name, "sha256": digest}
+    return {"file": path.name, "sha256": write_safetensors(path, tensors, metadata, overwrite=overwrite)}
 
 
 def read_optimizer_state(path: str | os.PathLike, *, expected_sha256: str | None = None) -> dict[str, Any]:

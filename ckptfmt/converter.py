@@ -3,8 +3,7 @@
 For each file: read it with the weights-only unpickler, unwrap its state dict, resolve the
 config (`config=` > sidecar beside the source > inferred from the tensor shapes, then
 `overrides`), check it against the shapes, write the weights atomically, read them back and
-compare their digest with the one computed from the source tensors, and only then write the
-sidecar. The source is never modified. A checkpoint that no registered architecture recognises
+compare them byte for byte with the source tensors, and only then write the sidecar. The source is never modified. A checkpoint that no registered architecture recognises
 is still converted, weights only, with a warning.
 """
 
@@ -31,19 +30,17 @@ from .checkpoint import (
     write_optimizer_state,
 )
 from .config import ModelConfig, read_sidecar, write_sidecar
-from .digest import digest_file
 from .errors import (
     ArchitectureNotRecognisedError,
     CheckpointNotFoundError,
     CkptfmtError,
     ConfigError,
-    IntegrityError,
     ShapeMismatchError,
     WriteError,
 )
 from .header import read_header
 from .legacy import read_legacy_checkpoint, sha256_file
-from .tensors import DTYPE_NAMES, weights_digest, write_safetensors
+from .tensors import DTYPE_NAMES, write_safetensors
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
 
@@ -194,10 +191,8 @@ def convert(
     if legacy.stripped_prefixes:
         source_record["stripped_prefixes"] = legacy.stripped_prefixes
     provenance = provenance_record(source=source_record, **({"cast": cast} if cast else {}))
-    digest = weights_digest(state_dict)
-    metadata = build_metadata(resolved, training=training, provenance=provenance, digest=digest)
-    write_safetensors(output, state_dict, metadata, overwrite=force)
-    _check_written(output, digest)
+    metadata = build_metadata(resolved, training=training, provenance=provenance)
+    digest = write_safetensors(output, state_dict, metadata, overwrite=force)
     result.weights_sha256, result.tensors = digest, len(state_dict)
     if resolved is not None:
         result.sidecar = write_sidecar(output.parent, resolved, output.name, digest, overwrite=force)
@@ -260,19 +255,6 @@ def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict
             tensor = tensor.to(dtype)
         cast[name] = tensor
     return cast, {"to": DTYPE_NAMES[dtype], "from": counts}
-
-
-def _check_written(output: Path, digest: str) -> None:
-    """Read the written file back: its stored digest and its data must match the source."""
-    header = read_header(output)
-    actual = digest_file(header)
-    if header.weights_sha256 != digest or actual != digest:
-        output.unlink(missing_ok=True)
-        raise IntegrityError(
-            "reading back the written file gave other bytes than the source tensors "
-            f"(sha256 {actual[:12]}... != {digest[:12]}...); it was removed. Check the disk and retry",
-            path=output,
-        )
 
 
 def find_checkpoints(path: Path) -> list[Path]:

@@ -153,6 +153,7 @@ def _torch_load(path: Path, *, unsafe_pickle: bool) -> Any:
             # the file anyway; either way the warning tells the user nothing they can act on.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            # Not mmap=True: it would skip torch's check that each storage fits its zip record.
             return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
     except Exception as exc:  # torch, zipfile and pickle raise anything; all become ours
         text = str(exc)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ import torch
 
 from .atomic import atomic_write, write_all
 from .digest import WeightsHasher
-from .errors import HeaderError
-from .header import DTYPE_SIZES, KEY_ALIASES, Header, read_header
+from .errors import HeaderError, IntegrityError
+from .header import DTYPE_SIZES, KEY_ALIASES, KEY_WEIGHTS_SHA256, Header, read_header
 
 __all__ = [
     "DTYPE_NAMES",
@@ -110,38 +111,81 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     *, overwrite: bool = False,
-) -> Path:
-    """Write a safetensors file atomically, streaming tensor bytes from memory.
+) -> str:
+    """Write a safetensors file atomically, streaming tensor bytes from memory, and check it.
 
-    Tied tensors (see `split_aliases`) are stored once and listed in `ckptfmt.aliases`. Tensors
-    are laid out by decreasing item size, then name, so each starts aligned to its item size.
+    The canonical weights digest is computed on a second core while the data is written, and
+    recorded in `ckptfmt.weights_sha256` (unless `metadata` already sets it). The file is then
+    fsynced on one core while the other reads it back and compares it with the tensors byte for
+    byte; only a file that matches takes its name. Tied tensors (see `split_aliases`) are stored
+    once and listed in `ckptfmt.aliases`. Tensors are laid out by decreasing item size, then
+    name, so each starts aligned to its item size.
+
+    Returns:
+        The canonical weights digest.
+
+    Raises:
+        IntegrityError: what was read back differs from the tensors (failing disk or memory).
+        OutputExistsError, WriteError: see `atomic_write`.
     """
     path = Path(path)
     stored, aliases = split_aliases(tensors)
     metadata = dict(metadata)
     if aliases:
         metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
+    record_digest = KEY_WEIGHTS_SHA256 not in metadata
+    if record_digest:
+        metadata[KEY_WEIGHTS_SHA256] = _DIGEST_PLACEHOLDER
     order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
+    data = {name: tensor_bytes(stored[name]) for name in order}
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name in order:
-        tensor = stored[name]
-        nbytes = tensor.numel() * tensor.element_size()
         header[name] = {
-            "dtype": dtype_name(tensor, name),
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
+            "dtype": dtype_name(stored[name], name),
+            "shape": list(stored[name].shape),
+            "data_offsets": [offset, offset + data[name].nbytes],
         }
-        offset += nbytes
+        offset += data[name].nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
-    with atomic_write(path, overwrite=overwrite) as fd:
-        write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
-        for name in order:
-            data = tensor_bytes(stored[name])
-            if data.nbytes:
-                write_all(fd, data)
-    return path
+    data_start = 8 + len(encoded)
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        digest = helper.submit(weights_digest, tensors)
+        with atomic_write(path, overwrite=overwrite) as fd:
+            write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
+            for name in order:
+                write_all(fd, data[name])
+            if record_digest:
+                placeholder = f'"{KEY_WEIGHTS_SHA256}":"{_DIGEST_PLACEHOLDER}"'.encode()
+                at = 8 + encoded.index(placeholder) + len(placeholder) - len(_DIGEST_PLACEHOLDER) - 1
+                os.pwrite(fd, digest.result().encode(), at)
+            synced = helper.submit(os.fsync, fd)
+            _compare_written(fd, path, data_start, [data[name] for name in order])
+            synced.result()
+    return digest.result()
+
+
+_DIGEST_PLACEHOLDER = "0" * 64
+_COMPARE_CHUNK = 8 << 20
+
+
+def _compare_written(fd: int, path: Path, position: int, chunks: list[np.ndarray]) -> None:
+    """Read the data section back and compare it with what was meant to be written."""
+    buffer = np.empty(_COMPARE_CHUNK, dtype=np.uint8)
+    for expected in chunks:
+        done = 0
+        while done < expected.nbytes:
+            want = min(_COMPARE_CHUNK, expected.nbytes - done)
+            got = os.preadv(fd, [memoryview(buffer)[:want]], position)
+            if got != want or not np.array_equal(buffer[:want], expected[done:done + want]):
+                raise IntegrityError(
+                    f"reading back the written data at byte {position} gave other bytes than the "
+                    "tensors; nothing was replaced. Check the disk and retry",
+                    path=path,
+                )
+            done += want
+            position += want
 
 
 def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

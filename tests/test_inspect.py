@@ -141,8 +141,8 @@ def test_verify_detects_an_edited_sidecar(tmp_path):
 def test_verify_detects_a_config_that_does_not_match_its_tensors(tmp_path):
     model, _ = small_model(base_filters=4)
     wrong = ModelConfig(base_filters=8, depth=2)
-    metadata = build_metadata(wrong, training={}, provenance={}, digest=weights_digest(model.state_dict()))
-    path = write_safetensors(tmp_path / "wrong.safetensors", model.state_dict(), metadata)
+    path = tmp_path / "wrong.safetensors"
+    write_safetensors(path, model.state_dict(), build_metadata(wrong, training={}, provenance={}))
     result = invoke("verify", path)
     assert result.exit_code == 1
     assert result.stdout.strip().startswith(

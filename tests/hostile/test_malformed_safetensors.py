@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 import ckptfmt
 from ckptfmt import CkptfmtError, ConfigError, HeaderError, ModelConfig, read_header
 from ckptfmt.checkpoint import build_metadata
-from ckptfmt.tensors import weights_digest, write_safetensors
+from ckptfmt.tensors import write_safetensors
 
 from ..helpers import craft_safetensors, run_cli, save_small, small_model
 
@@ -90,9 +90,10 @@ def test_cases_safetensors_accepts_and_we_reject(tmp_path, case):
 def _with_config_text(tmp_path, config_text: str):
     """A file with real weights whose embedded config is `config_text`, raw."""
     model, config = small_model()
-    metadata = build_metadata(config, training={}, provenance={}, digest=weights_digest(model.state_dict()))
+    metadata = build_metadata(config, training={}, provenance={})
     metadata["ckptfmt.config"] = config_text
-    return write_safetensors(tmp_path / "hostile.safetensors", model.state_dict(), metadata)
+    write_safetensors(tmp_path / "hostile.safetensors", model.state_dict(), metadata)
+    return tmp_path / "hostile.safetensors"
 
 
 def _config(**changes) -> dict:
@@ -153,8 +154,9 @@ def test_sidecar_that_disagrees_with_the_header(tmp_path):
 
 def test_tied_alias_pointing_nowhere(tmp_path):
     model, config = small_model()
-    metadata = build_metadata(config, training={}, provenance={}, digest="0" * 64)
+    metadata = build_metadata(config, training={}, provenance={})
     metadata["ckptfmt.aliases"] = json.dumps({"x": "missing"})
-    path = write_safetensors(tmp_path / "a.safetensors", model.state_dict(), metadata)
+    path = tmp_path / "a.safetensors"
+    write_safetensors(path, model.state_dict(), metadata)
     with pytest.raises(HeaderError, match="ties 'x' to 'missing', which is not a stored tensor"):
         ckptfmt.load_model(path)

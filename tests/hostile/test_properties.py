@@ -51,8 +51,8 @@ def configs(draw) -> ModelConfig:
 @given(config=configs())
 def test_random_configs_round_trip(tmp_path, config):
     assert ModelConfig.from_dict(json.loads(config.to_json())) == config
-    metadata = build_metadata(config, training={}, provenance={}, digest=weights_digest({}))
-    path = write_safetensors(tmp_path / "c.safetensors", {}, metadata, overwrite=True)
+    path = tmp_path / "c.safetensors"
+    write_safetensors(path, {}, build_metadata(config, training={}, provenance={}), overwrite=True)
     assert ModelConfig.from_checkpoint(path) == config
 
 
@@ -83,11 +83,12 @@ def state_dicts(draw) -> dict[str, torch.Tensor]:
 @SETTINGS
 @given(state_dict=state_dicts())
 def test_random_state_dicts_round_trip_bit_exactly(tmp_path, state_dict):
-    path = write_safetensors(tmp_path / "t.safetensors", state_dict, {"format": "pt"}, overwrite=True)
+    path = tmp_path / "t.safetensors"
+    digest = write_safetensors(path, state_dict, {"format": "pt"}, overwrite=True)
     assert state_dicts_bit_identical(read_state_dict(path), state_dict)
     stored = load_file(path)
     assert all(state_dicts_bit_identical({k: stored[k]}, {k: state_dict[k]}) for k in stored)
-    assert digest_file(read_header(path)) == weights_digest(state_dict)
+    assert digest_file(read_header(path)) == weights_digest(state_dict) == digest == read_header(path).weights_sha256
 
 
 @pytest.fixture(scope="module")

@@ -185,3 +185,20 @@ def test_crash_between_weights_and_sidecar_is_reported_by_verify(converted, monk
     assert report.failures[0].startswith(f"{converted / 'm.safetensors'}: sidecar is bound to other weights")
     result = run_cli("verify", "m.safetensors", cwd=converted)
     assert result.returncode == 1 and "sidecar is bound to other weights" in result.stdout
+
+
+def test_data_read_back_wrong_replaces_nothing(converted, monkeypatch):
+    """A disk that returns other bytes than were written: the check after writing catches it."""
+    before = snapshot(converted)
+    real_preadv = os.preadv
+
+    def corrupting_preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        buffers[0][0] ^= 0xFF
+        return got
+
+    monkeypatch.setattr("ckptfmt.tensors.os.preadv", corrupting_preadv)
+    with pytest.raises(ckptfmt.IntegrityError, match="reading back the written data at byte .* gave other bytes than the tensors; nothing was replaced"):
+        convert(converted / "m.pth", force=True)
+    monkeypatch.undo()
+    assert snapshot(converted) == {**before, "m.pth": (converted / "m.pth").read_bytes()}

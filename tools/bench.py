@@ -1,0 +1,345 @@
+"""Benchmarks, each ckptfmt figure beside its baseline, run side by side on the same machine.
+
+Every measurement is a fresh process, repeated; the median wall time is reported, and the peak
+RSS of that process (from wait4). Each figure is a ratio to its baseline, measured in the same
+run. Prints a table and writes JSON.
+
+    python tools/bench.py                 # the full run: 1 GB files, 5 repeats (a few minutes)
+    python tools/bench.py --quick         # a smoke run: small files, 2 repeats
+    python tools/bench.py --only predict --device cuda --predict-config 64,4 --batch 32
+
+Targets (issue #7) are checked in the table's last column; nothing here is a test assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+# Runs the command as its own child and reports that child's rusage. The extra process matters:
+# Linux carries the RSS high-water mark of the process that forks into the child's ru_maxrss,
+# so a child forked straight from this (large) benchmark process would inherit its footprint.
+_LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"status": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def measure(command: list[str], *, repeats: int, env: dict | None = None) -> dict:
+    """Run `command` `repeats` times in fresh processes: median wall, max peak RSS, last stdout."""
+    walls, rss, stdout = [], [], ""
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "rusage.json"
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = subprocess.run([PYTHON, "-c", _LAUNCHER, str(report), *command], capture_output=True,
+                                    env={**os.environ, **(env or {})}, cwd=ROOT)
+            walls.append(time.perf_counter() - start)
+            if result.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr.decode()[-2000:]}")
+            rss.append(json.loads(report.read_text())["maxrss_kb"] * 1024)
+            stdout = result.stdout.decode()
+    return {"wall_s": statistics.median(walls), "walls_s": walls, "peak_rss_bytes": max(rss), "stdout": stdout}
+
+
+def python_child(code: str) -> list[str]:
+    return [PYTHON, "-c", textwrap.dedent(code)]
+
+
+def make_unet_files(folder: Path, base_filters: int, depth: int) -> tuple[Path, Path]:
+    """The same random U-Net weights as a legacy .pth and as a ckptfmt .safetensors."""
+    import torch
+
+    from ckptfmt import ModelConfig
+    from ckptfmt.checkpoint import build_metadata
+    from ckptfmt.tensors import write_safetensors
+    from models.multitask_unet import MultiTaskUNet
+
+    pth = folder / f"unet_{base_filters}_{depth}.pth"
+    safetensors = folder / f"unet_{base_filters}_{depth}.safetensors"
+    if pth.exists() and safetensors.exists():  # a --workdir kept from an earlier run
+        return pth, safetensors
+    config = ModelConfig(base_filters=base_filters, depth=depth)
+    with torch.device("meta"):
+        shapes = {k: (v.shape, v.dtype) for k, v in MultiTaskUNet(**config.get_model_params()).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {
+        k: torch.randn(shape, generator=generator) * 0.01 if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+        for k, (shape, dtype) in shapes.items()
+    }
+    torch.save(state_dict, pth)
+    write_safetensors(safetensors, state_dict, build_metadata(config, training={}, provenance={}))
+    return pth, safetensors
+
+
+def bench_inspect(work: Path, files: dict, repeats: int) -> list[dict]:
+    pth, st = files["big"]
+    ours = measure([PYTHON, "-m", "ckptfmt", "inspect", str(st)], repeats=repeats)
+    torch_look = measure(python_child(f"""
+        import torch
+        state_dict = torch.load({str(pth)!r}, map_location="cpu", weights_only=True)
+        for name, tensor in state_dict.items():
+            print(name, tuple(tensor.shape))
+    """), repeats=repeats)
+    import_torch = measure([PYTHON, "-c", "import torch"], repeats=repeats)
+    size = st.stat().st_size
+    return [
+        row("inspect", f"inspect {gb(size)} .safetensors vs torch.load + print shapes", ours, torch_look,
+            "wall", target=("<=", 1 / 20)),
+        row("inspect_vs_import_torch", "inspect, whole process, vs python -c 'import torch'", ours, import_torch,
+            "wall", target=("<=", 0.1)),
+    ]
+
+
+LOAD_OURS = """
+    import json, resource, sys, time
+    import torch
+    import ckptfmt, models.multitask_unet
+    x = torch.zeros(1, 1, 64, 64)
+    start = time.perf_counter()
+    model = ckptfmt.load_model(sys.argv[1])
+    with torch.inference_mode():
+        model(x)
+    print(json.dumps({"in_process_s": time.perf_counter() - start}))
+"""
+
+LOAD_NAIVE = """
+    import json, sys, time
+    import torch
+    import ckptfmt, models.multitask_unet
+    x = torch.zeros(1, 1, 64, 64)
+    start = time.perf_counter()
+    model = models.multitask_unet.MultiTaskUNet(base_filters=int(sys.argv[2]), depth=int(sys.argv[3]))
+    model.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True))
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+    print(json.dumps({"in_process_s": time.perf_counter() - start}))
+"""
+
+
+def bench_load(work: Path, files: dict, repeats: int, architecture: tuple[int, int]) -> list[dict]:
+    pth, st = files["load"]
+    ours = measure(python_child(LOAD_OURS) + [str(st)], repeats=repeats)
+    naive = measure(python_child(LOAD_NAIVE) + [str(pth), *map(str, architecture)], repeats=repeats)
+    for result in (ours, naive):
+        result["in_process_s"] = json.loads(result["stdout"])["in_process_s"]
+    what = f"load_model (base_filters={architecture[0]}, depth={architecture[1]}) to first forward vs construct + torch.load + load_state_dict"
+    return [
+        row("load_wall", what + ": whole process", ours, naive, "wall", target=("<=", 0.7)),
+        row("load_in_process", what + ": in-process", ours, naive, "in_process", target=("<=", 0.2)),
+        row("load_rss", what + ": peak RSS", ours, naive, "rss", target=("<=", 0.65)),
+    ]
+
+
+def bench_convert(work: Path, files: dict, repeats: int) -> list[dict]:
+    pth, _ = files["big"]
+    out = work / "converted"
+    out.mkdir(exist_ok=True)
+    ours = measure([PYTHON, "-m", "ckptfmt", "convert", str(pth), "-o", str(out / "ours.safetensors"), "--force"], repeats=repeats)
+    minimal = measure(python_child(f"""
+        import torch
+        from safetensors.torch import save_file
+        save_file(torch.load({str(pth)!r}, map_location="cpu", weights_only=True), {str(out / "minimal.safetensors")!r})
+    """), repeats=repeats)
+    copy = measure(["cp", str(pth), str(out / "copy.pth")], repeats=repeats)
+    what = f"convert {gb(pth.stat().st_size)} .pth (verified, digest) vs torch.load + save_file"
+    return [
+        row("convert_wall", what + ": wall", ours, minimal, "wall", target=("<=", 1.3)),
+        row("convert_rss", what + ": peak RSS", ours, minimal, "rss", target=("<=", 1.1)),
+        row("convert_vs_cp", f"convert vs cp of the same {gb(pth.stat().st_size)} file", ours, copy, "wall"),
+    ]
+
+
+def bench_verify(work: Path, files: dict, repeats: int) -> list[dict]:
+    _, st = files["big"]
+    ours = measure([PYTHON, "-m", "ckptfmt", "verify", str(st), "--json"], repeats=repeats)
+    sha = measure(["sha256sum", str(st)], repeats=repeats)
+    report = json.loads(ours["stdout"])[0]
+    size = st.stat().st_size
+    ours["gb_per_s"] = report["gb_per_s"]
+    sha["gb_per_s"] = size / sha["wall_s"] / 1e9
+    return [row("verify_digest", f"verify digest throughput (GB/s) vs sha256sum, {gb(size)}", ours, sha, "gbps")]
+
+
+PREDICT = """
+    import json, sys, time
+    import numpy as np, torch
+    from ckptfmt import MultiTaskPredictor
+    path, device, precision, batch, side, rounds = sys.argv[1:7]
+    predictor = MultiTaskPredictor(path, device=device, precision=precision, batch_size=int(batch))
+    images = np.random.default_rng(0).random((int(batch), 1, int(side), int(side)), dtype=np.float32)
+    predictor.predict(images)  # warm-up: cudnn.benchmark, allocator
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(int(rounds)):
+        predictor.predict(images)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"images_per_s": int(rounds) * int(batch) / (time.perf_counter() - start)}))
+"""
+
+
+def bench_predict(work: Path, files: dict, repeats: int, device: str, batch: int, side: int, rounds: int) -> list[dict]:
+    _, st = files["predict"]
+    runs = {}
+    precisions = ["fp32", "fp16"] if device == "cuda" else ["fp32"]
+    for precision in precisions:
+        runs[precision] = measure(python_child(PREDICT) + [str(st), device, precision, str(batch), str(side), str(rounds)], repeats=repeats)
+        runs[precision]["images_per_s"] = json.loads(runs[precision]["stdout"])["images_per_s"]
+    what = f"predict images/s, {side}x{side}, batch {batch}, {files['predict_arch']}, {device}"
+    if device == "cuda":
+        return [row("predict_fp16_vs_fp32", what + ": fp16 vs fp32", runs["fp16"], runs["fp32"], "ips", target=(">=", 2.0))]
+    return [row("predict_cpu", what + ": fp32", runs["fp32"], None, "ips")]
+
+
+def bench_startup(work: Path, files: dict, repeats: int) -> list[dict]:
+    _, st = files["predict"]
+    probe = measure(python_child("""
+        import sys
+        from ckptfmt.cli import main
+        try:
+            main(["--help"])
+        except SystemExit:
+            pass
+        print("torch" in sys.modules, file=sys.stderr if False else sys.stdout)
+    """), repeats=1)
+    help_run = measure([PYTHON, "-m", "ckptfmt", "--help"], repeats=repeats)
+    inspect_run = measure([PYTHON, "-m", "ckptfmt", "inspect", str(st)], repeats=repeats)
+    baseline = measure([PYTHON, "-c", "pass"], repeats=repeats)
+    imports_torch = probe["stdout"].strip().splitlines()[-1] == "True"
+    return [
+        row("help_startup", f"ckptfmt --help vs python -c pass (imports torch: {imports_torch})", help_run, baseline, "wall"),
+        row("inspect_startup", "ckptfmt inspect (small file) vs python -c pass", inspect_run, baseline, "wall"),
+    ]
+
+
+def gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def row(name: str, what: str, ours: dict, baseline: dict | None, metric: str, target: tuple | None = None) -> dict:
+    key, unit = {
+        "wall": ("wall_s", "s"), "in_process": ("in_process_s", "s"), "rss": ("peak_rss_bytes", "MB"),
+        "gbps": ("gb_per_s", "GB/s"), "ips": ("images_per_s", "img/s"),
+    }[metric]
+    ours_value = ours[key]
+    base_value = baseline[key] if baseline else None
+    ratio = ours_value / base_value if base_value else None
+    met = None
+    if target and ratio is not None:
+        met = ratio <= target[1] if target[0] == "<=" else ratio >= target[1]
+    scale = 1e6 if unit == "MB" else 1
+    return {
+        "name": name, "what": what, "unit": unit,
+        "ours": round(ours_value / scale, 4), "baseline": round(base_value / scale, 4) if base_value else None,
+        "ratio": round(ratio, 4) if ratio is not None else None,
+        "target": f"{target[0]} {target[1]:g}x" if target else None, "met": met,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small files, 2 repeats: a smoke run")
+    parser.add_argument("--repeats", type=int, help="fresh processes per measurement (default 5, quick 2)")
+    parser.add_argument("--only", help="comma-separated: inspect,load,convert,verify,predict,startup")
+    parser.add_argument("--device", default="cpu", help="device for the predict benchmark")
+    parser.add_argument("--predict-config", default=None, help="base_filters,depth for predict (default 64,4; quick 8,3)")
+    parser.add_argument("--batch", type=int, default=None, help="predict batch size (default 8 on CPU, 32 on CUDA)")
+    parser.add_argument("--json", dest="json_path", type=Path, default=ROOT / "bench-results/bench.json")
+    parser.add_argument("--workdir", type=Path, help="where the test files go (default: a temp folder)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    repeats = args.repeats or (2 if args.quick else 5)
+    selected = set((args.only or "inspect,load,convert,verify,predict,startup").split(","))
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="ckptfmt-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"files in {work}", file=sys.stderr)
+
+    big = (32, 4) if args.quick else (90, 5)          # ~1 GB at full size
+    load_arch = (16, 4) if args.quick else (64, 5)     # 124M parameters at full size
+    predict_arch = tuple(map(int, args.predict_config.split(","))) if args.predict_config else ((8, 3) if args.quick else (64, 4))
+    batch = args.batch or (32 if args.device == "cuda" else (2 if args.quick else 8))
+    side = 64 if args.quick else 256
+    files = {}
+    if selected & {"inspect", "convert", "verify"}:
+        print(f"making U-Net base_filters={big[0]}, depth={big[1]} files ...", file=sys.stderr)
+        files["big"] = make_unet_files(work, *big)
+    if "load" in selected:
+        files["load"] = files["big"] if load_arch == big else make_unet_files(work, *load_arch)
+    if selected & {"predict", "startup"}:
+        files["predict"] = make_unet_files(work, *predict_arch)
+        files["predict_arch"] = f"base_filters={predict_arch[0]}, depth={predict_arch[1]}"
+
+    rows = []
+    steps = [
+        ("inspect", lambda: bench_inspect(work, files, repeats)),
+        ("load", lambda: bench_load(work, files, repeats, load_arch)),
+        ("convert", lambda: bench_convert(work, files, repeats)),
+        ("verify", lambda: bench_verify(work, files, repeats)),
+        ("predict", lambda: bench_predict(work, files, repeats, args.device, batch, side, 3 if args.quick else 5)),
+        ("startup", lambda: bench_startup(work, files, repeats)),
+    ]
+    for name, step in steps:
+        if name in selected:
+            print(f"measuring {name} ...", file=sys.stderr)
+            rows += step()
+
+    machine = {
+        "cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "platform": platform.platform(), "repeats": repeats, "quick": args.quick,
+    }
+    import torch
+
+    machine["torch"] = torch.__version__
+    if args.device == "cuda" and torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name()
+    print(f"\nMachine: {machine}\n")
+    print(f"| measurement | ours | baseline | ratio | target | met |")
+    print(f"| --- | ---: | ---: | ---: | --- | --- |")
+    for r in rows:
+        met = {True: "yes", False: "NO", None: ""}[r["met"]]
+        baseline = f"{r['baseline']:g} {r['unit']}" if r["baseline"] is not None else "-"
+        ratio = f"{r['ratio']:.3f}x" if r["ratio"] is not None else "-"
+        print(f"| {r['what']} | {r['ours']:g} {r['unit']} | {baseline} | {ratio} | {r['target'] or ''} | {met} |")
+    args.json_path.parent.mkdir(parents=True, exist_ok=True)
+    args.json_path.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {args.json_path}", file=sys.stderr)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
