@@ -57,6 +57,13 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
     return run("-m", "ckptfmt", *args, cwd=cwd, env=env)
 
 
+def dice(a, b) -> float:
+    """Dice overlap of two boolean masks (numpy)."""
+    import numpy as np
+
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
 def state_dicts_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     from ckptfmt.tensors import tensor_bytes
 

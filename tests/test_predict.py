@@ -13,25 +13,7 @@ from PIL import Image
 import ckptfmt
 from ckptfmt import ModelConfig, MultiTaskPredictor, ShapeMismatchError
 from ckptfmt.predict import normalize
-from tools.phantoms import make_phantoms
-
-from .helpers import DEMO, run, run_cli, save_small, small_model
-
-
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory):
-    """The shipped joint checkpoint, converted from its .pth as a user would."""
-    folder = tmp_path_factory.mktemp("demo")
-    return ckptfmt.convert(DEMO / "multitask_joint/best_model.pth", output=folder / "best_model.safetensors").output
-
-
-@pytest.fixture(scope="module")
-def held_out():
-    return make_phantoms(96, seed=777)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+from .helpers import dice, run, run_cli, save_small, small_model
 
 
 def test_predicts_in_a_fresh_process_with_no_architecture_argument(demo_model, held_out, tmp_path):

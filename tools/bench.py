@@ -186,8 +186,10 @@ PREDICT = """
     import json, sys, time
     import numpy as np, torch
     from ckptfmt import MultiTaskPredictor
-    path, device, precision, batch, side, rounds = sys.argv[1:7]
+    path, device, precision, batch, side, rounds, compiled = sys.argv[1:8]
     predictor = MultiTaskPredictor(path, device=device, precision=precision, batch_size=int(batch))
+    if compiled == "compile":
+        predictor.model = torch.compile(predictor.model)
     images = np.random.default_rng(0).random((int(batch), 1, int(side), int(side)), dtype=np.float32)
     predictor.predict(images)  # warm-up: cudnn.benchmark, allocator
     if device == "cuda":
@@ -201,17 +203,24 @@ PREDICT = """
 """
 
 
-def bench_predict(work: Path, files: dict, repeats: int, device: str, batch: int, side: int, rounds: int) -> list[dict]:
+def bench_predict(work: Path, files: dict, repeats: int, device: str, batch: int, side: int, rounds: int,
+                  compiled: bool) -> list[dict]:
     _, st = files["predict"]
-    runs = {}
-    precisions = ["fp32", "fp16"] if device == "cuda" else ["fp32"]
-    for precision in precisions:
-        runs[precision] = measure(python_child(PREDICT) + [str(st), device, precision, str(batch), str(side), str(rounds)], repeats=repeats)
-        runs[precision]["images_per_s"] = json.loads(runs[precision]["stdout"])["images_per_s"]
+
+    def images_per_s(precision: str, mode: str) -> dict:
+        result = measure(python_child(PREDICT) + [str(st), device, precision, str(batch), str(side), str(rounds), mode],
+                         repeats=repeats)
+        result["images_per_s"] = json.loads(result["stdout"])["images_per_s"]
+        return result
+
     what = f"predict images/s, {side}x{side}, batch {batch}, {files['predict_arch']}, {device}"
-    if device == "cuda":
-        return [row("predict_fp16_vs_fp32", what + ": fp16 vs fp32", runs["fp16"], runs["fp32"], "ips", target=(">=", 2.0))]
-    return [row("predict_cpu", what + ": fp32", runs["fp32"], None, "ips")]
+    if device != "cuda":
+        return [row("predict_cpu", what + ": fp32", images_per_s("fp32", "eager"), None, "ips")]
+    fp32, fp16 = images_per_s("fp32", "eager"), images_per_s("fp16", "eager")
+    rows = [row("predict_fp16_vs_fp32", what + ": fp16 vs fp32", fp16, fp32, "ips", target=(">=", 2.0))]
+    if compiled:
+        rows.append(row("predict_fp16_compiled", what + ": fp16 + torch.compile vs fp32", images_per_s("fp16", "compile"), fp32, "ips"))
+    return rows
 
 
 def bench_startup(work: Path, files: dict, repeats: int) -> list[dict]:
@@ -266,6 +275,7 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated: inspect,load,convert,verify,predict,startup")
     parser.add_argument("--device", default="cpu", help="device for the predict benchmark")
     parser.add_argument("--predict-config", default=None, help="base_filters,depth for predict (default 64,4; quick 8,3)")
+    parser.add_argument("--compile", action="store_true", help="also time predict with torch.compile (CUDA)")
     parser.add_argument("--batch", type=int, default=None, help="predict batch size (default 8 on CPU, 32 on CUDA)")
     parser.add_argument("--json", dest="json_path", type=Path, default=ROOT / "bench-results/bench.json")
     parser.add_argument("--workdir", type=Path, help="where the test files go (default: a temp folder)")
@@ -298,7 +308,8 @@ def main() -> int:
         ("load", lambda: bench_load(work, files, repeats, load_arch)),
         ("convert", lambda: bench_convert(work, files, repeats)),
         ("verify", lambda: bench_verify(work, files, repeats)),
-        ("predict", lambda: bench_predict(work, files, repeats, args.device, batch, side, 3 if args.quick else 5)),
+        ("predict", lambda: bench_predict(work, files, repeats, args.device, batch, side, 3 if args.quick else 5,
+                                          args.compile)),
         ("startup", lambda: bench_startup(work, files, repeats)),
     ]
     for name, step in steps:
