@@ -150,12 +150,19 @@ def write_safetensors(
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
     data_start = 8 + len(encoded)
-    with ThreadPoolExecutor(max_workers=1) as helper:
+    with ThreadPoolExecutor(max_workers=2) as helper:
         digest = helper.submit(weights_digest, tensors)
         with atomic_write(path, overwrite=overwrite) as fd:
             write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
+            # fsync as we go, so the disk works while we write rather than all at the end.
+            flushing, unflushed = None, 0
             for name in order:
                 write_all(fd, data[name])
+                unflushed += data[name].nbytes
+                if unflushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
+                    flushing, unflushed = helper.submit(os.fsync, fd), 0
+            if flushing is not None:
+                flushing.result()
             if record_digest:
                 placeholder = f'"{KEY_WEIGHTS_SHA256}":"{_DIGEST_PLACEHOLDER}"'.encode()
                 at = 8 + encoded.index(placeholder) + len(placeholder) - len(_DIGEST_PLACEHOLDER) - 1
@@ -167,6 +174,7 @@ def write_safetensors(
 
 
 _DIGEST_PLACEHOLDER = "0" * 64
+_FLUSH_EVERY = 64 << 20
 _COMPARE_CHUNK = 8 << 20
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -170,7 +168,7 @@ def runner_invoke(args):
 
 
 def test_cli_converts_a_folder_with_a_report(tmp_path):
-    demo = copy_demo(tmp_path)
+    copy_demo(tmp_path)
     result = run_cli("convert", "checkpoints", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -298,3 +296,25 @@ def test_generate_model_configs_prints_the_seed_report(tmp_path):
         "=" * 80,
     ]
     assert ModelConfig.from_checkpoint_dir(demo / "multitask_joint").get_model_params() == DEMO_ARCHITECTURE
+
+
+def test_ties_views_scalars_and_empty_tensors_survive_conversion(tmp_path):
+    """torch.save keeps shared storages; the converted file keeps ties and every value."""
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    tensors = {
+        "embed.weight": base,
+        "head.weight": base,  # tied, as in a language model's embedding and output layer
+        "transposed": base.t(),  # a non-contiguous view of the same storage
+        "row": base[1],  # a view at an offset
+        "scale": torch.tensor(3.5, dtype=torch.float64),
+        "steps": torch.tensor(7),
+        "empty": torch.zeros(0, 5, dtype=torch.bfloat16),
+    }
+    torch.save(tensors, tmp_path / "odd.pth")
+    result = convert(tmp_path / "odd.pth")
+    assert result.config is None  # no registered architecture: weights only
+    header = read_header(result.output)
+    assert header.aliases == {"head.weight": "embed.weight"}
+    loaded = ckptfmt.read_state_dict(result.output)
+    assert state_dicts_bit_identical(loaded, {k: v.contiguous() for k, v in tensors.items()})
+    assert loaded["head.weight"].data_ptr() == loaded["embed.weight"].data_ptr()

@@ -51,6 +51,7 @@ def test_training_then_inference_examples(tmp_path, monkeypatch, caplog):
         base_filters=8,  # Override
         depth=3,  # Override
     )
+    assert predictor.config.get_model_params() == config.get_model_params()
     from ckptfmt import ShapeMismatchError
 
     with pytest.raises(ShapeMismatchError, match=r"depth=4 expects"):

@@ -33,33 +33,53 @@ PYTHON = sys.executable
 # Runs the command as its own child and reports that child's rusage. The extra process matters:
 # Linux carries the RSS high-water mark of the process that forks into the child's ru_maxrss,
 # so a child forked straight from this (large) benchmark process would inherit its footprint.
+# The wall time is taken here too, from fork to exit, so the launcher's own start is not in it.
 _LAUNCHER = """
-import json, os, sys
+import json, os, sys, time
+start = time.perf_counter()
 pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - start
 with open(sys.argv[1], "w") as f:
-    json.dump({"status": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}, f)
+    json.dump({"status": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss, "wall_s": wall}, f)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def measure(command: list[str], *, repeats: int, env: dict | None = None) -> dict:
-    """Run `command` `repeats` times in fresh processes: median wall, max peak RSS, last stdout."""
-    walls, rss, stdout = [], [], ""
+# As users run Python: with bytecode caches (some sandboxes set PYTHONDONTWRITEBYTECODE, which
+# makes every start recompile every module that is not precompiled).
+_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def run_once(command: list[str], scratch: Path) -> tuple[float, int, str]:
+    """One fresh process: wall seconds, peak RSS in bytes, stdout."""
+    report = scratch / "rusage.json"
+    result = subprocess.run([PYTHON, "-c", _LAUNCHER, str(report), *command], capture_output=True, cwd=ROOT, env=_ENV)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr.decode()[-2000:]}")
+    usage = json.loads(report.read_text())
+    return usage["wall_s"], usage["maxrss_kb"] * 1024, result.stdout.decode()
+
+
+def measure(*commands: list[str], repeats: int) -> list[dict]:
+    """Run the commands in turn, `repeats` rounds after one untimed round (ours and its baseline
+    alternate, so drift in the machine's speed falls on both): per command the median wall,
+    max peak RSS, last stdout."""
+    os.sync()  # no writeback from an earlier step running under this one
+    runs: list[list[tuple[float, int, str]]] = [[] for _ in commands]
     with tempfile.TemporaryDirectory() as scratch:
-        report = Path(scratch) / "rusage.json"
+        for command in commands:  # untimed: bytecode caches written, files in the page cache
+            run_once(command, Path(scratch))
         for _ in range(repeats):
-            start = time.perf_counter()
-            result = subprocess.run([PYTHON, "-c", _LAUNCHER, str(report), *command], capture_output=True,
-                                    env={**os.environ, **(env or {})}, cwd=ROOT)
-            walls.append(time.perf_counter() - start)
-            if result.returncode != 0:
-                raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr.decode()[-2000:]}")
-            rss.append(json.loads(report.read_text())["maxrss_kb"] * 1024)
-            stdout = result.stdout.decode()
-    return {"wall_s": statistics.median(walls), "walls_s": walls, "peak_rss_bytes": max(rss), "stdout": stdout}
+            for index, command in enumerate(commands):
+                runs[index].append(run_once(command, Path(scratch)))
+    return [
+        {"wall_s": statistics.median(r[0] for r in rounds), "walls_s": [r[0] for r in rounds],
+         "peak_rss_bytes": max(r[1] for r in rounds), "stdout": rounds[-1][2]}
+        for rounds in runs
+    ]
 
 
 def python_child(code: str) -> list[str]:
@@ -94,14 +114,17 @@ def make_unet_files(folder: Path, base_filters: int, depth: int) -> tuple[Path, 
 
 def bench_inspect(work: Path, files: dict, repeats: int) -> list[dict]:
     pth, st = files["big"]
-    ours = measure([PYTHON, "-m", "ckptfmt", "inspect", str(st)], repeats=repeats)
-    torch_look = measure(python_child(f"""
-        import torch
-        state_dict = torch.load({str(pth)!r}, map_location="cpu", weights_only=True)
-        for name, tensor in state_dict.items():
-            print(name, tuple(tensor.shape))
-    """), repeats=repeats)
-    import_torch = measure([PYTHON, "-c", "import torch"], repeats=repeats)
+    ours, torch_look, import_torch = measure(
+        [PYTHON, "-m", "ckptfmt", "inspect", str(st)],
+        python_child(f"""
+            import torch
+            state_dict = torch.load({str(pth)!r}, map_location="cpu", weights_only=True)
+            for name, tensor in state_dict.items():
+                print(name, tuple(tensor.shape))
+        """),
+        [PYTHON, "-c", "import torch"],
+        repeats=repeats,
+    )
     size = st.stat().st_size
     return [
         row("inspect", f"inspect {gb(size)} .safetensors vs torch.load + print shapes", ours, torch_look,
@@ -140,8 +163,11 @@ LOAD_NAIVE = """
 
 def bench_load(work: Path, files: dict, repeats: int, architecture: tuple[int, int]) -> list[dict]:
     pth, st = files["load"]
-    ours = measure(python_child(LOAD_OURS) + [str(st)], repeats=repeats)
-    naive = measure(python_child(LOAD_NAIVE) + [str(pth), *map(str, architecture)], repeats=repeats)
+    ours, naive = measure(
+        python_child(LOAD_OURS) + [str(st)],
+        python_child(LOAD_NAIVE) + [str(pth), *map(str, architecture)],
+        repeats=repeats,
+    )
     for result in (ours, naive):
         result["in_process_s"] = json.loads(result["stdout"])["in_process_s"]
     what = f"load_model (base_filters={architecture[0]}, depth={architecture[1]}) to first forward vs construct + torch.load + load_state_dict"
@@ -156,13 +182,16 @@ def bench_convert(work: Path, files: dict, repeats: int) -> list[dict]:
     pth, _ = files["big"]
     out = work / "converted"
     out.mkdir(exist_ok=True)
-    ours = measure([PYTHON, "-m", "ckptfmt", "convert", str(pth), "-o", str(out / "ours.safetensors"), "--force"], repeats=repeats)
-    minimal = measure(python_child(f"""
-        import torch
-        from safetensors.torch import save_file
-        save_file(torch.load({str(pth)!r}, map_location="cpu", weights_only=True), {str(out / "minimal.safetensors")!r})
-    """), repeats=repeats)
-    copy = measure(["cp", str(pth), str(out / "copy.pth")], repeats=repeats)
+    ours, minimal, copy = measure(
+        [PYTHON, "-m", "ckptfmt", "convert", str(pth), "-o", str(out / "ours.safetensors"), "--force"],
+        python_child(f"""
+            import torch
+            from safetensors.torch import save_file
+            save_file(torch.load({str(pth)!r}, map_location="cpu", weights_only=True), {str(out / "minimal.safetensors")!r})
+        """),
+        ["cp", str(pth), str(out / "copy.pth")],
+        repeats=repeats,
+    )
     what = f"convert {gb(pth.stat().st_size)} .pth (verified, digest) vs torch.load + save_file"
     return [
         row("convert_wall", what + ": wall", ours, minimal, "wall", target=("<=", 1.3)),
@@ -173,8 +202,7 @@ def bench_convert(work: Path, files: dict, repeats: int) -> list[dict]:
 
 def bench_verify(work: Path, files: dict, repeats: int) -> list[dict]:
     _, st = files["big"]
-    ours = measure([PYTHON, "-m", "ckptfmt", "verify", str(st), "--json"], repeats=repeats)
-    sha = measure(["sha256sum", str(st)], repeats=repeats)
+    ours, sha = measure([PYTHON, "-m", "ckptfmt", "verify", str(st), "--json"], ["sha256sum", str(st)], repeats=repeats)
     report = json.loads(ours["stdout"])[0]
     size = st.stat().st_size
     ours["gb_per_s"] = report["gb_per_s"]
@@ -207,36 +235,39 @@ def bench_predict(work: Path, files: dict, repeats: int, device: str, batch: int
                   compiled: bool) -> list[dict]:
     _, st = files["predict"]
 
-    def images_per_s(precision: str, mode: str) -> dict:
-        result = measure(python_child(PREDICT) + [str(st), device, precision, str(batch), str(side), str(rounds), mode],
-                         repeats=repeats)
-        result["images_per_s"] = json.loads(result["stdout"])["images_per_s"]
-        return result
+    def command(precision: str, mode: str) -> list[str]:
+        return python_child(PREDICT) + [str(st), device, precision, str(batch), str(side), str(rounds), mode]
 
     what = f"predict images/s, {side}x{side}, batch {batch}, {files['predict_arch']}, {device}"
+    runs = [("fp32", "eager")] if device != "cuda" else [("fp32", "eager"), ("fp16", "eager")]
+    if device == "cuda" and compiled:
+        runs.append(("fp16", "compile"))
+    results = measure(*(command(*run) for run in runs), repeats=repeats)
+    for result in results:
+        result["images_per_s"] = json.loads(result["stdout"])["images_per_s"]
     if device != "cuda":
-        return [row("predict_cpu", what + ": fp32", images_per_s("fp32", "eager"), None, "ips")]
-    fp32, fp16 = images_per_s("fp32", "eager"), images_per_s("fp16", "eager")
-    rows = [row("predict_fp16_vs_fp32", what + ": fp16 vs fp32", fp16, fp32, "ips", target=(">=", 2.0))]
+        return [row("predict_cpu", what + ": fp32", results[0], None, "ips")]
+    rows = [row("predict_fp16_vs_fp32", what + ": fp16 vs fp32", results[1], results[0], "ips", target=(">=", 2.0))]
     if compiled:
-        rows.append(row("predict_fp16_compiled", what + ": fp16 + torch.compile vs fp32", images_per_s("fp16", "compile"), fp32, "ips"))
+        rows.append(row("predict_fp16_compiled", what + ": fp16 + torch.compile vs fp32", results[2], results[0], "ips"))
     return rows
 
 
 def bench_startup(work: Path, files: dict, repeats: int) -> list[dict]:
     _, st = files["predict"]
-    probe = measure(python_child("""
+    (probe,) = measure(python_child("""
         import sys
         from ckptfmt.cli import main
         try:
             main(["--help"])
         except SystemExit:
             pass
-        print("torch" in sys.modules, file=sys.stderr if False else sys.stdout)
+        print("torch" in sys.modules)
     """), repeats=1)
-    help_run = measure([PYTHON, "-m", "ckptfmt", "--help"], repeats=repeats)
-    inspect_run = measure([PYTHON, "-m", "ckptfmt", "inspect", str(st)], repeats=repeats)
-    baseline = measure([PYTHON, "-c", "pass"], repeats=repeats)
+    help_run, inspect_run, baseline = measure(
+        [PYTHON, "-m", "ckptfmt", "--help"], [PYTHON, "-m", "ckptfmt", "inspect", str(st)], [PYTHON, "-c", "pass"],
+        repeats=repeats,
+    )
     imports_torch = probe["stdout"].strip().splitlines()[-1] == "True"
     return [
         row("help_startup", f"ckptfmt --help vs python -c pass (imports torch: {imports_torch})", help_run, baseline, "wall"),
@@ -308,8 +339,8 @@ def main() -> int:
         ("load", lambda: bench_load(work, files, repeats, load_arch)),
         ("convert", lambda: bench_convert(work, files, repeats)),
         ("verify", lambda: bench_verify(work, files, repeats)),
-        ("predict", lambda: bench_predict(work, files, repeats, args.device, batch, side, 3 if args.quick else 5,
-                                          args.compile)),
+        ("predict", lambda: bench_predict(work, files, min(repeats, 3), args.device, batch, side,
+                                          2 if args.quick or args.device != "cuda" else 10, args.compile)),
         ("startup", lambda: bench_startup(work, files, repeats)),
     ]
     for name, step in steps:
@@ -327,8 +358,8 @@ def main() -> int:
     if args.device == "cuda" and torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name()
     print(f"\nMachine: {machine}\n")
-    print(f"| measurement | ours | baseline | ratio | target | met |")
-    print(f"| --- | ---: | ---: | ---: | --- | --- |")
+    print("| measurement | ours | baseline | ratio | target | met |")
+    print("| --- | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         met = {True: "yes", False: "NO", None: ""}[r["met"]]
         baseline = f"{r['baseline']:g} {r['unit']}" if r["baseline"] is not None else "-"

@@ -9,7 +9,7 @@ import pytest
 from safetensors import SafetensorError, safe_open
 
 import ckptfmt
-from ckptfmt import CkptfmtError, ConfigError, HeaderError, ModelConfig, read_header
+from ckptfmt import ConfigError, HeaderError, ModelConfig, read_header
 from ckptfmt.checkpoint import build_metadata
 from ckptfmt.tensors import write_safetensors
 

@@ -16,7 +16,7 @@ from ckptfmt import CkptfmtError, ModelConfig
 from ckptfmt.checkpoint import build_metadata
 from ckptfmt.digest import digest_file
 from ckptfmt.header import read_header
-from ckptfmt.tensors import DTYPE_NAMES, read_state_dict, weights_digest, write_safetensors
+from ckptfmt.tensors import read_state_dict, weights_digest, write_safetensors
 
 from models.multitask_unet import MultiTaskUNet
 

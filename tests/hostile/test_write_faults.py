@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import ckptfmt
-from ckptfmt import OutputExistsError, WriteError, convert
-from ckptfmt.cli import main
+from ckptfmt import WriteError, convert
 
 from ..helpers import run_cli, small_model
 
