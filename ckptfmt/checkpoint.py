@@ -548,7 +548,7 @@ def load_model_with_config(
         ...     "checkpoints/multitask_joint/best_model.safetensors",
         ...     model_factory_fn=create_multi_task_model, device="cpu")
         >>> checkpoint["epoch"]
-        12
+        3
     """
     opened = open_checkpoint(checkpoint_path, overrides=overrides)
     model = _build(opened, device=device, dtype=None, strict=True, factory=model_factory_fn)

@@ -3,13 +3,13 @@
 For each file: read it with the weights-only unpickler, unwrap its state dict, resolve the
 config (`config=` > sidecar beside the source > inferred from the tensor shapes, then
 `overrides`), check it against the shapes, write the weights atomically, read them back and
-compare them byte for byte with the source tensors, and only then write the sidecar. The source is never modified. A checkpoint that no registered architecture recognises
-is still converted, weights only, with a warning.
+compare them byte for byte with the source tensors, and only then write the sidecar. The
+source is never modified. A checkpoint that no registered architecture recognises is still
+converted, weights only, with a warning.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,12 +21,11 @@ import torch
 from .atomic import check_writable
 from .checkpoint import (
     OPTIMIZER_SUFFIX,
-    check_sidecar_accepts,
-    provenance_record,
-    architecture_summary,
     build_metadata,
     check_shapes,
+    check_sidecar_accepts,
     infer_model_config,
+    provenance_record,
     write_optimizer_state,
 )
 from .config import ModelConfig, read_sidecar, write_sidecar
@@ -43,8 +42,6 @@ from .legacy import read_legacy_checkpoint, sha256_file
 from .tensors import DTYPE_NAMES, write_safetensors
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
-
-logger = logging.getLogger("ckptfmt")
 
 LEGACY_SUFFIXES = (".pth", ".pt")
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -128,8 +125,8 @@ def convert(
 
     Example:
         >>> result = convert("checkpoints/multitask_joint/best_model.pth")
-        >>> result.output, architecture_summary(result.config)
-        (PosixPath('checkpoints/multitask_joint/best_model.safetensors'), 'base_filters=16, depth=3')
+        >>> result.output, result.config.depth
+        (PosixPath('checkpoints/multitask_joint/best_model.safetensors'), 3)
     """
     source = Path(source)
     if not source.is_file():

@@ -85,7 +85,7 @@ def read_legacy_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = Fal
     Example:
         >>> legacy = read_legacy_checkpoint("checkpoints/multitask_joint/best_model.pth")
         >>> legacy.training["epoch"]
-        12
+        3
     """
     path = Path(path)
     if not path.is_file():
