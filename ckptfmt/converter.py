@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from .errors import (
 )
 from .header import read_header
 from .legacy import read_legacy_checkpoint, sha256_file
-from .tensors import DTYPE_NAMES, write_safetensors
+from .tensors import DTYPE_NAMES, placeholder, write_safetensors
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
 
@@ -147,8 +148,7 @@ def convert(
             return result
     check_writable(output, overwrite=force)
 
-    legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle)
-    result.source_sha256 = legacy.sha256
+    legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False)
     state_dict = legacy.state_dict
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
     overrides = dict(overrides or {})
@@ -178,19 +178,19 @@ def convert(
         except ConfigError as exc:
             result.warnings.append(f"optimizer state not carried over: {exc.message}")
 
-    source_record = {
-        "file": source.name,
-        "sha256": legacy.sha256,
-        "serialization": legacy.serialization,
-    }
+    # The source's sha256 is computed while the output is written, and filled in after.
+    sha_stand_in = placeholder()
+    source_record = {"file": source.name, "sha256": sha_stand_in, "serialization": legacy.serialization}
     if legacy.wrapper_key:
         source_record["state_dict_key"] = legacy.wrapper_key
     if legacy.stripped_prefixes:
         source_record["stripped_prefixes"] = legacy.stripped_prefixes
     provenance = provenance_record(source=source_record, **({"cast": cast} if cast else {}))
     metadata = build_metadata(resolved, training=training, provenance=provenance)
-    digest = write_safetensors(output, state_dict, metadata, overwrite=force)
-    result.weights_sha256, result.tensors = digest, len(state_dict)
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        source_sha256 = helper.submit(sha256_file, source)
+        digest = write_safetensors(output, state_dict, metadata, overwrite=force, fill_in={sha_stand_in: source_sha256})
+    result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
     if resolved is not None:
         result.sidecar = write_sidecar(output.parent, resolved, output.name, digest, overwrite=force)
     return result

@@ -19,9 +19,9 @@ import logging
 import math
 import os
 import re
-import threading
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,13 +71,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return sha.hexdigest()
 
 
-def read_legacy_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = False) -> LegacyCheckpoint:
+def read_legacy_checkpoint(
+    path: str | os.PathLike, *, unsafe_pickle: bool = False, hash_source: bool = True
+) -> LegacyCheckpoint:
     """Load a `.pth`/`.pt` file safely and unwrap its state dict.
 
     Args:
         path: the checkpoint written by `torch.save`.
         unsafe_pickle: allow arbitrary pickled objects. This runs code from the file: only
             for files you trust.
+        hash_source: compute the file's sha256 (on a second core, while torch unpickles);
+            without it `sha256` is empty.
 
     Raises:
         CheckpointNotFoundError, UnsafePickleError, LegacyCheckpointError.
@@ -97,16 +101,12 @@ def read_legacy_checkpoint(path: str | os.PathLike, *, unsafe_pickle: bool = Fal
     serialization = _check_container(path)
 
     # Hash on a second core while torch unpickles; hashlib releases the GIL on large buffers.
-    digest: list[str] = []
-    hasher = threading.Thread(target=lambda: digest.append(sha256_file(path)), daemon=True)
-    hasher.start()
-    try:
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        digest = helper.submit(sha256_file, path) if hash_source else None
         obj = _torch_load(path, unsafe_pickle=unsafe_pickle)
-    finally:
-        hasher.join()
     checkpoint = _unwrap(obj, path)
     checkpoint.serialization = serialization
-    checkpoint.sha256 = digest[0]
+    checkpoint.sha256 = digest.result() if digest else ""
     return checkpoint
 
 

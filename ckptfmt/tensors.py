@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -108,21 +108,32 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
+def placeholder() -> str:
+    """A unique stand-in, as long as a sha256 hex digest, for a metadata value that is only
+    known once the data is written (see `write_safetensors`' `fill_in`)."""
+    return os.urandom(32).hex()
+
+
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
-    *, overwrite: bool = False,
+    *, overwrite: bool = False, fill_in: Mapping[str, Future] | None = None,
 ) -> str:
     """Write a safetensors file atomically, streaming tensor bytes from memory, and check it.
 
-    The canonical weights digest is computed on a second core while the data is written, and
-    recorded in `ckptfmt.weights_sha256` (unless `metadata` already sets it). The file is then
-    fsynced on one core while the other reads it back and compares it with the tensors byte for
-    byte; only a file that matches takes its name. Tied tensors (see `split_aliases`) are stored
+    The data is fsynced as it is written. Then, while the last of it goes to disk, it is read
+    back once: compared with the tensors byte for byte, and streamed through the canonical
+    weights digest, which goes into `ckptfmt.weights_sha256` (unless `metadata` already sets
+    it). Only a file that matches takes its name. Tied tensors (see `split_aliases`) are stored
     once and listed in `ckptfmt.aliases`. Tensors are laid out by decreasing item size, then
     name, so each starts aligned to its item size.
 
+    Args:
+        fill_in: placeholders (from `placeholder()`) that occur once in `metadata`'s values,
+            each with a future of its 64-character value, written into the header once the
+            data is: lets a caller hash its source while this writes.
+
     Returns:
-        The canonical weights digest.
+        The canonical weights digest of what was written.
 
     Raises:
         IntegrityError: what was read back differs from the tensors (failing disk or memory).
@@ -133,9 +144,11 @@ def write_safetensors(
     metadata = dict(metadata)
     if aliases:
         metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
-    record_digest = KEY_WEIGHTS_SHA256 not in metadata
-    if record_digest:
-        metadata[KEY_WEIGHTS_SHA256] = _DIGEST_PLACEHOLDER
+    digest: Future = Future()
+    fill_in = dict(fill_in or {})
+    if KEY_WEIGHTS_SHA256 not in metadata:
+        metadata[KEY_WEIGHTS_SHA256] = stand_in = placeholder()
+        fill_in[stand_in] = digest
     order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
     data = {name: tensor_bytes(stored[name]) for name in order}
     header: dict = {"__metadata__": metadata}
@@ -149,51 +162,59 @@ def write_safetensors(
         offset += data[name].nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
+    positions = {}
+    for stand_in in fill_in:
+        if len(stand_in) != 64 or encoded.count(stand_in.encode()) != 1:
+            raise ValueError(f"fill_in placeholder {stand_in!r} must be 64 characters and occur once")
+        positions[stand_in] = 8 + encoded.index(stand_in.encode())
     data_start = 8 + len(encoded)
-    with ThreadPoolExecutor(max_workers=2) as helper:
-        digest = helper.submit(weights_digest, tensors)
-        with atomic_write(path, overwrite=overwrite) as fd:
-            write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
-            # fsync as we go, so the disk works while we write rather than all at the end.
-            flushing, unflushed = None, 0
-            for name in order:
-                write_all(fd, data[name])
-                unflushed += data[name].nbytes
-                if unflushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
-                    flushing, unflushed = helper.submit(os.fsync, fd), 0
-            if flushing is not None:
-                flushing.result()
-            if record_digest:
-                placeholder = f'"{KEY_WEIGHTS_SHA256}":"{_DIGEST_PLACEHOLDER}"'.encode()
-                at = 8 + encoded.index(placeholder) + len(placeholder) - len(_DIGEST_PLACEHOLDER) - 1
-                os.pwrite(fd, digest.result().encode(), at)
-            synced = helper.submit(os.fsync, fd)
-            _compare_written(fd, path, data_start, [data[name] for name in order])
-            synced.result()
+    with ThreadPoolExecutor(max_workers=1) as helper, atomic_write(path, overwrite=overwrite) as fd:
+        write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
+        # fsync as we go, so the disk works while we write rather than all at the end.
+        flushing, unflushed = None, 0
+        for name in order:
+            write_all(fd, data[name])
+            unflushed += data[name].nbytes
+            if unflushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
+                flushing, unflushed = helper.submit(os.fsync, fd), 0
+        if flushing is not None:
+            flushing.result()
+        synced = helper.submit(os.fsync, fd)
+        spans = {name: (data_start + entry["data_offsets"][0], entry) for name, entry in header.items() if name != "__metadata__"}
+        digest.set_result(_read_back(fd, path, spans, data, aliases))
+        synced.result()
+        for stand_in, value in fill_in.items():
+            os.pwrite(fd, value.result().encode(), positions[stand_in])
     return digest.result()
 
 
-_DIGEST_PLACEHOLDER = "0" * 64
 _FLUSH_EVERY = 64 << 20
-_COMPARE_CHUNK = 8 << 20
+_READ_CHUNK = 8 << 20
 
 
-def _compare_written(fd: int, path: Path, position: int, chunks: list[np.ndarray]) -> None:
-    """Read the data section back and compare it with what was meant to be written."""
-    buffer = np.empty(_COMPARE_CHUNK, dtype=np.uint8)
-    for expected in chunks:
+def _read_back(fd: int, path: Path, spans: dict, data: dict[str, np.ndarray], aliases: dict[str, str]) -> str:
+    """Read every tensor back in name order: compare it with what was meant to be written, and
+    feed it to the canonical digest. Each stored byte is read once per name it has."""
+    hasher = WeightsHasher()
+    buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
+    for name in sorted([*spans, *aliases]):
+        stored = aliases.get(name, name)
+        position, entry = spans[stored]
+        expected = data[stored]
+        hasher.begin(name, entry["dtype"], tuple(entry["shape"]), expected.nbytes)
         done = 0
         while done < expected.nbytes:
-            want = min(_COMPARE_CHUNK, expected.nbytes - done)
-            got = os.preadv(fd, [memoryview(buffer)[:want]], position)
+            want = min(_READ_CHUNK, expected.nbytes - done)
+            got = os.preadv(fd, [memoryview(buffer)[:want]], position + done)
             if got != want or not np.array_equal(buffer[:want], expected[done:done + want]):
                 raise IntegrityError(
-                    f"reading back the written data at byte {position} gave other bytes than the "
-                    "tensors; nothing was replaced. Check the disk and retry",
+                    f"reading back the written data of tensor {stored!r} gave other bytes than "
+                    "were written; nothing was replaced. Check the disk and retry",
                     path=path,
                 )
+            hasher.update(buffer[:want])
             done += want
-            position += want
+    return hasher.hexdigest()
 
 
 def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +75,8 @@ def measure(*commands: list[str], repeats: int) -> list[dict]:
             for index, command in enumerate(commands):
                 runs[index].append(run_once(command, Path(scratch)))
     return [
-        {"wall_s": statistics.median(r[0] for r in rounds), "walls_s": [r[0] for r in rounds],
-         "peak_rss_bytes": max(r[1] for r in rounds), "stdout": rounds[-1][2]}
+        {"wall_s": statistics.median(r[0] for r in rounds), "walls_s": [round(r[0], 4) for r in rounds],
+         "peak_rss_bytes": max(r[1] for r in rounds), "stdout": rounds[-1][2], "stdouts": [r[2] for r in rounds]}
         for rounds in runs
     ]
 
@@ -173,13 +172,18 @@ def bench_load(work: Path, files: dict, repeats: int, architecture: tuple[int, i
         repeats=repeats,
     )
     for result in (ours, naive):
-        result["in_process_s"] = json.loads(result["stdout"])["in_process_s"]
+        result["in_process_s"] = _median_of(result, "in_process_s")
     what = f"load_model (base_filters={architecture[0]}, depth={architecture[1]}) to first forward vs construct + torch.load + load_state_dict"
     return [
         row("load_wall", what + ": whole process", ours, naive, "wall", target=("<=", 0.7)),
         row("load_in_process", what + ": in-process", ours, naive, "in_process", target=("<=", 0.2)),
         row("load_rss", what + ": peak RSS", ours, naive, "rss", target=("<=", 0.65)),
     ]
+
+
+def _median_of(result: dict, key: str) -> float:
+    """The median of a figure that each run printed as JSON on its stdout."""
+    return statistics.median(json.loads(out)[key] for out in result["stdouts"])
 
 
 def bench_convert(work: Path, files: dict, repeats: int) -> list[dict]:
@@ -207,9 +211,8 @@ def bench_convert(work: Path, files: dict, repeats: int) -> list[dict]:
 def bench_verify(work: Path, files: dict, repeats: int) -> list[dict]:
     _, st = files["big"]
     ours, sha = measure([PYTHON, "-m", "ckptfmt", "verify", str(st), "--json"], ["sha256sum", str(st)], repeats=repeats)
-    report = json.loads(ours["stdout"])[0]
     size = st.stat().st_size
-    ours["gb_per_s"] = report["gb_per_s"]
+    ours["gb_per_s"] = statistics.median(json.loads(out)[0]["gb_per_s"] for out in ours["stdouts"])
     sha["gb_per_s"] = size / sha["wall_s"] / 1e9
     return [row("verify_digest", f"verify digest throughput (GB/s) vs sha256sum, {gb(size)}", ours, sha, "gbps")]
 
@@ -248,7 +251,7 @@ def bench_predict(work: Path, files: dict, repeats: int, device: str, batch: int
         runs.append(("fp16", "compile"))
     results = measure(*(command(*run) for run in runs), repeats=repeats)
     for result in results:
-        result["images_per_s"] = json.loads(result["stdout"])["images_per_s"]
+        result["images_per_s"] = _median_of(result, "images_per_s")
     if device != "cuda":
         return [row("predict_cpu", what + ": fp32", results[0], None, "ips")]
     rows = [row("predict_fp16_vs_fp32", what + ": fp16 vs fp32", results[1], results[0], "ips", target=(">=", 2.0))]
@@ -296,7 +299,8 @@ def row(name: str, what: str, ours: dict, baseline: dict | None, metric: str, ta
         met = ratio <= target[1] if target[0] == "<=" else ratio >= target[1]
     scale = 1e6 if unit == "MB" else 1
     return {
-        "name": name, "what": what, "unit": unit,
+        "name": name, "what": what, "unit": unit, "ours_walls_s": ours["walls_s"],
+        "baseline_walls_s": baseline["walls_s"] if baseline else None,
         "ours": round(ours_value / scale, 4), "baseline": round(base_value / scale, 4) if base_value else None,
         "ratio": round(ratio, 4) if ratio is not None else None,
         "target": f"{target[0]} {target[1]:g}x" if target else None, "met": met,

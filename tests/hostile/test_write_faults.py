@@ -197,7 +197,7 @@ def test_data_read_back_wrong_replaces_nothing(converted, monkeypatch):
         return got
 
     monkeypatch.setattr("ckptfmt.tensors.os.preadv", corrupting_preadv)
-    with pytest.raises(ckptfmt.IntegrityError, match="reading back the written data at byte .* gave other bytes than the tensors; nothing was replaced"):
+    with pytest.raises(ckptfmt.IntegrityError, match="reading back the written data of tensor .* gave other bytes than were written; nothing was replaced"):
         convert(converted / "m.pth", force=True)
     monkeypatch.undo()
     assert snapshot(converted) == {**before, "m.pth": (converted / "m.pth").read_bytes()}
