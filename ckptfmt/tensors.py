@@ -144,11 +144,9 @@ def write_safetensors(
     metadata = dict(metadata)
     if aliases:
         metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
-    digest: Future = Future()
-    fill_in = dict(fill_in or {})
+    digest_stand_in = None
     if KEY_WEIGHTS_SHA256 not in metadata:
-        metadata[KEY_WEIGHTS_SHA256] = stand_in = placeholder()
-        fill_in[stand_in] = digest
+        metadata[KEY_WEIGHTS_SHA256] = digest_stand_in = placeholder()
     order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
     data = {name: tensor_bytes(stored[name]) for name in order}
     header: dict = {"__metadata__": metadata}
@@ -163,11 +161,12 @@ def write_safetensors(
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
     positions = {}
-    for stand_in in fill_in:
+    for stand_in in [*(fill_in or {}), *([digest_stand_in] if digest_stand_in else [])]:
         if len(stand_in) != 64 or encoded.count(stand_in.encode()) != 1:
             raise ValueError(f"fill_in placeholder {stand_in!r} must be 64 characters and occur once")
         positions[stand_in] = 8 + encoded.index(stand_in.encode())
     data_start = 8 + len(encoded)
+    spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
     with ThreadPoolExecutor(max_workers=1) as helper, atomic_write(path, overwrite=overwrite) as fd:
         write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
         # fsync as we go, so the disk works while we write rather than all at the end.
@@ -180,12 +179,14 @@ def write_safetensors(
         if flushing is not None:
             flushing.result()
         synced = helper.submit(os.fsync, fd)
-        spans = {name: (data_start + entry["data_offsets"][0], entry) for name, entry in header.items() if name != "__metadata__"}
-        digest.set_result(_read_back(fd, path, spans, data, aliases))
+        digest = _read_back(fd, path, spans, data, aliases)
         synced.result()
-        for stand_in, value in fill_in.items():
-            os.pwrite(fd, value.result().encode(), positions[stand_in])
-    return digest.result()
+        values = {stand_in: future.result() for stand_in, future in (fill_in or {}).items()}
+        if digest_stand_in:
+            values[digest_stand_in] = digest
+        for stand_in, value in values.items():
+            os.pwrite(fd, value.encode(), positions[stand_in])
+    return digest
 
 
 _FLUSH_EVERY = 64 << 20
