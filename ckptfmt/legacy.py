@@ -45,6 +45,9 @@ PREFIXES = ("module.", "_orig_mod.")
 MAX_INFLATE_RATIO = 100
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+# Only `convert` takes --unsafe-pickle on the command line: a trusted pickle is converted once,
+# and everything after works on the safe file.
+_UNSAFE_FIX = "convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
 
 
 @dataclass
@@ -113,8 +116,14 @@ def read_legacy_checkpoint(
 def _check_container(path: Path) -> str:
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic != b"PK\x03\x04":
+    if magic[:1] == b"\x80":  # a pickle's PROTO opcode: torch's format before 1.6
         return "torch legacy (< 1.6)"
+    if magic != b"PK\x03\x04":
+        raise LegacyCheckpointError(
+            f"is not a torch checkpoint: it starts with {magic!r}, neither a zip archive (torch "
+            ">= 1.6) nor a pickle (older torch)",
+            path=path,
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
@@ -160,9 +169,9 @@ def _torch_load(path: Path, *, unsafe_pickle: bool) -> Any:
         found = _GLOBAL.search(text)
         if found and not unsafe_pickle:
             raise UnsafePickleError(
-                f"refused to unpickle: it needs the global {_python3_name(found.group(1))}, which the safe "
-                "(weights-only) loader does not allow because unpickling it can run code. If you "
-                "trust this file, pass --unsafe-pickle (unsafe_pickle=True)",
+                f"refused to unpickle: it needs the global {_python3_name(found.group(1))}, which "
+                "the safe (weights-only) loader does not allow because unpickling it can run code. "
+                f"If you trust this file, {_UNSAFE_FIX}",
                 path=path,
             ) from None
         if "Weights only load failed" in text:
@@ -170,8 +179,7 @@ def _torch_load(path: Path, *, unsafe_pickle: bool) -> Any:
             raise UnsafePickleError(
                 "refused to unpickle: the safe (weights-only) loader cannot read it"
                 f"{f' ({detail.group(0)})' if detail else ''}; it may be a plain pickle rather "
-                "than a torch.save file. If you trust this file, pass --unsafe-pickle "
-                "(unsafe_pickle=True)",
+                f"than a torch.save file. If you trust this file, {_UNSAFE_FIX}",
                 path=path,
             ) from None
         first_line = (text.strip().splitlines() or [type(exc).__name__])[0][:300]

@@ -235,7 +235,7 @@ def test_os_system_payload_is_refused_nothing_run_nothing_written(tmp_path):
     assert result.stdout.splitlines()[0] == (
         "[FAIL] evil.pth: refused to unpickle: it needs the global posix.system, which the safe "
         "(weights-only) loader does not allow because unpickling it can run code. If you trust "
-        "this file, pass --unsafe-pickle (unsafe_pickle=True)"
+        "this file, convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
     )
 
 

@@ -102,3 +102,13 @@ def test_convert_of_a_corrupt_file_writes_nothing(tmp_path, valid_files):
     with pytest.raises(LegacyCheckpointError):
         convert(tmp_path / "cut.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pth"]
+
+
+def test_a_file_that_is_neither_zip_nor_pickle(tmp_path):
+    """A config JSON given where a checkpoint belongs is named for what it is not."""
+    (tmp_path / "model_config.json").write_text('{"depth": 4}')
+    error = assert_our_error(tmp_path / "model_config.json")
+    assert error.message == (
+        "is not a torch checkpoint: it starts with b'{\"de', neither a zip archive (torch >= 1.6) "
+        "nor a pickle (older torch)"
+    )

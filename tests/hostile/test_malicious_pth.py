@@ -122,7 +122,7 @@ def test_cli_refusal_is_one_line_and_exit_1_even_with_the_env_override(tmp_path)
         assert result.stderr.strip().splitlines() == [
             "Error: evil.pth: refused to unpickle: it needs the global posix.system, which the safe "
             "(weights-only) loader does not allow because unpickling it can run code. If you trust "
-            "this file, pass --unsafe-pickle (unsafe_pickle=True)"
+            "this file, convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
         ]
 
 
