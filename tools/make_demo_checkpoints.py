@@ -10,8 +10,9 @@ the legacy layouts users really have, which is what `ckptfmt convert` exists to 
     multitask_joint/last_model.pth        the same, in torch's pre-1.6 serialization
     multitask_joint/model_config.json     the original system's sidecar (schema 0)
 
-Seeded and single-threaded, so a rerun on the same machine gives the same files. Takes well
-under a minute on a laptop CPU.
+Seeded and single-threaded, so a rerun on the same machine trains the same weights (the files'
+bytes still differ: torch.save stamps each with a fresh serialization id). Takes under a minute
+on a laptop CPU.
 
 Usage: python tools/make_demo_checkpoints.py [OUT_DIR]   (default: checkpoints)
 """
