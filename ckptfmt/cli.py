@@ -1,7 +1,9 @@
 """The `ckptfmt` command: a thin layer over the library.
 
-Results go to stdout (pure JSON with --json), progress and warnings to stderr. A user error is
-one line, `Error: FILE: problem; fix`, and exit 1 (usage errors exit 2); never a traceback.
+Results go to stdout (pure JSON with --json); progress, warnings and errors to stderr. A user
+error is one line, `Error: FILE: problem; fix`, and exit 1 (usage errors exit 2); never a
+traceback. Commands that take many files report each failed one as one `[FAIL] FILE: problem`
+line on stderr, go on with the rest, and exit 1.
 Heavy modules are imported inside the commands, so `ckptfmt --help` and `ckptfmt inspect` of a
 .safetensors never import torch.
 """
@@ -134,7 +136,7 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
             for warning in r.warnings:
                 click.echo(f"warning: {r.source}: {warning}", err=True)
             if r.status == "failed":
-                click.echo(f"[FAIL] {r.error}")
+                click.echo(f"[FAIL] {r.error}", err=True)
             elif r.status == "skipped":
                 click.echo(f"[SKIP] {r.source}: already converted to {r.output} (same source sha256)")
             else:
@@ -282,7 +284,7 @@ def verify_command(paths, as_json):
                 detail = f"digest read {_size(report.bytes_hashed)}" + (f" at {speed} GB/s" if speed else "")
                 click.echo(f"[OK]   {report.path}: {', '.join(c['check'] for c in report.checks)} ({detail})")
             for failure in report.failures:
-                click.echo(f"[FAIL] {failure}")
+                click.echo(f"[FAIL] {failure}", err=True)
     if not all(r.ok for r in reports):
         sys.exit(1)
 
@@ -370,7 +372,7 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
     for result in results:
         if result.error:
             failed += 1
-            click.echo(f"[FAIL] {result.error}")
+            click.echo(f"[FAIL] {result.error}", err=True)
         else:
             p = result.prediction
             click.echo(f"[OK]   {result.input}: {p.class_name} ({p.class_probabilities[p.label]:.3f}), "

@@ -124,7 +124,7 @@ def test_verify_detects_a_flipped_byte(tmp_path):
     flip_byte(path, 100)
     result = invoke("verify", path)
     assert result.exit_code == 1
-    assert result.stdout.startswith(f"[FAIL] {path}: weights digest mismatch: the tensor data was changed or corrupted")
+    assert result.stderr.startswith(f"[FAIL] {path}: weights digest mismatch: the tensor data was changed or corrupted")
 
 
 def test_verify_detects_an_edited_sidecar(tmp_path):
@@ -135,7 +135,7 @@ def test_verify_detects_an_edited_sidecar(tmp_path):
     sidecar.write_text(json.dumps(document))
     result = invoke("verify", path)
     assert result.exit_code == 1
-    assert result.stdout.strip() == f"[FAIL] {path}: sidecar disagrees with the embedded config: base_filters: 4 != 8"
+    assert result.stderr.strip() == f"[FAIL] {path}: sidecar disagrees with the embedded config: base_filters: 4 != 8"
 
 
 def test_verify_detects_a_config_that_does_not_match_its_tensors(tmp_path):
@@ -145,7 +145,7 @@ def test_verify_detects_a_config_that_does_not_match_its_tensors(tmp_path):
     write_safetensors(path, model.state_dict(), build_metadata(wrong, training={}, provenance={}))
     result = invoke("verify", path)
     assert result.exit_code == 1
-    assert result.stdout.strip().startswith(
+    assert result.stderr.strip().startswith(
         f"[FAIL] {path}: config does not match the tensors: base_filters=8 expects enc.0.0.weight [8, 1, 3, 3]; the file has [4, 1, 3, 3]"
     )
 
@@ -169,7 +169,8 @@ def test_verify_of_several_files_lists_each_failure(tmp_path):
     result = run_cli("verify", str(good), str(bad))
     assert result.returncode == 1
     assert result.stdout.splitlines()[0].startswith(f"[OK]   {good}")
-    assert result.stdout.splitlines()[1].startswith(f"[FAIL] {bad}: weights digest mismatch")
+    (failure,) = result.stderr.splitlines()
+    assert failure.startswith(f"[FAIL] {bad}: weights digest mismatch: the tensor data was changed or corrupted")
     assert "Traceback" not in result.stderr
 
 

@@ -115,7 +115,11 @@ def test_cli_refusal_is_one_line_and_exit_1_even_with_the_env_override(tmp_path)
     assert result.returncode == 1
     assert not marker.exists()
     assert "Traceback" not in result.stderr
-    assert result.stdout.splitlines()[0].startswith("[FAIL] evil.pth: refused to unpickle: it needs the global posix.system")
+    assert result.stderr.splitlines() == [
+        "[FAIL] evil.pth: refused to unpickle: it needs the global posix.system, which the safe "
+        "(weights-only) loader does not allow because unpickling it can run code. If you trust "
+        "this file, convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
+    ]
     for command in (["inspect", "evil.pth"], ["diff", "evil.pth", "evil.pth"]):
         result = run_cli(*command, cwd=tmp_path, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
         assert result.returncode == 1 and not marker.exists()

@@ -133,7 +133,7 @@ def test_existing_output_is_not_overwritten(converted):
     before = snapshot(converted)
     result = run_cli("convert", "m.pth", cwd=converted)
     assert result.returncode == 1
-    assert result.stdout.splitlines()[0] == "[FAIL] m.safetensors: already exists; pass --force (overwrite=True) to replace it"
+    assert result.stderr.splitlines() == ["[FAIL] m.safetensors: already exists; pass --force (overwrite=True) to replace it"]
     assert snapshot(converted) == {**before, "m.pth": (converted / "m.pth").read_bytes()}
 
 
@@ -183,7 +183,8 @@ def test_crash_between_weights_and_sidecar_is_reported_by_verify(converted, monk
     assert not report.ok
     assert report.failures[0].startswith(f"{converted / 'm.safetensors'}: sidecar is bound to other weights")
     result = run_cli("verify", "m.safetensors", cwd=converted)
-    assert result.returncode == 1 and "sidecar is bound to other weights" in result.stdout
+    assert result.returncode == 1
+    assert result.stderr.startswith("[FAIL] m.safetensors: sidecar is bound to other weights")
 
 
 def test_data_read_back_wrong_replaces_nothing(converted, monkeypatch):
