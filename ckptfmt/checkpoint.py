@@ -22,7 +22,14 @@ from typing import Any, Callable
 import torch
 
 from .atomic import check_writable
-from .config import ARCHITECTURE_FIELDS, ModelConfig, config_differences, read_sidecar, write_sidecar
+from .config import (
+    ARCHITECTURE_FIELDS,
+    ModelConfig,
+    check_sidecar_accepts,
+    config_differences,
+    read_sidecar,
+    write_sidecar,
+)
 from .digest import check_digest, digest_file
 from .errors import (
     ArchitectureNotRecognisedError,
@@ -114,7 +121,7 @@ def save_model_with_config(
     check_writable(path, overwrite=overwrite)
     if optimizer is not None:
         check_writable(companion, overwrite=overwrite)
-    check_sidecar_accepts(path, config, overwrite=overwrite)
+    check_sidecar_accepts(path.parent, config, overwrite=overwrite)
 
     training = _training_record(epoch, metrics, path)
     if optimizer is not None:
@@ -175,18 +182,6 @@ def _training_record(epoch: Any, metrics: Any, path: Path) -> dict[str, Any]:
             clean[str(name)] = value
         training["metrics"] = clean
     return training
-
-
-def check_sidecar_accepts(path: Path, config: ModelConfig, *, overwrite: bool) -> None:
-    sidecar = read_sidecar(path.parent)
-    if sidecar is not None and not overwrite:
-        differences = config_differences(sidecar.config, config)
-        if differences:
-            raise ConfigError(
-                f"holds another config ({'; '.join(differences)}); pass --force "
-                "(overwrite=True) to replace it",
-                path=sidecar.path,
-            )
 
 
 # -- optimizer state without pickle ---------------------------------------------------------

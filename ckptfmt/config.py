@@ -32,6 +32,7 @@ __all__ = [
     "SIDECAR_NAME",
     "ModelConfig",
     "Sidecar",
+    "check_sidecar_accepts",
     "config_differences",
     "read_sidecar",
     "write_sidecar",
@@ -320,6 +321,22 @@ def read_sidecar(folder: str | os.PathLike) -> Sidecar | None:
     return Sidecar(path, ModelConfig.from_dict(document, path=path), weights)
 
 
+def check_sidecar_accepts(folder: str | os.PathLike, config: ModelConfig, *, overwrite: bool) -> Sidecar | None:
+    """The sidecar in `folder` (or None), after checking that `config` may be written there:
+    a sidecar holding another config is an error naming the fields, unless `overwrite`.
+    Called before the weights are written, so that a refusal leaves nothing half done."""
+    existing = read_sidecar(folder)
+    if existing is not None and not overwrite:
+        differences = config_differences(existing.config, config)
+        if differences:
+            raise ConfigError(
+                f"holds another config ({'; '.join(differences)}); pass --force "
+                "(overwrite=True) to replace it",
+                path=existing.path,
+            )
+    return existing
+
+
 def write_sidecar(
     folder: str | os.PathLike, config: ModelConfig, weights_file: str | None = None,
     weights_sha256: str | None = None, *, overwrite: bool = False,
@@ -331,18 +348,10 @@ def write_sidecar(
     sidecar holding another config is an error naming the fields, unless `overwrite`, which
     starts it afresh.
     """
-    existing = read_sidecar(folder)
+    existing = check_sidecar_accepts(folder, config, overwrite=overwrite)
     bindings = {weights_file: weights_sha256} if weights_file else {}
-    if existing is not None:
-        differences = config_differences(existing.config, config)
-        if not differences:
-            bindings = {**existing.weights, **bindings}
-        elif not overwrite:
-            raise ConfigError(
-                f"holds another config ({'; '.join(differences)}); pass --force "
-                "(overwrite=True) to replace it",
-                path=existing.path,
-            )
+    if existing is not None and existing.config == config:
+        bindings = {**existing.weights, **bindings}
     document = {**config.to_dict(), "weights": dict(sorted(bindings.items()))}
     path = Path(folder) / SIDECAR_NAME
     with atomic_write(path, overwrite=existing is not None) as fd:

@@ -24,12 +24,11 @@ from .checkpoint import (
     OPTIMIZER_SUFFIX,
     build_metadata,
     check_shapes,
-    check_sidecar_accepts,
     infer_model_config,
     provenance_record,
     write_optimizer_state,
 )
-from .config import ModelConfig, read_sidecar, write_sidecar
+from .config import ModelConfig, check_sidecar_accepts, read_sidecar, write_sidecar
 from .errors import (
     ArchitectureNotRecognisedError,
     CheckpointNotFoundError,
@@ -159,7 +158,7 @@ def convert(
     )
     result.config = resolved
     if resolved is not None:
-        check_sidecar_accepts(output, resolved, overwrite=force)
+        check_sidecar_accepts(output.parent, resolved, overwrite=force)
 
     cast = None
     if dtype is not None:
