@@ -43,9 +43,9 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dic
     if not looks_like_safetensors(path):
         return _inspect_legacy(path, tensors=tensors)
     header = read_header(path)
-    config = header.config_dict()
-    if config is not None:
-        config = ModelConfig.from_dict(config, path=path).to_dict()
+    embedded = header.config_dict()
+    parsed = ModelConfig.from_dict(embedded, path=path) if embedded is not None else None
+    config = parsed.to_dict() if parsed else None
     kind = "optimizer state" if KEY_OPTIMIZER in header.metadata else (
         "ckptfmt" if header.is_ckptfmt else "safetensors"
     )
@@ -62,7 +62,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dic
         "weights_sha256": header.weights_sha256,
         "aliases": header.aliases,
         "tensors": _tensor_summary(infos),
-        "sidecar": sidecar_status(header) if kind == "ckptfmt" else None,
+        "sidecar": sidecar_status(header, parsed) if kind == "ckptfmt" else None,
     }
     if kind == "ckptfmt" and config is None:
         info["note"] = "weights only: no registered architecture recognised it, so it has no config"
@@ -118,8 +118,9 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
     return info
 
 
-def sidecar_status(header: Header) -> dict[str, Any]:
-    """Whether `model_config.json` beside the file agrees with it.
+def sidecar_status(header: Header, embedded: ModelConfig | None) -> dict[str, Any]:
+    """Whether `model_config.json` beside the file agrees with it (`embedded` is the file's
+    own config, already parsed; None when it has none or it is invalid).
 
     status: "consistent", "missing", "unbound" (the sidecar does not list this file),
     "stale" (it is bound to other weights: the file was replaced, or a crash came between
@@ -133,9 +134,8 @@ def sidecar_status(header: Header) -> dict[str, Any]:
     if sidecar is None:
         return {"status": "missing"}
     status: dict[str, Any] = {"status": "consistent", "path": str(sidecar.path)}
-    embedded = header.config_dict()
     if embedded is not None:
-        differences = config_differences(ModelConfig.from_dict(embedded, path=header.path), sidecar.config)
+        differences = config_differences(embedded, sidecar.config)
         if differences:
             status.update(status="disagrees", differences=differences)
             return status
@@ -226,13 +226,14 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         from .checkpoint import check_shapes
 
         try:
-            check_shapes(config, header.shapes())
-            report.add("shapes", True, f"all {len(header.shapes())} tensors fit the config")
+            shapes = header.shapes()
+            check_shapes(config, shapes)
+            report.add("shapes", True, f"all {len(shapes)} tensors fit the config")
         except CkptfmtError as exc:
             report.add("shapes", False, f"config does not match the tensors: {exc.message}")
 
     if header.is_ckptfmt and KEY_OPTIMIZER not in header.metadata:
-        status = sidecar_status(header)
+        status = sidecar_status(header, config)
         messages = {
             "consistent": (True, "sidecar consistent"),
             "missing": (True, "no sidecar (the embedded config is authoritative)"),

@@ -234,3 +234,16 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     assert result.returncode in (1, 2)
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message.format(tmp=tmp_path))
+
+
+def test_verify_reports_an_invalid_embedded_config_and_goes_on(tmp_path):
+    """Regression: the sidecar check re-parsed the invalid config and raised out of verify."""
+    model, config = small_model()
+    metadata = build_metadata(config, training={}, provenance={})
+    metadata["ckptfmt.config"] = json.dumps({**config.to_dict(), "depth": 0})
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, model.state_dict(), metadata)
+    ckptfmt.config.write_sidecar(tmp_path, config, "m.safetensors", ckptfmt.read_header(path).weights_sha256)
+    report = verify(path)
+    assert [c["check"] for c in report.checks if not c["ok"]] == ["config"]
+    assert report.failures == [f"{path}: invalid embedded config: depth must lie in 1..8, not 0"]
