@@ -21,11 +21,13 @@ _EXPORTS = {
     "read_header": "header",
     "register_model": "registry",
     "registered_model_types": "registry",
+    "save": "checkpoint",
     "save_model_with_config": "checkpoint",
     "load_model": "checkpoint",
     "load_model_with_config": "checkpoint",
-    "load_training_state": "checkpoint",
-    "infer_model_config": "checkpoint",
+    "load_training_state": "training",
+    "infer_model_config": "shapes",
+    "Task": "registry",
     "weights_digest": "tensors",
     "read_state_dict": "tensors",
     "convert": "converter",
@@ -36,6 +38,7 @@ _EXPORTS = {
     "diff": "inspect",
     "MultiTaskPredictor": "predict",
     "CkptfmtError": "errors",
+    "CkptfmtWarning": "errors",
     "CheckpointNotFoundError": "errors",
     "OutputExistsError": "errors",
     "WriteError": "errors",
@@ -49,6 +52,7 @@ _EXPORTS = {
     "IntegrityError": "errors",
     "InputError": "errors",
     "DeviceError": "errors",
+    "PluginError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -68,19 +72,18 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .checkpoint import (
-        infer_model_config, load_model, load_model_with_config, load_training_state,
-        save_model_with_config,
-    )
+    from .checkpoint import load_model, load_model_with_config, save, save_model_with_config
     from .config import ModelConfig, read_sidecar
     from .converter import ConvertResult, convert, convert_all
     from .errors import (
-        ArchitectureNotRecognisedError, CheckpointNotFoundError, CkptfmtError, ConfigError,
+        ArchitectureNotRecognisedError, CheckpointNotFoundError, CkptfmtError, CkptfmtWarning, ConfigError,
         DeviceError, HeaderError, InputError, IntegrityError, LegacyCheckpointError, OutputExistsError,
-        ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
+        PluginError, ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
     )
     from .header import read_header
     from .inspect import diff, inspect_checkpoint, verify
     from .predict import MultiTaskPredictor
-    from .registry import register_model, registered_model_types
+    from .registry import Task, register_model, registered_model_types
+    from .shapes import infer_model_config
     from .tensors import read_state_dict, weights_digest
+    from .training import load_training_state

@@ -1,76 +1,63 @@
 """Saving a model with its config, and rebuilding it from the file alone.
 
 Loading runs in one fixed order: read the header, resolve the config (overrides > embedded >
-sidecar > inferred from the weights), check it against the tensor shapes, build the model on
-the meta device, load the tensors with `assign=True`. No memory is allocated before the shapes
-are known to fit, no weights are randomly initialised only to be overwritten, and a mismatch is
-our error naming the field and the tensor, never torch's wall of size-mismatch lines.
+sidecar > inferred from the weights), check it against its architecture, check it against the
+tensor shapes and dtypes, build the model on the meta device, load the tensors with
+`assign=True`. No memory is allocated before the shapes are known to fit, no weights are
+randomly initialised only to be overwritten, and a mismatch is our error naming the field and
+the tensor, never torch's wall of size-mismatch lines.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
-import math
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .atomic import check_writable
-from .config import (
-    ARCHITECTURE_FIELDS,
-    ModelConfig,
-    check_sidecar_accepts,
-    config_differences,
-    read_sidecar,
-    write_sidecar,
-)
-from .digest import check_digest, digest_file
+from .config import ModelConfig, check_sidecar_accepts, config_differences, read_sidecar, write_sidecar
+from .digest import check_digest
 from .errors import (
     ArchitectureNotRecognisedError,
-    CheckpointNotFoundError,
+    CkptfmtWarning,
     ConfigError,
     DeviceError,
-    IntegrityError,
     ShapeMismatchError,
 )
-from .header import (
-    FORMAT_VERSION,
-    KEY_CONFIG,
-    KEY_FORMAT,
-    KEY_FORMAT_VERSION,
-    KEY_OPTIMIZER,
-    KEY_PROVENANCE,
-    KEY_TRAINING,
-    Header,
-    looks_like_safetensors,
-    loads_strict,
-    read_header,
-)
+from .files import resolve_checkpoint_path
+from .header import Header, looks_like_safetensors, read_header
 from .legacy import LegacyCheckpoint, read_legacy_checkpoint
-from .registry import get_model_entry, registered_model_types
-from .tensors import load_tensors, write_safetensors
+from .metadata import build_metadata, provenance_record, training_record
+from .registry import get_model_entry, unwrap_model
+from .shapes import check_shapes, check_state, infer_model_config, module_state
+from .tensors import DTYPE_NAMES, load_tensors, write_safetensors
+from .training import OPTIMIZER_SUFFIX, write_optimizer_state
 
 __all__ = [
-    "build_metadata",
-    "check_shapes",
-    "infer_model_config",
+    "OpenedCheckpoint",
     "load_model",
     "load_model_with_config",
-    "load_training_state",
     "open_checkpoint",
+    "resolve_device",
+    "resolve_dtype",
+    "save",
     "save_model_with_config",
-    "write_optimizer_state",
 ]
 
 logger = logging.getLogger("ckptfmt")
 
-OPTIMIZER_SUFFIX = ".optimizer.safetensors"
+_DTYPES = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
+}
 
 
 # -- saving ---------------------------------------------------------------------------------
@@ -79,7 +66,7 @@ OPTIMIZER_SUFFIX = ".optimizer.safetensors"
 def save_model_with_config(
     model: torch.nn.Module,
     checkpoint_path: str | os.PathLike,
-    config: ModelConfig,
+    config: ModelConfig | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     epoch: int | None = None,
     metrics: Mapping[str, float] | None = None,
@@ -89,10 +76,12 @@ def save_model_with_config(
     """Save a model as one self-describing .safetensors file, plus the sidecar.
 
     Args:
-        model: the model; its state dict is checked against `config` before anything is written.
+        model: the model. Built by a registered architecture, it knows its arguments, and
+            `config` may be left out.
         checkpoint_path: where to write. A `.pth` name is written as `.safetensors` (with a
-            warning naming the real path): weights are never pickled.
-        config: the model's ModelConfig.
+            CkptfmtWarning naming the real path): weights are never pickled.
+        config: the model's ModelConfig; it must agree with the arguments the model was built
+            with, and it is checked against the model's tensors before anything is written.
         optimizer: if given, its state goes to `NAME.optimizer.safetensors` beside the
             checkpoint, without pickle; `load_training_state` restores it.
         epoch, metrics: the training record, kept in the header.
@@ -101,6 +90,11 @@ def save_model_with_config(
     Returns:
         The path of the written .safetensors file.
 
+    Raises:
+        ConfigError: no config and the model's class is not registered (the message shows how
+            to register it), or the config disagrees with how the model was built.
+        ShapeMismatchError: the config does not fit the model's tensors.
+
     Example:
         >>> config = ModelConfig(base_filters=32, depth=3, trained_on="BraTS 2020")
         >>> model = create_multi_task_model(**config.get_model_params())
@@ -108,22 +102,54 @@ def save_model_with_config(
         ...                        optimizer=optimizer, epoch=12, metrics={"dice": 0.88})
         PosixPath('runs/joint/best_model.safetensors')
     """
-    path = Path(checkpoint_path)
+    return save(model, checkpoint_path, config=config, optimizer=optimizer, epoch=epoch, metrics=metrics,
+                overwrite=overwrite)
+
+
+def save(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    config: ModelConfig | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int | None = None,
+    metrics: Mapping[str, float] | None = None,
+    overwrite: bool = False,
+    **fields: Any,
+) -> Path:
+    """Save a model of a registered architecture: the short form of `save_model_with_config`.
+
+    Args:
+        fields: the config's descriptive and inference fields (description, trained_on,
+            class_names, normalization, seg_threshold, ...), added to the arguments the model
+            was built with (or to `config`).
+
+    Example:
+        >>> model = MLP(width=64)                        # a class under @register_model("mlp")
+        >>> ckptfmt.save(model, "mlp.safetensors", description="baseline", epoch=3)
+        PosixPath('mlp.safetensors')
+    """
+    path = Path(path)
     if path.suffix != ".safetensors":
         real = path.with_suffix(".safetensors")
-        logger.warning("%s: checkpoints are written as safetensors, not pickled; writing %s", path, real)
+        warnings.warn(
+            f"{path}: checkpoints are written as safetensors, not pickled; writing {real}",
+            CkptfmtWarning, stacklevel=3,
+        )
         path = real
-    if not isinstance(config, ModelConfig):
-        raise ConfigError(f"config must be a ModelConfig, not {type(config).__name__}", path=path)
-    state_dict = model.state_dict()
-    check_shapes(config, {n: tuple(t.shape) for n, t in state_dict.items()}, path=path)
+    config = _config_to_save(model, config, fields, path)
+    state_dict = unwrap_model(model).state_dict()
+    check_shapes(
+        config, {n: tuple(t.shape) for n, t in state_dict.items()},
+        dtypes={n: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for n, t in state_dict.items()}, path=path,
+    )
     companion = path.with_name(path.stem + OPTIMIZER_SUFFIX)
     check_writable(path, overwrite=overwrite)
     if optimizer is not None:
         check_writable(companion, overwrite=overwrite)
     check_sidecar_accepts(path.parent, config, overwrite=overwrite)
 
-    training = _training_record(epoch, metrics, path)
+    training = training_record(epoch, metrics, path=path)
     if optimizer is not None:
         training["optimizer"] = write_optimizer_state(companion, optimizer.state_dict(), overwrite=overwrite)
     metadata = build_metadata(config, training=training, provenance=provenance_record())
@@ -132,155 +158,42 @@ def save_model_with_config(
     return path
 
 
-def build_metadata(
-    config: ModelConfig | None, *, training: Mapping[str, Any], provenance: Mapping[str, Any]
-) -> dict[str, str]:
-    """The `__metadata__` of a ckptfmt file (see the README's format section); the weights
-    digest is added by `write_safetensors` as it writes."""
-    metadata = {
-        KEY_FORMAT: "pt",
-        KEY_FORMAT_VERSION: FORMAT_VERSION,
-        KEY_PROVENANCE: _dumps(provenance),
-    }
-    if config is not None:
-        metadata[KEY_CONFIG] = json.dumps(config.to_dict(), sort_keys=True)
-    if training:
-        metadata[KEY_TRAINING] = _dumps(training)
-    return metadata
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, allow_nan=False)
-
-
-def provenance_record(**extra: Any) -> dict[str, Any]:
-    from . import __version__
-
-    return {
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "ckptfmt": __version__,
-        "torch": torch.__version__,
-        **extra,
-    }
-
-
-def _training_record(epoch: Any, metrics: Any, path: Path) -> dict[str, Any]:
-    training: dict[str, Any] = {}
-    if epoch is not None:
-        if type(epoch) is not int or epoch < 0:
-            raise ConfigError(f"epoch must be a non-negative int, not {epoch!r}", path=path)
-        training["epoch"] = epoch
-    if metrics is not None:
-        if not isinstance(metrics, Mapping):
-            raise ConfigError(f"metrics must be a dict of numbers, not {type(metrics).__name__}", path=path)
-        clean = {}
-        for name, value in metrics.items():
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if type(value) not in (int, float) or not math.isfinite(value):
-                raise ConfigError(f"metric {name!r} must be a finite number, not {value!r}", path=path)
-            clean[str(name)] = value
-        training["metrics"] = clean
-    return training
-
-
-# -- optimizer state without pickle ---------------------------------------------------------
-
-
-def write_optimizer_state(
-    path: str | os.PathLike, state_dict: Mapping[str, Any], *, overwrite: bool = False
-) -> dict[str, str]:
-    """Save an optimizer state dict as safetensors: tensors as tensors, the rest as JSON.
-
-    Returns the training record's binding, `{"file": name, "sha256": digest}`.
-    """
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-
-    def encode(value: Any, where: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            name = where if where not in tensors else f"{where}#{len(tensors)}"
-            tensors[name] = value
-            return {"__tensor__": name}
-        if isinstance(value, Mapping):
-            return {"__items__": [[encode(k, where), encode(v, f"{where}.{k}")] for k, v in value.items()]}
-        if isinstance(value, tuple):
-            return {"__tuple__": [encode(v, f"{where}.{i}") for i, v in enumerate(value)]}
-        if isinstance(value, list):
-            return [encode(v, f"{where}.{i}") for i, v in enumerate(value)]
-        if isinstance(value, float) and not math.isfinite(value):
-            return {"__float__": repr(value)}
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        raise ConfigError(
-            f"optimizer state {where!r} holds a {type(value).__name__}, which cannot be saved "
-            "without pickle",
-            path=path,
+def _config_to_save(model: torch.nn.Module, config: ModelConfig | None, fields: dict[str, Any], path: Path) -> ModelConfig:
+    """The config to write: the one given (checked against how the model was built, when that
+    is known), else the one the model's recorded arguments make."""
+    try:
+        if config is None:
+            return ModelConfig.from_model(model, **fields)
+        if not isinstance(config, ModelConfig):
+            raise ConfigError(f"config must be a ModelConfig, not {type(config).__name__}")
+        config = config.checked()
+        if fields:
+            config = config.replace(**fields)
+        try:
+            built = ModelConfig.from_model(model)
+        except ConfigError as exc:
+            if "is not a registered architecture" in exc.message:
+                return config  # built some other way: the shape check is all there is to go on
+            raise
+        if built.model_type != config.model_type:
+            raise ConfigError(
+                f"the config is for model_type {config.model_type!r} but the model was built as "
+                f"{built.model_type!r}; save without config= to record the model as built"
+            )
+        differing = sorted(
+            name for name in {*built.params, *config.params} if built.params.get(name) != config.params.get(name)
         )
-
-    structure = encode(dict(state_dict), "optimizer")
-    metadata = {
-        KEY_FORMAT: "pt",
-        KEY_FORMAT_VERSION: FORMAT_VERSION,
-        KEY_OPTIMIZER: json.dumps(structure, sort_keys=True),
-    }
-    return {"file": path.name, "sha256": write_safetensors(path, tensors, metadata, overwrite=overwrite)}
-
-
-def read_optimizer_state(path: str | os.PathLike, *, expected_sha256: str | None = None) -> dict[str, Any]:
-    """Read an optimizer state written by `write_optimizer_state`, checking its digest."""
-    header = read_header(path)
-    if KEY_OPTIMIZER not in header.metadata:
-        raise IntegrityError("is not a ckptfmt optimizer-state file", path=path)
-    actual = digest_file(header)
-    for wanted, what in ((header.weights_sha256, "its own digest"), (expected_sha256, "the checkpoint")):
-        if wanted is not None and actual != wanted:
-            raise IntegrityError(
-                f"does not match {what} (sha256 {actual[:12]}... != {wanted[:12]}...); it was "
-                "changed or belongs to another checkpoint",
-                path=path,
+        if differing:
+            shown = "; ".join(
+                f"{name}: config {config.params.get(name)!r}, model {built.params.get(name)!r}" for name in differing
             )
-    tensors = load_tensors(header)
-
-    def decode(value: Any) -> Any:
-        if isinstance(value, list):
-            return [decode(v) for v in value]
-        if not isinstance(value, dict):
-            return value
-        if "__tensor__" in value:
-            return tensors[value["__tensor__"]].clone()
-        if "__items__" in value:
-            return {decode(k): decode(v) for k, v in value["__items__"]}
-        if "__tuple__" in value:
-            return tuple(decode(v) for v in value["__tuple__"])
-        return float(value["__float__"])
-
-    return decode(loads_strict(header.metadata[KEY_OPTIMIZER], what="optimizer state", path=path))
-
-
-def load_training_state(checkpoint_path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Restore the optimizer saved with a checkpoint, and return its training record.
-
-    Save, then resume with this, then step, gives bit for bit what never stopping gives.
-
-    Example:
-        >>> model = load_model("runs/joint/best_model.safetensors").train()
-        >>> optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        >>> load_training_state("runs/joint/best_model.safetensors", optimizer)["epoch"]
-        12
-    """
-    path = resolve_checkpoint_path(checkpoint_path)
-    training = read_header(path).training()
-    if optimizer is not None:
-        binding = training.get("optimizer")
-        if not binding:
-            raise CheckpointNotFoundError(
-                "was saved without optimizer state; pass optimizer= to save_model_with_config",
-                path=path,
+            raise ConfigError(
+                f"the config disagrees with the arguments the model was built with ({shown}); save "
+                "without config= to record the model as built, or build the model from the config"
             )
-        state = read_optimizer_state(path.parent / binding["file"], expected_sha256=binding["sha256"])
-        optimizer.load_state_dict(state)
-    return training
+        return config
+    except ConfigError as exc:
+        raise type(exc)(exc.message, path=path) from None
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -291,10 +204,12 @@ class OpenedCheckpoint:
     """A checkpoint resolved up to, but not including, allocating the model."""
 
     path: Path
-    config: ModelConfig
-    config_source: str  # "embedded", "sidecar" or "inferred", "+overrides" when overridden
+    config: ModelConfig | None  # None: weights only, and a builder was given
+    config_source: str | None  # "embedded", "sidecar" or "inferred", "+overrides" when overridden
     header: Header | None
     legacy: LegacyCheckpoint | None
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
 
     @property
     def training(self) -> dict[str, Any]:
@@ -311,16 +226,23 @@ class OpenedCheckpoint:
 
 
 def open_checkpoint(
-    path: str | os.PathLike, *, overrides: Mapping[str, Any] | None = None, unsafe_pickle: bool = False
+    path: str | os.PathLike, *, overrides: Mapping[str, Any] | None = None, unsafe_pickle: bool = False,
+    builder: Callable[..., torch.nn.Module] | None = None,
 ) -> OpenedCheckpoint:
-    """Read a checkpoint's header (or a legacy file) and resolve and check its config."""
+    """Read a checkpoint's header (or a legacy file) and resolve and check its config.
+
+    With a `builder`, a file without a config is opened as it is (weights only): the builder
+    says what the model is, and its shapes are checked when it is built.
+    """
     path = resolve_checkpoint_path(path)
     if path.is_dir():
-        raise CheckpointNotFoundError("is a folder; give the checkpoint file inside it", path=path)
+        raise ConfigError("is a folder; give the checkpoint file inside it", path=path)
     header = legacy = None
+    config = source = None
     if looks_like_safetensors(path):
         header = read_header(path)
         shapes = header.shapes()
+        dtypes = header.dtypes()
         embedded = header.config_dict()
         sidecar = read_sidecar(path.parent)
         if embedded is not None:
@@ -329,127 +251,55 @@ def open_checkpoint(
             if sidecar is not None and path.name in sidecar.weights:
                 differences = config_differences(config, sidecar.config)
                 if differences:
-                    logger.warning(
-                        "%s: the sidecar %s disagrees with the embedded config (%s); using the "
-                        "embedded one. Run `ckptfmt verify` to see all differences",
-                        path, sidecar.path, "; ".join(differences),
+                    warnings.warn(
+                        f"{path}: the sidecar {sidecar.path} disagrees with the embedded config "
+                        f"({'; '.join(differences)}); using the embedded one. Run `ckptfmt verify` "
+                        "to see all differences",
+                        CkptfmtWarning, stacklevel=3,
                     )
     else:
         legacy = read_legacy_checkpoint(path, unsafe_pickle=unsafe_pickle)
         shapes = {name: tuple(t.shape) for name, t in legacy.state_dict.items()}
+        dtypes = {name: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for name, t in legacy.state_dict.items()}
         sidecar = read_sidecar(path.parent)
-        embedded = None
-    if embedded is None:
-        if sidecar is not None:
-            config, source = sidecar.config, "sidecar"
-            logger.info("Loaded model config from: %s", sidecar.path)
-        else:
+    if config is None and sidecar is not None:
+        config, source = sidecar.config, "sidecar"
+        logger.info("Loaded model config from: %s", sidecar.path)
+    if config is None and builder is None:
+        try:
             config, source = infer_model_config(shapes, path=path), "inferred"
-            logger.warning(
-                "%s: no config embedded and no model_config.json beside it; architecture inferred "
-                "from the weights: %s. Convert it (`ckptfmt convert`) to record it",
-                path, architecture_summary(config),
-            )
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if overrides:
-        try:
-            config = config.replace(**overrides)
-        except ConfigError as exc:
-            raise type(exc)(f"override rejected: {exc.message}", path=path) from None
-        source += "+overrides"
-    check_shapes(config, shapes, path=path, overridden=tuple(overrides))
-    logger.info("Using architecture: %s", architecture_summary(config))
-    return OpenedCheckpoint(path, config, source, header, legacy)
-
-
-def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """The file to read. `NAME.pth` that was saved as `NAME.safetensors` (as
-    save_model_with_config does) is found there, so the seed's paths keep working."""
-    path = Path(path)
-    if path.exists():
-        return path
-    saved_as = path.with_suffix(".safetensors")
-    if path.suffix in (".pth", ".pt") and saved_as.exists():
-        logger.info("%s: reading %s, which it was saved as", path, saved_as)
-        return saved_as
-    raise CheckpointNotFoundError("no such file", path=path)
-
-
-def architecture_summary(config: ModelConfig) -> str:
-    return ", ".join(f"{name}={getattr(config, name)}" for name in ("base_filters", "depth"))
-
-
-def infer_model_config(
-    shapes: Mapping[str, tuple[int, ...]], *, model_type: str | None = None, path: str | os.PathLike | None = None
-) -> ModelConfig:
-    """A config recovered from tensor shapes by the registered architectures' `infer_config`.
-
-    Raises:
-        ArchitectureNotRecognisedError: no registered architecture recognises the shapes;
-            the message gives each one's reason.
-    """
-    reasons = []
-    for name in [model_type] if model_type else registered_model_types():
-        entry = get_model_entry(name)
-        if entry.infer_config is None:
-            reasons.append(f"{name}: cannot infer its config")
-            continue
-        try:
-            params = entry.infer_config(shapes)
         except ArchitectureNotRecognisedError as exc:
-            reasons.append(f"{name}: {exc.message}")
-            continue
-        return ModelConfig(model_type=name, **params)
-    raise ArchitectureNotRecognisedError(
-        f"no registered architecture recognises these weights ({'; '.join(reasons)})", path=path
-    )
+            raise ArchitectureNotRecognisedError(
+                f"has no config (weights only), and {exc.message[0].lower()}{exc.message[1:]}. Rebuild it "
+                "with load_model(path, builder=...) (a function that returns the model), or attach a "
+                "config with `ckptfmt convert SOURCE --model-type NAME --set ARGUMENT=VALUE`",
+                path=path,
+            ) from None
+        warnings.warn(
+            f"{path}: no config embedded and no model_config.json beside it; architecture inferred "
+            f"from the weights: {config.summary()}. Convert it (`ckptfmt convert`) to record it",
+            CkptfmtWarning, stacklevel=3,
+        )
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if config is not None:
+        config = config.checked(path=path)
+        if overrides:
+            try:
+                config = config.replace(**overrides)
+            except ConfigError as exc:
+                raise type(exc)(f"override rejected: {exc.message}", path=path) from None
+            source += "+overrides"
+        if builder is None:
+            check_shapes(config, shapes, dtypes=dtypes, path=path, overridden=tuple(overrides))
+        logger.info("Using architecture: %s", config.summary())
+    elif overrides:
+        raise ConfigError(
+            f"has no config (weights only), so there is nothing to override ({', '.join(overrides)})", path=path
+        )
+    return OpenedCheckpoint(path, config, source, header, legacy, shapes, dtypes)
 
 
-def check_shapes(
-    config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], *, path: str | os.PathLike | None = None,
-    overridden: tuple[str, ...] = (), strict: bool = True,
-) -> None:
-    """Check a config against a state dict's shapes, on the meta device; nothing is allocated.
-
-    Raises:
-        ShapeMismatchError: naming the field, the tensor and both shapes, e.g. `base_filters=32
-            expects enc.0.0.weight [32, 1, 3, 3]; the file has [64, 1, 3, 3]`.
-    """
-    entry = get_model_entry(config.model_type)
-    expected = entry.state_shapes(config.get_model_params())
-    problems = []
-    for name, want in expected.items():
-        have = shapes.get(name)
-        if have is None:
-            if strict:
-                problems.append(f"{name} {list(want)}; the file has no such tensor")
-        elif tuple(have) != want:
-            problems.append(f"{name} {list(want)}; the file has {list(have)}")
-    if strict:
-        problems += [
-            f"no tensor {name}; the file has {name} {list(shapes[name])}"
-            for name in shapes if name not in expected
-        ]
-    if not problems:
-        return
-    fields: list[str] = []
-    weights_say = ""
-    if entry.infer_config is not None:
-        try:
-            inferred = entry.infer_config(shapes)
-        except ArchitectureNotRecognisedError:
-            inferred = None
-        if inferred:
-            fields = [f for f in ARCHITECTURE_FIELDS if inferred.get(f) != getattr(config, f)]
-            fields.sort(key=lambda f: f not in overridden)
-            weights_say = f" (the weights say {', '.join(f'{f}={inferred[f]}' for f in fields)})"
-    culprit = f"{fields[0]}={getattr(config, fields[0])}" if fields else "the config"
-    more = f", and {len(problems) - 1} more mismatch{'es' if len(problems) > 2 else ''}" if len(problems) > 1 else ""
-    fix = "remove the override" if set(fields) & set(overridden) else "fix the config"
-    raise ShapeMismatchError(f"{culprit} expects {problems[0]}{more}{weights_say}; {fix}", path=path)
-
-
-def resolve_device(device: str | torch.device, path: Path) -> torch.device:
+def resolve_device(device: str | torch.device, path: str | os.PathLike | None) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -459,16 +309,31 @@ def resolve_device(device: str | torch.device, path: Path) -> torch.device:
     return device
 
 
+def resolve_dtype(dtype: str | torch.dtype | None, path: str | os.PathLike | None = None) -> torch.dtype | None:
+    """A torch floating-point dtype from itself or one of its usual names ("fp16", "bf16", ...)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ConfigError(
+        f"dtype must be a floating-point torch.dtype or one of {', '.join(_DTYPES)}, not {dtype!r}", path=path
+    )
+
+
 def _build(
-    opened: OpenedCheckpoint, *, device: str | torch.device, dtype: torch.dtype | None, strict: bool,
-    factory: Callable[..., torch.nn.Module] | None = None, verify: bool = False,
+    opened: OpenedCheckpoint, *, device: str | torch.device, dtype: torch.dtype | str | None, strict: bool,
+    builder: Callable[..., torch.nn.Module] | None = None, verify: bool = False,
 ) -> torch.nn.Module:
     device = resolve_device(device, opened.path)
+    dtype = resolve_dtype(dtype, opened.path)
     if verify and opened.header is not None:
         check_digest(opened.header)
-    factory = factory or get_model_entry(opened.config.model_type).builder
-    with torch.device("meta"):
-        model = factory(**opened.config.get_model_params())
+    if builder is not None:
+        model = _build_with(builder, opened)
+    else:
+        entry = get_model_entry(opened.config.model_type)
+        with torch.device("meta"):
+            model = entry.build(opened.config.params)
     if opened.header is not None:
         state_dict = load_tensors(opened.header, device=device)
     else:
@@ -485,38 +350,66 @@ def _build(
     return model.eval()
 
 
+def _build_with(builder: Callable[..., torch.nn.Module], opened: OpenedCheckpoint) -> torch.nn.Module:
+    """The model a user's builder makes (from the config's arguments, or from nothing for a
+    weights-only file), on the meta device where it can be, checked against the file."""
+    kwargs = opened.config.get_model_params() if opened.config is not None else {}
+    try:
+        with torch.device("meta"):
+            model = builder(**kwargs)
+    except (NotImplementedError, RuntimeError):
+        model = builder(**kwargs)  # a builder that computes on its tensors: built for real
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"the builder returned a {type(model).__name__}, not a torch.nn.Module", path=opened.path)
+    problems = check_state(module_state(model), opened.shapes, opened.dtypes)
+    if problems:
+        more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise ShapeMismatchError(
+            f"the builder's model does not fit the file: it expects {problems[0]}{more}", path=opened.path
+        )
+    return model
+
+
 def load_model(
     checkpoint_path: str | os.PathLike,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     strict: bool = True,
     verify: bool = False,
     unsafe_pickle: bool = False,
+    builder: Callable[..., torch.nn.Module] | None = None,
     **overrides: Any,
 ) -> torch.nn.Module:
     """Rebuild a model from its checkpoint alone, in eval mode.
 
     Args:
         checkpoint_path: a .safetensors written by ckptfmt (or a legacy .pth: its config comes
-            from the sidecar beside it, else from the weights, with a warning).
+            from the sidecar beside it, else from the weights, with a CkptfmtWarning).
         device: where the weights go; on the CPU they are memory-mapped, not copied.
-        dtype: cast floating-point weights after loading (e.g. torch.float16).
+        dtype: cast floating-point weights after loading: a torch.dtype or "fp16", "bf16",
+            "fp32", ...
         strict: every tensor must match, as in `load_state_dict`.
         verify: check the weights digest first (reads the whole file once; off by default
             so that loading stays a memory map).
         unsafe_pickle: for a legacy .pth only; allow arbitrary pickles (runs code from the file).
+        builder: build the model with this instead of the registered architecture: called with
+            the config's arguments, or with none for a file that has no config (weights only).
+            Its model is checked against the file's shapes before anything is loaded.
         **overrides: config fields to change; checked against the weights before loading.
 
     Raises:
         ShapeMismatchError: the config (with overrides) does not fit the weights.
+        UnknownModelTypeError: the file's architecture is not registered in this process; the
+            message says what to import or install.
 
     Example:
-        >>> model = load_model("checkpoints/multitask_joint/best_model.safetensors")
+        >>> model = load_model("converted/multitask_joint/best_model.safetensors")
         >>> seg_logits, cls_logits = model(torch.zeros(1, 1, 64, 64))
+        >>> model = load_model("weights_only.safetensors", builder=lambda: MyNet(width=64))
     """
-    opened = open_checkpoint(checkpoint_path, overrides=overrides, unsafe_pickle=unsafe_pickle)
-    return _build(opened, device=device, dtype=dtype, strict=strict, verify=verify)
+    opened = open_checkpoint(checkpoint_path, overrides=overrides, unsafe_pickle=unsafe_pickle, builder=builder)
+    return _build(opened, device=device, dtype=dtype, strict=strict, verify=verify, builder=builder)
 
 
 def load_model_with_config(
@@ -524,29 +417,30 @@ def load_model_with_config(
     model_factory_fn: Callable[..., torch.nn.Module] | None = None,
     device: str | torch.device = "cpu",
     **overrides: Any,
-) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+) -> tuple[torch.nn.Module, ModelConfig | None, dict[str, Any]]:
     """The seed's loader: `(model, config, checkpoint)`, where `checkpoint` has no tensors.
 
     Args:
         checkpoint_path: a .safetensors or a legacy .pth (see `load_model`).
-        model_factory_fn: builds the model from `config.get_model_params()`; defaults to the
-            architecture registered under the config's model_type.
+        model_factory_fn: builds the model, called with `config.get_model_params()` (or with
+            nothing for a weights-only file); defaults to the architecture registered under the
+            config's model_type. Its model is checked against the file's shapes.
         device: where the weights go.
         **overrides: config fields to change; checked against the weights before loading.
 
     Returns:
-        The model (eval mode), its ModelConfig, and a dict with `epoch`, `metrics`, `training`,
-        `config_source` and `metadata`.
+        The model (eval mode), its ModelConfig (None for a weights-only file), and a dict with
+        `epoch`, `metrics`, `training`, `config_source` and `metadata`.
 
     Example:
         >>> model, config, checkpoint = load_model_with_config(
-        ...     "checkpoints/multitask_joint/best_model.safetensors",
+        ...     "converted/multitask_joint/best_model.safetensors",
         ...     model_factory_fn=create_multi_task_model, device="cpu")
         >>> checkpoint["epoch"]
         3
     """
-    opened = open_checkpoint(checkpoint_path, overrides=overrides)
-    model = _build(opened, device=device, dtype=None, strict=True, factory=model_factory_fn)
+    opened = open_checkpoint(checkpoint_path, overrides=overrides, builder=model_factory_fn)
+    model = _build(opened, device=device, dtype=None, strict=True, builder=model_factory_fn)
     training = opened.training
     checkpoint = {
         "epoch": training.get("epoch"),

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,16 @@ def main(verbose: bool) -> None:
     logger.handlers[:] = [_StderrHandler()]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings reach the user as one `warning: ...` line, not Python's file-and-line form."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
-    from .header import loads_strict
+    from .jsondoc import loads_strict
 
     overrides = {}
     for item in values:
@@ -115,7 +122,6 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
         ckptfmt convert checkpoints/
         ckptfmt convert old.pth -o new.safetensors --set description="joint fine-tuning"
     """
-    from .checkpoint import architecture_summary
     from .converter import convert_all
 
     overrides = _parse_set(sets)
@@ -140,8 +146,8 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
             elif r.status == "skipped":
                 click.echo(f"[SKIP] {r.source}: already converted to {r.output} (same source sha256)")
             else:
-                arch = architecture_summary(r.config) if r.config else "weights only, no config"
-                click.echo(f"[OK]   {r.source} -> {r.output}  ({arch})")
+                arch = r.config.summary() if r.config else "(weights only, no config)"
+                click.echo(f"[OK]   {r.source} -> {r.output}  {arch}")
         if not results:
             click.echo("No .pth or .pt files found.", err=True)
         click.echo(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed")
@@ -161,13 +167,21 @@ def _summary_line(info: dict[str, Any]) -> str:
     if "error" in info:
         return f"{info['file']}  ERROR {info['error']}"
     config = info.get("config")
-    arch = (f"{config['model_type']} base_filters={config['base_filters']}, depth={config['depth']}"
-            if config else "no config")
+    arch = _config_summary(config) if config else "no config"
     if info.get("config_source") == "inferred":
         arch += " (inferred)"
+    if info.get("registered") is False:
+        arch += " (not registered here)"
     sidecar = (info.get("sidecar") or {}).get("status", "-")
     return (f"{info['file']}  {info['kind']}  {arch}  {info['tensors']['parameters']:,} params  "
             f"{_size(info['size'])}  sidecar: {sidecar}")
+
+
+def _config_summary(config: dict[str, Any]) -> str:
+    from .arguments import RESERVED_NAMES
+
+    arguments = ", ".join(f"{k}={json.dumps(config[k])}" for k in sorted(config) if k not in RESERVED_NAMES)
+    return f"{config['model_type']}({arguments})"
 
 
 def _render_inspect(info: dict[str, Any]) -> None:
@@ -185,7 +199,10 @@ def _render_inspect(info: dict[str, Any]) -> None:
             info.get("config_source"), info.get("config_source"))
         click.echo(f"config      {source}")
         for key in sorted(config):
-            click.echo(f"  {key:<18}{json.dumps(config[key])}")
+            value = json.dumps(config[key])
+            if key == "model_type" and info.get("registered") is False:
+                value += "  (not registered here: import or install what registers it to load this file)"
+            click.echo(f"  {key:<18}{value}")
     elif info.get("note") or info.get("not_recognised"):
         click.echo(f"config      none: {info.get('note') or info.get('not_recognised')}")
     training = info.get("training") or {}
@@ -282,11 +299,20 @@ def verify_command(paths, as_json):
             if report.ok:
                 speed = report.to_dict()["gb_per_s"]
                 detail = f"digest read {_size(report.bytes_hashed)}" + (f" at {speed} GB/s" if speed else "")
-                click.echo(f"[OK]   {report.path}: {', '.join(c['check'] for c in report.checks)} ({detail})")
+                click.echo(f"[OK]   {report.path}: {_checks_line(report)} ({detail})")
             for failure in report.failures:
                 click.echo(f"[FAIL] {failure}", err=True)
     if not all(r.ok for r in reports):
         sys.exit(1)
+
+
+def _checks_line(report) -> str:
+    weights_only = any(c["check"] == "config" and "weights only" in c["message"] for c in report.checks)
+    names = [
+        f"{c['check']} {c['message']}" if c.get("skipped") else c["check"]
+        for c in report.checks if not (weights_only and c["check"] == "config")
+    ]
+    return ("weights only (no config); " if weights_only else "") + ", ".join(names)
 
 
 @main.command("diff")
@@ -374,9 +400,12 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
             failed += 1
             click.echo(f"[FAIL] {result.error}", err=True)
         else:
-            p = result.prediction
-            click.echo(f"[OK]   {result.input}: {p.class_name} ({p.class_probabilities[p.label]:.3f}), "
-                       f"{int(p.mask.sum())} mask pixels -> {result.outputs[0]}")
+            p, parts = result.prediction, []
+            if p.class_probabilities is not None:
+                parts.append(f"{p.class_name} ({p.class_probabilities[p.label]:.3f})")
+            if p.mask is not None:
+                parts.append(f"{int(p.mask.sum())} mask pixels -> {result.outputs[0]}")
+            click.echo(f"[OK]   {result.input}: {', '.join(parts)}")
     click.echo(f"{len(results) - failed} predicted, {failed} failed; classes in {table}")
     if failed:
         sys.exit(1)

@@ -1,33 +1,51 @@
 """ModelConfig: what a checkpoint needs to rebuild and run its model, and the sidecar.
 
-The config is validated when it is made, so an invalid one never exists: architecture numbers
-are positive ints (not bools, not 64.0), model_type is a registered name, unknown keys are
-refused by name. A config from an older schema is migrated by the small pure functions in
-`_MIGRATIONS`; one from a newer schema is refused.
+A config is `model_type`, the architecture's constructor arguments, the descriptive fields
+(version, description, trained_on, training_config) and the task's inference fields (task,
+class_names, normalization, seg_threshold). It is flat, as the original system's
+`model_config.json` was and as Hugging Face's `config.json` is: the arguments sit beside the
+config's own fields, whose names are reserved (an architecture with a parameter of one of those
+names cannot be registered).
 
-The sidecar `model_config.json` is the flat config, as the original system wrote it, plus
-`weights`: the name and digest of each .safetensors file in the folder that it describes. The
-embedded copy in each file is authoritative; the binding lets `verify` catch a sidecar that
-drifted, or a crash between writing the weights and the sidecar.
+A config is checked in two steps:
+
+- always, without torch: the config's own fields, and that every argument is a plain JSON
+  value;
+- against its architecture (its builder's signature and annotations, its own check, its task),
+  which fills in every default so that a file never depends on a default the code might later
+  change. A config made in code is checked at once. One read from a file (`from_dict`, `load`,
+  `from_checkpoint`) is checked when it is used (`checked()`, which loading, saving and `verify`
+  call), so that a file whose architecture is not installed here can still be read and shown.
+
+Older schemas are migrated by the small pure functions in `_MIGRATIONS`; a newer one is refused.
+
+The sidecar `model_config.json` is the config plus `weights`: the name and digest of each
+.safetensors file in the folder that it describes. The embedded copy in each file is
+authoritative; the binding lets `verify` catch a sidecar that drifted, or a crash between
+writing the weights and the sidecar.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from .arguments import RESERVED_NAMES
 from .atomic import atomic_write, write_all
-from .errors import CheckpointNotFoundError, ConfigError, CkptfmtError
-from .header import loads_strict, read_header
-from .registry import check_model_type
+from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError
+from .files import read_capped
+from .header import read_header
+from .jsondoc import loads_strict, plain_json
+from .registry import TASKS, Task, captured_arguments, check_model_type_name, get_model_entry, unwrap_model
 
 __all__ = [
-    "ARCHITECTURE_FIELDS",
     "SCHEMA_VERSION",
     "SIDECAR_NAME",
     "ModelConfig",
@@ -38,101 +56,117 @@ __all__ = [
     "write_sidecar",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SIDECAR_NAME = "model_config.json"
-ARCHITECTURE_FIELDS = ("base_filters", "depth", "in_channels", "seg_out_channels", "cls_num_classes")
+# The original system had one architecture, so its API and its sidecars name none. Its configs
+# still load, and `ModelConfig(base_filters=64, depth=4)` still means that architecture.
+SEED_MODEL_TYPE = "multitask"
 NORMALIZATION_MODES = ("none", "minmax", "zscore", "fixed")
-MAX_DEPTH = 8
-# Far above any real U-Net, low enough that a hostile number cannot make a shape overflow.
-_ARCHITECTURE_LIMITS = {
-    "base_filters": 4096, "depth": MAX_DEPTH, "in_channels": 4096,
-    "seg_out_channels": 4096, "cls_num_classes": 1_000_000,
-}
+DEFAULT_SEG_THRESHOLD = 0.5
+# A config file is a few kilobytes; a sidecar binds one digest per checkpoint in its folder.
+MAX_CONFIG_FILE_BYTES = 16 << 20
+
+_TEXT_FIELDS = {"version": "1.0", "description": "", "trained_on": "", "training_config": ""}
 
 
 def _v0_to_v1(config: dict[str, Any]) -> dict[str, Any]:
-    """The original system wrote no schema_version; its ten keys are a subset of v1's."""
-    return {**config, "schema_version": 1}
+    """The original system wrote no schema_version; its keys are a subset of v1's."""
+    return {"model_type": SEED_MODEL_TYPE, **config, "schema_version": 1}
+
+
+def _v1_to_v2(config: dict[str, Any]) -> dict[str, Any]:
+    """v1 held the U-Net's five arguments and its inference fields for every model_type, and a
+    missing model_type meant the U-Net. v2 holds any architecture's arguments under the same flat
+    keys, and the task; v1's keys keep their meaning, and the task is filled in from the
+    architecture when the config is checked."""
+    return {"model_type": SEED_MODEL_TYPE, **config, "schema_version": 2}
 
 
 # schema N -> function turning an N dict into an N+1 dict.
-_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1}
+_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1, 1: _v1_to_v2}
 
 
-@dataclass(frozen=True)
 class ModelConfig:
-    """The architecture and inference settings of a model, validated on creation.
+    """The architecture and inference settings of a model.
 
     Args:
-        base_filters, depth, in_channels, seg_out_channels, cls_num_classes: the multi-task
-            U-Net's architecture numbers, positive ints; `depth` at most 8.
-        model_type: a registered architecture name (see `ckptfmt.registered_model_types`).
+        model_type: a registered architecture (see `ckptfmt.registered_model_types`); the
+            original system's multi-task U-Net when omitted, as its API had it.
         version, description, trained_on, training_config: free text, as in the seed.
+        task: what the model does ("classification", "segmentation" or
+            "segmentation+classification"); filled in from the architecture.
         class_names: one name per class, or None for `class_0`, `class_1`, ...
         normalization: how inputs were normalised in training, applied again at inference:
             `{"mode": "none"}`, `{"mode": "minmax"}` (each image to [0, 1]), `{"mode": "zscore"}`
             (each image and channel to mean 0, std 1) or `{"mode": "fixed", "mean": [...],
             "std": [...]}` (one value, or one per input channel).
-        seg_threshold: probability above which a pixel is in the mask, in (0, 1).
+        seg_threshold: probability above which a pixel is in the mask, in (0, 1); 0.5 by
+            default for models that segment, none for classifiers.
+        **params: the architecture's constructor arguments (JSON values: numbers, strings,
+            booleans, None, and lists and dicts of those); the ones not given take the
+            builder's defaults, written out.
+
+    Raises:
+        ConfigError: naming the field or argument that is wrong.
+        UnknownModelTypeError: `model_type` is not registered here.
 
     Example:
         >>> config = ModelConfig(base_filters=32, depth=3, description="joint fine-tuning")
-        >>> config.get_model_params()
-        {'base_filters': 32, 'depth': 3, 'in_channels': 1, 'seg_out_channels': 1, 'cls_num_classes': 2}
+        >>> config.base_filters, config.get_model_params()
+        (32, {'base_filters': 32, 'depth': 3, 'in_channels': 1, 'seg_out_channels': 1, 'cls_num_classes': 2})
+        >>> ModelConfig("mlp", width=64).params      # a registered class MLP(width=32, depth=3)
+        {'width': 64, 'depth': 3}
     """
 
-    base_filters: int = 64
-    depth: int = 4
-    in_channels: int = 1
-    seg_out_channels: int = 1
-    cls_num_classes: int = 2
-    model_type: str = "multitask"
-    version: str = "1.0"
-    description: str = ""
-    trained_on: str = ""
-    training_config: str = ""
-    class_names: tuple[str, ...] | None = None
-    normalization: dict[str, Any] = field(default_factory=lambda: {"mode": "none"})
-    seg_threshold: float = 0.5
+    __slots__ = ("model_type", "version", "description", "trained_on", "training_config", "task",
+                 "class_names", "normalization", "seg_threshold", "_params", "_checked", "_path")
 
-    def __post_init__(self) -> None:
-        for name in ARCHITECTURE_FIELDS:
-            value = getattr(self, name)
-            if type(value) is not int:
-                raise ConfigError(
-                    f"{name} must be an int, not {type(value).__name__} {value!r}"
-                )
-            if not 1 <= value <= _ARCHITECTURE_LIMITS[name]:
-                raise ConfigError(
-                    f"{name} must lie in 1..{_ARCHITECTURE_LIMITS[name]}, not {value}"
-                )
-        try:
-            check_model_type(self.model_type)
-        except ConfigError as exc:
-            raise type(exc)(exc.message) from None
-        for name in ("version", "description", "trained_on", "training_config"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string, not {getattr(self, name)!r}")
-        if self.class_names is not None:
-            names = self.class_names
-            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-                raise ConfigError(f"class_names must be a list of strings, not {names!r}")
-            if len(names) != self.cls_num_classes:
-                raise ConfigError(
-                    f"class_names has {len(names)} names but cls_num_classes is {self.cls_num_classes}"
-                )
-            object.__setattr__(self, "class_names", tuple(names))
-        object.__setattr__(self, "normalization", _check_normalization(self.normalization, self.in_channels))
-        threshold = self.seg_threshold
-        if type(threshold) not in (int, float) or not 0 < threshold < 1:
-            raise ConfigError(f"seg_threshold must be a number between 0 and 1, not {threshold!r}")
-        object.__setattr__(self, "seg_threshold", float(threshold))
+    def __init__(
+        self, model_type: str | None = None, *, version: str = "1.0", description: str = "",
+        trained_on: str = "", training_config: str = "", task: str | None = None,
+        class_names: list[str] | tuple[str, ...] | None = None, normalization: dict[str, Any] | None = None,
+        seg_threshold: float | None = None, **params: Any,
+    ):
+        fields = {
+            "model_type": SEED_MODEL_TYPE if model_type is None else model_type, "version": version,
+            "description": description, "trained_on": trained_on, "training_config": training_config,
+            "task": task, "class_names": class_names, "normalization": normalization,
+            "seg_threshold": seg_threshold,
+        }
+        fields, params = _check_structure(fields, params)
+        fields, params = _check_architecture(fields, params)
+        self._set(fields, params, checked=True)
+
+    def _set(self, fields: dict[str, Any], params: dict[str, Any], *, checked: bool, path=None) -> None:
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_params", params)
+        object.__setattr__(self, "_checked", True if checked else None)
+        # The file a config was read from, named by the errors of checking it later.
+        object.__setattr__(self, "_path", path)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a ModelConfig cannot be changed; use config.replace({name}=...)")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not the config's own fields: the arguments.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        params = object.__getattribute__(self, "_params")
+        if name in params:
+            return copy.deepcopy(params[name])
+        raise AttributeError(
+            f"this {self.model_type!r} config has no field or argument {name!r}; its arguments: "
+            f"{', '.join(params) or 'none'}"
+        )
 
     # -- the seed's API ------------------------------------------------------------------
 
-    def get_model_params(self) -> dict[str, int]:
-        """The architecture's constructor arguments: `create_multi_task_model(**params)`."""
-        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+    def get_model_params(self) -> dict[str, Any]:
+        """The architecture's constructor arguments, ready to call its builder with:
+        `create_multi_task_model(**config.get_model_params())`."""
+        checked = self.checked()
+        return get_model_entry(checked.model_type).signature.build_kwargs(copy.deepcopy(checked._params))
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the config as JSON (sorted keys), atomically; refuses to overwrite unless asked."""
@@ -164,41 +198,64 @@ class ModelConfig:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "ModelConfig":
-        """The config embedded in a .safetensors file, read from its header without torch.
+        """The config embedded in a .safetensors file, read from its header without torch and
+        without the architecture (it is checked against it when used).
 
         Example:
-            >>> ModelConfig.from_checkpoint("checkpoints/multitask_joint/best_model.safetensors").depth
+            >>> ModelConfig.from_checkpoint("converted/multitask_joint/best_model.safetensors").depth
             3
         """
         document = read_header(path).config_dict()
         if document is None:
             raise ConfigError(
-                "has no embedded config (weights only); attach one with "
-                "`ckptfmt convert SOURCE --model-type NAME --config model_config.json`",
+                "has no embedded config (weights only); rebuild it with load_model(path, "
+                "builder=...), or attach a config with `ckptfmt convert`",
                 path=path,
             )
         return cls.from_dict(document, path=path)
 
-    def to_dict(self) -> dict[str, Any]:
-        document = dataclasses.asdict(self)
-        if self.class_names is not None:
-            document["class_names"] = list(self.class_names)
-        document["schema_version"] = SCHEMA_VERSION
-        return document
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
-
     @classmethod
-    def from_dict(cls, document: dict[str, Any], *, path: str | os.PathLike | None = None) -> "ModelConfig":
-        """Validate and migrate a config dict; unknown keys are refused by name.
+    def from_model(cls, model: Any, **fields: Any) -> "ModelConfig":
+        """The config of a model built by a registered architecture, from the arguments it was
+        built with, plus `fields` (description, class_names, ...).
+
+        Raises:
+            ConfigError: the model's class is not registered (the message shows how to register
+                it), or it was built with an argument a config cannot hold (named).
 
         Example:
-            >>> ModelConfig.from_dict({"base_filters": 32, "depth": 3}).depth
+            >>> ModelConfig.from_model(MultiTaskUNet(base_filters=16, depth=3)).depth
+            3
+        """
+        captured = captured_arguments(model)
+        inner = unwrap_model(model)
+        name = type(inner).__qualname__
+        if captured is None:
+            suggested = re.sub(r"(?<!^)(?=[A-Z])", "_", type(inner).__name__).lower()
+            raise ConfigError(
+                f"{name} is not a registered architecture, so nothing records how to rebuild it. "
+                f"Register it: put @ckptfmt.register_model({suggested!r}) above `class {name}`, or "
+                "pass config= with the config of a registered architecture"
+            )
+        model_type, arguments = captured
+        if isinstance(arguments, str):
+            raise ConfigError(f"{name} was built by the registered {model_type!r}, but {arguments}")
+        try:
+            return cls(model_type, **fields, **arguments)
+        except ConfigError as exc:
+            raise type(exc)(f"cannot record how {name} was built: {exc.message}") from None
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any], *, path: str | os.PathLike | None = None) -> "ModelConfig":
+        """Read a config document (as `to_dict` gives, or an older schema's): migrated, and
+        checked without the architecture; `checked()` checks it against that.
+
+        Example:
+            >>> ModelConfig.from_dict({"model_type": "multitask", "base_filters": 32, "depth": 3}).depth
             3
         """
         try:
-            if not isinstance(document, dict):
+            if not isinstance(document, Mapping):
                 raise ConfigError(f"a config must be a JSON object, not {type(document).__name__}")
             document = dict(document)
             schema = document.get("schema_version", 0)
@@ -213,33 +270,176 @@ class ModelConfig:
                 document = _MIGRATIONS[schema](document)
                 schema = document["schema_version"]
             document.pop("schema_version")
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(document) - known)
-            if unknown:
-                raise ConfigError(
-                    f"unknown config key{'s' if len(unknown) > 1 else ''} "
-                    f"{', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}"
-                )
-            return cls(**document)
+            if "model_type" not in document:
+                raise ConfigError("has no model_type; a config names its architecture")
+            fields = {"model_type": document.pop("model_type")}
+            for name in RESERVED_NAMES:
+                if name in document:
+                    fields[name] = document.pop(name)
+            fields = {**_TEXT_FIELDS, "task": None, "class_names": None, "normalization": None,
+                      "seg_threshold": None, **fields}
+            fields, params = _check_structure(fields, document)
         except ConfigError as exc:
-            if path is None or exc.path is not None:
-                raise
-            raise type(exc)(exc.message, path=path) from None
+            raise _with_path(exc, path) from None
+        config = cls.__new__(cls)
+        config._set(fields, params, checked=False, path=path)
+        return config
+
+    def checked(self, *, path: str | os.PathLike | None = None) -> "ModelConfig":
+        """This config checked against its architecture, with every default filled in (itself
+        when it already is). Imports the architecture.
+
+        Raises:
+            UnknownModelTypeError: the architecture is not registered here; the message says to
+                import or install what registers it.
+            ConfigError: an argument the architecture refuses, named.
+        """
+        if self._checked is True:
+            return self
+        if self._checked is None:
+            try:
+                fields, params = _check_architecture(self._fields(), dict(self._params))
+            except ConfigError as exc:
+                raise _with_path(exc, path or self._path) from None
+            twin = ModelConfig.__new__(ModelConfig)
+            twin._set(fields, params, checked=True, path=self._path)
+            object.__setattr__(self, "_checked", twin)
+        return self._checked
+
+    @property
+    def is_checked(self) -> bool:
+        return self._checked is True
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The architecture's arguments, as JSON values (a copy)."""
+        return copy.deepcopy(self._params)
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type, **{name: getattr(self, name) for name in _TEXT_FIELDS},
+            "task": self.task, "class_names": self.class_names, "normalization": self.normalization,
+            "seg_threshold": self.seg_threshold,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        document = {**copy.deepcopy(self._params), **self._fields(), "schema_version": SCHEMA_VERSION}
+        document["class_names"] = list(self.class_names) if self.class_names is not None else None
+        document["normalization"] = copy.deepcopy(self.normalization)
+        for name in ("task", "seg_threshold"):
+            if document[name] is None:
+                del document[name]
+        return document
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2) + "\n"
 
     def replace(self, **overrides: Any) -> "ModelConfig":
-        """A copy with `overrides` applied and validated, unknown names refused.
+        """A copy with `overrides` applied, checked against the architecture.
 
         Example:
             >>> ModelConfig().replace(depth=3).depth
             3
         """
-        return self.from_dict({**self.to_dict(), **overrides})
+        document = {**self.to_dict(), **overrides}
+        document.pop("schema_version")
+        return ModelConfig(**document)
+
+    def summary(self) -> str:
+        """`model_type(argument=value, ...)`, one line, arguments in name order (as the file
+        stores them, so that a config read without its architecture reads the same)."""
+        arguments = ", ".join(f"{name}={json.dumps(self._params[name])}" for name in sorted(self._params))
+        return f"{self.model_type}({arguments})"
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if self.class_names else f"class_{index}"
 
+    # Immutable, so a copy is the config itself; pickled as its document.
+    def __copy__(self) -> "ModelConfig":
+        return self
 
-def _check_normalization(value: Any, in_channels: int) -> dict[str, Any]:
+    def __deepcopy__(self, memo: dict) -> "ModelConfig":
+        return self
+
+    def __reduce__(self):
+        return (ModelConfig.from_dict, (self.to_dict(),))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModelConfig) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __repr__(self) -> str:
+        fields = {k: v for k, v in self._fields().items() if v not in (None, "") and k != "model_type"}
+        shown = [f"{k}={v!r}" for k, v in {**self._params, **fields}.items()]
+        return f"ModelConfig({', '.join([repr(self.model_type), *shown])})"
+
+
+def _with_path(exc: ConfigError, path: str | os.PathLike | None) -> ConfigError:
+    if path is None or exc.path is not None:
+        return exc
+    return type(exc)(exc.message, path=path)
+
+
+def _check_structure(fields: dict[str, Any], params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checks that need no architecture: the config's own fields, and JSON arguments."""
+    fields = dict(fields)
+    check_model_type_name(fields["model_type"])
+    for name in _TEXT_FIELDS:
+        if not isinstance(fields[name], str):
+            raise ConfigError(f"{name} must be a string, not {fields[name]!r}")
+    task = fields["task"]
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    names = fields["class_names"]
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"class_names must be a list of strings, not {names!r}")
+        fields["class_names"] = tuple(names)
+    fields["normalization"] = _check_normalization(
+        {"mode": "none"} if fields["normalization"] is None else fields["normalization"], None
+    )
+    threshold = fields["seg_threshold"]
+    if threshold is not None:
+        if type(threshold) not in (int, float) or not 0 < threshold < 1:
+            raise ConfigError(f"seg_threshold must be a number between 0 and 1, not {threshold!r}")
+        if task == "classification":
+            raise ConfigError("seg_threshold is for models that segment; a classification model has none")
+        fields["seg_threshold"] = float(threshold)
+    checked_params = {}
+    for name, value in params.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"config key {name!r} is neither a config field nor an argument name")
+        checked_params[name] = plain_json(value, what=name)
+    return fields, checked_params
+
+
+def _check_architecture(fields: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checks the architecture makes: its signature and annotations, its own check, its
+    task; every default filled in."""
+    entry = get_model_entry(fields["model_type"])
+    params = entry.complete(params)
+    task: Task | None = entry.describe_task(params)
+    fields = dict(fields)
+    if task is not None:
+        if fields["task"] is not None and fields["task"] != task.kind:
+            raise ConfigError(f"task {fields['task']!r} does not match the architecture, which does {task.kind}")
+        fields["task"] = task.kind
+    if fields["task"] is not None and "segmentation" in fields["task"] and fields["seg_threshold"] is None:
+        fields["seg_threshold"] = DEFAULT_SEG_THRESHOLD
+    if fields["task"] == "classification" and fields["seg_threshold"] is not None:
+        raise ConfigError("seg_threshold is for models that segment; a classification model has none")
+    if task is not None:
+        names = fields["class_names"]
+        classes = task.classes if task.classes is not None else task.mask_channels
+        if names is not None and classes is not None and len(names) != classes:
+            raise ConfigError(f"class_names has {len(names)} names but the model has {classes} classes")
+        fields["normalization"] = _check_normalization(fields["normalization"], task.in_channels)
+    return fields, params
+
+
+def _check_normalization(value: Any, in_channels: int | None) -> dict[str, Any]:
     if not isinstance(value, dict) or value.get("mode") not in NORMALIZATION_MODES:
         raise ConfigError(
             f"normalization must be an object whose mode is one of {', '.join(NORMALIZATION_MODES)}, "
@@ -254,16 +454,15 @@ def _check_normalization(value: Any, in_channels: int) -> dict[str, Any]:
     if value["mode"] != "fixed":
         return dict(value)
     result = {"mode": "fixed"}
+    counts = (1,) if in_channels is None else (1, in_channels)
     for key in ("mean", "std"):
         numbers = value[key]
         if not isinstance(numbers, list):
             numbers = [numbers]
-        if len(numbers) not in (1, in_channels) or not all(
-            type(n) in (int, float) and math.isfinite(n) for n in numbers
-        ):
-            raise ConfigError(
-                f"normalization {key} must be a finite number or a list of {in_channels}, not {value[key]!r}"
-            )
+        fits = in_channels is None or len(numbers) in counts
+        if not numbers or not fits or not all(type(n) in (int, float) and math.isfinite(n) for n in numbers):
+            one_per = f" or a list of {in_channels}" if in_channels else " or a list, one per input channel"
+            raise ConfigError(f"normalization {key} must be a finite number{one_per}, not {value[key]!r}")
         result[key] = [float(n) for n in numbers]
     if any(s <= 0 for s in result["std"]):
         raise ConfigError(f"normalization std must be positive, not {value['std']!r}")
@@ -271,30 +470,32 @@ def _check_normalization(value: Any, in_channels: int) -> dict[str, Any]:
 
 
 def _read_json_file(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("no such file", path=path) from None
-    except IsADirectoryError:
-        raise ConfigError("is a folder, not a config JSON file", path=path) from None
+    raw = read_capped(path, limit=MAX_CONFIG_FILE_BYTES, what="a config JSON file", error=ConfigError)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("is not UTF-8 text; is it really a config JSON file?", path=path) from None
-    try:
-        document = loads_strict(text, what="config", path=path)
-    except CkptfmtError as exc:
-        raise ConfigError(exc.message, path=path) from None
+    document = loads_strict(text, what="config", path=path, error=ConfigError)
     if not isinstance(document, dict):
         raise ConfigError(f"must hold a JSON object, not {type(document).__name__}", path=path)
     return document
 
 
 def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
-    """Fields that differ, as `name: a != b` lines, in field order."""
+    """Fields and arguments that differ, as `name: a != b` lines, sorted by name.
+
+    A field that one of them does not record (a config read from a file but not yet checked
+    against its architecture lacks the defaults) is compared only when both are checked.
+    """
     first, second = a.to_dict(), b.to_dict()
+    if a.is_checked and b.is_checked:
+        names = sorted(set(first) | set(second))
+    else:
+        names = sorted(set(first) & set(second))
+    missing = "(not set)"
     return [
-        f"{name}: {first[name]!r} != {second[name]!r}" for name in first if first[name] != second[name]
+        f"{name}: {first.get(name, missing)!r} != {second.get(name, missing)!r}"
+        for name in names if first.get(name, missing) != second.get(name, missing)
     ]
 
 
@@ -310,7 +511,7 @@ class Sidecar:
 def read_sidecar(folder: str | os.PathLike) -> Sidecar | None:
     """The sidecar in `folder`, or None when there is none."""
     path = Path(folder) / SIDECAR_NAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     document = _read_json_file(path)
     weights = document.pop("weights", {})
@@ -321,13 +522,22 @@ def read_sidecar(folder: str | os.PathLike) -> Sidecar | None:
     return Sidecar(path, ModelConfig.from_dict(document, path=path), weights)
 
 
+def _same_config(existing: ModelConfig, config: ModelConfig) -> list[str]:
+    """Differences between a sidecar's config and the one about to be written, both complete."""
+    try:
+        existing = existing.checked()
+    except CkptfmtError:
+        pass  # another architecture, or an invalid sidecar: compared as it is
+    return config_differences(existing, config)
+
+
 def check_sidecar_accepts(folder: str | os.PathLike, config: ModelConfig, *, overwrite: bool) -> Sidecar | None:
     """The sidecar in `folder` (or None), after checking that `config` may be written there:
     a sidecar holding another config is an error naming the fields, unless `overwrite`.
     Called before the weights are written, so that a refusal leaves nothing half done."""
     existing = read_sidecar(folder)
     if existing is not None and not overwrite:
-        differences = config_differences(existing.config, config)
+        differences = _same_config(existing.config, config)
         if differences:
             raise ConfigError(
                 f"holds another config ({'; '.join(differences)}); pass --force "
@@ -350,7 +560,7 @@ def write_sidecar(
     """
     existing = check_sidecar_accepts(folder, config, overwrite=overwrite)
     bindings = {weights_file: weights_sha256} if weights_file else {}
-    if existing is not None and existing.config == config:
+    if existing is not None and not _same_config(existing.config, config):
         bindings = {**existing.weights, **bindings}
     document = {**config.to_dict(), "weights": dict(sorted(bindings.items()))}
     path = Path(folder) / SIDECAR_NAME

@@ -20,14 +20,6 @@ from typing import Any
 import torch
 
 from .atomic import check_writable
-from .checkpoint import (
-    OPTIMIZER_SUFFIX,
-    build_metadata,
-    check_shapes,
-    infer_model_config,
-    provenance_record,
-    write_optimizer_state,
-)
 from .config import ModelConfig, check_sidecar_accepts, read_sidecar, write_sidecar
 from .errors import (
     ArchitectureNotRecognisedError,
@@ -39,7 +31,10 @@ from .errors import (
 )
 from .header import read_header
 from .legacy import read_legacy_checkpoint, sha256_file
+from .metadata import build_metadata, provenance_record
+from .shapes import check_shapes, infer_model_config
 from .tensors import DTYPE_NAMES, placeholder, write_safetensors
+from .training import OPTIMIZER_SUFFIX, write_optimizer_state
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
 
@@ -150,11 +145,12 @@ def convert(
     legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False)
     state_dict = legacy.state_dict
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
+    dtypes = {name: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for name, t in state_dict.items()}
     overrides = dict(overrides or {})
     if model_type is not None:
         overrides["model_type"] = model_type
     resolved, result.config_source = _resolve_config(
-        source, shapes, config, overrides, model_type=model_type, force=force, warnings=result.warnings
+        source, shapes, dtypes, config, overrides, model_type=model_type, force=force, warnings=result.warnings
     )
     result.config = resolved
     if resolved is not None:
@@ -203,17 +199,18 @@ def _recorded_source_sha256(output: Path) -> str | None:
 
 
 def _resolve_config(
-    source: Path, shapes: dict[str, tuple[int, ...]], config: Any, overrides: dict[str, Any],
-    *, model_type: str | None, force: bool, warnings: list[str],
+    source: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], config: Any,
+    overrides: dict[str, Any], *, model_type: str | None, force: bool, warnings: list[str],
 ) -> tuple[ModelConfig | None, str | None]:
     if config is not None:
-        resolved, origin = (config if isinstance(config, ModelConfig) else ModelConfig.load(config)), "--config"
+        resolved = config if isinstance(config, ModelConfig) else ModelConfig.load(config)
+        resolved, origin = resolved.checked(path=config if not isinstance(config, ModelConfig) else source), "--config"
     else:
         sidecar = read_sidecar(source.parent)
-        resolved, origin = (sidecar.config, "sidecar") if sidecar else (None, None)
+        resolved, origin = (sidecar.config.checked(path=sidecar.path), "sidecar") if sidecar else (None, None)
         if resolved is not None and not overrides:
             try:
-                check_shapes(resolved, shapes, path=source)
+                check_shapes(resolved, shapes, dtypes=dtypes, path=source)
             except ShapeMismatchError as exc:
                 if not force:
                     raise ShapeMismatchError(
@@ -226,8 +223,17 @@ def _resolve_config(
                 resolved = None
         if resolved is None:
             try:
-                resolved, origin = infer_model_config(shapes, model_type=model_type, path=source), "inferred"
+                resolved, origin = infer_model_config(shapes, model_type=model_type, path=source, failures=warnings), "inferred"
             except ArchitectureNotRecognisedError as exc:
+                if model_type is not None and overrides:
+                    # Not recognised, but the user says what it is: the config is theirs.
+                    arguments = {k: v for k, v in overrides.items() if k != "model_type"}
+                    try:
+                        resolved = ModelConfig(model_type, **arguments)
+                    except ConfigError as error:
+                        raise type(error)(f"--set rejected: {error.message}", path=source) from None
+                    check_shapes(resolved, shapes, dtypes=dtypes, path=source, overridden=tuple(arguments))
+                    return resolved, "--model-type and --set"
                 if overrides:
                     raise
                 warnings.append(f"converted as weights only, with no config: {exc.message}")
@@ -237,7 +243,7 @@ def _resolve_config(
             resolved = resolved.replace(**overrides)
         except ConfigError as exc:
             raise type(exc)(f"--set rejected: {exc.message}", path=source) from None
-    check_shapes(resolved, shapes, path=source, overridden=tuple(overrides))
+    check_shapes(resolved, shapes, dtypes=dtypes, path=source, overridden=tuple(overrides))
     return resolved, origin
 
 

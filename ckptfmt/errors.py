@@ -16,7 +16,11 @@ what to do. Classes also inherit the matching builtin, so callers may catch eith
     │   └── UnsafePickleError                        the pickle needs a global that can run code
     ├── IntegrityError(ValueError)                   digest or sidecar disagrees with the weights
     ├── InputError(ValueError)                       an input image the predictor cannot read
-    └── DeviceError(RuntimeError)                    device or precision not available
+    ├── DeviceError(RuntimeError)                    device or precision not available
+    └── PluginError(RuntimeError)                    a registered architecture's own code failed
+
+Warnings that ask the user to act (a config inferred from the weights, a sidecar that disagrees,
+a `.pth` name written as `.safetensors`) are `CkptfmtWarning`s, issued with `warnings.warn`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "ArchitectureNotRecognisedError",
     "CheckpointNotFoundError",
     "CkptfmtError",
+    "CkptfmtWarning",
     "ConfigError",
     "DeviceError",
     "HeaderError",
@@ -34,6 +39,7 @@ __all__ = [
     "IntegrityError",
     "LegacyCheckpointError",
     "OutputExistsError",
+    "PluginError",
     "ShapeMismatchError",
     "UnknownModelTypeError",
     "UnsafePickleError",
@@ -104,3 +110,11 @@ class InputError(CkptfmtError, ValueError):
 
 class DeviceError(CkptfmtError, RuntimeError):
     pass
+
+
+class PluginError(CkptfmtError, RuntimeError):
+    pass
+
+
+class CkptfmtWarning(UserWarning):
+    """Something the user should act on, though the operation went ahead."""

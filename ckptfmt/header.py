@@ -11,7 +11,6 @@ the embedded JSON documents, NaN, Infinity, huge integers and deep nesting are a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointNotFoundError, HeaderError
+from .jsondoc import loads_strict
 
 __all__ = [
     "DTYPE_SIZES",
@@ -35,7 +35,6 @@ __all__ = [
     "KEY_WEIGHTS_SHA256",
     "TensorInfo",
     "looks_like_safetensors",
-    "loads_strict",
     "read_header",
 ]
 
@@ -54,9 +53,6 @@ KEY_OPTIMIZER = "ckptfmt.optimizer"
 # safetensors' own header limit; a larger header is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
 MAX_METADATA_BYTES = 1 << 20
-MAX_JSON_DEPTH = 32
-# 2**63 has 19 digits; anything longer is not a tensor size, a count or an epoch.
-_MAX_INT_DIGITS = 19
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
@@ -138,6 +134,12 @@ class Header:
         shapes = {name: info.shape for name, info in self.tensors.items()}
         shapes.update({alias: shapes[target] for alias, target in self.aliases.items()})
         return shapes
+
+    def dtypes(self) -> dict[str, str]:
+        """Every tensor name the state dict has (aliases included) with its dtype."""
+        dtypes = {name: info.dtype for name, info in self.tensors.items()}
+        dtypes.update({alias: dtypes[target] for alias, target in self.aliases.items()})
+        return dtypes
 
     def _json(self, key: str) -> dict[str, Any] | None:
         text = self.metadata.get(key)
@@ -296,66 +298,3 @@ def _check_tensors(document: dict[str, Any], data_size: int, path: Path) -> dict
 
 def _is_size(value: Any) -> bool:
     return type(value) is int and value >= 0
-
-
-def loads_strict(text: str, *, what: str, path: str | os.PathLike | None = None) -> Any:
-    """Parse JSON from an untrusted file, refusing what the json module lets through.
-
-    Refused: a byte-order mark, duplicate keys, NaN and Infinity (also by overflow, as 1e999),
-    integers of more than 19 digits, and nesting deeper than 32.
-
-    Example:
-        >>> loads_strict('{"depth": 4}', what="config")
-        {'depth': 4}
-    """
-    if text.startswith("\ufeff"):
-        raise HeaderError(f"{what} starts with a byte-order mark; save it as plain UTF-8", path=path)
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in items:
-            if key in result:
-                raise HeaderError(f"{what} has the key {key!r} twice", path=path)
-            result[key] = value
-        return result
-
-    def constant(name: str) -> float:
-        raise HeaderError(f"{what} contains {name}, which is not valid JSON", path=path)
-
-    def integer(digits: str) -> int:
-        if len(digits.lstrip("-")) > _MAX_INT_DIGITS:
-            raise HeaderError(
-                f"{what} contains a {len(digits)}-digit integer; at most {_MAX_INT_DIGITS} allowed",
-                path=path,
-            )
-        return int(digits)
-
-    def real(digits: str) -> float:
-        value = float(digits)
-        if not math.isfinite(value):
-            raise HeaderError(f"{what} contains {digits}, which overflows to infinity", path=path)
-        return value
-
-    try:
-        value = json.loads(
-            text, object_pairs_hook=pairs, parse_constant=constant, parse_int=integer,
-            parse_float=real,
-        )
-    except json.JSONDecodeError as exc:
-        raise HeaderError(
-            f"{what} is not valid JSON: {exc.msg} at position {exc.pos}", path=path
-        ) from None
-    except RecursionError:
-        too_deep = True
-    else:
-        too_deep = _depth(value) > MAX_JSON_DEPTH
-    if too_deep:
-        raise HeaderError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels", path=path)
-    return value
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0

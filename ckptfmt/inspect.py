@@ -18,6 +18,7 @@ from .config import ModelConfig, config_differences, read_sidecar
 from .digest import check_digest, digest_file
 from .errors import CheckpointNotFoundError, CkptfmtError
 from .header import DTYPE_SIZES, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
+from .registry import registered_model_types
 
 __all__ = ["VerifyReport", "diff", "inspect_checkpoint", "inspect_folder", "sidecar_status", "verify"]
 
@@ -46,6 +47,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dic
     embedded = header.config_dict()
     parsed = ModelConfig.from_dict(embedded, path=path) if embedded is not None else None
     config = parsed.to_dict() if parsed else None
+    registered = parsed.model_type in registered_model_types() if parsed else None
     kind = "optimizer state" if KEY_OPTIMIZER in header.metadata else (
         "ckptfmt" if header.is_ckptfmt else "safetensors"
     )
@@ -57,6 +59,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dic
         "format_version": header.format_version,
         "config": config,
         "config_source": "embedded" if config is not None else None,
+        "registered": registered,
         "training": header.training(),
         "provenance": header.provenance(),
         "weights_sha256": header.weights_sha256,
@@ -84,18 +87,20 @@ def _tensor_summary(infos: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, 
 
 
 def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
-    from .checkpoint import infer_model_config
     from .legacy import read_legacy_checkpoint
+    from .shapes import infer_model_config
     from .tensors import DTYPE_NAMES
 
     legacy = read_legacy_checkpoint(path)
     infos = [(n, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in legacy.state_dict.items()]
     shapes = {n: s for n, _, s in infos}
+    failures: list[str] = []
     try:
-        inferred, reason = infer_model_config(shapes, path=path).to_dict(), None
+        inferred, reason = infer_model_config(shapes, path=path, failures=failures).to_dict(), None
     except CkptfmtError as exc:
         inferred, reason = None, exc.message
     sidecar = read_sidecar(path.parent)
+    config = sidecar.config.to_dict() if sidecar else inferred
     info = {
         "file": str(path),
         "kind": "legacy",
@@ -104,10 +109,12 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
         "source_sha256": legacy.sha256,
         "state_dict_key": legacy.wrapper_key,
         "stripped_prefixes": legacy.stripped_prefixes,
-        "config": sidecar.config.to_dict() if sidecar else inferred,
+        "config": config,
         "config_source": "sidecar" if sidecar else ("inferred" if inferred else None),
+        "registered": config["model_type"] in registered_model_types() if config else None,
         "inferred_config": inferred,
         "not_recognised": reason,
+        "plugin_failures": failures,
         "training": legacy.training,
         "has_optimizer_state": legacy.optimizer_state is not None,
         "tensors": _tensor_summary([(n, d, s) for n, d, s in infos if d in DTYPE_SIZES]),
@@ -176,8 +183,8 @@ class VerifyReport:
     def failures(self) -> list[str]:
         return [f"{self.path}: {c['message']}" for c in self.checks if not c["ok"]]
 
-    def add(self, name: str, ok: bool, message: str) -> None:
-        self.checks.append({"check": name, "ok": ok, "message": message})
+    def add(self, name: str, ok: bool, message: str, *, skipped: bool = False) -> None:
+        self.checks.append({"check": name, "ok": ok, "message": message, "skipped": skipped})
 
     def to_dict(self) -> dict[str, Any]:
         gbps = self.bytes_hashed / self.seconds / 1e9 if self.seconds else None
@@ -212,10 +219,13 @@ def verify(path: str | os.PathLike) -> VerifyReport:
     report.add("header", True, "well formed")
 
     config = None
+    weights_only = False
     try:
         embedded = header.config_dict()
         if embedded is None:
-            report.add("config", True, "none embedded (weights only)")
+            weights_only = KEY_OPTIMIZER not in header.metadata
+            if weights_only:
+                report.add("config", True, "weights only (no config)")
         else:
             config = ModelConfig.from_dict(embedded)
             report.add("config", True, f"valid, schema {embedded.get('schema_version', 0)}")
@@ -223,16 +233,9 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         report.add("config", False, f"invalid embedded config: {exc.message}")
 
     if config is not None:
-        from .checkpoint import check_shapes
+        config = _verify_shapes(header, config, report)
 
-        try:
-            shapes = header.shapes()
-            check_shapes(config, shapes)
-            report.add("shapes", True, f"all {len(shapes)} tensors fit the config")
-        except CkptfmtError as exc:
-            report.add("shapes", False, f"config does not match the tensors: {exc.message}")
-
-    if header.is_ckptfmt and KEY_OPTIMIZER not in header.metadata:
+    if header.is_ckptfmt and KEY_OPTIMIZER not in header.metadata and not weights_only:
         status = sidecar_status(header, config)
         messages = {
             "consistent": (True, "sidecar consistent"),
@@ -257,6 +260,35 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         report.add("digest", True, f"weights sha256 {actual[:12]}... matches")
     _verify_companion(header, report)
     return report
+
+
+def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) -> ModelConfig | None:
+    """The config checked against its architecture, then against the tensors; skipped, saying
+    why, when the architecture is not installed here. Returns the checked config, or None when
+    it is invalid."""
+    from .errors import UnknownModelTypeError
+
+    if config.model_type not in registered_model_types():
+        report.add("shapes", True, f"skipped: model_type {config.model_type!r} is not registered here; "
+                   "import or install what registers it to check the tensors against it", skipped=True)
+        return config
+    try:
+        config = config.checked()
+    except UnknownModelTypeError as exc:
+        report.add("shapes", True, f"skipped: {exc.message}", skipped=True)
+        return config
+    except CkptfmtError as exc:
+        report.checks[-1] = {**report.checks[-1], "ok": False, "message": f"invalid embedded config: {exc.message}"}
+        return None
+    from .shapes import check_shapes
+
+    try:
+        shapes = header.shapes()
+        check_shapes(config, shapes, dtypes=header.dtypes())
+        report.add("shapes", True, f"all {len(shapes)} tensors fit the config")
+    except CkptfmtError as exc:
+        report.add("shapes", False, f"config does not match the tensors: {exc.message}")
+    return config
 
 
 def _verify_companion(header: Header, report: VerifyReport) -> None:

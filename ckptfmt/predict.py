@@ -1,10 +1,11 @@
-"""MultiTaskPredictor: rebuild the multi-task U-Net from its checkpoint and run it.
+"""MultiTaskPredictor: rebuild a model from its checkpoint and run it on images.
 
 No architecture argument is needed: the config comes from the file (or, for a legacy .pth,
-from the sidecar or the weights). The normalisation used in training and the segmentation
-threshold are part of that config, so inference cannot drift from training. On CUDA it runs in
-fp16 by default (half weights and activations, channels_last, cudnn.benchmark); on the CPU in
-fp32.
+from the sidecar or the weights), and the architecture says what the model does (its `Task`):
+segmentation, classification, or both, with how many input channels and to what multiple an
+image's sides are padded. The normalisation used in training and the segmentation threshold
+are part of the config, so inference cannot drift from training. On CUDA it runs in fp16 by
+default (half weights and activations, channels_last, cudnn.benchmark); on the CPU in fp32.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_model_with_config, resolve_device
 from .atomic import atomic_write, check_writable, write_all
+from .checkpoint import load_model_with_config, resolve_device
 from .errors import CkptfmtError, ConfigError, DeviceError, InputError
+from .registry import Task, get_model_entry
 
 __all__ = ["MultiTaskPredictor", "Prediction", "find_inputs", "normalize", "predict_files", "read_image"]
 
@@ -31,26 +33,29 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 @dataclass
 class Prediction:
-    """The result for one image.
+    """The result for one image; the parts the model's task does not give are None.
 
     `probabilities` is the segmentation probability map (H x W, or C x H x W when the model has
     several segmentation channels), `mask` the same thresholded, `class_probabilities` one per
     class, `label` the most probable class and `class_name` its name from the config.
     """
 
-    probabilities: np.ndarray
-    mask: np.ndarray
-    class_probabilities: np.ndarray
-    label: int
-    class_name: str
+    probabilities: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    class_probabilities: np.ndarray | None = None
+    label: int | None = None
+    class_name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "class_name": self.class_name,
-            "class_probabilities": [round(float(p), 6) for p in self.class_probabilities],
-            "mask_pixels": int(self.mask.sum()),
-        }
+        document: dict[str, Any] = {}
+        if self.class_probabilities is not None:
+            document.update(
+                label=self.label, class_name=self.class_name,
+                class_probabilities=[round(float(p), 6) for p in self.class_probabilities],
+            )
+        if self.mask is not None:
+            document["mask_pixels"] = int(self.mask.sum())
+        return document
 
 
 def normalize(images: torch.Tensor, normalization: dict[str, Any]) -> torch.Tensor:
@@ -72,7 +77,8 @@ def normalize(images: torch.Tensor, normalization: dict[str, Any]) -> torch.Tens
 
 
 class MultiTaskPredictor:
-    """Segmentation and classification with a multi-task U-Net checkpoint.
+    """Segmentation and classification with a checkpoint whose architecture declares its task
+    (the multi-task U-Net does both).
 
     Args:
         checkpoint_path: a .safetensors written by ckptfmt, or a legacy .pth (config from the
@@ -112,6 +118,14 @@ class MultiTaskPredictor:
         self.model, self.config, self.checkpoint = load_model_with_config(
             checkpoint_path, device=self.device, base_filters=base_filters, depth=depth, **overrides
         )
+        task = get_model_entry(self.config.model_type).describe_task(self.config.params)
+        if task is None:
+            raise ConfigError(
+                f"model_type {self.config.model_type!r} does not say what task it does, so the predictor "
+                "cannot run it (register it with task=...); use load_model and call the model yourself",
+                path=checkpoint_path,
+            )
+        self.task: Task = task
         self.dtype = PRECISIONS[self.precision]
         if self.dtype != torch.float32:
             self.model.to(self.dtype)
@@ -138,7 +152,7 @@ class MultiTaskPredictor:
 
     @property
     def multiple(self) -> int:
-        return 2**self.config.depth
+        return self.task.input_multiple
 
     def predict(
         self, images: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor], *,
@@ -151,7 +165,7 @@ class MultiTaskPredictor:
             One Prediction for one image, a list for a batch.
         """
         threshold = self.config.seg_threshold if threshold is None else threshold
-        if not 0 < threshold < 1:
+        if threshold is not None and not 0 < threshold < 1:
             raise ConfigError(f"threshold must lie between 0 and 1, not {threshold!r}")
         if isinstance(images, (list, tuple)):
             batch = [self._as_chw(image) for image in images]
@@ -182,9 +196,9 @@ class MultiTaskPredictor:
         tensor = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
         if tensor.dim() == 2:
             tensor = tensor.unsqueeze(0)
-        if tensor.dim() != 3 or tensor.shape[0] != self.config.in_channels:
+        if tensor.dim() != 3 or tensor.shape[0] != self.task.in_channels:
             raise InputError(
-                f"the model takes {self.config.in_channels}-channel images (C x H x W or H x W), "
+                f"the model takes {self.task.in_channels}-channel images (C x H x W or H x W), "
                 f"not shape {tuple(tensor.shape)}"
             )
         if tensor.shape[1] == 0 or tensor.shape[2] == 0:
@@ -201,15 +215,19 @@ class MultiTaskPredictor:
         images = images.to(self.device, self.dtype, non_blocking=True)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        seg_logits, cls_logits = self.model(images)
-        probabilities = torch.sigmoid(seg_logits[..., :height, :width].float()).cpu().numpy()
-        class_probabilities = torch.softmax(cls_logits.float(), dim=1).cpu().numpy()
-        results = []
-        for probability, classes in zip(probabilities, class_probabilities):
-            if probability.shape[0] == 1:
-                probability = probability[0]
-            label = int(classes.argmax())
-            results.append(Prediction(probability, probability > threshold, classes, label, self.config.class_name(label)))
+        seg_logits, cls_logits = self.task.split(self.model(images))
+        results = [Prediction() for _ in range(len(images))]
+        if seg_logits is not None:
+            probabilities = torch.sigmoid(seg_logits[..., :height, :width].float()).cpu().numpy()
+            for result, probability in zip(results, probabilities):
+                if probability.shape[0] == 1:
+                    probability = probability[0]
+                result.probabilities, result.mask = probability, probability > threshold
+        if cls_logits is not None:
+            class_probabilities = torch.softmax(cls_logits.float(), dim=1).cpu().numpy()
+            for result, classes in zip(results, class_probabilities):
+                result.class_probabilities, result.label = classes, int(classes.argmax())
+                result.class_name = self.config.class_name(result.label)
         return results
 
 
@@ -293,25 +311,26 @@ def predict_files(
             stems.add(path.stem)
             if not path.is_file():
                 raise InputError("no such file", path=path)
-            result.prediction = predictor.predict(read_image(path, in_channels=predictor.config.in_channels), threshold=threshold)
+            result.prediction = predictor.predict(read_image(path, in_channels=predictor.task.in_channels), threshold=threshold)
             mask = result.prediction.mask
-            png, npy = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_mask.npy"
-            planes = mask if mask.ndim == 2 else np.concatenate(list(mask), axis=0)
-            with atomic_write(png, overwrite=overwrite) as fd:
-                buffer = io.BytesIO()
-                Image.fromarray(planes.astype(np.uint8) * 255).save(buffer, format="PNG")
-                write_all(fd, buffer.getvalue())
-            with atomic_write(npy, overwrite=overwrite) as fd:
-                buffer = io.BytesIO()
-                np.save(buffer, mask)
-                write_all(fd, buffer.getvalue())
-            result.outputs = (png, npy)
+            if mask is not None:
+                png, npy = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_mask.npy"
+                planes = mask if mask.ndim == 2 else np.concatenate(list(mask), axis=0)
+                with atomic_write(png, overwrite=overwrite) as fd:
+                    buffer = io.BytesIO()
+                    Image.fromarray(planes.astype(np.uint8) * 255).save(buffer, format="PNG")
+                    write_all(fd, buffer.getvalue())
+                with atomic_write(npy, overwrite=overwrite) as fd:
+                    buffer = io.BytesIO()
+                    np.save(buffer, mask)
+                    write_all(fd, buffer.getvalue())
+                result.outputs = (png, npy)
         except CkptfmtError as exc:
             result.error = str(exc)
         results.append(result)
         if on_done is not None:
             on_done(result)
-    names = [predictor.config.class_name(i) for i in range(predictor.config.cls_num_classes)]
+    names = [predictor.config.class_name(i) for i in range(predictor.task.classes or 0)]
     rows = [
         {"input": str(r.input), **r.prediction.to_dict()} for r in results if r.prediction is not None
     ]

@@ -1,118 +1,328 @@
 """model_type -> architecture: the only way a name read from a file becomes code.
 
 A file names its architecture by `model_type`; that name is looked up here and nowhere else.
-No module is ever imported by a name read from a file: the modules that may be imported are
-the built-in ones listed below and those that installed packages declare in the entry-point
-group `ckptfmt.models`, for example in their pyproject.toml::
+No module is ever imported by a name read from a file: an architecture is known because code
+registered it (`@register_model`), or because an installed package declares it in the
+entry-point group `ckptfmt.models`, for example in its pyproject.toml::
 
     [project.entry-points."ckptfmt.models"]
     resunet = "my_package.models:ResUNet"
 
-Listing the known names imports nothing (so `inspect` stays free of torch); the module behind a
-name is imported only when that architecture is needed.
+ckptfmt's own architectures are declared the same way. Listing the known names imports
+nothing (so `inspect` stays free of torch); the module behind a name is imported only when that
+architecture is needed.
+
+A registered class's instances remember the arguments they were built with, so that saving one
+needs no hand-written config (as huggingface_hub's PyTorchModelHubMixin and Lightning's
+save_hyperparameters do, but without pickles).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from .errors import ConfigError, UnknownModelTypeError
+from .arguments import RESERVED_NAMES, Signature
+from .errors import ConfigError, PluginError, UnknownModelTypeError
 
-__all__ = ["ModelEntry", "check_model_type", "get_model_entry", "register_model", "registered_model_types"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "TASKS",
+    "ModelEntry",
+    "Task",
+    "captured_arguments",
+    "check_model_type_name",
+    "get_model_entry",
+    "register_model",
+    "registered_model_types",
+]
 
 ENTRY_POINT_GROUP = "ckptfmt.models"
+TASKS = ("classification", "segmentation", "segmentation+classification")
 
-# Built-in architectures: model_type -> the module whose import registers it.
-_BUILTIN = {"multitask": "models.multitask_unet"}
+# infer_config's one contract: tensor names to shapes (never tensors, so that inspect and convert
+# can call it without loading data) -> the architecture's arguments.
+InferConfig = Callable[[Mapping[str, tuple[int, ...]]], dict]
 
-InferConfig = Callable[[Mapping[str, Any]], dict]
+# Where a registered class's instance keeps (model_type, the arguments it was built with).
+_CAPTURED = "_ckptfmt_arguments"
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a model does, as a predictor needs to know it to run the model.
+
+    Args:
+        kind: "classification", "segmentation" or "segmentation+classification".
+        in_channels: channels of the input image.
+        classes: classification logits, for the classification kinds.
+        mask_channels: segmentation logit channels, for the segmentation kinds.
+        input_multiple: the input's height and width must be multiples of this (a U-Net of
+            depth d: 2**d); the predictor pads to it.
+        outputs: turns the model's output into `(mask_logits, class_logits)`, None for what the
+            model does not give; default: the output is the one the kind has, or a pair of both.
+    """
+
+    kind: str
+    in_channels: int
+    classes: int | None = None
+    mask_channels: int | None = None
+    input_multiple: int = 1
+    outputs: Callable[[Any], tuple[Any, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASKS:
+            raise ValueError(f"Task kind must be one of {', '.join(TASKS)}, not {self.kind!r}")
+
+    def split(self, output: Any) -> tuple[Any, Any]:
+        if self.outputs is not None:
+            return self.outputs(output)
+        if self.kind == "classification":
+            return None, output
+        if self.kind == "segmentation":
+            return output, None
+        return output[0], output[1]
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered architecture: its builder and, when known, how to read its config off
-    a state dict's tensor shapes."""
+    """A registered architecture: its builder, the checks its arguments get, and, when known,
+    how to read its arguments off a state dict's shapes and what task it does."""
 
     name: str
     builder: Callable[..., Any]
-    infer_config: InferConfig | None
+    infer_config: InferConfig | None = None
+    check: Callable[[dict[str, Any]], None] | None = None
+    task: Callable[[dict[str, Any]], Task] | None = None
+    signature: Signature = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
-    def params(self) -> tuple[str, ...]:
-        """The builder's keyword arguments, the architecture numbers a config must carry."""
-        return tuple(
-            p.name
-            for p in inspect.signature(self.builder).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        )
+    def parameter_names(self) -> tuple[str, ...]:
+        """The builder's named parameters: the arguments a config carries."""
+        return tuple(self.signature.parameters)
 
-    def state_shapes(self, params: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-        """The state dict's tensor shapes for these params, built on the meta device:
-        no memory is allocated and no weights are initialised."""
-        import torch
+    def complete(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The arguments checked by the signature and the architecture's own check, defaults
+        filled in. Raises ConfigError naming the argument."""
+        completed = self.signature.complete(params, model_type=self.name)
+        if self.check is not None:
+            try:
+                self.check(dict(completed))
+            except ConfigError:
+                raise
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            except Exception as exc:
+                raise PluginError(f"model_type {self.name!r}: its check raised {type(exc).__name__}: {exc}") from None
+        return completed
 
-        with torch.device("meta"):
-            model = self.builder(**params)
-        return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    def describe_task(self, params: Mapping[str, Any]) -> Task | None:
+        if self.task is None:
+            return None
+        try:
+            return self.task(dict(params))
+        except Exception as exc:
+            raise PluginError(f"model_type {self.name!r}: its task raised {type(exc).__name__}: {exc}") from None
+
+    def build(self, params: Mapping[str, Any]) -> Any:
+        """The model, built from checked arguments (see `complete`)."""
+        return self.builder(**self.signature.build_kwargs(params))
+
+    def expected_state(self, params: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The state dict these arguments give, as `{name: (shape, dtype)}`, built on the meta
+        device: no memory is allocated and no weights are initialised. Remembered per arguments,
+        so a folder of checkpoints of one architecture pays for one build."""
+        return dict(_expected_state(self, json.dumps(params, sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_state(entry: ModelEntry, params_json: str) -> tuple:
+    import torch
+
+    from .tensors import DTYPE_NAMES
+
+    with torch.device("meta"):
+        model = entry.build(json.loads(params_json))
+    return tuple(
+        (name, (tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)))) for name, t in model.state_dict().items()
+    )
 
 
 _registry: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, infer_config: InferConfig | None = None):
-    """Register an architecture under `name`; use as a class (or factory) decorator.
+def register_model(
+    name: str, *, infer_config: InferConfig | None = None, check: Callable[[dict[str, Any]], None] | None = None,
+    task: Callable[[dict[str, Any]], Task] | None = None,
+):
+    """Register an architecture under `name`; use as a decorator on an `nn.Module` class or on
+    a factory function that returns one.
+
+    Instances then remember the arguments they were built with, so `save_model_with_config(
+    model, path)` needs no config, and a file names its architecture by `name` alone.
 
     Args:
-        name: the model_type that configs and files will carry.
-        infer_config: optional `f(state_dict) -> dict` recovering the architecture numbers
-            from tensor shapes alone, raising ArchitectureNotRecognisedError for a state dict
-            of another architecture. Lets `convert` migrate legacy `.pth` files.
+        name: the model_type that configs and files will carry (letters, digits and _).
+        infer_config: optional `f(shapes) -> arguments`, where `shapes` maps tensor names to
+            shape tuples; recovers the arguments from a state dict's shapes alone, raising
+            ArchitectureNotRecognisedError for another architecture's. Lets `convert` migrate
+            legacy `.pth` files.
+        check: optional `f(arguments)`, the architecture's own check of its (already typed and
+            completed) arguments; raises ConfigError or ValueError saying what is wrong.
+        task: optional `f(arguments) -> Task`: what the model does, for the predictor.
 
     Returns:
-        A decorator that returns its argument unchanged.
+        A decorator that returns the class itself (its instances now remember their
+        arguments), or, for a function, a wrapper that records them on what it returns.
 
     Example:
-        >>> @register_model("tiny", infer_config=lambda sd: {"width": sd["fc.weight"].shape[0]})
+        >>> @register_model("tiny", infer_config=lambda shapes: {"width": shapes["fc.weight"][0]})
         ... class Tiny(torch.nn.Module):
-        ...     def __init__(self, width=8): ...
+        ...     def __init__(self, width: int = 8):
+        ...         super().__init__()
+        ...         self.fc = torch.nn.Linear(4, width)
+        >>> save_model_with_config(Tiny(width=16), "tiny.safetensors")   # no config needed
     """
-    if not name.isidentifier():
+    if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"model_type {name!r} must be a plain identifier (letters, digits, _)")
 
     def decorate(builder):
         existing = _registry.get(name)
-        if existing is not None and existing.builder is not builder:
+        if existing is not None and existing.builder is not builder and getattr(existing.builder, "__wrapped__", None) is not builder:
             raise ValueError(f"model_type {name!r} is already registered to {existing.builder!r}")
-        _registry[name] = ModelEntry(name, builder, infer_config)
-        return builder
+        if existing is not None:
+            return builder
+        signature = Signature.of(builder)
+        clashes = signature.reserved()
+        if clashes:
+            raise ValueError(
+                f"{signature.owner} cannot be registered as {name!r}: its parameter "
+                f"{', '.join(map(repr, clashes))} has the name of a config field "
+                f"({', '.join(RESERVED_NAMES)}); rename it, or register a factory that maps it"
+            )
+        if isinstance(builder, type):
+            _record_arguments_of_instances(builder, name)
+            registered = builder
+        else:
+            registered = _recording_factory(builder, name)
+        _registry[name] = ModelEntry(name, registered, infer_config, check, task, signature)
+        return registered
 
     return decorate
 
 
+def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any] | str:
+    """The arguments of a call by name, or why they cannot be named."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        return f"its arguments could not be matched to its signature ({exc})"
+    arguments: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        kind = signature.parameters[key].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return f"it was given {len(value)} extra positional argument(s) (*{key}), which a config cannot name"
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            clashes = sorted(set(value) & set(RESERVED_NAMES))
+            if clashes:
+                return f"its **{key} was given {', '.join(map(repr, clashes))}, the name of a config field"
+            arguments.update(value)
+        else:
+            arguments[key] = value
+    return arguments
+
+
+def _record_arguments_of_instances(cls: type, name: str) -> None:
+    init = cls.__init__
+    signature = inspect.signature(cls)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # A subclass that is registered records its own arguments; one that is not records
+        # nothing, so saving it asks for it to be registered instead of naming its base.
+        if type(self) is cls:
+            self.__dict__[_CAPTURED] = (name, _bind(signature, args, kwargs))
+
+    cls.__init__ = __init__
+
+
+def _recording_factory(factory: Callable[..., Any], name: str) -> Callable[..., Any]:
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def build(*args, **kwargs):
+        model = factory(*args, **kwargs)
+        if hasattr(model, "__dict__"):
+            model.__dict__[_CAPTURED] = (name, _bind(signature, args, kwargs))
+        return model
+
+    return build
+
+
+def captured_arguments(model: Any) -> tuple[str, dict[str, Any] | str] | None:
+    """`(model_type, arguments)` recorded when `model` was built by a registered architecture
+    (the arguments are a string saying why when they could not be recorded), or None.
+    DataParallel, DistributedDataParallel and torch.compile wrappers are looked through."""
+    return getattr(unwrap_model(model), "__dict__", {}).get(_CAPTURED)
+
+
+def unwrap_model(model: Any) -> Any:
+    """The module inside DataParallel, DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if inner is None and type(model).__name__ in ("DataParallel", "DistributedDataParallel"):
+            inner = getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def registered_model_types() -> list[str]:
     """The known model types, sorted, without importing any of them."""
-    return sorted({*_registry, *_BUILTIN, *(ep.name for ep in _entry_points())})
+    return sorted({*_registry, *(ep.name for ep in _entry_points())})
 
 
 def get_model_entry(name: str) -> ModelEntry:
-    """The registered architecture for `name`, importing its module on first use.
+    """The registered architecture for `name`, importing its package's module on first use.
 
     Raises:
-        UnknownModelTypeError: `name` is not registered; the message lists the known ones.
+        UnknownModelTypeError: `name` is not registered; the message lists the known ones and
+            says how to make it known.
+        PluginError: the package that provides it fails to import.
     """
-    check_model_type(name)
-    if name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
-    elif name not in _registry:
-        (ep,) = [ep for ep in _entry_points() if ep.name == name]
-        target = ep.load()
-        # An entry point may name a plain class that never called register_model itself.
-        if name not in _registry:
-            register_model(name, infer_config=getattr(target, "infer_config", None))(target)
+    check_model_type_name(name)
+    entry = _registry.get(name)
+    if entry is not None:
+        return entry
+    points = [ep for ep in _entry_points() if ep.name == name]
+    if not points:
+        raise UnknownModelTypeError(
+            f"model_type {name!r} is not registered here (known: {', '.join(registered_model_types()) or 'none'}). "
+            f"Import the module that registers it (its @register_model({name!r})), or install the "
+            f"package that provides it (entry-point group {ENTRY_POINT_GROUP!r})"
+        )
+    if len({ep.value for ep in points}) > 1:
+        raise PluginError(
+            f"model_type {name!r} is provided by several installed packages "
+            f"({', '.join(sorted(ep.value for ep in points))}); uninstall all but one"
+        )
+    try:
+        target = points[0].load()
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PluginError(
+            f"model_type {name!r}: the package that provides it failed to import "
+            f"({points[0].value}: {type(exc).__name__}: {first_line})"
+        ) from None
+    # An entry point may name a plain class or function that never called register_model.
+    if name not in _registry:
+        register_model(name, infer_config=getattr(target, "infer_config", None))(target)
     return _registry[name]
 
 
@@ -124,17 +334,12 @@ def _entry_points():
     return tuple(entry_points(group=ENTRY_POINT_GROUP))
 
 
-def check_model_type(name: Any) -> str:
-    """Validate a model_type read from a file or given by a user, without importing it."""
+def check_model_type_name(name: Any) -> str:
+    """Refuse a model_type that is not a plain name, without looking it up: import paths read
+    from a file are never followed."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(
-            f"model_type must be a registered name such as 'multitask', not {name!r}; "
+            f"model_type must be a plain name (letters, digits and _), not {name!r}; "
             "import paths are never followed"
-        )
-    # Entry points are scanned only for a name not known already: the scan costs 30 ms.
-    if name not in _registry and name not in _BUILTIN and name not in registered_model_types():
-        raise UnknownModelTypeError(
-            f"model_type {name!r} is not registered; known: {', '.join(registered_model_types())}. "
-            f"Install the package that provides it (entry-point group {ENTRY_POINT_GROUP!r})"
         )
     return name

@@ -13,10 +13,17 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ckptfmt.errors import ArchitectureNotRecognisedError
-from ckptfmt.registry import get_model_entry, register_model
+from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
+from ckptfmt.registry import Task, get_model_entry, register_model
 
 __all__ = ["MultiTaskUNet", "create_multi_task_model", "infer_config"]
+
+MAX_DEPTH = 8
+# Far above any real U-Net, low enough that a hostile number cannot make a shape overflow.
+_LIMITS = {
+    "base_filters": 4096, "depth": MAX_DEPTH, "in_channels": 4096,
+    "seg_out_channels": 4096, "cls_num_classes": 1_000_000,
+}
 
 
 def _double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -30,11 +37,25 @@ def _double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-def infer_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
-    """Recover the five architecture numbers from a state dict's tensor shapes alone.
+def check(params: dict[str, int]) -> None:
+    """The ranges of the five arguments (their types come from the signature)."""
+    for name, limit in _LIMITS.items():
+        if not 1 <= params[name] <= limit:
+            raise ConfigError(f"{name} must lie in 1..{limit}, not {params[name]}")
+
+
+def task(params: dict[str, int]) -> Task:
+    return Task(
+        "segmentation+classification", in_channels=params["in_channels"], classes=params["cls_num_classes"],
+        mask_channels=params["seg_out_channels"], input_multiple=2 ** params["depth"],
+    )
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Recover the five architecture arguments from a state dict's tensor shapes alone.
 
     Args:
-        state_dict: tensor names to tensors, or to their shapes.
+        shapes: tensor names to shape tuples.
 
     Returns:
         `{"base_filters", "depth", "in_channels", "seg_out_channels", "cls_num_classes"}`.
@@ -44,14 +65,14 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
             says which tensor is missing, unexpected or of the wrong shape.
 
     Example:
-        >>> infer_config(MultiTaskUNet(base_filters=16, depth=3).state_dict())["depth"]
+        >>> model = MultiTaskUNet(base_filters=16, depth=3)
+        >>> infer_config({name: tuple(t.shape) for name, t in model.state_dict().items()})["depth"]
         3
     """
     def shape(name: str) -> tuple[int, ...]:
-        if name not in state_dict:
+        if name not in shapes:
             raise ArchitectureNotRecognisedError(f"not a multi-task U-Net: it has no tensor {name!r}")
-        value = state_dict[name]
-        return tuple(getattr(value, "shape", value))
+        return tuple(shapes[name])
 
     first, seg, cls = shape("enc.0.0.weight"), shape("seg_head.weight"), shape("cls_head.weight")
     if len(first) != 4 or len(seg) != 4 or len(cls) != 2:
@@ -60,22 +81,22 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
             f"shapes {list(first)}, {list(seg)}, {list(cls)}"
         )
     depth = 0
-    while f"enc.{depth}.0.weight" in state_dict:
+    while f"enc.{depth}.0.weight" in shapes:
         depth += 1
     params = {
         "base_filters": first[0], "depth": depth, "in_channels": first[1],
         "seg_out_channels": seg[0], "cls_num_classes": cls[0],
     }
-    if not 1 <= depth <= 8 or min(params.values()) < 1:
+    if any(not 1 <= params[name] <= limit for name, limit in _LIMITS.items()):
         raise ArchitectureNotRecognisedError(f"not a multi-task U-Net: the shapes give {params}")
-    expected = get_model_entry("multitask").state_shapes(params)
-    for name, want in expected.items():
+    expected = get_model_entry("multitask").expected_state(params)
+    for name, (want, _) in expected.items():
         if shape(name) != want:
             raise ArchitectureNotRecognisedError(
                 f"not a multi-task U-Net with {params}: {name} is {list(shape(name))}, "
                 f"expected {list(want)}"
             )
-    extra = sorted(set(state_dict) - set(expected))
+    extra = sorted(set(shapes) - set(expected))
     if extra:
         raise ArchitectureNotRecognisedError(
             f"not a multi-task U-Net: unexpected tensor{'s' if len(extra) > 1 else ''} "
@@ -84,7 +105,7 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
     return params
 
 
-@register_model("multitask", infer_config=infer_config)
+@register_model("multitask", infer_config=infer_config, check=check, task=task)
 class MultiTaskUNet(nn.Module):
     """U-Net with a segmentation head and a classification head.
 

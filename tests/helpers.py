@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ckptfmt import ModelConfig, save_model_with_config
-from models.multitask_unet import MultiTaskUNet
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints"

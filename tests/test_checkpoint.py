@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import stat
 
@@ -23,7 +22,7 @@ from ckptfmt import (
     save_model_with_config,
 )
 from ckptfmt.tensors import read_state_dict, weights_digest, write_safetensors
-from models.multitask_unet import MultiTaskUNet, create_multi_task_model
+from ckptfmt.models.multitask_unet import MultiTaskUNet, create_multi_task_model
 
 from .helpers import run, save_small, small_model, state_dicts_bit_identical
 
@@ -113,13 +112,12 @@ def test_written_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE(written.stat().st_mode) == 0o640
 
 
-def test_pth_name_is_written_as_safetensors_with_a_warning(tmp_path, caplog):
+def test_pth_name_is_written_as_safetensors_with_a_warning(tmp_path):
     model, config = small_model()
-    with caplog.at_level(logging.WARNING, logger="ckptfmt"):
+    with pytest.warns(ckptfmt.CkptfmtWarning, match=f"writing {tmp_path / 'best_model.safetensors'}"):
         path = save_model_with_config(model, tmp_path / "best_model.pth", config)
     assert path == tmp_path / "best_model.safetensors"
     assert not (tmp_path / "best_model.pth").exists()
-    assert f"writing {path}" in caplog.text
     # The seed's inference code passes the .pth name; it finds what was written.
     assert isinstance(load_model(tmp_path / "best_model.pth"), MultiTaskUNet)
 
@@ -135,8 +133,25 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     assert state_dicts_bit_identical(read_state_dict(path), other.state_dict())
 
 
-def test_config_that_does_not_fit_the_model_is_refused_before_writing(tmp_path):
+def test_config_that_disagrees_with_how_the_model_was_built_is_refused_before_writing(tmp_path):
     model, _ = small_model(base_filters=4)
+    with pytest.raises(ckptfmt.ConfigError) as excinfo:
+        save_model_with_config(model, tmp_path / "m.safetensors", ModelConfig(base_filters=8, depth=2))
+    assert str(excinfo.value) == (
+        f"{tmp_path / 'm.safetensors'}: the config disagrees with the arguments the model was built with "
+        "(base_filters: config 8, model 4); save without config= to record the model as built, or build "
+        "the model from the config"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_that_does_not_fit_the_model_is_refused_before_writing(tmp_path):
+    """An unregistered subclass records no arguments: the shapes are what is checked."""
+
+    class Subclass(MultiTaskUNet):
+        pass
+
+    model = Subclass(base_filters=4, depth=2)
     with pytest.raises(ShapeMismatchError, match=r"base_filters=8 expects enc\.0\.0\.weight \[8, 1, 3, 3\]; the file has \[4, 1, 3, 3\]"):
         save_model_with_config(model, tmp_path / "m.safetensors", ModelConfig(base_filters=8, depth=2))
     assert list(tmp_path.iterdir()) == []
@@ -180,15 +195,16 @@ def test_load_model_with_config_returns_the_seeds_triple(tmp_path):
     assert state_dicts_bit_identical(loaded.state_dict(), model.state_dict())
 
 
-def test_legacy_pth_loads_with_an_inferred_config_and_a_warning(tmp_path, caplog):
+def test_legacy_pth_loads_with_an_inferred_config_and_a_warning(tmp_path):
     model, config = small_model(base_filters=8, depth=3)
     torch.save(model.state_dict(), tmp_path / "old.pth")
-    with caplog.at_level(logging.WARNING, logger="ckptfmt"):
+    with pytest.warns(ckptfmt.CkptfmtWarning) as warned:
         loaded, loaded_config, checkpoint = load_model_with_config(tmp_path / "old.pth")
     assert loaded_config.get_model_params() == config.get_model_params()
     assert checkpoint["config_source"] == "inferred"
-    assert "architecture inferred from the weights: base_filters=8, depth=3" in caplog.text
-    assert "default configuration" not in caplog.text
+    (warning,) = warned
+    assert "architecture inferred from the weights: multitask(base_filters=8, cls_num_classes=2, depth=3, " in str(warning.message)
+    assert "default configuration" not in str(warning.message)
     assert state_dicts_bit_identical(loaded.state_dict(), model.state_dict())
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from ckptfmt import ConfigError, ModelConfig, UnknownModelTypeError
 from ckptfmt.config import SCHEMA_VERSION, read_sidecar, write_sidecar
-from models.multitask_unet import create_multi_task_model
+from ckptfmt.models.multitask_unet import create_multi_task_model
 
 
 def test_defaults_are_the_seeds():
@@ -37,7 +37,7 @@ def test_get_model_params_builds_the_model():
         ("cls_num_classes", 0, "cls_num_classes must lie in 1..1000000, not 0"),
         ("depth", 9, "depth must lie in 1..8, not 9"),
         ("seg_threshold", 1.5, "seg_threshold must be a number between 0 and 1, not 1.5"),
-        ("class_names", ["a"], "class_names has 1 names but cls_num_classes is 2"),
+        ("class_names", ["a"], "class_names has 1 names but the model has 2 classes"),
         ("normalization", {"mode": "fixed", "mean": [0.5], "std": [0]},
          "normalization std must be positive, not [0]"),
         ("normalization", {"mode": "zscore", "mean": 1}, "normalization mode 'zscore' takes exactly the keys mode, not mean, mode"),
@@ -49,9 +49,16 @@ def test_invalid_values_are_refused_with_the_field_named(field, value, message):
     assert str(excinfo.value) == message
 
 
-def test_unknown_model_type_lists_the_registered_ones():
-    with pytest.raises(UnknownModelTypeError, match=r"model_type 'resnet' is not registered; known: multitask\."):
+def test_unknown_model_type_lists_the_registered_ones_and_says_what_to_do():
+    with pytest.raises(UnknownModelTypeError) as excinfo:
         ModelConfig(model_type="resnet")
+    message = str(excinfo.value)
+    assert message.startswith("model_type 'resnet' is not registered here (known: ")
+    assert "multitask" in message.split("(known: ")[1].split(")")[0]
+    assert message.endswith(
+        "Import the module that registers it (its @register_model('resnet')), or install the package "
+        "that provides it (entry-point group 'ckptfmt.models')"
+    )
 
 
 def test_import_path_model_type_is_refused_without_importing():
@@ -59,12 +66,20 @@ def test_import_path_model_type_is_refused_without_importing():
         ModelConfig(model_type="os.system")
 
 
-def test_unknown_keys_are_refused_by_name(tmp_path):
+def test_unknown_arguments_are_refused_by_name_when_the_config_is_checked(tmp_path):
+    """Reading a file does not need its architecture; using the config checks against it."""
     path = tmp_path / "model_config.json"
     path.write_text(json.dumps({"base_filters": 32, "dropout": 0.1, "schema_version": 1}))
+    config = ModelConfig.load(path)
+    assert config.params == {"base_filters": 32, "dropout": 0.1}
     with pytest.raises(ConfigError) as excinfo:
-        ModelConfig.load(path)
-    assert str(excinfo.value).startswith(f"{path}: unknown config key 'dropout'; known keys: base_filters,")
+        config.checked()
+    assert str(excinfo.value) == (
+        f"{path}: 'multitask' (MultiTaskUNet) has no argument 'dropout'; its arguments: base_filters, "
+        "depth, in_channels, seg_out_channels, cls_num_classes"
+    )
+    with pytest.raises(ConfigError, match="has no argument 'dropout'"):
+        config.get_model_params()
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -85,7 +100,8 @@ def test_seed_sidecar_without_schema_is_migrated(tmp_path):
     }
     (tmp_path / "model_config.json").write_text(json.dumps(seed))
     config = ModelConfig.from_checkpoint_dir(tmp_path)
-    assert config.to_dict() == {**ModelConfig().to_dict(), **seed, "schema_version": SCHEMA_VERSION}
+    assert config.checked().to_dict() == {**ModelConfig().to_dict(), **seed, "schema_version": SCHEMA_VERSION}
+    assert config.get_model_params() == {key: seed[key] for key in ModelConfig().params}
 
 
 def test_missing_sidecar_is_an_error_not_a_default(tmp_path):
@@ -107,7 +123,7 @@ def test_save_load_round_trip_and_no_silent_overwrite(tmp_path):
 
 def test_replace_validates_and_names_unknown_fields():
     assert ModelConfig().replace(depth=3).depth == 3
-    with pytest.raises(ConfigError, match="unknown config key 'detph'"):
+    with pytest.raises(ConfigError, match="has no argument 'detph'"):
         ModelConfig().replace(detph=3)
 
 
@@ -123,7 +139,12 @@ def test_sidecar_binds_several_files_of_one_config_and_refuses_another(tmp_path)
     assert read_sidecar(tmp_path).weights == {"best_model.safetensors": "c" * 64}
 
 
-def test_config_module_does_not_import_torch():
-    code = "import sys; from ckptfmt import ModelConfig; ModelConfig(depth=3); print('torch' in sys.modules)"
+def test_reading_a_config_does_not_import_torch(tmp_path):
+    ModelConfig(depth=3).save(tmp_path / "model_config.json")
+    code = (
+        "import sys; from ckptfmt import ModelConfig\n"
+        f"config = ModelConfig.load({str(tmp_path / 'model_config.json')!r})\n"
+        "print(config.depth, config.model_type, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.split() == ["3", "multitask", "False"]

@@ -15,7 +15,7 @@ import ckptfmt
 from ckptfmt import ModelConfig, convert, load_model, read_header
 from ckptfmt.cli import main
 from ckptfmt.legacy import read_legacy_checkpoint
-from models.multitask_unet import MultiTaskUNet
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 
 from .helpers import DEMO_ARCHITECTURE, copy_demo, run_cli, small_model, state_dicts_bit_identical
 
@@ -173,10 +173,10 @@ def test_cli_converts_a_folder_with_a_report(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines == [
-        "[OK]   checkpoints/multitask_cls_head/best_model.pth -> checkpoints/multitask_cls_head/best_model.safetensors  (base_filters=4, depth=3)",
-        "[OK]   checkpoints/multitask_joint/best_model.pth -> checkpoints/multitask_joint/best_model.safetensors  (base_filters=4, depth=3)",
-        "[OK]   checkpoints/multitask_joint/last_model.pth -> checkpoints/multitask_joint/last_model.safetensors  (base_filters=4, depth=3)",
-        "[OK]   checkpoints/multitask_seg_warmup/best_model.pth -> checkpoints/multitask_seg_warmup/best_model.safetensors  (base_filters=4, depth=3)",
+        "[OK]   checkpoints/multitask_cls_head/best_model.pth -> checkpoints/multitask_cls_head/best_model.safetensors  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
+        "[OK]   checkpoints/multitask_joint/best_model.pth -> checkpoints/multitask_joint/best_model.safetensors  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
+        "[OK]   checkpoints/multitask_joint/last_model.pth -> checkpoints/multitask_joint/last_model.safetensors  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
+        "[OK]   checkpoints/multitask_seg_warmup/best_model.pth -> checkpoints/multitask_seg_warmup/best_model.safetensors  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
         "4 converted, 0 skipped, 0 failed",
     ]
     assert "[1/4] checkpoints/multitask_cls_head/best_model.pth" in result.stderr
@@ -282,15 +282,15 @@ def test_generate_model_configs_prints_the_seed_report(tmp_path):
         "",
         "[OK] Generated config for: multitask_cls_head",
         f"  Location: {demo}/multitask_cls_head/model_config.json",
-        "  Architecture: base_filters=4, depth=3",
+        "  Architecture: multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
         "",
         "[OK] Generated config for: multitask_joint",
         f"  Location: {demo}/multitask_joint/model_config.json",
-        "  Architecture: base_filters=4, depth=3",
+        "  Architecture: multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
         "",
         "[OK] Generated config for: multitask_seg_warmup",
         f"  Location: {demo}/multitask_seg_warmup/model_config.json",
-        "  Architecture: base_filters=4, depth=3",
+        "  Architecture: multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
         "",
         "=" * 80,
         "✅ Generated 3 configuration files",

@@ -84,9 +84,9 @@ def test_inspect_of_a_folder_gives_a_line_per_checkpoint(tmp_path):
     lines = result.stdout.splitlines()
     assert len(lines) == 6
     (converted,) = [line for line in lines if line.startswith(f"{demo}/multitask_joint/best_model.safetensors ")]
-    assert converted.startswith(f"{demo}/multitask_joint/best_model.safetensors  ckptfmt  multitask base_filters=4, depth=3  30,901 params")
+    assert converted.startswith(f"{demo}/multitask_joint/best_model.safetensors  ckptfmt  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)  30,901 params")
     assert converted.endswith("sidecar: consistent")
-    assert f"{demo}/multitask_seg_warmup/best_model.pth  legacy  multitask base_filters=4, depth=3 (inferred)  30,901 params  150.7 KB  sidecar: missing" in lines
+    assert f"{demo}/multitask_seg_warmup/best_model.pth  legacy  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1) (inferred)  30,901 params  150.7 KB  sidecar: missing" in lines
 
 
 def test_inspect_answers_from_the_header_only(tmp_path, monkeypatch):

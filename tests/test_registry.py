@@ -17,15 +17,17 @@ from .helpers import save_small
 def test_builtin_multitask_is_registered_with_infer_config():
     entry = get_model_entry("multitask")
     assert entry.infer_config is not None
-    assert entry.params == ("base_filters", "depth", "in_channels", "seg_out_channels", "cls_num_classes")
+    assert entry.parameter_names == ("base_filters", "depth", "in_channels", "seg_out_channels", "cls_num_classes")
 
 
 def test_unknown_model_type_lists_the_known_ones():
     with pytest.raises(UnknownModelTypeError) as excinfo:
         get_model_entry("vit")
+    known = ", ".join(registered_model_types())
     assert str(excinfo.value) == (
-        "model_type 'vit' is not registered; known: multitask. Install the package that provides it "
-        "(entry-point group 'ckptfmt.models')"
+        f"model_type 'vit' is not registered here (known: {known}). Import the module that registers it "
+        "(its @register_model('vit')), or install the package that provides it (entry-point group "
+        "'ckptfmt.models')"
     )
 
 
@@ -47,9 +49,9 @@ def test_third_party_architecture_registers_through_entry_points(monkeypatch, tm
     module.write_text(
         "import torch\n"
         "class Wide(torch.nn.Module):\n"
-        "    def __init__(self, in_channels=1, cls_num_classes=2, **architecture):\n"
+        "    def __init__(self, in_features: int = 1, classes: int = 2):\n"
         "        super().__init__()\n"
-        "        self.fc = torch.nn.Linear(in_channels, cls_num_classes)\n"
+        "        self.fc = torch.nn.Linear(in_features, classes)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
@@ -58,8 +60,9 @@ def test_third_party_architecture_registers_through_entry_points(monkeypatch, tm
     import sys
 
     assert "wide" in registered_model_types() and "thirdparty_arch" not in sys.modules
-    config = ModelConfig(model_type="wide", cls_num_classes=3)
-    assert get_model_entry("wide").state_shapes(config.get_model_params()) == {"fc.weight": (3, 1), "fc.bias": (3,)}
+    config = ModelConfig(model_type="wide", classes=3)
+    assert config.params == {"in_features": 1, "classes": 3}
+    assert get_model_entry("wide").expected_state(config.params) == {"fc.weight": ((3, 1), "F32"), "fc.bias": ((3,), "F32")}
 
 
 @pytest.mark.parametrize("model_type", registered_model_types())
@@ -69,4 +72,5 @@ def test_every_registered_architecture_round_trips(tmp_path, model_type):
     if entry.infer_config is None:
         pytest.skip(f"{model_type} registers no infer_config")
     path, model, config = save_small(tmp_path)
-    assert entry.infer_config(model.state_dict()) == config.get_model_params()
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    assert entry.infer_config(shapes) == config.get_model_params()

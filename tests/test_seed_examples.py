@@ -7,6 +7,8 @@ import logging
 import pytest
 import torch
 
+import ckptfmt
+
 from .helpers import ROOT, run
 
 
@@ -14,7 +16,7 @@ def test_training_then_inference_examples(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     # --- 2. During Training --------------------------------------------------------------
     from ckptfmt import ModelConfig, save_model_with_config
-    from models.multitask_unet import create_multi_task_model
+    from ckptfmt.models.multitask_unet import create_multi_task_model
 
     config = ModelConfig(
         base_filters=8,
@@ -29,14 +31,16 @@ def test_training_then_inference_examples(tmp_path, monkeypatch, caplog):
     optimizer = torch.optim.Adam(model.parameters())
     checkpoint_dir = tmp_path / "checkpoints" / "multitask_joint"
     epoch = 5
-    save_model_with_config(
-        model=model,
-        checkpoint_path=checkpoint_dir / "best_model.pth",
-        config=config,
-        optimizer=optimizer,
-        epoch=epoch,
-        metrics={"dice": 0.88, "accuracy": 0.90},
-    )
+    # The seed names a .pth; it is written as .safetensors, with a warning naming it.
+    with pytest.warns(ckptfmt.CkptfmtWarning, match="best_model.safetensors"):
+        save_model_with_config(
+            model=model,
+            checkpoint_path=checkpoint_dir / "best_model.pth",
+            config=config,
+            optimizer=optimizer,
+            epoch=epoch,
+            metrics={"dice": 0.88, "accuracy": 0.90},
+        )
     assert (checkpoint_dir / "model_config.json").exists()
 
     # --- 3. During Inference ----------------------------------------------------------------
@@ -45,7 +49,7 @@ def test_training_then_inference_examples(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="ckptfmt"):
         predictor = MultiTaskPredictor(checkpoint_path="checkpoints/multitask_joint/best_model.pth")
     assert "Loaded model config from: checkpoints/multitask_joint/best_model.safetensors" in caplog.text
-    assert "Using architecture: base_filters=8, depth=3" in caplog.text
+    assert "Using architecture: multitask(base_filters=8, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)" in caplog.text
     predictor = MultiTaskPredictor(
         checkpoint_path="checkpoints/multitask_joint/best_model.pth",
         base_filters=8,  # Override
@@ -70,15 +74,16 @@ def test_training_then_inference_examples(tmp_path, monkeypatch, caplog):
 
     small = ModelConfig(base_filters=4, depth=2)
     model = create_multi_task_model(**small.get_model_params())
-    save_model_with_config(
-        model=model,
-        checkpoint_path="checkpoints/my_model/best.pth",
-        config=small,
-        optimizer=torch.optim.Adam(model.parameters()),
-        epoch=10,
-        metrics={"accuracy": 0.95},
-        overwrite=True,  # the folder's sidecar above describes another architecture
-    )
+    with pytest.warns(ckptfmt.CkptfmtWarning, match="best.safetensors"):
+        save_model_with_config(
+            model=model,
+            checkpoint_path="checkpoints/my_model/best.pth",
+            config=small,
+            optimizer=torch.optim.Adam(model.parameters()),
+            epoch=10,
+            metrics={"accuracy": 0.95},
+            overwrite=True,  # the folder's sidecar above describes another architecture
+        )
     model, config, checkpoint = load_model_with_config(
         checkpoint_path="checkpoints/my_model/best.pth",
         model_factory_fn=create_multi_task_model,

@@ -92,7 +92,7 @@ def make_unet_files(folder: Path, base_filters: int, depth: int) -> tuple[Path, 
     from ckptfmt import ModelConfig
     from ckptfmt.checkpoint import build_metadata
     from ckptfmt.tensors import write_safetensors
-    from models.multitask_unet import MultiTaskUNet
+    from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     pth = folder / f"unet_{base_filters}_{depth}.pth"
     safetensors = folder / f"unet_{base_filters}_{depth}.safetensors"
@@ -139,7 +139,7 @@ def bench_inspect(work: Path, files: dict, repeats: int) -> list[dict]:
 LOAD_OURS = """
     import json, sys, time
     import torch, safetensors.torch
-    import models.multitask_unet
+    import ckptfmt.models.multitask_unet
     from ckptfmt import load_model
     x = torch.zeros(1, 1, 64, 64)
     start = time.perf_counter()
@@ -152,7 +152,7 @@ LOAD_OURS = """
 LOAD_NAIVE = """
     import json, sys, time
     import torch
-    import ckptfmt, models.multitask_unet
+    import ckptfmt, ckptfmt.models.multitask_unet
     x = torch.zeros(1, 1, 64, 64)
     start = time.perf_counter()
     model = models.multitask_unet.MultiTaskUNet(base_filters=int(sys.argv[2]), depth=int(sys.argv[3]))

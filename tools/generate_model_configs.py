@@ -12,14 +12,13 @@ Usage: python tools/generate_model_configs.py [ROOT] [--force]   (default ROOT: 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ckptfmt.checkpoint import architecture_summary, open_checkpoint  # noqa: E402
-from ckptfmt.config import write_sidecar  # noqa: E402
-from ckptfmt.errors import CkptfmtError  # noqa: E402
+from ckptfmt.checkpoint import open_checkpoint
+from ckptfmt.config import write_sidecar
+from ckptfmt.errors import CkptfmtError, CkptfmtWarning
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
 RULE = "=" * 80
@@ -43,7 +42,7 @@ def main() -> int:
     parser.add_argument("--force", action="store_true", help="replace sidecars that disagree")
     args = parser.parse_args()
     # Inferring the config is what this tool is for; the loader's warning about it is noise here.
-    logging.getLogger("ckptfmt").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", CkptfmtWarning)
 
     print(RULE, "Generating Model Configuration Files", RULE, "", sep="\n")
     generated = failed = 0
@@ -60,7 +59,7 @@ def main() -> int:
         generated += 1
         print(f"[OK] Generated config for: {name}")
         print(f"  Location: {location}")
-        print(f"  Architecture: {architecture_summary(opened.config)}\n")
+        print(f"  Architecture: {opened.config.summary()}\n")
     print(RULE)
     print(f"✅ Generated {generated} configuration files" + (f", ❌ {failed} failed" if failed else ""))
     print(RULE)

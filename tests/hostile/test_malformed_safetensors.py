@@ -100,6 +100,7 @@ def _config(**changes) -> dict:
     return {**ModelConfig(base_filters=4, depth=2).to_dict(), **changes}
 
 
+# name -> (raw config text, error, message). Refused by the reader: no architecture needed.
 HOSTILE_CONFIGS = {
     "huge": (json.dumps(_config(description="x" * (2 << 20))), HeaderError, "metadata is "),
     "100k-deep nesting": ('{"a":' * 100_000 + "1" + "}" * 100_000, HeaderError, "metadata 'ckptfmt.config' nests deeper than 32 levels"),
@@ -107,11 +108,15 @@ HOSTILE_CONFIGS = {
     "NaN": (json.dumps(_config()).replace('"seg_threshold": 0.5', '"seg_threshold": NaN'), HeaderError, "metadata 'ckptfmt.config' contains NaN, which is not valid JSON"),
     "duplicated model_type": (json.dumps(_config())[:-1] + ', "model_type": "other"}', HeaderError, "metadata 'ckptfmt.config' has the key 'model_type' twice"),
     "BOM": ("\ufeff" + json.dumps(_config()), HeaderError, "metadata 'ckptfmt.config' starts with a byte-order mark"),
-    "64.0 for an int": (json.dumps(_config(base_filters=64.0)), ConfigError, "base_filters must be an int, not float 64.0"),
-    "-1 for an int": (json.dumps(_config(depth=-1)), ConfigError, "depth must lie in 1..8, not -1"),
-    "true for an int": (json.dumps(_config(in_channels=True)), ConfigError, "in_channels must be an int, not bool True"),
-    "import-path model_type": (json.dumps(_config(model_type="os.system")), ConfigError, "model_type must be a registered name such as 'multitask', not 'os.system'; import paths are never followed"),
+    "import-path model_type": (json.dumps(_config(model_type="os.system")), ConfigError, "model_type must be a plain name (letters, digits and _), not 'os.system'; import paths are never followed"),
     "not an object": ("[1, 2]", HeaderError, "metadata 'ckptfmt.config' must be a JSON object, not list"),
+}
+# Refused by the architecture, when the config is used: reading it needs no architecture.
+REFUSED_BY_THE_ARCHITECTURE = {
+    "64.0 for an int": (json.dumps(_config(base_filters=64.0)), "base_filters must be an int, not float 64.0"),
+    "-1 for an int": (json.dumps(_config(depth=-1)), "depth must lie in 1..8, not -1"),
+    "true for an int": (json.dumps(_config(in_channels=True)), "in_channels must be an int, not bool True"),
+    "an unknown argument": (json.dumps(_config(dropout=0.5)), "'multitask' (MultiTaskUNet) has no argument 'dropout'"),
 }
 
 
@@ -123,6 +128,19 @@ def test_hostile_config_json_is_refused(tmp_path, case):
         with pytest.raises(error) as excinfo:
             read(path)
         assert str(excinfo.value).startswith(f"{path}: {message}")
+
+
+@pytest.mark.parametrize("case", REFUSED_BY_THE_ARCHITECTURE, ids=list(REFUSED_BY_THE_ARCHITECTURE))
+def test_config_the_architecture_refuses(tmp_path, case):
+    text, message = REFUSED_BY_THE_ARCHITECTURE[case]
+    path = _with_config_text(tmp_path, text)
+    config = ModelConfig.from_checkpoint(path)  # read, and shown by inspect, without the architecture
+    for use in (config.checked, lambda: ckptfmt.load_model(path)):
+        with pytest.raises(ConfigError) as excinfo:
+            use()
+        assert str(excinfo.value).startswith(f"{path}: {message}")
+    report = ckptfmt.verify(path)
+    assert report.failures == [f"{path}: invalid embedded config: {str(excinfo.value).split(': ', 1)[1]}"]
 
 
 def test_cli_shows_one_line_for_a_hostile_header(tmp_path):

@@ -18,7 +18,7 @@ from ckptfmt.digest import digest_file
 from ckptfmt.header import read_header
 from ckptfmt.tensors import read_state_dict, weights_digest, write_safetensors
 
-from models.multitask_unet import MultiTaskUNet
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 
 from ..helpers import state_dicts_bit_identical
 

@@ -1,0 +1,94 @@
+"""Opening the files that a user or a checkpoint names, safely.
+
+Only regular files are read: a FIFO or a device named like a checkpoint would block forever or
+never end. The check is made on the opened descriptor (opened with O_NONBLOCK, so that opening a
+FIFO does not itself block), which closes the race between looking and opening. Whole-file reads
+have a size cap, so a sidecar that is a link to /dev/zero, or simply huge, is refused before it
+is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+from .errors import CheckpointNotFoundError, CkptfmtError, InputError
+
+__all__ = ["is_regular_file", "open_regular", "read_capped", "resolve_checkpoint_path"]
+
+logger = logging.getLogger("ckptfmt")
+
+
+def open_regular(path: str | os.PathLike, *, error: type[CkptfmtError] = InputError) -> int:
+    """An O_RDONLY descriptor of `path`, refused unless it is a regular file.
+
+    Raises:
+        CheckpointNotFoundError: nothing is there.
+        `error`: a folder, a FIFO, a device or a socket, named as such.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("no such file", path=path) from None
+    except IsADirectoryError:
+        raise error("is a folder, not a file", path=path) from None
+    except PermissionError:
+        raise error("cannot be read: permission denied", path=path) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"is {_kind(mode)}, not a regular file; refused (reading it could block or never end)", path=path)
+    # Reads from here on must block as usual (O_NONBLOCK only kept the open from waiting).
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a plain file"
+
+
+def read_capped(path: str | os.PathLike, *, limit: int, what: str, error: type[CkptfmtError] = InputError) -> bytes:
+    """The whole of a regular file of at most `limit` bytes."""
+    fd = open_regular(path, error=error)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise error(f"is {size:,} bytes, over the {limit:,}-byte limit for {what}", path=path)
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise error(f"is over the {limit:,}-byte limit for {what}", path=path)
+    return data
+
+
+def is_regular_file(path: Path) -> bool:
+    """True for a regular file (following a link), without opening it."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """The file to read. `NAME.pth` that was saved as `NAME.safetensors` (as
+    save_model_with_config does) is found there, so the seed's paths keep working."""
+    path = Path(path)
+    if path.exists():
+        return path
+    saved_as = path.with_suffix(".safetensors")
+    if path.suffix in (".pth", ".pt") and saved_as.exists():
+        logger.info("%s: reading %s, which it was saved as", path, saved_as)
+        return saved_as
+    raise CheckpointNotFoundError("no such file", path=path)

@@ -1,0 +1,154 @@
+"""JSON that crosses the file boundary: one set of rules, for reading and for writing.
+
+Configs, training records, provenance and the optimizer's structure travel as JSON inside
+files that may be hostile. The reader refuses what Python's json module lets through (duplicate
+keys, NaN and Infinity, integers of thousands of digits, deep nesting); the writer applies the
+same rules to what it is about to write, so that nothing is written that the reader, and
+`verify`, would then refuse. Standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import types
+from typing import Any
+
+from .errors import CkptfmtError, ConfigError, HeaderError
+
+__all__ = ["MAX_DEPTH", "MAX_INT_DIGITS", "describe", "dumps_strict", "loads_strict", "plain_json"]
+
+MAX_DEPTH = 32
+# 2**63 has 19 digits; anything longer is not a tensor size, a count or an epoch.
+MAX_INT_DIGITS = 19
+
+
+def loads_strict(
+    text: str, *, what: str, path: str | os.PathLike | None = None, error: type[CkptfmtError] = HeaderError,
+) -> Any:
+    """Parse JSON from an untrusted file, refusing what the json module lets through.
+
+    Refused: a byte-order mark, duplicate keys, NaN and Infinity (also by overflow, as 1e999),
+    integers of more than 19 digits, and nesting deeper than 32.
+
+    Example:
+        >>> loads_strict('{"depth": 4}', what="config")
+        {'depth': 4}
+    """
+    if text.startswith("\ufeff"):
+        raise error(f"{what} starts with a byte-order mark; save it as plain UTF-8", path=path)
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in items:
+            if key in result:
+                raise error(f"{what} has the key {key!r} twice", path=path)
+            result[key] = value
+        return result
+
+    def constant(name: str) -> float:
+        raise error(f"{what} contains {name}, which is not valid JSON", path=path)
+
+    def integer(digits: str) -> int:
+        if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+            raise error(
+                f"{what} contains a {len(digits)}-digit integer; at most {MAX_INT_DIGITS} allowed",
+                path=path,
+            )
+        return int(digits)
+
+    def real(digits: str) -> float:
+        value = float(digits)
+        if not math.isfinite(value):
+            raise error(f"{what} contains {digits}, which overflows to infinity", path=path)
+        return value
+
+    try:
+        value = json.loads(
+            text, object_pairs_hook=pairs, parse_constant=constant, parse_int=integer,
+            parse_float=real,
+        )
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}", path=path) from None
+    except RecursionError:
+        too_deep = True
+    else:
+        too_deep = _depth(value) > MAX_DEPTH
+    if too_deep:
+        raise error(f"{what} nests deeper than {MAX_DEPTH} levels", path=path)
+    return value
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def plain_json(
+    value: Any, *, what: str, path: str | os.PathLike | None = None, error: type[CkptfmtError] = ConfigError,
+) -> Any:
+    """`value` as plain JSON data that `loads_strict` will read back equal, or `error` naming
+    the place that breaks a rule.
+
+    Tuples become lists, and number types that are not Python's own (numpy's, say) become int or
+    float. A class, a function, a module, a tensor or any other object is refused, named.
+
+    Example:
+        >>> plain_json({"channels": (8, 16)}, what="argument 'x'")
+        {'channels': [8, 16]}
+    """
+    return _plain(value, what, 0, path, error)
+
+
+def _plain(value: Any, where: str, depth: int, path, error) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        value = int(value)
+        if len(str(abs(value))) > MAX_INT_DIGITS:
+            raise error(f"{where} is a {len(str(abs(value)))}-digit integer; at most {MAX_INT_DIGITS} digits are allowed", path=path)
+        return value
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if not math.isfinite(value):
+            raise error(f"{where} is {value!r}, which JSON cannot hold", path=path)
+        return value
+    if isinstance(value, (list, tuple, dict)) and depth >= MAX_DEPTH:
+        raise error(f"{where} nests deeper than {MAX_DEPTH} levels", path=path)
+    if isinstance(value, (list, tuple)):
+        return [_plain(item, f"{where}[{index}]", depth + 1, path, error) for index, item in enumerate(value)]
+    if isinstance(value, dict):
+        result = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise error(f"{where} has the key {key!r} ({type(key).__name__}); JSON keys are strings", path=path)
+            result[key] = _plain(item, f"{where}[{key!r}]", depth + 1, path, error)
+        return result
+    raise error(
+        f"{where} is {describe(value)}, which cannot be written as JSON (numbers, strings, booleans, "
+        "None, and lists and dicts of those)",
+        path=path,
+    )
+
+
+def describe(value: Any) -> str:
+    """A short, safe description of an object for an error message."""
+    if isinstance(value, type):
+        return f"the class {value.__module__}.{value.__qualname__}"
+    if isinstance(value, types.ModuleType):
+        return f"the module {value.__name__}"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"the function {getattr(value, '__module__', '?')}.{value.__qualname__}"
+    return f"a {type(value).__module__}.{type(value).__qualname__}".replace("a builtins.", "a ")
+
+
+def dumps_strict(
+    value: Any, *, what: str, path: str | os.PathLike | None = None, error: type[CkptfmtError] = ConfigError,
+) -> str:
+    """`value` as compact JSON with sorted keys, after `plain_json`'s checks."""
+    return json.dumps(plain_json(value, what=what, path=path, error=error), sort_keys=True, allow_nan=False)

@@ -1,0 +1,151 @@
+"""Configs against tensors: a config recovered from a state dict's shapes, and a config (or a
+built model) checked against a file's tensor shapes and dtypes before anything is allocated.
+
+A mismatch is our error naming the field, the tensor and both shapes, never torch's wall of
+size-mismatch lines after the memory is spent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .config import ModelConfig
+from .errors import ArchitectureNotRecognisedError, CkptfmtError, ShapeMismatchError
+from .registry import get_model_entry, registered_model_types
+
+__all__ = ["check_shapes", "check_state", "infer_model_config"]
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def infer_model_config(
+    shapes: Shapes, *, model_type: str | None = None, path: str | os.PathLike | None = None,
+    failures: list[str] | None = None,
+) -> ModelConfig:
+    """A config recovered from tensor shapes by the registered architectures' `infer_config`.
+
+    Args:
+        shapes: tensor names to shape tuples.
+        model_type: try only this architecture.
+        failures: where to record a plugin that failed (raised something other than
+            ArchitectureNotRecognisedError, or gave arguments its own architecture refuses);
+            the others are still tried.
+
+    Raises:
+        ArchitectureNotRecognisedError: no registered architecture recognises the shapes; the
+            message gives each one's reason.
+
+    Example:
+        >>> infer_model_config({name: tuple(t.shape) for name, t in model.state_dict().items()})
+        ModelConfig('multitask', base_filters=4, depth=2, ...)
+    """
+    shapes = {name: tuple(shape) for name, shape in shapes.items()}
+    reasons = []
+    for name in [model_type] if model_type else registered_model_types():
+        try:
+            entry = get_model_entry(name)
+            if entry.infer_config is None:
+                reasons.append(f"{name}: registers no infer_config")
+                continue
+            params = entry.infer_config(shapes)
+            return ModelConfig(name, **params)
+        except ArchitectureNotRecognisedError as exc:
+            reasons.append(f"{name}: {exc.message}")
+        except CkptfmtError as exc:
+            if model_type:
+                raise
+            reasons.append(f"{name}: {exc.message}")
+            if failures is not None:
+                failures.append(f"model_type {name!r} failed on these weights: {exc.message}")
+        except Exception as exc:  # a plugin's own code: its failure, not the batch's
+            message = f"infer_config raised {type(exc).__name__}: {exc}"
+            reasons.append(f"{name}: {message}")
+            if failures is not None:
+                failures.append(f"model_type {name!r}: {message}")
+    raise ArchitectureNotRecognisedError(
+        f"no registered architecture recognises these weights ({'; '.join(reasons) or 'none registered'})",
+        path=path,
+    )
+
+
+# What may stand where the architecture has a tensor of a kind: a cast (--dtype fp16) keeps
+# floats floats; an integer where a float belongs is a damaged or foreign file.
+_KINDS = {"F": "floating point", "B": "floating point", "I": "integer", "U": "integer", "C": "complex"}
+
+
+def _kind(dtype: str) -> str:
+    return "bool" if dtype == "BOOL" else _KINDS.get(dtype[0], dtype)
+
+
+def check_state(
+    expected: Mapping[str, tuple[tuple[int, ...], str]], shapes: Shapes, dtypes: Mapping[str, str] | None = None,
+    *, strict: bool = True,
+) -> list[str]:
+    """The mismatches between what a model holds (`{name: (shape, dtype)}`) and what a file
+    holds: missing, unexpected, of another shape, or of another kind of dtype (an integer where
+    the model has a float). Empty when they fit."""
+    problems = []
+    for name, (want, want_dtype) in expected.items():
+        have = shapes.get(name)
+        if have is None:
+            if strict:
+                problems.append(f"{name} {list(want)}; the file has no such tensor")
+        elif tuple(have) != tuple(want):
+            problems.append(f"{name} {list(want)}; the file has {list(have)}")
+        elif dtypes is not None and name in dtypes and _kind(dtypes[name]) != _kind(want_dtype):
+            problems.append(f"{name} as {want_dtype}; the file has it as {dtypes[name]}")
+    if strict:
+        problems += [
+            f"no tensor {name}; the file has {name} {list(shapes[name])}" for name in shapes if name not in expected
+        ]
+    return problems
+
+
+def check_shapes(
+    config: ModelConfig, shapes: Shapes, *, dtypes: Mapping[str, str] | None = None,
+    path: str | os.PathLike | None = None, overridden: tuple[str, ...] = (), strict: bool = True,
+) -> None:
+    """Check a config against a state dict's shapes (and dtypes), on the meta device; nothing
+    is allocated.
+
+    Raises:
+        ShapeMismatchError: naming the field, the tensor and both shapes, e.g. `base_filters=32
+            expects enc.0.0.weight [32, 1, 3, 3]; the file has [64, 1, 3, 3]`.
+    """
+    config = config.checked(path=path)
+    entry = get_model_entry(config.model_type)
+    problems = check_state(entry.expected_state(config.params), shapes, dtypes, strict=strict)
+    if not problems:
+        return
+    fields, inferred = _fields_the_weights_contradict(entry, config, shapes, overridden)
+    params = config.params
+    culprit = f"{fields[0]}={params[fields[0]]!r}" if fields else "the config"
+    inferred_say = f" (the weights say {', '.join(f'{f}={inferred[f]!r}' for f in fields)})" if fields else ""
+    more = f", and {len(problems) - 1} more mismatch{'es' if len(problems) > 2 else ''}" if len(problems) > 1 else ""
+    fix = "remove the override" if set(fields) & set(overridden) else "fix the config"
+    raise ShapeMismatchError(f"{culprit} expects {problems[0]}{more}{inferred_say}; {fix}", path=path)
+
+
+def _fields_the_weights_contradict(
+    entry, config: ModelConfig, shapes: Shapes, overridden: tuple[str, ...],
+) -> tuple[list[str], dict[str, Any]]:
+    """The arguments whose value differs from what the architecture's infer_config reads off the
+    weights (overridden ones first), and what it reads; nothing when it cannot say."""
+    if entry.infer_config is None:
+        return [], {}
+    try:
+        inferred = entry.infer_config({name: tuple(s) for name, s in shapes.items()})
+    except Exception:  # these weights are not this architecture's, or the plugin failed
+        return [], {}
+    params = config.params
+    fields = [name for name in params if name in inferred and inferred[name] != params[name]]
+    return sorted(fields, key=lambda name: name not in overridden), inferred
+
+
+def module_state(model: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{name: (shape, dtype)}` of a built model's state dict."""
+    from .tensors import DTYPE_NAMES
+
+    return {name: (tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype))) for name, t in model.state_dict().items()}
