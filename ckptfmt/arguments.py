@@ -51,18 +51,16 @@ class Signature:
 
     @classmethod
     def of(cls, builder: Callable[..., Any]) -> "Signature":
-        try:
-            signature = inspect.signature(builder, eval_str=True)
-        except (NameError, TypeError, SyntaxError, AttributeError):
-            # Annotations naming what is only imported for type checkers: check names, not types.
-            signature = inspect.signature(builder)
+        signature = inspect.signature(builder)
         named = {
             p.name: p for p in signature.parameters.values()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
-        hints = {name: p.annotation for name, p in named.items() if not isinstance(p.annotation, str)}
+        hints = {name: _resolve(p.annotation, builder) for name, p in named.items()}
+        # An annotation that cannot be resolved (a name imported only for type checkers) checks nothing.
+        hints = {name: hint for name, hint in hints.items() if not isinstance(hint, str)}
         takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-        return cls(getattr(builder, "__qualname__", repr(builder)), named, hints, takes_any)
+        return cls(getattr(builder, "__name__", repr(builder)), named, hints, takes_any)
 
     def reserved(self) -> list[str]:
         return [name for name in self.parameters if name in RESERVED_NAMES]
@@ -128,6 +126,19 @@ class Signature:
         return kwargs
 
 
+def _resolve(annotation: Any, builder: Callable[..., Any]) -> Any:
+    """A string annotation (from `from __future__ import annotations`) evaluated in the
+    builder's module, one at a time so that one unresolvable name spoils only itself."""
+    if not isinstance(annotation, str):
+        return annotation
+    function = inspect.unwrap(builder.__init__ if isinstance(builder, type) else builder)
+    namespace = getattr(function, "__globals__", {})
+    try:
+        return eval(annotation, dict(namespace))  # noqa: S307 - the builder's own source code
+    except Exception:
+        return annotation
+
+
 def _conform(value: Any, hint: Any) -> Any:
     """`value` if it fits `hint` (an int given for a float becomes a float), else _NoMatch.
     Annotations this cannot read (classes, callables, type variables) accept any JSON value."""
@@ -160,17 +171,23 @@ def _conform(value: Any, hint: Any) -> Any:
     if hint in _SEQUENCES or origin in _SEQUENCES:
         if not isinstance(value, (list, tuple)) or isinstance(value, str):
             raise _NoMatch(_expected(hint))
-        if (hint is tuple or origin is tuple) and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise _NoMatch(_expected(hint))
-            return tuple(_conform(v, a) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        return [_conform(v, item) for v in value]
+        try:
+            if (hint is tuple or origin is tuple) and args and args[-1] is not Ellipsis:
+                if len(args) != len(value):
+                    raise _NoMatch(_expected(hint))
+                return tuple(_conform(v, a) for v, a in zip(value, args))
+            item = args[0] if args else Any
+            return [_conform(v, item) for v in value]
+        except _NoMatch:
+            raise _NoMatch(_expected(hint)) from None
     if hint in _MAPPINGS or origin in _MAPPINGS:
         if not isinstance(value, dict):
             raise _NoMatch(_expected(hint))
         item = args[1] if len(args) == 2 else Any
-        return {k: _conform(v, item) for k, v in value.items()}
+        try:
+            return {k: _conform(v, item) for k, v in value.items()}
+        except _NoMatch:
+            raise _NoMatch(_expected(hint)) from None
     return value
 
 

@@ -229,7 +229,7 @@ class ModelConfig:
         """
         captured = captured_arguments(model)
         inner = unwrap_model(model)
-        name = type(inner).__qualname__
+        name = type(inner).__name__
         if captured is None:
             suggested = re.sub(r"(?<!^)(?=[A-Z])", "_", type(inner).__name__).lower()
             raise ConfigError(

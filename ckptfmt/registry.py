@@ -61,8 +61,10 @@ class Task:
         in_channels: channels of the input image.
         classes: classification logits, for the classification kinds.
         mask_channels: segmentation logit channels, for the segmentation kinds.
-        input_multiple: the input's height and width must be multiples of this (a U-Net of
-            depth d: 2**d); the predictor pads to it.
+        input_multiple: the input's sides must be multiples of this (a U-Net of depth d: 2**d);
+            the predictor pads to it.
+        input_size: the spatial size the model takes and no other (a ViT's 224 x 224), or None.
+        spatial_dims: 2 for images, 3 for volumes.
         outputs: turns the model's output into `(mask_logits, class_logits)`, None for what the
             model does not give; default: the output is the one the kind has, or a pair of both.
     """
@@ -72,11 +74,25 @@ class Task:
     classes: int | None = None
     mask_channels: int | None = None
     input_multiple: int = 1
+    input_size: tuple[int, ...] | None = None
+    spatial_dims: int = 2
     outputs: Callable[[Any], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TASKS:
             raise ValueError(f"Task kind must be one of {', '.join(TASKS)}, not {self.kind!r}")
+
+    def example_input(self, batch: int = 2, *, side: int | None = None, seed: int = 0):
+        """A random input batch the model accepts (for tests and benchmarks)."""
+        import torch
+
+        if self.input_size is not None:
+            size = tuple(self.input_size)
+        else:
+            side = side or max(32, 2 * self.input_multiple)
+            side += -side % self.input_multiple
+            size = (side,) * self.spatial_dims
+        return torch.randn(batch, self.in_channels, *size, generator=torch.Generator().manual_seed(seed))
 
     def split(self, output: Any) -> tuple[Any, Any]:
         if self.outputs is not None:
@@ -98,6 +114,7 @@ class ModelEntry:
     infer_config: InferConfig | None = None
     check: Callable[[dict[str, Any]], None] | None = None
     task: Callable[[dict[str, Any]], Task] | None = None
+    example: Mapping[str, Any] | None = field(default=None, compare=False)
     signature: Signature = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
@@ -157,7 +174,7 @@ _registry: dict[str, ModelEntry] = {}
 
 def register_model(
     name: str, *, infer_config: InferConfig | None = None, check: Callable[[dict[str, Any]], None] | None = None,
-    task: Callable[[dict[str, Any]], Task] | None = None,
+    task: Callable[[dict[str, Any]], Task] | None = None, example: Mapping[str, Any] | None = None,
 ):
     """Register an architecture under `name`; use as a decorator on an `nn.Module` class or on
     a factory function that returns one.
@@ -174,6 +191,8 @@ def register_model(
         check: optional `f(arguments)`, the architecture's own check of its (already typed and
             completed) arguments; raises ConfigError or ValueError saying what is wrong.
         task: optional `f(arguments) -> Task`: what the model does, for the predictor.
+        example: optional arguments of a small instance, for tests and benchmarks (the tests
+            that run over every registered architecture use it; the defaults otherwise).
 
     Returns:
         A decorator that returns the class itself (its instances now remember their
@@ -209,7 +228,7 @@ def register_model(
             registered = builder
         else:
             registered = _recording_factory(builder, name)
-        _registry[name] = ModelEntry(name, registered, infer_config, check, task, signature)
+        _registry[name] = ModelEntry(name, registered, infer_config, check, task, example, signature)
         return registered
 
     return decorate

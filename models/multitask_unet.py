@@ -105,7 +105,10 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
     return params
 
 
-@register_model("multitask", infer_config=infer_config, check=check, task=task)
+@register_model(
+    "multitask", infer_config=infer_config, check=check, task=task,
+    example={"base_filters": 4, "depth": 2, "in_channels": 2, "seg_out_channels": 2, "cls_num_classes": 3},
+)
 class MultiTaskUNet(nn.Module):
     """U-Net with a segmentation head and a classification head.
 

@@ -24,7 +24,7 @@ from ckptfmt import (
 from ckptfmt.tensors import read_state_dict, weights_digest, write_safetensors
 from ckptfmt.models.multitask_unet import MultiTaskUNet, create_multi_task_model
 
-from .helpers import run, save_small, small_model, state_dicts_bit_identical
+from .helpers import ROOT, run, save_small, small_model, state_dicts_bit_identical
 
 ARCHITECTURES = [
     {"base_filters": 24, "depth": 3, "in_channels": 4, "seg_out_channels": 3, "cls_num_classes": 4},
@@ -272,3 +272,58 @@ def test_non_contiguous_tensors_are_written_in_logical_order(tmp_path):
     path = tmp_path / "views.safetensors"
     write_safetensors(path, tensors, {"format": "pt"})
     assert state_dicts_bit_identical(load_file(path), {k: v.contiguous() for k, v in tensors.items()})
+
+
+FIXTURE = ROOT / "tests/fixtures/schema1"
+
+
+def test_a_schema_1_file_written_by_0_1_0_loads_and_resumes():
+    """Committed once, kept forever: a file of 0.1.0 (config schema 1) with its sidecar and
+    optimizer companion."""
+    path = FIXTURE / "best_model.safetensors"
+    config = ModelConfig.from_checkpoint(path)
+    assert json.loads(read_header(path).metadata["ckptfmt.config"])["schema_version"] == 1
+    assert config.checked().to_dict() == {
+        "model_type": "multitask", "base_filters": 2, "depth": 2, "in_channels": 1, "seg_out_channels": 1,
+        "cls_num_classes": 3, "class_names": ["none", "low grade", "high grade"], "normalization": {"mode": "zscore"},
+        "seg_threshold": 0.4, "task": "segmentation+classification", "version": "1.0",
+        "description": "schema-1 fixture written by ckptfmt 0.1.0", "trained_on": "nothing (random weights)",
+        "training_config": "", "schema_version": 2,
+    }
+    expected = load_file(FIXTURE / "expected_outputs.safetensors")
+    with torch.no_grad():
+        seg, cls = load_model(path)(expected["x"])
+    assert torch.equal(seg, expected["seg"]) and torch.equal(cls, expected["cls"])
+    assert ckptfmt.verify(path).ok
+    model = load_model(path).train()
+    assert load_training_state(path, torch.optim.SGD(model.parameters(), lr=1.0))["epoch"] == 7
+
+
+def test_weights_only_files_have_a_way_back(tmp_path):
+    torch.manual_seed(0)
+    tensors = {"fc.weight": torch.randn(3, 5), "fc.bias": torch.randn(3)}
+    torch.save(tensors, tmp_path / "head.pth")
+    path = ckptfmt.convert(tmp_path / "head.pth").output
+    with pytest.raises(ckptfmt.ArchitectureNotRecognisedError) as excinfo:
+        load_model(path)
+    assert str(excinfo.value).startswith(f"{path}: has no config (weights only), and no registered architecture recognises these weights (")
+    assert str(excinfo.value).endswith(
+        "Rebuild it with load_model(path, builder=...) (a function that returns the model), or attach a config "
+        "with `ckptfmt convert SOURCE --model-type NAME --set ARGUMENT=VALUE`"
+    )
+    with pytest.raises(ckptfmt.ConfigError, match="has no embedded config \\(weights only\\); rebuild it with load_model"):
+        ModelConfig.from_checkpoint(path)
+
+    def head(width=5):
+        return torch.nn.ModuleDict({"fc": torch.nn.Linear(width, 3)})
+
+    model = load_model(path, builder=head)
+    assert state_dicts_bit_identical(model.state_dict(), tensors)
+    model, config, checkpoint = load_model_with_config(path, model_factory_fn=head)
+    assert config is None and checkpoint["config_source"] is None
+    with pytest.raises(ShapeMismatchError) as excinfo:
+        load_model(path, builder=lambda: head(width=4))
+    assert str(excinfo.value) == f"{path}: the builder's model does not fit the file: it expects fc.weight [3, 4]; the file has [3, 5]"
+    report = ckptfmt.verify(path)
+    assert report.ok and [c["check"] for c in report.checks] == ["header", "config", "digest"]
+    assert report.checks[1]["message"] == "weights only (no config)"

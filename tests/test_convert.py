@@ -319,3 +319,30 @@ def test_ties_views_scalars_and_empty_tensors_survive_conversion(tmp_path):
     loaded = ckptfmt.read_state_dict(result.output)
     assert state_dicts_bit_identical(loaded, {k: v.contiguous() for k, v in tensors.items()})
     assert loaded["head.weight"].data_ptr() == loaded["embed.weight"].data_ptr()
+
+
+def test_model_type_and_set_attach_a_config_to_weights_no_architecture_recognises(tmp_path, monkeypatch):
+    from ckptfmt import registry
+
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+
+    @registry.register_model("linear_head")
+    class LinearHead(torch.nn.Module):
+        def __init__(self, in_features: int = 1, classes: int = 2):
+            super().__init__()
+            self.fc = torch.nn.Linear(in_features, classes)
+
+    torch.save({"fc.weight": torch.randn(3, 5), "fc.bias": torch.randn(3)}, tmp_path / "head.pth")
+    wrong = runner_invoke(["convert", str(tmp_path / "head.pth"), "--model-type", "linear_head",
+                           "--set", "in_features=5", "--set", "classes=4"])
+    assert wrong.exit_code == 1
+    assert wrong.stderr.splitlines()[-1] == (
+        f"[FAIL] {tmp_path / 'head.pth'}: the config expects fc.weight [4, 5]; the file has [3, 5], and 1 more "
+        "mismatch; fix the config"
+    )
+    result = runner_invoke(["convert", str(tmp_path / "head.pth"), "--model-type", "linear_head",
+                            "--set", "in_features=5", "--set", "classes=3"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith("linear_head(classes=3, in_features=5)")
+    assert ModelConfig.from_checkpoint(tmp_path / "head.safetensors").params == {"in_features": 5, "classes": 3}
+    assert isinstance(load_model(tmp_path / "head.safetensors"), LinearHead)

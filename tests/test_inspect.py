@@ -247,3 +247,11 @@ def test_verify_reports_an_invalid_embedded_config_and_goes_on(tmp_path):
     report = verify(path)
     assert [c["check"] for c in report.checks if not c["ok"]] == ["config"]
     assert report.failures == [f"{path}: invalid embedded config: depth must lie in 1..8, not 0"]
+
+
+def test_verify_of_a_weights_only_file_says_so(tmp_path):
+    torch.save({"fc.weight": torch.randn(3, 5)}, tmp_path / "w.pth")
+    ckptfmt.convert(tmp_path / "w.pth")
+    result = invoke("verify", tmp_path / "w.safetensors")
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"[OK]   {tmp_path / 'w.safetensors'}: weights only (no config); header, digest (digest read ")

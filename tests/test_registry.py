@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from importlib.metadata import EntryPoint
+from typing import Literal
 
 import pytest
 import torch
 
-from ckptfmt import ModelConfig, UnknownModelTypeError, registered_model_types
+import ckptfmt
+from ckptfmt import ConfigError, ModelConfig, UnknownModelTypeError, registered_model_types
 from ckptfmt import registry
 from ckptfmt.registry import get_model_entry, register_model
 
@@ -74,3 +76,103 @@ def test_every_registered_architecture_round_trips(tmp_path, model_type):
     path, model, config = save_small(tmp_path)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     assert entry.infer_config(shapes) == config.get_model_params()
+
+
+@pytest.fixture
+def registry_copy(monkeypatch):
+    """Registrations made by a test are forgotten after it."""
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+
+
+def test_arguments_are_checked_against_the_signature_and_its_annotations(registry_copy):
+    @register_model("annotated")
+    class Annotated(torch.nn.Module):
+        def __init__(self, width: int, scale: float = 1.0, mode: Literal["a", "b"] = "a",
+                     sizes: tuple[int, ...] = (2, 3), options: dict | None = None, name: str | None = None,
+                     flag: bool = False):
+            super().__init__()
+            self.fc = torch.nn.Linear(width, width)
+
+    config = ModelConfig("annotated", width=4, scale=2)
+    assert config.params == {"width": 4, "scale": 2.0, "mode": "a", "sizes": [2, 3], "options": None,
+                             "name": None, "flag": False}
+    assert config.get_model_params()["sizes"] == (2, 3)  # JSON has no tuples; the builder gets one
+    cases = [
+        ({"width": 4.0}, "width must be an int, not float 4.0"),
+        ({"width": True}, "width must be an int, not bool True"),
+        ({"width": 4, "scale": "2"}, "scale must be a number, not str '2'"),
+        ({"width": 4, "mode": "c"}, "mode must be one of 'a', 'b', not str 'c'"),
+        ({"width": 4, "sizes": [2, "x"]}, "sizes must be a list of ints, not list [2, 'x']"),
+        ({"width": 4, "options": [1]}, "options must be a dict or None, not list [1]"),
+        ({"width": 4, "flag": 1}, "flag must be a bool, not int 1"),
+        ({}, "'annotated' (Annotated) needs the argument 'width', which the config does not give"),
+        ({"width": 4, "widht": 4}, "'annotated' (Annotated) has no argument 'widht'; its arguments: width, "
+                                   "scale, mode, sizes, options, name, flag"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(ConfigError) as excinfo:
+            ModelConfig("annotated", **arguments)
+        assert str(excinfo.value) == message
+
+
+def test_instances_of_a_registered_class_remember_their_arguments(registry_copy):
+    from ckptfmt.registry import captured_arguments
+
+    @register_model("remembering")
+    class Remembering(torch.nn.Module):
+        def __init__(self, width: int = 2, *, depth: int = 1, **extra):
+            super().__init__()
+            self.fc = torch.nn.Linear(width, width)
+
+    class Unregistered(Remembering):
+        pass
+
+    assert captured_arguments(Remembering(3, depth=2, dropout=0.5)) == ("remembering", {"width": 3, "depth": 2, "dropout": 0.5})
+    assert captured_arguments(torch.nn.DataParallel(Remembering(5))) == ("remembering", {"width": 5})
+    assert captured_arguments(Unregistered(3)) is None
+    with pytest.raises(ConfigError, match=r"^Unregistered is not a registered architecture, so nothing records how "
+                                          r"to rebuild it\. Register it: put @ckptfmt\.register_model\('unregistered'\) "
+                                          r"above `class Unregistered`"):
+        ModelConfig.from_model(Unregistered(3))
+    assert ModelConfig.from_model(Remembering(3), description="x").description == "x"
+
+
+def test_a_registered_factory_records_the_arguments_on_what_it_returns(registry_copy):
+    from ckptfmt.registry import captured_arguments
+
+    def make_head(classes: int = 2):
+        return torch.nn.Linear(4, classes)
+
+    registered = register_model("head_factory")(make_head)
+    assert captured_arguments(registered(classes=7)) == ("head_factory", {"classes": 7})
+    assert ModelConfig.from_model(registered(classes=7)).params == {"classes": 7}
+
+
+def test_an_argument_json_cannot_hold_is_refused_when_saving_naming_it(registry_copy, tmp_path):
+    @register_model("normed")
+    class Normed(torch.nn.Module):
+        def __init__(self, width: int = 4, norm_layer=torch.nn.BatchNorm1d):
+            super().__init__()
+            self.norm = norm_layer(width)
+
+    with pytest.raises(ConfigError) as excinfo:
+        ckptfmt.save(Normed(4, norm_layer=torch.nn.LayerNorm), tmp_path / "n.safetensors")
+    assert str(excinfo.value) == (
+        f"{tmp_path / 'n.safetensors'}: cannot record how Normed was built: norm_layer is the class "
+        "torch.nn.modules.normalization.LayerNorm, which cannot be written as JSON (numbers, strings, "
+        "booleans, None, and lists and dicts of those)"
+    )
+    with pytest.raises(ConfigError, match=r"'normed' \(Normed\) takes 'norm_layer' with the default the class "
+                                          r"torch\.nn\.modules\.batchnorm\.BatchNorm1d, which a config cannot hold"):
+        ModelConfig("normed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_parameter_named_like_a_config_field_is_refused_at_registration(registry_copy):
+    class Described(torch.nn.Module):
+        def __init__(self, description: str = ""):
+            super().__init__()
+
+    with pytest.raises(ValueError, match=r"Described cannot be registered as 'described': its parameter 'description' "
+                                         r"has the name of a config field"):
+        register_model("described")(Described)
