@@ -26,7 +26,9 @@ _EXPORTS = {
     "load_model": "checkpoint",
     "load_model_with_config": "checkpoint",
     "load_training_state": "training",
-    "infer_model_config": "shapes",
+    "infer_model_config": "identify",
+    "identify": "identify",
+    "AmbiguousArchitectureError": "errors",
     "Task": "registry",
     "weights_digest": "tensors",
     "read_state_dict": "tensors",
@@ -53,6 +55,8 @@ _EXPORTS = {
     "InputError": "errors",
     "DeviceError": "errors",
     "PluginError": "errors",
+    "MissingDependencyError": "errors",
+    "create_model": "registry",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -76,14 +80,14 @@ if TYPE_CHECKING:
     from .config import ModelConfig, read_sidecar
     from .converter import ConvertResult, convert, convert_all
     from .errors import (
-        ArchitectureNotRecognisedError, CheckpointNotFoundError, CkptfmtError, CkptfmtWarning, ConfigError,
-        DeviceError, HeaderError, InputError, IntegrityError, LegacyCheckpointError, OutputExistsError,
-        PluginError, ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
+        AmbiguousArchitectureError, ArchitectureNotRecognisedError, CheckpointNotFoundError, CkptfmtError, CkptfmtWarning, ConfigError,
+        DeviceError, HeaderError, InputError, IntegrityError, LegacyCheckpointError, MissingDependencyError,
+        OutputExistsError, PluginError, ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
     )
     from .header import read_header
     from .inspect import diff, inspect_checkpoint, verify
     from .predict import MultiTaskPredictor
-    from .registry import Task, register_model, registered_model_types
-    from .shapes import infer_model_config
+    from .registry import Task, create_model, register_model, registered_model_types
+    from .identify import identify, infer_model_config
     from .tensors import read_state_dict, weights_digest
     from .training import load_training_state

@@ -24,6 +24,7 @@ from .atomic import check_writable
 from .config import ModelConfig, check_sidecar_accepts, config_differences, read_sidecar, write_sidecar
 from .digest import check_digest
 from .errors import (
+    AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
     CkptfmtWarning,
     ConfigError,
@@ -35,7 +36,8 @@ from .header import Header, looks_like_safetensors, read_header
 from .legacy import LegacyCheckpoint, read_legacy_checkpoint
 from .metadata import build_metadata, provenance_record, training_record
 from .registry import get_model_entry, unwrap_model
-from .shapes import check_shapes, check_state, infer_model_config, module_state
+from .identify import identify
+from .shapes import check_shapes, check_state, module_state
 from .tensors import DTYPE_NAMES, load_tensors, write_safetensors
 from .training import OPTIMIZER_SUFFIX, write_optimizer_state
 
@@ -267,7 +269,10 @@ def open_checkpoint(
         logger.info("Loaded model config from: %s", sidecar.path)
     if config is None and builder is None:
         try:
-            config, source = infer_model_config(shapes, path=path), "inferred"
+            state_dict = load_tensors(header) if header is not None else legacy.state_dict
+            config, source = identify(state_dict, path=path).config, "inferred"
+        except AmbiguousArchitectureError:
+            raise
         except ArchitectureNotRecognisedError as exc:
             raise ArchitectureNotRecognisedError(
                 f"has no config (weights only), and {exc.message[0].lower()}{exc.message[1:]}. Rebuild it "
@@ -331,9 +336,7 @@ def _build(
     if builder is not None:
         model = _build_with(builder, opened)
     else:
-        entry = get_model_entry(opened.config.model_type)
-        with torch.device("meta"):
-            model = entry.build(opened.config.params)
+        model = get_model_entry(opened.config.model_type).build_on_meta(opened.config.params)
     if opened.header is not None:
         state_dict = load_tensors(opened.header, device=device)
     else:

@@ -43,7 +43,9 @@ from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError
 from .files import read_capped
 from .header import read_header
 from .jsondoc import loads_strict, plain_json
-from .registry import TASKS, Task, captured_arguments, check_model_type_name, get_model_entry, unwrap_model
+from .registry import (
+    TASKS, Task, captured_arguments, check_model_type_name, get_model_entry, recognised_arguments, unwrap_model,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -227,7 +229,7 @@ class ModelConfig:
             >>> ModelConfig.from_model(MultiTaskUNet(base_filters=16, depth=3)).depth
             3
         """
-        captured = captured_arguments(model)
+        captured = captured_arguments(model) or recognised_arguments(model)
         inner = unwrap_model(model)
         name = type(inner).__name__
         if captured is None:

@@ -22,6 +22,7 @@ import torch
 from .atomic import check_writable
 from .config import ModelConfig, check_sidecar_accepts, read_sidecar, write_sidecar
 from .errors import (
+    AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
     CheckpointNotFoundError,
     CkptfmtError,
@@ -32,7 +33,8 @@ from .errors import (
 from .header import read_header
 from .legacy import read_legacy_checkpoint, sha256_file
 from .metadata import build_metadata, provenance_record
-from .shapes import check_shapes, infer_model_config
+from .identify import identify
+from .shapes import check_shapes
 from .tensors import DTYPE_NAMES, placeholder, write_safetensors
 from .training import OPTIMIZER_SUFFIX, write_optimizer_state
 
@@ -144,13 +146,13 @@ def convert(
 
     legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False)
     state_dict = legacy.state_dict
-    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
-    dtypes = {name: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for name, t in state_dict.items()}
     overrides = dict(overrides or {})
     if model_type is not None:
         overrides["model_type"] = model_type
+    identified: list = []
     resolved, result.config_source = _resolve_config(
-        source, shapes, dtypes, config, overrides, model_type=model_type, force=force, warnings=result.warnings
+        source, state_dict, config, overrides, model_type=model_type, force=force, warnings=result.warnings,
+        identified=identified,
     )
     result.config = resolved
     if resolved is not None:
@@ -180,7 +182,10 @@ def convert(
         source_record["state_dict_key"] = legacy.wrapper_key
     if legacy.stripped_prefixes:
         source_record["stripped_prefixes"] = legacy.stripped_prefixes
-    provenance = provenance_record(source=source_record, **({"cast": cast} if cast else {}))
+    extra = {"cast": cast} if cast else {}
+    if identified and identified[0].record():
+        extra["identified"] = identified[0].record()
+    provenance = provenance_record(source=source_record, **extra)
     metadata = build_metadata(resolved, training=training, provenance=provenance)
     with ThreadPoolExecutor(max_workers=1) as helper:
         source_sha256 = helper.submit(sha256_file, source)
@@ -199,9 +204,11 @@ def _recorded_source_sha256(output: Path) -> str | None:
 
 
 def _resolve_config(
-    source: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], config: Any,
-    overrides: dict[str, Any], *, model_type: str | None, force: bool, warnings: list[str],
+    source: Path, state_dict: dict[str, torch.Tensor], config: Any, overrides: dict[str, Any], *,
+    model_type: str | None, force: bool, warnings: list[str], identified: list,
 ) -> tuple[ModelConfig | None, str | None]:
+    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
+    dtypes = {name: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for name, t in state_dict.items()}
     if config is not None:
         resolved = config if isinstance(config, ModelConfig) else ModelConfig.load(config)
         resolved, origin = resolved.checked(path=config if not isinstance(config, ModelConfig) else source), "--config"
@@ -223,7 +230,11 @@ def _resolve_config(
                 resolved = None
         if resolved is None:
             try:
-                resolved, origin = infer_model_config(shapes, model_type=model_type, path=source, failures=warnings), "inferred"
+                identification = identify(state_dict, model_type=model_type, path=source, failures=warnings)
+                resolved, origin = identification.config, "inferred"
+                identified.append(identification)
+            except AmbiguousArchitectureError:
+                raise  # twins that differ: never converted as weights only, never guessed
             except ArchitectureNotRecognisedError as exc:
                 if model_type is not None and overrides:
                     # Not recognised, but the user says what it is: the config is theirs.

@@ -11,13 +11,15 @@ what to do. Classes also inherit the matching builtin, so callers may catch eith
     ├── ConfigError(ValueError)                      invalid config: value, unknown key, schema
     │   └── UnknownModelTypeError(LookupError)       model_type not registered
     ├── ShapeMismatchError(ValueError)               config disagrees with the tensor shapes
-    ├── ArchitectureNotRecognisedError(ValueError)   infer_config refused these weights
+    ├── ArchitectureNotRecognisedError(ValueError)   no architecture recognises these weights
+    │   └── AmbiguousArchitectureError               several do, and a probe cannot tell them apart
     ├── LegacyCheckpointError(ValueError)            unreadable or corrupt .pth
     │   └── UnsafePickleError                        the pickle needs a global that can run code
     ├── IntegrityError(ValueError)                   digest or sidecar disagrees with the weights
     ├── InputError(ValueError)                       an input image the predictor cannot read
     ├── DeviceError(RuntimeError)                    device or precision not available
-    └── PluginError(RuntimeError)                    a registered architecture's own code failed
+    ├── PluginError(RuntimeError)                    a registered architecture's own code failed
+    └── MissingDependencyError(ImportError)          an architecture's optional library is not installed
 
 Warnings that ask the user to act (a config inferred from the weights, a sidecar that disagrees,
 a `.pth` name written as `.safetensors`) are `CkptfmtWarning`s, issued with `warnings.warn`.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "AmbiguousArchitectureError",
     "ArchitectureNotRecognisedError",
     "CheckpointNotFoundError",
     "CkptfmtError",
@@ -38,6 +41,7 @@ __all__ = [
     "InputError",
     "IntegrityError",
     "LegacyCheckpointError",
+    "MissingDependencyError",
     "OutputExistsError",
     "PluginError",
     "ShapeMismatchError",
@@ -92,6 +96,14 @@ class ArchitectureNotRecognisedError(CkptfmtError, ValueError):
     pass
 
 
+class AmbiguousArchitectureError(ArchitectureNotRecognisedError):
+    """`candidates`: the configs (as dicts) that fit the weights equally well."""
+
+    def __init__(self, message: str, *, path=None, candidates: list | None = None):
+        super().__init__(message, path=path)
+        self.candidates = candidates or []
+
+
 class LegacyCheckpointError(CkptfmtError, ValueError):
     pass
 
@@ -118,3 +130,7 @@ class PluginError(CkptfmtError, RuntimeError):
 
 class CkptfmtWarning(UserWarning):
     """Something the user should act on, though the operation went ahead."""
+
+
+class MissingDependencyError(CkptfmtError, ImportError):
+    pass

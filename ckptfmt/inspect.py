@@ -88,7 +88,7 @@ def _tensor_summary(infos: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, 
 
 def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
     from .legacy import read_legacy_checkpoint
-    from .shapes import infer_model_config
+    from .identify import identify
     from .tensors import DTYPE_NAMES
 
     legacy = read_legacy_checkpoint(path)
@@ -96,7 +96,7 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
     shapes = {n: s for n, _, s in infos}
     failures: list[str] = []
     try:
-        inferred, reason = infer_model_config(shapes, path=path, failures=failures).to_dict(), None
+        inferred, reason = identify(legacy.state_dict, path=path, failures=failures).config.to_dict(), None
     except CkptfmtError as exc:
         inferred, reason = None, exc.message
     sidecar = read_sidecar(path.parent)

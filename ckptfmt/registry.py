@@ -36,7 +36,9 @@ __all__ = [
     "Task",
     "captured_arguments",
     "check_model_type_name",
+    "create_model",
     "get_model_entry",
+    "recognised_arguments",
     "register_model",
     "registered_model_types",
 ]
@@ -115,6 +117,10 @@ class ModelEntry:
     check: Callable[[dict[str, Any]], None] | None = None
     task: Callable[[dict[str, Any]], Task] | None = None
     example: Mapping[str, Any] | None = field(default=None, compare=False)
+    recognise: Callable[[Any], dict[str, Any] | None] | None = None
+    build_empty: Callable[[dict[str, Any]], Any] | None = None
+    fallback: bool = False
+    preference: int = 0
     signature: Signature = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
@@ -149,6 +155,17 @@ class ModelEntry:
         """The model, built from checked arguments (see `complete`)."""
         return self.builder(**self.signature.build_kwargs(params))
 
+    def build_on_meta(self, params: Mapping[str, Any]) -> Any:
+        """The model with no memory behind its parameters, to load weights into with
+        `assign=True`: on the meta device, or the architecture's own way where it cannot be
+        built there."""
+        if self.build_empty is not None:
+            return self.build_empty(dict(params))
+        import torch
+
+        with torch.device("meta"):
+            return self.build(params)
+
     def expected_state(self, params: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
         """The state dict these arguments give, as `{name: (shape, dtype)}`, built on the meta
         device: no memory is allocated and no weights are initialised. Remembered per arguments,
@@ -158,12 +175,9 @@ class ModelEntry:
 
 @functools.lru_cache(maxsize=64)
 def _expected_state(entry: ModelEntry, params_json: str) -> tuple:
-    import torch
-
     from .tensors import DTYPE_NAMES
 
-    with torch.device("meta"):
-        model = entry.build(json.loads(params_json))
+    model = entry.build_on_meta(json.loads(params_json))
     return tuple(
         (name, (tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)))) for name, t in model.state_dict().items()
     )
@@ -175,6 +189,8 @@ _registry: dict[str, ModelEntry] = {}
 def register_model(
     name: str, *, infer_config: InferConfig | None = None, check: Callable[[dict[str, Any]], None] | None = None,
     task: Callable[[dict[str, Any]], Task] | None = None, example: Mapping[str, Any] | None = None,
+    recognise: Callable[[Any], dict[str, Any] | None] | None = None,
+    build_empty: Callable[[dict[str, Any]], Any] | None = None, fallback: bool = False, preference: int = 0,
 ):
     """Register an architecture under `name`; use as a decorator on an `nn.Module` class or on
     a factory function that returns one.
@@ -193,6 +209,17 @@ def register_model(
         task: optional `f(arguments) -> Task`: what the model does, for the predictor.
         example: optional arguments of a small instance, for tests and benchmarks (the tests
             that run over every registered architecture use it; the defaults otherwise).
+        recognise: optional `f(model) -> arguments or None`, for models this architecture
+            describes that were not built through it (a library's own factory records them).
+        build_empty: optional `f(arguments) -> model` with no memory behind its parameters, for
+            an architecture that cannot be built on the meta device.
+        fallback: asked to identify weights only when no other architecture recognises them
+            (ckptfmt's adapters of the field's libraries are fallbacks).
+        preference: among several architectures that recognise the same weights and compute
+            the same function (twins), the lowest preference is chosen.
+
+    infer_config may return a list of argument dicts when several models of the architecture
+    fit the shapes; convert then tells them apart with a probe, or refuses, listing them.
 
     Returns:
         A decorator that returns the class itself (its instances now remember their
@@ -228,7 +255,10 @@ def register_model(
             registered = builder
         else:
             registered = _recording_factory(builder, name)
-        _registry[name] = ModelEntry(name, registered, infer_config, check, task, example, signature)
+        _registry[name] = ModelEntry(
+            name, registered, infer_config, check, task, example, recognise, build_empty, fallback, preference,
+            signature,
+        )
         return registered
 
     return decorate
@@ -300,6 +330,37 @@ def unwrap_model(model: Any) -> Any:
         if inner is None:
             return model
         model = inner
+
+
+def create_model(model_type: str, /, *args: Any, **kwargs: Any) -> Any:
+    """Build a model of a registered architecture; it remembers its arguments, so saving it
+    needs no config. For libraries whose models record nothing (torchvision, MONAI).
+
+    Example:
+        >>> model = create_model("torchvision", "resnet18", num_classes=10)
+        >>> ckptfmt.save(model, "r18.safetensors")
+    """
+    return get_model_entry(model_type).builder(*args, **kwargs)
+
+
+def recognised_arguments(model: Any) -> tuple[str, dict[str, Any]] | None:
+    """`(model_type, arguments)` of a model built without ckptfmt that a registered
+    architecture recognises (a timm model records its name), or None."""
+    inner = unwrap_model(model)
+    for name in registered_model_types():
+        try:
+            entry = get_model_entry(name)
+        except (UnknownModelTypeError, PluginError):
+            continue
+        if entry.recognise is None:
+            continue
+        try:
+            arguments = entry.recognise(inner)
+        except Exception as exc:
+            raise PluginError(f"model_type {name!r}: its recognise raised {type(exc).__name__}: {exc}") from None
+        if arguments is not None:
+            return name, arguments
+    return None
 
 
 def registered_model_types() -> list[str]:

@@ -1,5 +1,5 @@
-"""Configs against tensors: a config recovered from a state dict's shapes, and a config (or a
-built model) checked against a file's tensor shapes and dtypes before anything is allocated.
+"""Configs against tensors: a config (or a built model) checked against a file's tensor shapes
+and dtypes before anything is allocated.
 
 A mismatch is our error naming the field, the tensor and both shapes, never torch's wall of
 size-mismatch lines after the memory is spent.
@@ -12,62 +12,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import ModelConfig
-from .errors import ArchitectureNotRecognisedError, CkptfmtError, ShapeMismatchError
-from .registry import get_model_entry, registered_model_types
+from .errors import ShapeMismatchError
+from .registry import get_model_entry
 
-__all__ = ["check_shapes", "check_state", "infer_model_config"]
+__all__ = ["check_shapes", "check_state", "module_state"]
 
 Shapes = Mapping[str, tuple[int, ...]]
-
-
-def infer_model_config(
-    shapes: Shapes, *, model_type: str | None = None, path: str | os.PathLike | None = None,
-    failures: list[str] | None = None,
-) -> ModelConfig:
-    """A config recovered from tensor shapes by the registered architectures' `infer_config`.
-
-    Args:
-        shapes: tensor names to shape tuples.
-        model_type: try only this architecture.
-        failures: where to record a plugin that failed (raised something other than
-            ArchitectureNotRecognisedError, or gave arguments its own architecture refuses);
-            the others are still tried.
-
-    Raises:
-        ArchitectureNotRecognisedError: no registered architecture recognises the shapes; the
-            message gives each one's reason.
-
-    Example:
-        >>> infer_model_config({name: tuple(t.shape) for name, t in model.state_dict().items()})
-        ModelConfig('multitask', base_filters=4, depth=2, ...)
-    """
-    shapes = {name: tuple(shape) for name, shape in shapes.items()}
-    reasons = []
-    for name in [model_type] if model_type else registered_model_types():
-        try:
-            entry = get_model_entry(name)
-            if entry.infer_config is None:
-                reasons.append(f"{name}: registers no infer_config")
-                continue
-            params = entry.infer_config(shapes)
-            return ModelConfig(name, **params)
-        except ArchitectureNotRecognisedError as exc:
-            reasons.append(f"{name}: {exc.message}")
-        except CkptfmtError as exc:
-            if model_type:
-                raise
-            reasons.append(f"{name}: {exc.message}")
-            if failures is not None:
-                failures.append(f"model_type {name!r} failed on these weights: {exc.message}")
-        except Exception as exc:  # a plugin's own code: its failure, not the batch's
-            message = f"infer_config raised {type(exc).__name__}: {exc}"
-            reasons.append(f"{name}: {message}")
-            if failures is not None:
-                failures.append(f"model_type {name!r}: {message}")
-    raise ArchitectureNotRecognisedError(
-        f"no registered architecture recognises these weights ({'; '.join(reasons) or 'none registered'})",
-        path=path,
-    )
 
 
 # What may stand where the architecture has a tensor of a kind: a cast (--dtype fp16) keeps

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckptfmt
-from ckptfmt import ModelConfig, PluginError, Task, registered_model_types
+from ckptfmt import MissingDependencyError, ModelConfig, PluginError, Task, registered_model_types
 from ckptfmt.registry import ModelEntry, get_model_entry
 
 from .helpers import run, state_dicts_bit_identical
@@ -34,7 +34,10 @@ def example(request) -> Example:
         pytest.skip(exc.message)
     config = ModelConfig(request.param, **(entry.example or {}))
     torch.manual_seed(0)
-    model = entry.build(config.params)
+    try:
+        model = entry.build(config.params)
+    except MissingDependencyError as exc:
+        pytest.skip(exc.message)
     task = entry.describe_task(config.params)
     if task is not None:
         # A training step's worth of batch statistics, so that buffers are not their defaults.

@@ -346,3 +346,58 @@ def test_model_type_and_set_attach_a_config_to_weights_no_architecture_recognise
     assert result.stdout.splitlines()[0].endswith("linear_head(classes=3, in_features=5)")
     assert ModelConfig.from_checkpoint(tmp_path / "head.safetensors").params == {"in_features": 5, "classes": 3}
     assert isinstance(load_model(tmp_path / "head.safetensors"), LinearHead)
+
+
+def _register_linear(registry, name: str, *, scale: float = 1.0, preference: int = 0):
+    """An architecture whose state dict is one `fc` layer: any two of these are twins."""
+    from ckptfmt import ArchitectureNotRecognisedError, Task
+
+    def infer(shapes):
+        if set(shapes) != {"fc.weight", "fc.bias"}:
+            raise ArchitectureNotRecognisedError("not one fc layer")
+        return {"width": shapes["fc.weight"][1]}
+
+    class Linear(torch.nn.Module):
+        def __init__(self, width: int = 4):
+            super().__init__()
+            self.fc = torch.nn.Linear(width, 2)
+
+        def forward(self, x):
+            return self.fc(x) * scale
+
+    task = lambda params: Task("classification", in_channels=1, classes=2, input_size=(1, params["width"]))  # noqa: E731
+    registry.register_model(name, infer_config=infer, task=task, preference=preference)(Linear)
+
+
+def test_twins_that_compute_the_same_function_are_recorded_and_the_preferred_one_chosen(tmp_path, monkeypatch):
+    from ckptfmt import registry
+
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    _register_linear(registry, "twin_b", preference=1)
+    _register_linear(registry, "twin_a", preference=2)
+    torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(4, 2).state_dict().items()}, tmp_path / "fc.pth")
+    result = convert(tmp_path / "fc.pth")
+    assert result.config.model_type == "twin_b"
+    assert read_header(result.output).provenance()["identified"] == {
+        "chosen": "twin_b(width=4)", "twins": ["twin_a(width=4)"],
+        "probe": "the same weights gave exactly equal outputs in every candidate",
+    }
+
+
+def test_twins_that_compute_different_functions_are_refused_with_the_candidates(tmp_path, monkeypatch):
+    from ckptfmt import registry
+
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    _register_linear(registry, "plain")
+    _register_linear(registry, "doubled", scale=2.0)
+    torch.save({f"fc.{k}": v for k, v in torch.nn.Linear(4, 2).state_dict().items()}, tmp_path / "fc.pth")
+    with pytest.raises(ckptfmt.AmbiguousArchitectureError) as excinfo:
+        convert(tmp_path / "fc.pth")
+    assert str(excinfo.value) == (
+        f"{tmp_path / 'fc.pth'}: fits 2 architectures with the same tensor names and shapes (doubled(width=4); "
+        "plain(width=4)), and the probe gives different outputs for doubled(width=4) and plain(width=4); say "
+        "which with --model-type and --set, e.g. `--model-type doubled --set width=4`"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fc.pth"]
+    settled = convert(tmp_path / "fc.pth", model_type="plain", overrides={"width": 4})
+    assert settled.config.model_type == "plain"
