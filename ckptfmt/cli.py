@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +30,24 @@ logger = logging.getLogger("ckptfmt")
 class _StderrHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        click.echo(f"{prefix}{record.getMessage()}", err=True)
+        out(f"{prefix}{record.getMessage()}", err=True)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+
+
+def shown(text: Any) -> str:
+    """`text` with control characters escaped (\\n, \\e, \\x07, ...), as ls and git show
+    names: file names, tensor names and strings from files are untrusted, and a raw escape
+    sequence or newline in them could rewrite the terminal or forge a report line."""
+    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), str(text))
+
+
+def out(line: str = "", *, err: bool = False) -> None:
+    """One report line, made safe: every line the CLI prints goes through here (JSON output is
+    safe by construction and goes through `_echo_json`)."""
+    click.echo(shown(line), err=err)
 
 
 def _user_errors(command):
@@ -40,10 +58,10 @@ def _user_errors(command):
         try:
             return command(*args, **kwargs)
         except CkptfmtError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(shown(exc)) from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise click.ClickException(shown(f"{where}{exc.strerror or exc}")) from None
 
     return wrapper
 
@@ -70,7 +88,7 @@ def main(verbose: bool) -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings reach the user as one `warning: ...` line, not Python's file-and-line form."""
-    click.echo(f"warning: {message}", err=True)
+    out(f"warning: {message}", err=True)
 
 
 def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
@@ -89,7 +107,7 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _echo_json(document: Any) -> None:
-    click.echo(json.dumps(document, indent=2, sort_keys=True))
+    click.echo(json.dumps(document, indent=2, sort_keys=True))  # json.dumps escapes control characters
 
 
 @main.command()
@@ -128,7 +146,7 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
 
     def progress(index: int, total: int, source: Path) -> None:
         if total > 1 and not as_json:
-            click.echo(f"[{index + 1}/{total}] {source}", err=True)
+            out(f"[{index + 1}/{total}] {source}", err=True)
 
     results = convert_all(
         paths, output=output, on_start=progress, config=config_path, overrides=overrides,
@@ -140,17 +158,17 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
     else:
         for r in results:
             for warning in r.warnings:
-                click.echo(f"warning: {r.source}: {warning}", err=True)
+                out(f"warning: {r.source}: {warning}", err=True)
             if r.status == "failed":
-                click.echo(f"[FAIL] {r.error}", err=True)
+                out(f"[FAIL] {r.error}", err=True)
             elif r.status == "skipped":
-                click.echo(f"[SKIP] {r.source}: already converted to {r.output} (same source sha256)")
+                out(f"[SKIP] {r.source}: already converted to {r.output} (same source sha256)")
             else:
                 arch = r.config.summary() if r.config else "(weights only, no config)"
-                click.echo(f"[OK]   {r.source} -> {r.output}  {arch}")
+                out(f"[OK]   {r.source} -> {r.output}  {arch}")
         if not results:
-            click.echo("No .pth or .pt files found.", err=True)
-        click.echo(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed")
+            out("No .pth or .pt files found.", err=True)
+        out(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed")
     if counts["failed"]:
         sys.exit(1)
 
@@ -192,19 +210,19 @@ def _render_inspect(info: dict[str, Any]) -> None:
         version = info["format_version"]
         rows.append(("format", f"ckptfmt {version}" if version else f"{info['kind']} (not written by ckptfmt)"))
     for row in rows:
-        click.echo(f"{row[0]:<12}{row[1]}")
+        out(f"{row[0]:<12}{row[1]}")
     config = info.get("config")
     if config:
         source = {"inferred": "inferred from the weights (legacy)", "sidecar": "from the sidecar (legacy)"}.get(
             info.get("config_source"), info.get("config_source"))
-        click.echo(f"config      {source}")
+        out(f"config      {source}")
         for key in sorted(config):
             value = json.dumps(config[key])
             if key == "model_type" and info.get("registered") is False:
                 value += "  (not registered here: import or install what registers it to load this file)"
-            click.echo(f"  {key:<18}{value}")
+            out(f"  {key:<18}{value}")
     elif info.get("note") or info.get("not_recognised"):
-        click.echo(f"config      none: {info.get('note') or info.get('not_recognised')}")
+        out(f"config      none: {info.get('note') or info.get('not_recognised')}")
     training = info.get("training") or {}
     if training:
         parts = []
@@ -216,7 +234,7 @@ def _render_inspect(info: dict[str, Any]) -> None:
             parts.append(f"optimizer state in {training['optimizer']['file']}")
         if training.get("extra"):
             parts.append(f"also {', '.join(training['extra'])}")
-        click.echo(f"training    {'; '.join(parts)}")
+        out(f"training    {'; '.join(parts)}")
     provenance = info.get("provenance") or {}
     if provenance:
         line = f"created {provenance.get('created_at')} by ckptfmt {provenance.get('ckptfmt')}, torch {provenance.get('torch')}"
@@ -225,10 +243,10 @@ def _render_inspect(info: dict[str, Any]) -> None:
             line += f"; converted from {source['file']} ({source['serialization']}, sha256 {source['sha256'][:12]}...)"
         if provenance.get("cast"):
             line += f"; cast to {provenance['cast']['to']}"
-        click.echo(f"provenance  {line}")
+        out(f"provenance  {line}")
     tensors = info["tensors"]
     dtypes = "; ".join(f"{d}: {v['tensors']} tensors, {_size(v['bytes'])}" for d, v in tensors["dtypes"].items())
-    click.echo(f"tensors     {tensors['count']} tensors, {tensors['parameters']:,} parameters; {dtypes}")
+    out(f"tensors     {tensors['count']} tensors, {tensors['parameters']:,} parameters; {dtypes}")
     sidecar = info.get("sidecar")
     if sidecar:
         line = sidecar["status"]
@@ -236,9 +254,9 @@ def _render_inspect(info: dict[str, Any]) -> None:
             line += ": " + "; ".join(sidecar["differences"])
         if sidecar.get("message"):
             line += ": " + sidecar["message"]
-        click.echo(f"sidecar     {line}")
+        out(f"sidecar     {line}")
     for tensor in info.get("tensor_list", []):
-        click.echo(f"  {tensor['name']:<40}{tensor['dtype']:<6}{tensor['shape']}")
+        out(f"  {tensor['name']:<40}{tensor['dtype']:<6}{tensor['shape']}")
 
 
 @main.command("inspect")
@@ -266,7 +284,7 @@ def inspect_command(path, tensors, as_json):
             _echo_json(rows)
         else:
             for row in rows:
-                click.echo(_summary_line(row))
+                out(_summary_line(row))
         return
     info = inspect_checkpoint(path, tensors=tensors)
     if as_json:
@@ -299,9 +317,9 @@ def verify_command(paths, as_json):
             if report.ok:
                 speed = report.to_dict()["gb_per_s"]
                 detail = f"digest read {_size(report.bytes_hashed)}" + (f" at {speed} GB/s" if speed else "")
-                click.echo(f"[OK]   {report.path}: {_checks_line(report)} ({detail})")
+                out(f"[OK]   {report.path}: {_checks_line(report)} ({detail})")
             for failure in report.failures:
-                click.echo(f"[FAIL] {failure}", err=True)
+                out(f"[FAIL] {failure}", err=True)
     if not all(r.ok for r in reports):
         sys.exit(1)
 
@@ -339,19 +357,19 @@ def diff_command(a, b, values, as_json):
         _echo_json(result)
     else:
         for line in result["config"]:
-            click.echo(f"config   {line}")
+            out(f"config   {line}")
         for name in result["only_in_a"]:
-            click.echo(f"only in A  {name}")
+            out(f"only in A  {name}")
         for name in result["only_in_b"]:
-            click.echo(f"only in B  {name}")
+            out(f"only in B  {name}")
         for change in result["changed"]:
-            click.echo(f"changed  {change['name']}: {change['a'][0]} {change['a'][1]} -> {change['b'][0]} {change['b'][1]}")
+            out(f"changed  {change['name']}: {change['a'][0]} {change['a'][1]} -> {change['b'][0]} {change['b'][1]}")
         for tensor in result["tensors"]:
             if not tensor["identical"]:
                 extra = f" (max abs diff {tensor['max_abs_diff']:.6g})" if "max_abs_diff" in tensor else ""
-                click.echo(f"differs  {tensor['name']}{extra}")
+                out(f"differs  {tensor['name']}{extra}")
         same = sum(t["identical"] for t in result["tensors"])
-        click.echo(f"{same} of {len(result['tensors'])} common tensors identical; "
+        out(f"{same} of {len(result['tensors'])} common tensors identical; "
                    + ("the checkpoints are identical" if result["identical"] else "the checkpoints differ"))
     if not result["identical"]:
         sys.exit(1)
@@ -398,14 +416,14 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
     for result in results:
         if result.error:
             failed += 1
-            click.echo(f"[FAIL] {result.error}", err=True)
+            out(f"[FAIL] {result.error}", err=True)
         else:
             p, parts = result.prediction, []
             if p.class_probabilities is not None:
                 parts.append(f"{p.class_name} ({p.class_probabilities[p.label]:.3f})")
             if p.mask is not None:
                 parts.append(f"{int(p.mask.sum())} mask pixels -> {result.outputs[0]}")
-            click.echo(f"[OK]   {result.input}: {', '.join(parts)}")
-    click.echo(f"{len(results) - failed} predicted, {failed} failed; classes in {table}")
+            out(f"[OK]   {result.input}: {', '.join(parts)}")
+    out(f"{len(results) - failed} predicted, {failed} failed; classes in {table}")
     if failed:
         sys.exit(1)
