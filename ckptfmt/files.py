@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import CheckpointNotFoundError, CkptfmtError, InputError
 
-__all__ = ["is_regular_file", "open_regular", "read_capped", "resolve_checkpoint_path"]
+__all__ = ["check_plain_name", "is_regular_file", "open_regular", "read_capped", "resolve_checkpoint_path"]
 
 logger = logging.getLogger("ckptfmt")
 
@@ -92,3 +92,23 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
         logger.info("%s: reading %s, which it was saved as", path, saved_as)
         return saved_as
     raise CheckpointNotFoundError("no such file", path=path)
+
+
+def check_plain_name(name: object, *, key: str, path: str | os.PathLike | None, error: type[CkptfmtError]) -> str:
+    """A file name read from a header or a sidecar, refused unless it names a file in the same
+    folder: no separator, no `..`, not absolute, not empty, no NUL.
+
+    Example:
+        >>> check_plain_name("best_model.optimizer.safetensors", key="optimizer.file", path=None, error=ValueError)
+        'best_model.optimizer.safetensors'
+    """
+    if (
+        not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+        or "\x00" in name or os.path.isabs(name)
+    ):
+        raise error(
+            f"{key} must be a plain file name in the checkpoint's folder, not {name!r}; the file is "
+            "damaged or was crafted to read elsewhere",
+            path=path,
+        )
+    return name

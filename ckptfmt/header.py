@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointNotFoundError, HeaderError
+from .errors import HeaderError
+from .files import open_regular
 from .jsondoc import loads_strict
 
 __all__ = [
@@ -160,9 +161,23 @@ def looks_like_safetensors(path: str | os.PathLike) -> bool:
     object): a renamed file is told apart from a torch zip (`PK`) or a pickle by content."""
     if os.fspath(path).endswith(".safetensors"):
         return True
-    with open(path, "rb") as f:
-        start = f.read(9)
+    fd = open_regular(path, error=HeaderError)
+    try:
+        start = os.pread(fd, 9, 0)
+    finally:
+        os.close(fd)
     return len(start) == 9 and start[8:9] == b"{"
+
+
+def _pread_exactly(fd: int, size: int, offset: int, path: Path) -> bytes:
+    chunks, done = [], 0
+    while done < size:
+        chunk = os.pread(fd, size - done, offset + done)
+        if not chunk:
+            raise HeaderError("ended while its header was read; it is truncated", path=path)
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -184,33 +199,31 @@ def read_header(path: str | os.PathLike) -> Header:
         3
     """
     path = Path(path)
+    fd = open_regular(path, error=HeaderError)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            if file_size < 8:
-                raise HeaderError(
-                    f"is {file_size} bytes long, too short for a safetensors file "
-                    "(8-byte header length first)",
-                    path=path,
-                )
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > MAX_HEADER_BYTES:
-                raise HeaderError(
-                    f"declares a {header_len}-byte header, over the {MAX_HEADER_BYTES}-byte limit; "
-                    "the file is damaged or not a safetensors file",
-                    path=path,
-                )
-            if 8 + header_len > file_size:
-                raise HeaderError(
-                    f"declares a {header_len}-byte header but the file is only {file_size} bytes; "
-                    "it is truncated or not a safetensors file",
-                    path=path,
-                )
-            raw = f.read(header_len)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("no such file", path=path) from None
-    except IsADirectoryError:
-        raise HeaderError("is a folder, not a .safetensors file", path=path) from None
+        file_size = os.fstat(fd).st_size
+        if file_size < 8:
+            raise HeaderError(
+                f"is {file_size} bytes long, too short for a safetensors file "
+                "(8-byte header length first)",
+                path=path,
+            )
+        (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if header_len > MAX_HEADER_BYTES:
+            raise HeaderError(
+                f"declares a {header_len}-byte header, over the {MAX_HEADER_BYTES}-byte limit; "
+                "the file is damaged or not a safetensors file",
+                path=path,
+            )
+        if 8 + header_len > file_size:
+            raise HeaderError(
+                f"declares a {header_len}-byte header but the file is only {file_size} bytes; "
+                "it is truncated or not a safetensors file",
+                path=path,
+            )
+        raw = _pread_exactly(fd, header_len, 8, path)
+    finally:
+        os.close(fd)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
