@@ -1,10 +1,14 @@
 """The canonical weights digest, `ckptfmt.weights_sha256`.
 
-SHA-256 over the state dict's tensors in sorted name order (tied aliases included), each
-contributing a JSON record `[name, dtype, shape, nbytes]` and a newline, then its raw bytes.
-The file layout plays no part, so the same weights give the same digest in any file, and a
-`.pth` can be compared with the `.safetensors` made from it. Standard library only: `verify`
-streams a file through it without torch.
+SHA-256 over the state dict's tensors in sorted name order, each contributing a JSON record
+`[name, dtype, shape, nbytes]` and a newline, then its raw bytes. A tied tensor (an alias of a
+stored one, see `ckptfmt.aliases`) contributes the record `[name, dtype, shape, nbytes, stored
+name]` and no bytes: its bytes are the stored tensor's, already counted, so each byte of data is
+read once however many names a file ties to it. (Format 1, written by ckptfmt 0.1.0, counted an
+alias's bytes again; its files are still verified by that rule, refused when their aliases would
+multiply the work past the file's own size.) The file layout plays no part otherwise, so the same
+weights give the same digest in any file, and a `.pth` can be compared with the `.safetensors`
+made from it. Standard library only: `verify` streams a file through it without torch.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 
 from .errors import HeaderError, IntegrityError
+from .files import open_regular
 from .header import Header
 
 __all__ = ["WeightsHasher", "check_digest", "digest_file"]
@@ -31,10 +36,18 @@ class WeightsHasher:
         self._previous: str | None = None
 
     def begin(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
+        self._record([name, dtype, list(shape), nbytes])
+
+    def alias(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int, stored: str) -> None:
+        """A tied tensor: its record names the stored tensor, whose bytes are already counted."""
+        self._record([name, dtype, list(shape), nbytes, stored])
+
+    def _record(self, record: list) -> None:
+        name = record[0]
         if self._previous is not None and name <= self._previous:
             raise ValueError(f"tensors must come in sorted name order: {name!r} after {self._previous!r}")
         self._previous = name
-        self._sha.update(json.dumps([name, dtype, list(shape), nbytes]).encode() + b"\n")
+        self._sha.update(json.dumps(record).encode() + b"\n")
 
     def update(self, data) -> None:
         self._sha.update(data)
@@ -56,20 +69,38 @@ def digest_file(header: Header) -> str:
         True
     """
     aliases = header.aliases
+    counts_alias_bytes = header.format_version == "1"
+    if counts_alias_bytes:
+        data_bytes = header.file_size - header.data_offset
+        alias_bytes = sum(header.tensors[target].nbytes for target in aliases.values())
+        if alias_bytes > data_bytes:
+            raise IntegrityError(
+                f"ties {len(aliases)} names to stored tensors, which would make its (format 1) digest "
+                f"read {alias_bytes:,} bytes again, more than the file's {data_bytes:,}; refused as "
+                "crafted. Re-create it from its source",
+                path=header.path,
+            )
     hasher = WeightsHasher()
     largest = max((info.nbytes for info in header.tensors.values()), default=0)
     buffer = memoryview(bytearray(min(_CHUNK, largest)))
-    with open(header.path, "rb", buffering=0) as f:
+    fd = open_regular(header.path, error=HeaderError)
+    try:
         for name in sorted([*header.tensors, *aliases]):
-            info = header.tensors[aliases.get(name, name)]
+            stored = aliases.get(name, name)
+            info = header.tensors[stored]
+            if stored != name and not counts_alias_bytes:
+                hasher.alias(name, info.dtype, info.shape, info.nbytes, stored)
+                continue
             hasher.begin(name, info.dtype, info.shape, info.nbytes)
             position, end = header.data_offset + info.start, header.data_offset + info.end
             while position < end:
-                got = os.preadv(f.fileno(), [buffer[: min(_CHUNK, end - position)]], position)
+                got = os.preadv(fd, [buffer[: min(_CHUNK, end - position)]], position)
                 if got == 0:
                     raise HeaderError(f"ends inside tensor {name!r}; it is truncated", path=header.path)
                 hasher.update(buffer[:got])
                 position += got
+    finally:
+        os.close(fd)
     return hasher.hexdigest()
 
 

@@ -39,7 +39,9 @@ __all__ = [
     "read_header",
 ]
 
-FORMAT_VERSION = "1"
+# 2: a tied tensor's digest record names the tensor it is tied to instead of counting its bytes
+# again (see digest.py). Files of format 1 (ckptfmt 0.1.0) are read as they are.
+FORMAT_VERSION = "2"
 KEY_FORMAT = "format"
 KEY_FORMAT_VERSION = "ckptfmt.format_version"
 KEY_CONFIG = "ckptfmt.config"
@@ -232,6 +234,7 @@ def read_header(path: str | os.PathLike) -> Header:
     if not isinstance(document, dict):
         raise HeaderError("header is not a JSON object", path=path)
     metadata = _check_metadata(document.pop("__metadata__", {}), path)
+    _check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
     tensors = _check_tensors(document, file_size - 8 - header_len, path)
     return Header(path, file_size, 8 + header_len, tensors, metadata)
 
@@ -255,6 +258,24 @@ def _check_metadata(metadata: Any, path: Path) -> dict[str, str]:
             f"metadata is {total} bytes, over the {MAX_METADATA_BYTES}-byte limit", path=path
         )
     return metadata
+
+
+def _check_format_version(version: str | None, path: Path) -> None:
+    """A newer format is refused as a newer config schema is; a malformed one is damage."""
+    if version is None:
+        return
+    if not (version.isascii() and version.isdigit()) or version.startswith("0"):
+        raise HeaderError(
+            f"metadata {KEY_FORMAT_VERSION!r} is {version!r}, not a format version number; the file is "
+            "damaged or was not written by ckptfmt",
+            path=path,
+        )
+    if len(version) > 6 or int(version) > int(FORMAT_VERSION):
+        raise HeaderError(
+            f"written by a newer ckptfmt (format {version[:12]}); this one reads up to format "
+            f"{FORMAT_VERSION}. Upgrade ckptfmt (pip install -U ckptfmt)",
+            path=path,
+        )
 
 
 def _check_tensors(document: dict[str, Any], data_size: int, path: Path) -> dict[str, TensorInfo]:

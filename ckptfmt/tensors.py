@@ -99,9 +99,14 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         >>> weights_digest(model.state_dict()) == read_header(path).weights_sha256
         True
     """
+    stored, aliases = split_aliases(state_dict)
     hasher = WeightsHasher()
     for name in sorted(state_dict):
         tensor = state_dict[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        if name in aliases:
+            hasher.alias(name, dtype_name(tensor, name), tuple(tensor.shape), nbytes, aliases[name])
+            continue
         data = tensor_bytes(tensor)
         hasher.begin(name, dtype_name(tensor, name), tuple(tensor.shape), data.nbytes)
         hasher.update(data)
@@ -195,13 +200,16 @@ _READ_CHUNK = 8 << 20
 
 def _read_back(fd: int, path: Path, spans: dict, data: dict[str, np.ndarray], aliases: dict[str, str]) -> str:
     """Read every tensor back in name order: compare it with what was meant to be written, and
-    feed it to the canonical digest. Each stored byte is read once per name it has."""
+    feed it to the canonical digest. Each stored byte is read once."""
     hasher = WeightsHasher()
     buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
     for name in sorted([*spans, *aliases]):
         stored = aliases.get(name, name)
         position, entry = spans[stored]
         expected = data[stored]
+        if stored != name:
+            hasher.alias(name, entry["dtype"], tuple(entry["shape"]), expected.nbytes, stored)
+            continue
         hasher.begin(name, entry["dtype"], tuple(entry["shape"]), expected.nbytes)
         done = 0
         while done < expected.nbytes:

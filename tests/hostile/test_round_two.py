@@ -1,0 +1,106 @@
+"""Hostile inputs, round two: classes of weakness, each a promise kept at every place it applies.
+
+Each test names the class (issue "Hostile inputs, round two") and the place it guards."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import ckptfmt
+from ckptfmt import HeaderError, IntegrityError, read_header
+from ckptfmt.digest import WeightsHasher, digest_file
+from ckptfmt.metadata import build_metadata
+from ckptfmt.tensors import tensor_bytes, write_safetensors
+
+from ..helpers import run_cli, save_small, small_model
+
+
+def _tied_file(path, *, aliases: int, version: str | None = None, megabytes: int = 4):
+    """A file whose one stored tensor has `aliases` other names (ckptfmt.aliases)."""
+    weight = torch.zeros(megabytes << 18)  # 4 bytes each
+    tensors = {"w": weight}
+    tensors.update({f"tie{i:06d}": weight for i in range(aliases)})
+    metadata = {"format": "pt"}
+    if version is not None:
+        metadata["ckptfmt.format_version"] = version
+    if version == "1":  # 0.1.0's digest counted an alias's bytes again
+        hasher = WeightsHasher()
+        for name in sorted(tensors):
+            data = tensor_bytes(tensors[name])
+            hasher.begin(name, "F32", tuple(tensors[name].shape), data.nbytes)
+            hasher.update(data)
+        metadata["ckptfmt.weights_sha256"] = hasher.hexdigest()
+    write_safetensors(path, tensors, metadata)
+    return path
+
+
+def test_class_3_each_byte_is_hashed_once_whatever_the_aliases_say(tmp_path, monkeypatch):
+    """verify of a header with 20,000 aliases of one 4 MB tensor reads 4 MB, not 80 GB."""
+    path = _tied_file(tmp_path / "tied.safetensors", aliases=20_000)
+    header = read_header(path)
+    read = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: read.append(real_preadv(fd, buffers, offset)) or read[-1])
+    assert ckptfmt.verify(path).ok
+    assert sum(read) == header.file_size - header.data_offset
+
+
+def test_class_3_format_1_ties_that_would_multiply_the_reading_are_refused(tmp_path):
+    legit = _tied_file(tmp_path / "legit.safetensors", aliases=1, version="1")
+    assert digest_file(read_header(legit)) == read_header(legit).weights_sha256  # 0.1.0's tie still verifies
+    crafted = _tied_file(tmp_path / "crafted.safetensors", aliases=3, version="1", megabytes=1)
+    with pytest.raises(IntegrityError) as excinfo:
+        digest_file(read_header(crafted))
+    assert str(excinfo.value) == (
+        f"{crafted}: ties 3 names to stored tensors, which would make its (format 1) digest read 3,145,728 "
+        "bytes again, more than the file's 1,048,576; refused as crafted. Re-create it from its source"
+    )
+
+
+@pytest.mark.parametrize(
+    "version, message",
+    [
+        ("999", "written by a newer ckptfmt (format 999); this one reads up to format 2. Upgrade ckptfmt "
+                "(pip install -U ckptfmt)"),
+        ("-1", "metadata 'ckptfmt.format_version' is '-1', not a format version number; the file is damaged "
+               "or was not written by ckptfmt"),
+        ("2.0", "metadata 'ckptfmt.format_version' is '2.0', not a format version number; the file is "
+                "damaged or was not written by ckptfmt"),
+    ],
+)
+def test_class_8_unknown_format_versions_are_refused(tmp_path, version, message):
+    model, config = small_model()
+    metadata = build_metadata(config, training={}, provenance={})
+    metadata["ckptfmt.format_version"] = version
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, model.state_dict(), metadata)
+    for read in (read_header, ckptfmt.load_model, ckptfmt.ModelConfig.from_checkpoint):
+        with pytest.raises(HeaderError) as excinfo:
+            read(path)
+        assert str(excinfo.value) == f"{path}: {message}"
+    report = ckptfmt.verify(path)
+    assert report.failures == [f"{path}: {message}"]
+    for command in ("inspect", "verify"):
+        result = run_cli(command, str(path))
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].endswith(message)
+
+
+def test_class_2_a_fifo_named_like_a_checkpoint_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    for command in (["inspect", str(fifo)], ["verify", str(fifo)]):
+        result = run_cli(*command)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().splitlines()[-1].endswith(
+            f"{fifo}: is a FIFO (named pipe), not a regular file; refused (reading it could block or never end)"
+        )
+    path, _, _ = save_small(tmp_path / "m")
+    os.unlink(path.parent / "model_config.json")
+    os.mkfifo(path.parent / "model_config.json")
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 0 and "sidecar     invalid: is a FIFO (named pipe)" in result.stdout
+    json.loads(run_cli("inspect", str(path), "--json").stdout)
