@@ -35,6 +35,8 @@ __all__ = [
     "KEY_TRAINING",
     "KEY_WEIGHTS_SHA256",
     "TensorInfo",
+    "check_metadata",
+    "check_tensor_name",
     "looks_like_safetensors",
     "read_header",
 ]
@@ -233,13 +235,15 @@ def read_header(path: str | os.PathLike) -> Header:
     document = loads_strict(text, what="header", path=path)
     if not isinstance(document, dict):
         raise HeaderError("header is not a JSON object", path=path)
-    metadata = _check_metadata(document.pop("__metadata__", {}), path)
+    metadata = check_metadata(document.pop("__metadata__", {}), path)
     _check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
     tensors = _check_tensors(document, file_size - 8 - header_len, path)
     return Header(path, file_size, 8 + header_len, tensors, metadata)
 
 
-def _check_metadata(metadata: Any, path: Path) -> dict[str, str]:
+def check_metadata(metadata: Any, path: Path | None) -> dict[str, str]:
+    """The header's metadata rules, for the reader and the writer alike: string values, no NUL,
+    at most 1 MiB in all."""
     if not isinstance(metadata, dict):
         raise HeaderError("__metadata__ is not a JSON object", path=path)
     total = 0
@@ -282,8 +286,7 @@ def _check_tensors(document: dict[str, Any], data_size: int, path: Path) -> dict
     infos = []
     for name, entry in document.items():
         where = f"tensor {name!r}"
-        if not name or "\x00" in name:
-            raise HeaderError(f"{where}: tensor names must be non-empty and free of NUL", path=path)
+        check_tensor_name(name, path)
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise HeaderError(
                 f"{where} must have exactly dtype, shape and data_offsets", path=path
@@ -330,5 +333,16 @@ def _check_tensors(document: dict[str, Any], data_size: int, path: Path) -> dict
     return {info.name: info for info in infos}
 
 
+def check_tensor_name(name: str, path: Path | None) -> None:
+    """The tensor-name rule, for the reader and the writer alike."""
+    if not name or "\x00" in name:
+        raise HeaderError(f"tensor {name!r}: tensor names must be non-empty and free of NUL", path=path)
+    if name == "__metadata__":
+        raise HeaderError("tensor '__metadata__': safetensors reserves that name for the metadata", path=path)
+
+
+_MAX_SIZE = (1 << 63) - 1  # what a safetensors reader (Rust's u64/usize, torch's int64) can hold
+
+
 def _is_size(value: Any) -> bool:
-    return type(value) is int and value >= 0
+    return type(value) is int and 0 <= value <= _MAX_SIZE

@@ -22,7 +22,7 @@ import torch
 from .atomic import atomic_write, write_all
 from .digest import WeightsHasher
 from .errors import HeaderError, IntegrityError
-from .header import DTYPE_SIZES, KEY_ALIASES, KEY_WEIGHTS_SHA256, Header, read_header
+from .header import DTYPE_SIZES, KEY_ALIASES, KEY_WEIGHTS_SHA256, Header, check_metadata, check_tensor_name, read_header
 
 __all__ = [
     "DTYPE_NAMES",
@@ -145,6 +145,8 @@ def write_safetensors(
         OutputExistsError, WriteError: see `atomic_write`.
     """
     path = Path(path)
+    for name in tensors:
+        check_tensor_name(name, path)
     stored, aliases = split_aliases(tensors)
     metadata = dict(metadata)
     if aliases:
@@ -152,6 +154,8 @@ def write_safetensors(
     digest_stand_in = None
     if KEY_WEIGHTS_SHA256 not in metadata:
         metadata[KEY_WEIGHTS_SHA256] = digest_stand_in = placeholder()
+    # Nothing is written that the reader, and so `verify`, would refuse.
+    check_metadata(metadata, path)
     order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
     data = {name: tensor_bytes(stored[name]) for name in order}
     header: dict = {"__metadata__": metadata}

@@ -104,3 +104,41 @@ def test_class_2_a_fifo_named_like_a_checkpoint_is_refused_not_waited_on(tmp_pat
     result = run_cli("inspect", str(path))
     assert result.returncode == 0 and "sidecar     invalid: is a FIFO (named pipe)" in result.stdout
     json.loads(run_cli("inspect", str(path), "--json").stdout)
+
+
+@pytest.mark.parametrize(
+    "tensors, metadata, message",
+    [
+        ({"": torch.zeros(1)}, {}, "tensor '': tensor names must be non-empty and free of NUL"),
+        ({"a\x00b": torch.zeros(1)}, {}, "tensor 'a\\x00b': tensor names must be non-empty and free of NUL"),
+        ({"__metadata__": torch.zeros(1)}, {}, "tensor '__metadata__': safetensors reserves that name for the metadata"),
+        ({"a": torch.zeros(1)}, {"huge": "x" * (1 << 20)}, "metadata is 1048674 bytes, over the 1048576-byte limit"),
+    ],
+    ids=["empty name", "NUL in a name", "__metadata__", "metadata over 1 MiB"],
+)
+def test_class_5_the_writer_refuses_what_the_reader_would(tmp_path, tensors, metadata, message):
+    """The same rule, at one place, for both: nothing is written that verify would reject."""
+    with pytest.raises(HeaderError) as excinfo:
+        write_safetensors(tmp_path / "out.safetensors", tensors, {"format": "pt", **metadata})
+    assert str(excinfo.value) == f"{tmp_path / 'out.safetensors'}: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_class_5_json_the_reader_refuses_is_not_written(tmp_path):
+    from ckptfmt.jsondoc import dumps_strict, loads_strict
+
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    for value, message in [
+        ({"a": deep}, "the training record['a'][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0]"
+                      "[0][0][0][0][0][0][0][0] nests deeper than 32 levels"),
+        ({"n": 10**20}, "the training record['n'] is a 21-digit integer; at most 19 digits are allowed"),
+        ({"x": float("nan")}, "the training record['x'] is nan, which JSON cannot hold"),
+        ({1: "a"}, "the training record has the key 1 (int); JSON keys are strings"),
+    ]:
+        with pytest.raises(ckptfmt.ConfigError) as excinfo:
+            dumps_strict(value, what="the training record")
+        assert str(excinfo.value) == message
+    ok = {"a": [[[1]]], "n": 10**18, "s": "é\x00"}
+    assert loads_strict(dumps_strict(ok, what="x"), what="x") == ok
