@@ -88,11 +88,17 @@ def test_cases_safetensors_accepts_and_we_reject(tmp_path, case):
 
 
 def _with_config_text(tmp_path, config_text: str):
-    """A file with real weights whose embedded config is `config_text`, raw."""
+    """A file with real weights whose embedded config is `config_text`, raw. Written by
+    safetensors itself: ckptfmt's writer refuses what its reader would."""
+    from safetensors.torch import save_file
+
+    from ckptfmt.tensors import weights_digest
+
     model, config = small_model()
     metadata = build_metadata(config, training={}, provenance={})
     metadata["ckptfmt.config"] = config_text
-    write_safetensors(tmp_path / "hostile.safetensors", model.state_dict(), metadata)
+    metadata["ckptfmt.weights_sha256"] = weights_digest(model.state_dict())
+    save_file(model.state_dict(), tmp_path / "hostile.safetensors", metadata=metadata)
     return tmp_path / "hostile.safetensors"
 
 
