@@ -117,10 +117,16 @@ class Header:
         return self._json(KEY_CONFIG)
 
     def training(self) -> dict[str, Any]:
-        return self._json(KEY_TRAINING) or {}
+        """The training record, checked against its schema (see `documents`)."""
+        from .documents import check_training
+
+        return check_training(self._json(KEY_TRAINING) or {}, path=self.path)
 
     def provenance(self) -> dict[str, Any]:
-        return self._json(KEY_PROVENANCE) or {}
+        """The provenance record, checked against its schema (see `documents`)."""
+        from .documents import check_provenance
+
+        return check_provenance(self._json(KEY_PROVENANCE) or {}, path=self.path)
 
     @property
     def aliases(self) -> dict[str, str]:

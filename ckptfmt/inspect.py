@@ -216,7 +216,12 @@ def verify(path: str | os.PathLike) -> VerifyReport:
     except CkptfmtError as exc:
         report.add("header", False, exc.message)
         return report
-    report.add("header", True, "well formed")
+    try:
+        header.training(), header.provenance()  # their schemas, as loading checks them
+    except CkptfmtError as exc:
+        report.add("header", False, exc.message)
+    else:
+        report.add("header", True, "well formed")
 
     config = None
     weights_only = False

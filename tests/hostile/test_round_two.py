@@ -142,3 +142,51 @@ def test_class_5_json_the_reader_refuses_is_not_written(tmp_path):
         assert str(excinfo.value) == message
     ok = {"a": [[[1]]], "n": 10**18, "s": "é\x00"}
     assert loads_strict(dumps_strict(ok, what="x"), what="x") == ok
+
+
+@pytest.mark.parametrize(
+    "key, document, message",
+    [
+        ("ckptfmt.training", {"optimizer": "m.optimizer.safetensors"},
+         "metadata 'ckptfmt.training': optimizer must be an object {\"file\": ..., \"sha256\": ...}, not "
+         "'m.optimizer.safetensors'; the file is damaged or was not written by ckptfmt"),
+        ("ckptfmt.training", {"optimizer": {"file": 7, "sha256": "0" * 64}},
+         "metadata 'ckptfmt.training': optimizer.file must be a plain file name in the checkpoint's folder, not 7; "
+         "the file is damaged or was crafted to read elsewhere"),
+        ("ckptfmt.training", {"optimizer": {"file": "../elsewhere/x.optimizer.safetensors", "sha256": "0" * 64}},
+         "metadata 'ckptfmt.training': optimizer.file must be a plain file name in the checkpoint's folder, not "
+         "'../elsewhere/x.optimizer.safetensors'; the file is damaged or was crafted to read elsewhere"),
+        ("ckptfmt.training", {"optimizer": {"file": "/etc/passwd", "sha256": "0" * 64}},
+         "metadata 'ckptfmt.training': optimizer.file must be a plain file name in the checkpoint's folder, not "
+         "'/etc/passwd'; the file is damaged or was crafted to read elsewhere"),
+        ("ckptfmt.training", {"metrics": [0.5, 0.9]},
+         "metadata 'ckptfmt.training': metrics must be an object of numbers by name, not [0.5, 0.9]; the file is "
+         "damaged or was not written by ckptfmt"),
+        ("ckptfmt.training", {"epoch": "3"},
+         "metadata 'ckptfmt.training': epoch must be a non-negative int, not '3'; the file is damaged or was not "
+         "written by ckptfmt"),
+        ("ckptfmt.provenance", {"source": "best_model.pth"},
+         "metadata 'ckptfmt.provenance': source must be an object, not 'best_model.pth'; the file is damaged or "
+         "was not written by ckptfmt"),
+        ("ckptfmt.provenance", {"cast": "F16"},
+         "metadata 'ckptfmt.provenance': cast must be an object {\"to\": dtype, \"from\": {dtype: count}}, not "
+         "'F16'; the file is damaged or was not written by ckptfmt"),
+    ],
+    ids=["binding a string", "binding file a number", "binding traversal", "binding absolute", "metrics a list",
+         "epoch a string", "source a string", "cast a string"],
+)
+def test_class_6_and_1_documents_of_the_wrong_shape_are_our_error_everywhere(tmp_path, key, document, message):
+    """Validated where read, one function per document: inspect, verify and load see the same."""
+    model, config = small_model()
+    metadata = build_metadata(config, training={}, provenance={})
+    metadata[key] = json.dumps(document)
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, model.state_dict(), metadata)
+    for use in (ckptfmt.inspect_checkpoint, ckptfmt.load_model_with_config):
+        with pytest.raises(HeaderError) as excinfo:
+            use(path)
+        assert str(excinfo.value) == f"{path}: {message}"
+    assert not ckptfmt.verify(path).ok
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"Error: {path}: {message}"
