@@ -36,6 +36,12 @@ def check_writable(path: Path, *, overwrite: bool) -> None:
         )
     if path.is_dir():
         raise WriteError("is a folder; give a file name as the output", path=path)
+    if path.exists() and not path.is_file():
+        raise WriteError(
+            "is not a regular file (a FIFO, a device or a socket); ckptfmt writes only regular files "
+            "and never through one of those. Give another output",
+            path=path,
+        )
     if path.exists() and not overwrite:
         raise OutputExistsError("already exists; pass --force (overwrite=True) to replace it", path=path)
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from .errors import CheckpointNotFoundError, CkptfmtError, InputError
 
-__all__ = ["check_plain_name", "is_regular_file", "open_regular", "read_capped", "resolve_checkpoint_path"]
+__all__ = [
+    "check_plain_name", "is_regular_file", "open_regular", "read_capped", "resolve_checkpoint_path", "walk_files",
+]
 
 logger = logging.getLogger("ckptfmt")
 
@@ -112,3 +114,24 @@ def check_plain_name(name: object, *, key: str, path: str | os.PathLike | None, 
             path=path,
         )
     return name
+
+
+def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...]) -> list[Path]:
+    """The regular files under `root` whose names end in one of `suffixes`, sorted.
+
+    A walk stays inside the folder it was given: links to folders are not followed, and a link
+    to a file counts only when it resolves inside `root` (a link planted in a folder of
+    downloads cannot make `convert` or `inspect` read /etc or someone else's files).
+    """
+    root = Path(root)
+    inside = root.resolve()
+    found = []
+    for folder, _, names in os.walk(root, followlinks=False):
+        for name in names:
+            path = Path(folder) / name
+            if not name.endswith(suffixes) or not is_regular_file(path):
+                continue
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                continue
+            found.append(path)
+    return sorted(found)

@@ -18,6 +18,7 @@ from .config import ModelConfig, config_differences, read_sidecar
 from .digest import check_digest, digest_file
 from .errors import CheckpointNotFoundError, CkptfmtError
 from .header import DTYPE_SIZES, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
+from .files import walk_files
 from .registry import registered_model_types
 
 __all__ = ["VerifyReport", "diff", "inspect_checkpoint", "inspect_folder", "sidecar_status", "verify"]
@@ -158,7 +159,7 @@ def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """One summary per checkpoint under `folder` (recursively); unreadable ones carry `error`."""
     folder = Path(folder)
     rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix in CHECKPOINT_SUFFIXES and p.is_file()):
+    for path in walk_files(folder, CHECKPOINT_SUFFIXES):
         try:
             rows.append(inspect_checkpoint(path))
         except CkptfmtError as exc:

@@ -190,3 +190,27 @@ def test_class_6_and_1_documents_of_the_wrong_shape_are_our_error_everywhere(tmp
     result = run_cli("inspect", str(path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"Error: {path}: {message}"
+
+
+def test_class_1_folder_walks_do_not_follow_links_out_of_the_folder(tmp_path):
+    outside = tmp_path / "outside"
+    path, _, _ = save_small(outside)
+    folder = tmp_path / "downloads"
+    inside, _, _ = save_small(folder / "run")
+    (folder / "planted.safetensors").symlink_to(path)
+    (folder / "planted_folder").symlink_to(outside, target_is_directory=True)
+    (folder / "alias.safetensors").symlink_to(inside)  # inside the folder: followed
+    from ckptfmt.inspect import inspect_folder
+
+    rows = inspect_folder(folder)
+    assert [row["file"] for row in rows] == [str(folder / "alias.safetensors"), str(inside)]
+
+
+def test_class_2_nothing_is_written_through_a_fifo_at_the_output(tmp_path):
+    model, config = small_model()
+    os.mkfifo(tmp_path / "m.safetensors")
+    for overwrite in (False, True):
+        with pytest.raises(ckptfmt.WriteError, match="is not a regular file \\(a FIFO, a device or a socket\\); ckptfmt "
+                                                     "writes only regular files and never through one of those"):
+            ckptfmt.save_model_with_config(model, tmp_path / "m.safetensors", config, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
