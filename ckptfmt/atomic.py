@@ -43,7 +43,7 @@ def check_writable(path: Path, *, overwrite: bool) -> None:
             path=path,
         )
     if path.exists() and not overwrite:
-        raise OutputExistsError("already exists; pass --force (overwrite=True) to replace it", path=path)
+        raise OutputExistsError("already exists; pass overwrite=True to replace it", path=path)
 
 
 @contextmanager
@@ -101,7 +101,7 @@ def _commit(tmp: Path, path: Path, *, overwrite: bool) -> None:
         os.link(tmp, path)
     except FileExistsError:
         raise OutputExistsError(
-            "already exists; pass --force (overwrite=True) to replace it", path=path
+            "already exists; pass overwrite=True to replace it", path=path
         ) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
@@ -109,7 +109,7 @@ def _commit(tmp: Path, path: Path, *, overwrite: bool) -> None:
         # A file system without hard links: fall back to a checked rename.
         if path.exists():
             raise OutputExistsError(
-                "already exists; pass --force (overwrite=True) to replace it", path=path
+                "already exists; pass overwrite=True to replace it", path=path
             ) from None
         os.replace(tmp, path)
     else:

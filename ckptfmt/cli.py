@@ -44,10 +44,21 @@ def shown(text: Any) -> str:
     return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), str(text))
 
 
+# The library's messages name its arguments; on the command line, the options that set them.
+_CLI_WORDS = {"overwrite=True": "--force", "force=True": "--force", "device='cpu'": "--device cpu"}
+
+
+def in_cli_words(message: str) -> str:
+    for api, option in _CLI_WORDS.items():
+        message = message.replace(api, option)
+    return message
+
+
 def out(line: str = "", *, err: bool = False) -> None:
     """One report line, made safe: every line the CLI prints goes through here (JSON output is
-    safe by construction and goes through `_echo_json`)."""
-    click.echo(shown(line), err=err)
+    safe by construction and goes through `_echo_json`). Lines on stderr (failures, warnings)
+    name CLI options where the library's messages name its arguments."""
+    click.echo(shown(in_cli_words(line) if err else line), err=err)
 
 
 def _user_errors(command):
@@ -58,7 +69,7 @@ def _user_errors(command):
         try:
             return command(*args, **kwargs)
         except CkptfmtError as exc:
-            raise click.ClickException(shown(exc)) from None
+            raise click.ClickException(shown(in_cli_words(str(exc)))) from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(shown(f"{where}{exc.strerror or exc}")) from None

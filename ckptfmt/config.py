@@ -542,8 +542,7 @@ def check_sidecar_accepts(folder: str | os.PathLike, config: ModelConfig, *, ove
         differences = _same_config(existing.config, config)
         if differences:
             raise ConfigError(
-                f"holds another config ({'; '.join(differences)}); pass --force "
-                "(overwrite=True) to replace it",
+                f"holds another config ({'; '.join(differences)}); pass overwrite=True to replace it",
                 path=existing.path,
             )
     return existing

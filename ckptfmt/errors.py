@@ -5,7 +5,7 @@ what to do. Classes also inherit the matching builtin, so callers may catch eith
 
     CkptfmtError(Exception)
     ├── CheckpointNotFoundError(FileNotFoundError)   no file at the path
-    ├── OutputExistsError(FileExistsError)           would overwrite; pass overwrite/--force
+    ├── OutputExistsError(FileExistsError)           would overwrite; pass overwrite=True
     ├── WriteError(OSError)                          disk full, read-only folder, ...
     ├── HeaderError(ValueError)                      malformed .safetensors header or metadata
     ├── ConfigError(ValueError)                      invalid config: value, unknown key, schema

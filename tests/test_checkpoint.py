@@ -126,7 +126,7 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path):
     path, _, config = save_small(tmp_path)
     before = path.read_bytes()
     other, _ = small_model(seed=5)
-    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True to replace it"):
         save_model_with_config(other, path, config)
     assert path.read_bytes() == before
     save_model_with_config(other, path, config, overwrite=True)

@@ -115,7 +115,7 @@ def test_save_load_round_trip_and_no_silent_overwrite(tmp_path):
     path = config.save(tmp_path / "model_config.json")
     assert ModelConfig.load(path) == config
     assert json.loads(path.read_text())["normalization"] == {"mode": "fixed", "mean": [0.2], "std": [0.5]}
-    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True to replace it"):
         config.save(path)
     config.replace(depth=2).save(path, overwrite=True)
     assert ModelConfig.load(path).depth == 2
@@ -133,7 +133,7 @@ def test_sidecar_binds_several_files_of_one_config_and_refuses_another(tmp_path)
     write_sidecar(tmp_path, config, "last_model.safetensors", "b" * 64)
     sidecar = read_sidecar(tmp_path)
     assert sidecar.weights == {"best_model.safetensors": "a" * 64, "last_model.safetensors": "b" * 64}
-    with pytest.raises(ConfigError, match=r"holds another config \(base_filters: 8 != 16\); pass --force"):
+    with pytest.raises(ConfigError, match=r"holds another config \(base_filters: 8 != 16\); pass overwrite=True to replace it"):
         write_sidecar(tmp_path, ModelConfig(base_filters=16), "best_model.safetensors", "c" * 64)
     write_sidecar(tmp_path, ModelConfig(base_filters=16), "best_model.safetensors", "c" * 64, overwrite=True)
     assert read_sidecar(tmp_path).weights == {"best_model.safetensors": "c" * 64}

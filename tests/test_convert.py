@@ -190,7 +190,7 @@ def test_changed_source_is_not_skipped_and_not_overwritten_without_force(tmp_pat
     torch.save(model.state_dict(), tmp_path / "m.pth")
     convert(tmp_path / "m.pth")
     torch.save(small_model(seed=3)[0].state_dict(), tmp_path / "m.pth")
-    with pytest.raises(FileExistsError, match="m.safetensors: already exists; pass --force"):
+    with pytest.raises(FileExistsError, match="m.safetensors: already exists; pass overwrite=True to replace it"):
         convert(tmp_path / "m.pth")
     assert convert(tmp_path / "m.pth", force=True).status == "converted"
 
