@@ -67,7 +67,12 @@ def _user_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            try:
+                return command(*args, **kwargs)
+            finally:
+                sys.stdout.flush()  # a closed pipe shows here, where click ends the command quietly
+        except BrokenPipeError:
+            raise  # `ckptfmt inspect X --tensors | head -1`: click exits quietly, as ls does
         except CkptfmtError as exc:
             raise click.ClickException(shown(in_cli_words(str(exc)))) from None
         except OSError as exc:
@@ -305,33 +310,44 @@ def inspect_command(path, tensors, as_json):
 
 
 @main.command("verify")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
 @_user_errors
 def verify_command(paths, as_json):
     """Check checkpoints are intact and consistent; exit 0 only if every check passes.
 
-    Checks the header (strict rules), the config, the config against the tensor shapes, the
-    sidecar, and the weights digest (every byte read once).
+    PATHS are .safetensors files or folders (every .safetensors under them). Checks the header
+    (strict rules), the config, the config against the tensor shapes, the sidecar, the weights
+    digest (every byte read once) and the optimizer companion. One line per file on stdout
+    ([FAIL] lines on stderr), then a summary.
 
     \b
     Example:
-        ckptfmt verify checkpoints/multitask_joint/best_model.safetensors
+        ckptfmt verify converted/multitask_joint/best_model.safetensors
+        ckptfmt verify converted/
     """
+    from .files import walk_files
     from .inspect import verify
 
-    reports = [verify(path) for path in paths]
+    files = [found for path in paths for found in (walk_files(path, (".safetensors",)) if path.is_dir() else [path])]
+    reports = []
+    for path in files:
+        report = verify(path)
+        reports.append(report)
+        if as_json:
+            continue
+        if report.ok:
+            speed = report.to_dict()["gb_per_s"]
+            detail = f"digest read {_size(report.bytes_hashed)}" + (f" at {speed} GB/s" if speed else "")
+            out(f"[OK]   {report.path}: {_checks_line(report)} ({detail})")
+        for failure in report.failures:
+            out(f"[FAIL] {failure}", err=True)
+    failed = sum(not r.ok for r in reports)
     if as_json:
         _echo_json([r.to_dict() for r in reports])
-    else:
-        for report in reports:
-            if report.ok:
-                speed = report.to_dict()["gb_per_s"]
-                detail = f"digest read {_size(report.bytes_hashed)}" + (f" at {speed} GB/s" if speed else "")
-                out(f"[OK]   {report.path}: {_checks_line(report)} ({detail})")
-            for failure in report.failures:
-                out(f"[FAIL] {failure}", err=True)
-    if not all(r.ok for r in reports):
+    elif len(reports) != 1 or any(path.is_dir() for path in paths):
+        out(f"{len(reports) - failed} verified, {failed} failed" + ("" if reports else "; no .safetensors files found"))
+    if failed:
         sys.exit(1)
 
 

@@ -215,7 +215,7 @@ def test_help_does_not_import_torch():
     "args, message",
     [
         (["inspect", "{tmp}/garbage.safetensors"], "Error: {tmp}/garbage.safetensors: declares a "),
-        (["verify", "{tmp}/missing.safetensors"], "Error: Invalid value for 'PATHS...': File '{tmp}/missing.safetensors' does not exist."),
+        (["verify", "{tmp}/missing.safetensors"], "Error: Invalid value for 'PATHS...': Path '{tmp}/missing.safetensors' does not exist."),
         (["inspect", "{tmp}/garbage.pth"], "Error: {tmp}/garbage.pth: refused to unpickle"),
     ],
 )
@@ -247,3 +247,32 @@ def test_verify_of_a_weights_only_file_says_so(tmp_path):
     result = invoke("verify", tmp_path / "w.safetensors")
     assert result.exit_code == 0
     assert result.stdout.startswith(f"[OK]   {tmp_path / 'w.safetensors'}: weights only (no config); header, digest (digest read ")
+
+
+def test_verify_of_a_folder_checks_every_file_with_a_summary(tmp_path):
+    good, _, _ = save_small(tmp_path / "a")
+    bad, _, _ = save_small(tmp_path / "b")
+    flip_byte(bad, 50)
+    result = run_cli("verify", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"[OK]   {good}: header, config, shapes, sidecar, digest (")
+    assert lines[-1] == "1 verified, 1 failed"
+    assert result.stderr.startswith(f"[FAIL] {bad}: weights digest mismatch")
+    empty = run_cli("verify", str(tmp_path / "a" / ".."), "--json")
+    assert len(json.loads(empty.stdout)) == 2
+
+
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
+    """Regression: `ckptfmt inspect X --tensors | head -1` printed `Error: Broken pipe`."""
+    import subprocess
+    import sys
+
+    path, _, _ = save_small(tmp_path, depth=4)
+    for _ in range(5):
+        process = subprocess.Popen([sys.executable, "-m", "ckptfmt", "inspect", str(path), "--tensors"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout.readline().startswith(b"file ")
+        process.stdout.close()
+        assert process.wait(timeout=60) in (0, 1)
+        assert process.stderr.read() == b""
