@@ -23,6 +23,7 @@ import click
 
 from . import __version__
 from .errors import CkptfmtError
+from .images import MAX_PIXELS
 
 logger = logging.getLogger("ckptfmt")
 
@@ -414,21 +415,32 @@ def diff_command(a, b, values, as_json):
               help="Mask threshold; default the one in the checkpoint's config.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--format", "table_format", type=click.Choice(["json", "csv"]), default="json", show_default=True,
-              help="Format of the class-probability table.")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+              help="Format of the predictions table.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
+              help="Refuse an input that declares more pixels than this, before decoding it.")
+@click.option("--force", is_flag=True, help="Predict every input again, replacing existing outputs and table.")
 @_user_errors
-def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, batch_size, table_format, force):
-    """Segment and classify images with a multi-task U-Net checkpoint.
+def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, batch_size, table_format, max_pixels,
+                    force):
+    """Run a checkpoint's model on images: masks and class probabilities, as its task has them.
 
-    INPUTS are .npy arrays or image files (PNG, JPEG, TIFF), or folders of them. Image files are
-    scaled to [0, 1] by bit depth; then the normalisation recorded in the checkpoint applies.
-    A bad input is reported and the others still run; the exit code is 1 if any failed.
+    INPUTS are .npy arrays (H x W, C x H x W, or N x C x H x W for several images) and image
+    files (PNG, JPEG, TIFF, BMP), or folders of them. Image files are scaled to [0, 1] by bit
+    depth; then the normalisation recorded in the checkpoint applies. Each image gets
+    NAME_mask.png and NAME_mask.npy (NAME_0, NAME_1, ... for an array of several) when the model
+    segments, and a row in predictions.json (or .csv).
+
+    A bad input is reported and the others still run (exit code 1). Running the same command
+    again skips the inputs whose outputs the table records as made from the same input and
+    checkpoint, and predicts the rest; an output that exists for another reason is replaced
+    only with --force.
 
     \b
     Example:
-        ckptfmt predict checkpoints/multitask_joint/best_model.safetensors scans/ --out masks/
+        ckptfmt predict converted/multitask_joint/best_model.safetensors scans/ --out masks/
     """
-    from .predict import MultiTaskPredictor, find_inputs, predict_files
+    from .images import find_inputs
+    from .predict import MultiTaskPredictor, predict_files
 
     predictor = MultiTaskPredictor(checkpoint, device=device, precision=precision, batch_size=batch_size)
     files = find_inputs(inputs)
@@ -436,21 +448,27 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
         raise click.ClickException("no .npy or image files found in the inputs")
     with click.progressbar(length=len(files), label="predicting", file=sys.stderr) as bar:
         results, table = predict_files(
-            predictor, files, out_dir, threshold=threshold, table_format=table_format,
-            overwrite=force, on_done=lambda _: bar.update(1),
+            predictor, files, out_dir, threshold=threshold, table_format=table_format, overwrite=force,
+            max_pixels=max_pixels, on_done=lambda _: bar.update(1),
         )
-    failed = 0
+    counts = {"predicted": 0, "skipped": 0, "failed": 0}
     for result in results:
+        where = result.input if result.index is None else f"{result.input}[{result.index}]"
         if result.error:
-            failed += 1
+            counts["failed"] += 1
             out(f"[FAIL] {result.error}", err=True)
+        elif result.skipped:
+            counts["skipped"] += 1
+            out(f"[SKIP] {where}: already predicted by this checkpoint"
+                + (f" -> {result.outputs[0]}" if result.outputs else ""))
         else:
+            counts["predicted"] += 1
             p, parts = result.prediction, []
             if p.class_probabilities is not None:
                 parts.append(f"{p.class_name} ({p.class_probabilities[p.label]:.3f})")
             if p.mask is not None:
                 parts.append(f"{int(p.mask.sum())} mask pixels -> {result.outputs[0]}")
-            out(f"[OK]   {result.input}: {', '.join(parts)}")
-    out(f"{len(results) - failed} predicted, {failed} failed; classes in {table}")
-    if failed:
+            out(f"[OK]   {where}: {', '.join(parts)}")
+    out(f"{counts['predicted']} predicted, {counts['skipped']} skipped, {counts['failed']} failed; table in {table}")
+    if counts["failed"]:
         sys.exit(1)

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from .atomic import atomic_write, check_writable, write_all
 from .checkpoint import load_model_with_config, resolve_device
 from .errors import CkptfmtError, ConfigError, DeviceError, InputError
+from .files import read_capped
+from .images import MAX_PIXELS, read_image
 from .registry import Task, get_model_entry
 
-__all__ = ["MultiTaskPredictor", "Prediction", "find_inputs", "normalize", "predict_files", "read_image"]
+__all__ = ["FileResult", "MultiTaskPredictor", "Prediction", "normalize", "predict_files"]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -125,10 +127,17 @@ class MultiTaskPredictor:
                 "cannot run it (register it with task=...); use load_model and call the model yourself",
                 path=checkpoint_path,
             )
+        if task.spatial_dims != 2:
+            raise ConfigError(
+                f"the predictor runs models of 2-D images; this {self.config.model_type!r} model takes "
+                f"{task.spatial_dims}-D inputs; use load_model and call the model yourself",
+                path=checkpoint_path,
+            )
         self.task: Task = task
         self.dtype = PRECISIONS[self.precision]
-        if self.dtype != torch.float32:
-            self.model.to(self.dtype)
+        # Whatever dtype the file holds (a file converted with --dtype fp16, say), the model runs
+        # in the precision asked for.
+        self.model.to(self.dtype)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
@@ -209,16 +218,23 @@ class MultiTaskPredictor:
     def _run(self, images: torch.Tensor, threshold: float) -> list[Prediction]:
         height, width = images.shape[-2:]
         images = normalize(images, self.config.normalization)
-        pad_h, pad_w = -height % self.multiple, -width % self.multiple
-        if pad_h or pad_w:
-            images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
+        if self.task.input_size is not None:
+            # A model that takes one size (a ViT's 224 x 224): resized to it, masks resized back.
+            images = F.interpolate(images, size=tuple(self.task.input_size), mode="bilinear", antialias=True)
+        else:
+            pad_h, pad_w = -height % self.multiple, -width % self.multiple
+            if pad_h or pad_w:
+                images = F.pad(images, (0, pad_w, 0, pad_h), mode="replicate")
         images = images.to(self.device, self.dtype, non_blocking=True)
         if self.device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         seg_logits, cls_logits = self.task.split(self.model(images))
         results = [Prediction() for _ in range(len(images))]
         if seg_logits is not None:
-            probabilities = torch.sigmoid(seg_logits[..., :height, :width].float()).cpu().numpy()
+            seg_logits = seg_logits.float()
+            if self.task.input_size is not None:
+                seg_logits = F.interpolate(seg_logits, size=(height, width), mode="bilinear")
+            probabilities = torch.sigmoid(seg_logits[..., :height, :width]).cpu().numpy()
             for result, probability in zip(results, probabilities):
                 if probability.shape[0] == 1:
                     probability = probability[0]
@@ -231,119 +247,176 @@ class MultiTaskPredictor:
         return results
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-INPUT_SUFFIXES = (".npy", *IMAGE_SUFFIXES)
-
-
-def read_image(path: str | os.PathLike, *, in_channels: int = 1) -> np.ndarray:
-    """Read an input file as float32 C x H x W (or H x W).
-
-    `.npy` arrays are taken as they are (never unpickled). Image files are scaled to [0, 1] by
-    their bit depth and converted to grayscale or RGB to match `in_channels`.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if path.suffix.lower() == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            reason = str(exc).split(". ")[0] if "pickled" not in str(exc) else "not a plain numeric array"
-            raise InputError(f"is not a readable .npy array ({reason})", path=path) from None
-        if array.dtype.kind not in "biuf":
-            raise InputError(f"holds {array.dtype} data; expected numbers", path=path)
-        return array.astype(np.float32)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float32) / (65535.0 if image.mode.startswith("I;16") else 1.0)
-            else:
-                mode = "RGB" if in_channels == 3 else "L"
-                array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"cannot be read as an image: {exc}", path=path) from None
-    return array.transpose(2, 0, 1) if array.ndim == 3 else array
-
-
-def find_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders as their `.npy` and image files, recursively, sorted."""
-    found = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in INPUT_SUFFIXES and p.is_file())
-        else:
-            found.append(path)
-    return found
-
-
 @dataclass
 class FileResult:
+    """What happened to one image of the inputs (an array of several gives one per image,
+    `index` 0, 1, ...): predicted, skipped (a rerun found its outputs already made from the
+    same input and checkpoint), or failed (`error` says why, naming the input)."""
+
     input: Path
+    index: int | None = None
     prediction: Prediction | None = None
     outputs: tuple[Path, ...] = ()
+    row: dict[str, Any] | None = None
+    skipped: bool = False
     error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.input.stem if self.index is None else f"{self.input.stem}_{self.index}"
 
 
 def predict_files(
     predictor: MultiTaskPredictor, inputs: Sequence[Path], out_dir: str | os.PathLike, *,
     threshold: float | None = None, table_format: str = "json", overwrite: bool = False,
-    on_done=None,
+    max_pixels: int = MAX_PIXELS, on_done=None,
 ) -> tuple[list[FileResult], Path]:
-    """Predict each input file and write its mask (PNG and .npy) and one table of classes.
+    """Predict each input file; write each image's mask (`NAME_mask.png` and `.npy`, or
+    `NAME_0_mask.png`, ... for an array of several) and one table of the results.
 
-    A bad input is recorded with its error and the rest go on. Returns the per-file results and
-    the path of the table (`predictions.json` or `predictions.csv`).
+    A rerun into the same folder skips the inputs whose outputs the table records as made
+    from the same input bytes and the same checkpoint, and predicts the rest: after a partial
+    failure, fix the failed inputs and run the same command again. An output that exists for
+    any other reason is not replaced without `overwrite`, and the error names the input and the
+    output. A bad input is recorded and the rest go on; the table always lists the inputs that
+    succeeded.
+
+    Returns:
+        The per-image results and the path of the table (`predictions.json` or `.csv`).
     """
-    import json
-
-    from PIL import Image
-
     out_dir = Path(out_dir)
     table = out_dir / f"predictions.{table_format}"
-    check_writable(table, overwrite=overwrite)
-    results, stems = [], set()
+    checkpoint_sha256 = _checkpoint_identity(predictor)
+    previous = {} if overwrite else _previous_rows(table, table_format, checkpoint_sha256)
+    results: list[FileResult] = []
+    stems: set[str] = set()
     for path in inputs:
-        result = FileResult(path)
-        try:
-            if path.stem in stems:
-                raise InputError("has the same name as an earlier input; its outputs would collide", path=path)
-            stems.add(path.stem)
-            if not path.is_file():
-                raise InputError("no such file", path=path)
-            result.prediction = predictor.predict(read_image(path, in_channels=predictor.task.in_channels), threshold=threshold)
-            mask = result.prediction.mask
-            if mask is not None:
-                png, npy = out_dir / f"{path.stem}_mask.png", out_dir / f"{path.stem}_mask.npy"
-                planes = mask if mask.ndim == 2 else np.concatenate(list(mask), axis=0)
-                with atomic_write(png, overwrite=overwrite) as fd:
-                    buffer = io.BytesIO()
-                    Image.fromarray(planes.astype(np.uint8) * 255).save(buffer, format="PNG")
-                    write_all(fd, buffer.getvalue())
-                with atomic_write(npy, overwrite=overwrite) as fd:
-                    buffer = io.BytesIO()
-                    np.save(buffer, mask)
-                    write_all(fd, buffer.getvalue())
-                result.outputs = (png, npy)
-        except CkptfmtError as exc:
-            result.error = str(exc)
-        results.append(result)
+        done = _predict_file(predictor, path, out_dir, previous, stems, threshold=threshold, overwrite=overwrite,
+                             max_pixels=max_pixels)
+        results += done
         if on_done is not None:
-            on_done(result)
+            on_done(done)
+    rows = [r.row for r in results if r.row is not None]
     names = [predictor.config.class_name(i) for i in range(predictor.task.classes or 0)]
-    rows = [
-        {"input": str(r.input), **r.prediction.to_dict()} for r in results if r.prediction is not None
-    ]
-    if table_format == "json":
-        text = json.dumps({"checkpoint": str(predictor.checkpoint_path), "class_names": names, "predictions": rows},
-                          indent=2, sort_keys=True) + "\n"
-    else:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["input", "label", "class_name", *(f"p_{n}" for n in names), "mask_pixels"])
-        for row in rows:
-            writer.writerow([row["input"], row["label"], row["class_name"], *row["class_probabilities"], row["mask_pixels"]])
-        text = buffer.getvalue()
-    with atomic_write(table, overwrite=overwrite) as fd:
+    text = _table_text(rows, names, table_format, predictor, checkpoint_sha256)
+    with atomic_write(table, overwrite=overwrite or table.exists()) as fd:
         write_all(fd, text.encode())
     return results, table
+
+
+def _checkpoint_identity(predictor: MultiTaskPredictor) -> str:
+    metadata = predictor.checkpoint["metadata"]
+    return metadata.get("weights_sha256") or metadata.get("source_sha256") or ""
+
+
+def _previous_rows(table: Path, table_format: str, checkpoint_sha256: str) -> dict[tuple[str, Any], dict]:
+    """The rows of an earlier run's table, by (input, index); refused when that run used another
+    checkpoint (its outputs are not this one's)."""
+    import json
+
+    if not table.exists():
+        return {}
+    try:
+        text = read_capped(table, limit=256 << 20, what="a predictions table", error=InputError).decode("utf-8")
+        if table_format == "json":
+            document = json.loads(text)
+            rows, recorded = document["predictions"], document.get("checkpoint_sha256")
+        else:
+            rows = list(csv.DictReader(io.StringIO(text)))
+            recorded = rows[0].get("checkpoint_sha256") if rows else checkpoint_sha256
+            for row in rows:
+                row["index"] = int(row["index"]) if row.get("index") else None
+                row["outputs"] = row["outputs"].split(";") if row.get("outputs") else []
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+        raise InputError("exists but is not a predictions table written by ckptfmt; choose another --out, "
+                         "or pass overwrite=True to replace it", path=table) from None
+    if recorded != checkpoint_sha256:
+        raise InputError("holds the predictions of another checkpoint; choose another --out, or pass "
+                         "overwrite=True to replace them", path=table)
+    return {(row["input"], row.get("index")): row for row in rows}
+
+
+def _predict_file(
+    predictor: MultiTaskPredictor, path: Path, out_dir: Path, previous: dict, stems: set[str], *,
+    threshold: float | None, overwrite: bool, max_pixels: int,
+) -> list[FileResult]:
+    from .legacy import sha256_file
+
+    try:
+        if path.stem in stems:
+            raise InputError("has the same name as an earlier input; its outputs would collide", path=path)
+        stems.add(path.stem)
+        array = read_image(path, in_channels=predictor.task.in_channels, max_pixels=max_pixels)
+        sha256 = sha256_file(path)
+        batch = array.ndim == 4
+        indices = list(range(len(array))) if batch else [None]
+        earlier = [previous.get((str(path), index)) for index in indices]
+        if all(row is not None and row.get("input_sha256") == sha256 and all(Path(o).exists() for o in row["outputs"])
+               for row in earlier):
+            return [FileResult(path, index, outputs=tuple(map(Path, row["outputs"])), row=row, skipped=True)
+                    for index, row in zip(indices, earlier)]
+        predictions = predictor.predict(array, threshold=threshold)
+        predictions = predictions if batch else [predictions]
+        results = [FileResult(path, index, prediction) for index, prediction in zip(indices, predictions)]
+        for result in results:
+            result.outputs = _output_paths(out_dir, result)
+        for output in (o for r in results for o in r.outputs):
+            if output.exists() and not overwrite:
+                raise InputError(
+                    f"its output {output} already exists, not from this input and checkpoint; pass "
+                    "overwrite=True to replace it", path=path,
+                )
+        for result in results:
+            _write_mask(result)
+            result.row = {"input": str(path), "index": result.index, "input_sha256": sha256,
+                          "outputs": [str(o) for o in result.outputs], **result.prediction.to_dict()}
+        return results
+    except CkptfmtError as exc:
+        return [FileResult(path, error=str(exc))]
+
+
+def _output_paths(out_dir: Path, result: FileResult) -> tuple[Path, ...]:
+    if result.prediction.mask is None:
+        return ()
+    return out_dir / f"{result.name}_mask.png", out_dir / f"{result.name}_mask.npy"
+
+
+def _write_mask(result: FileResult) -> None:
+    from PIL import Image
+
+    if not result.outputs:
+        return
+    mask = result.prediction.mask
+    png, npy = result.outputs
+    planes = mask if mask.ndim == 2 else np.concatenate(list(mask), axis=0)
+    buffer = io.BytesIO()
+    Image.fromarray(planes.astype(np.uint8) * 255).save(buffer, format="PNG")
+    with atomic_write(png, overwrite=True) as fd:  # existence was checked, naming the input
+        write_all(fd, buffer.getvalue())
+    buffer = io.BytesIO()
+    np.save(buffer, mask)
+    with atomic_write(npy, overwrite=True) as fd:
+        write_all(fd, buffer.getvalue())
+
+
+def _table_text(rows: list[dict], names: list[str], table_format: str, predictor: MultiTaskPredictor,
+                checkpoint_sha256: str) -> str:
+    import json
+
+    if table_format == "json":
+        document = {"checkpoint": str(predictor.checkpoint_path), "checkpoint_sha256": checkpoint_sha256,
+                    "class_names": names, "predictions": rows}
+        return json.dumps(document, indent=2, sort_keys=True) + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    classes = predictor.task.classes is not None
+    masks = "segmentation" in predictor.task.kind
+    writer.writerow(["input", "index", "input_sha256", *(["label", "class_name", *(f"p_{n}" for n in names)] if classes else []),
+                     *(["mask_pixels"] if masks else []), "outputs", "checkpoint_sha256"])
+    for row in rows:
+        writer.writerow([
+            row["input"], "" if row["index"] is None else row["index"], row["input_sha256"],
+            *([row["label"], row["class_name"], *row["class_probabilities"]] if classes else []),
+            *([row["mask_pixels"]] if masks else []), ";".join(row["outputs"]), checkpoint_sha256,
+        ])
+    return buffer.getvalue()

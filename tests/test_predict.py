@@ -54,18 +54,104 @@ def test_cli_predict_writes_masks_and_a_table(demo_model, held_out, tmp_path):
     assert lines[0].startswith(f"[OK]   {images}/a.npy: class_{held_out[2][1]} (")
     assert lines[1].startswith(f"[OK]   {images}/b.png: class_{held_out[2][2]} (")
     assert result.stderr.splitlines()[-1].startswith(f"[FAIL] {images}/broken.png: cannot be read as an image")
-    assert lines[-1] == f"2 predicted, 1 failed; classes in {tmp_path}/out/predictions.json"
+    assert lines[-1] == f"2 predicted, 0 skipped, 1 failed; table in {tmp_path}/out/predictions.json"
     mask = np.array(Image.open(tmp_path / "out/a_mask.png"))
     assert set(np.unique(mask)) <= {0, 255}
     assert np.array_equal(mask == 255, np.load(tmp_path / "out/a_mask.npy"))
     table = json.loads((tmp_path / "out/predictions.json").read_text())
     assert table["class_names"] == ["class_0", "class_1"]
     assert [row["input"] for row in table["predictions"]] == [f"{images}/a.npy", f"{images}/b.png"]
-    again = run_cli("predict", str(demo_model), str(images / "a.npy"), "--out", str(tmp_path / "out"))
-    assert again.returncode == 1 and "already exists; pass --force" in again.stderr
+    assert table["predictions"][0]["outputs"] == [f"{tmp_path}/out/a_mask.png", f"{tmp_path}/out/a_mask.npy"]
     csv = run_cli("predict", str(demo_model), str(images / "a.npy"), "--out", str(tmp_path / "csv"), "--format", "csv")
     assert csv.returncode == 0, csv.stderr
-    assert (tmp_path / "csv/predictions.csv").read_text().splitlines()[0] == "input,label,class_name,p_class_0,p_class_1,mask_pixels"
+    assert (tmp_path / "csv/predictions.csv").read_text().splitlines()[0] == (
+        "input,index,input_sha256,label,class_name,p_class_0,p_class_1,mask_pixels,outputs,checkpoint_sha256"
+    )
+
+
+def test_a_rerun_after_a_partial_failure_predicts_only_what_is_left(demo_model, held_out, tmp_path):
+    """Regression: a rerun failed on the outputs the first run left, naming the output only."""
+    images = tmp_path / "scans"
+    images.mkdir()
+    np.save(images / "a.npy", held_out[0][1, 0])
+    (images / "b.npy").write_bytes(b"not an array")
+    first = run_cli("predict", str(demo_model), str(images), "--out", str(tmp_path / "out"))
+    assert first.returncode == 1
+    np.save(images / "b.npy", held_out[0][2, 0])  # the user fixes the failed input
+    again = run_cli("predict", str(demo_model), str(images), "--out", str(tmp_path / "out"))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[0] == f"[SKIP] {images}/a.npy: already predicted by this checkpoint -> {tmp_path}/out/a_mask.png"
+    assert again.stdout.splitlines()[1].startswith(f"[OK]   {images}/b.npy: ")
+    assert again.stdout.splitlines()[-1] == f"1 predicted, 1 skipped, 0 failed; table in {tmp_path}/out/predictions.json"
+    table = json.loads((tmp_path / "out/predictions.json").read_text())
+    assert [row["input"] for row in table["predictions"]] == [f"{images}/a.npy", f"{images}/b.npy"]
+    np.save(images / "a.npy", held_out[0][3, 0])  # another image under the same name
+    changed = run_cli("predict", str(demo_model), str(images / "a.npy"), "--out", str(tmp_path / "out"))
+    assert changed.returncode == 1
+    assert changed.stderr.splitlines()[-1] == (
+        f"[FAIL] {images}/a.npy: its output {tmp_path}/out/a_mask.png already exists, not from this input and "
+        "checkpoint; pass --force to replace it"
+    )
+    forced = run_cli("predict", str(demo_model), str(images / "a.npy"), "--out", str(tmp_path / "out"), "--force")
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_an_array_of_several_images_gives_one_output_each(demo_model, held_out, tmp_path):
+    """Regression: a 4-D .npy crashed with AttributeError after writing earlier masks."""
+    np.save(tmp_path / "batch.npy", held_out[0][:3])
+    result = run_cli("predict", str(demo_model), str(tmp_path / "batch.npy"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()[:3]] == [
+        f"[OK]   {tmp_path}/batch.npy[{i}]" for i in range(3)
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        *(f"batch_{i}_mask.{ext}" for i in range(3) for ext in ("npy", "png")), "predictions.json",
+    ]
+    rows = json.loads((tmp_path / "out/predictions.json").read_text())["predictions"]
+    assert [row["index"] for row in rows] == [0, 1, 2]
+
+
+def test_decompression_bombs_are_refused_before_decoding(demo_model, tmp_path):
+    import zlib
+
+    # A 12,000 x 12,000 PNG (144 megapixels) in a few hundred kilobytes.
+    raw = zlib.compress(b"\0" * ((12_000 + 1) * 12_000), 9)
+    png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", (12_000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
+    (tmp_path / "bomb.png").write_bytes(png + _chunk(b"IDAT", raw) + _chunk(b"IEND", b""))
+    # A 192-byte .npy that declares a 37 GiB array.
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000), }"
+    header += " " * (128 - 10 - len(header) - 1) + "\n"
+    (tmp_path / "bomb_array.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 64)
+    assert (tmp_path / "bomb_array.npy").stat().st_size == 192
+    result = run_cli("predict", str(demo_model), str(tmp_path / "bomb.png"), str(tmp_path / "bomb_array.npy"),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    failures = [line for line in result.stderr.splitlines() if line.startswith("[FAIL]")]
+    assert failures == [
+        f"[FAIL] {tmp_path}/bomb.png: declares a 12000 x 12000 image, 144,000,000 pixels, over the limit of "
+        "89,478,485; refused before decoding (a decompression bomb, or raise the limit with --max-pixels)",
+        f"[FAIL] {tmp_path}/bomb_array.npy: declares an array of shape (100000, 100000), 10,000,000,000 pixels, over the "
+        "limit of 89,478,485; refused before decoding (a decompression bomb, or raise the limit with --max-pixels)",
+    ]
+    small = run_cli("predict", str(demo_model), str(tmp_path / "bomb.png"), "--out", str(tmp_path / "out2"),
+                    "--max-pixels", "100")
+    assert "over the limit of 100" in small.stderr
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def test_a_checkpoint_converted_to_fp16_predicts_on_the_cpu(tmp_path, held_out):
+    """Regression: the model stayed in fp16 while its inputs were fp32 on the CPU."""
+    from .helpers import DEMO
+
+    result = ckptfmt.convert(DEMO / "multitask_joint/best_model.pth", output=tmp_path / "half.safetensors", dtype="fp16")
+    predictor = MultiTaskPredictor(result.output, device="cpu")
+    assert predictor.model.seg_head.weight.dtype == torch.float32
+    assert predictor.predict(held_out[0][0, 0]).mask.shape == (64, 64)
 
 
 def test_wrong_depth_override_fails_before_loading(demo_model, monkeypatch):
