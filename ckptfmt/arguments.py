@@ -63,7 +63,8 @@ class Signature:
         return cls(getattr(builder, "__name__", repr(builder)), named, hints, takes_any)
 
     def reserved(self) -> list[str]:
-        return [name for name in self.parameters if name in RESERVED_NAMES]
+        # `params` is no config field, but it is the attribute that holds the arguments.
+        return [name for name in self.parameters if name in (*RESERVED_NAMES, "params")]
 
     def complete(self, params: Mapping[str, Any], *, model_type: str) -> dict[str, Any]:
         """Check `params` and fill in the defaults; returns plain JSON values, in signature
