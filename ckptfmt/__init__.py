@@ -37,7 +37,7 @@ _EXPORTS = {
     "ConvertResult": "converter",
     "inspect_checkpoint": "inspect",
     "verify": "inspect",
-    "diff": "inspect",
+    "diff": "diff",
     "MultiTaskPredictor": "predict",
     "CkptfmtError": "errors",
     "CkptfmtWarning": "errors",
@@ -85,7 +85,8 @@ if TYPE_CHECKING:
         OutputExistsError, PluginError, ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
     )
     from .header import read_header
-    from .inspect import diff, inspect_checkpoint, verify
+    from .diff import diff
+    from .inspect import inspect_checkpoint, verify
     from .predict import MultiTaskPredictor
     from .registry import Task, create_model, register_model, registered_model_types
     from .identify import identify, infer_model_config

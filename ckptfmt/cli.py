@@ -141,20 +141,24 @@ def _echo_json(document: Any) -> None:
               help="Cast floating-point tensors; the cast is recorded in provenance.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs and a disagreeing sidecar.")
 @click.option("--unsafe-pickle", is_flag=True,
-              help="Allow arbitrary pickled objects. This RUNS CODE from the file: only for files you trust.")
+              help="Unpickle with weights_only=False: allows any pickled object (a whole model included, whose "
+                   "state_dict() is converted). This RUNS CODE from the file: only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
 @_user_errors
 def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_pickle, as_json):
-    """Convert legacy .pth checkpoints to self-describing .safetensors.
+    """Convert legacy .pth, .pt and Lightning .ckpt checkpoints to self-describing .safetensors.
 
-    PATHS are files or folders (every .pth/.pt under them). Each becomes NAME.safetensors with
-    the architecture config embedded, plus model_config.json beside it. The config comes from
-    --config, else the sidecar beside the source, else the tensor shapes. Files already
-    converted from the same source bytes are skipped.
+    PATHS are files or folders (every .pth/.pt/.ckpt under them). Each becomes NAME.safetensors
+    with the architecture config embedded, plus model_config.json beside it; optimizer,
+    scheduler and scaler states go to NAME.optimizer.safetensors. The config comes from
+    --config, else the sidecar beside the source, else the file's hyper_parameters, else the
+    tensor shapes. Each file's report says where its keys went, and which were dropped and why.
+    Files already converted from the same source bytes are skipped.
 
     \b
     Example:
         ckptfmt convert checkpoints/
+        ckptfmt convert lightning_logs/
         ckptfmt convert old.pth -o new.safetensors --set description="joint fine-tuning"
     """
     from .converter import convert_all
@@ -183,11 +187,33 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
             else:
                 arch = r.config.summary() if r.config else "(weights only, no config)"
                 out(f"[OK]   {r.source} -> {r.output}  {arch}")
+                out(f"       {_carried_line(r)}")
+                for key, reason in r.dropped.items():
+                    out(f"       dropped {key}: {reason}")
         if not results:
-            out("No .pth or .pt files found.", err=True)
+            out("No .pth, .pt or .ckpt files found.", err=True)
         out(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed")
     if counts["failed"]:
         sys.exit(1)
+
+
+_CONFIG_ORIGINS = {
+    "inferred": "inferred from the weights", "sidecar": "the sidecar", "--config": "--config",
+    "--model-type and --set": "--model-type and --set", None: "none (weights only)",
+}
+
+
+def _carried_line(result) -> str:
+    """Where the source's keys went: `weights: state_dict; config: hyper_parameters; ...`."""
+    carried = result.carried
+    parts = [f"weights: {', '.join(carried.get('weights', []))}"]
+    parts.append(f"config: {', '.join(carried['config'])}" if "config" in carried
+                 else f"config: {_CONFIG_ORIGINS.get(result.config_source, result.config_source)}")
+    if carried.get("training"):
+        parts.append(f"training record: {', '.join(carried['training'])}")
+    if carried.get("companion"):
+        parts.append(f"companion {result.optimizer_file.name}: {', '.join(carried['companion'])}")
+    return "; ".join(parts)
 
 
 def _size(nbytes: int) -> str:
@@ -364,41 +390,52 @@ def _checks_line(report) -> str:
 @main.command("diff")
 @click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--values", is_flag=True, help="Add the max absolute difference of differing tensors.")
+@click.option("--values", is_flag=True, help="Add the max absolute difference of differing tensors "
+              "(after casting both to the wider dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
 @_user_errors
 def diff_command(a, b, values, as_json):
-    """Compare two checkpoints (.pth or .safetensors, in any mix).
+    """Compare two checkpoints (.pth or .safetensors, in any mix): everything they hold.
 
-    Shows config differences, tensors in one file only, shape or dtype changes, and which
-    common tensors differ. Exits 0 when identical, 1 when they differ.
+    Shows config, training-record and provenance differences (creation dates are shown, not
+    compared), tensors in one file only, shape and dtype changes, and which common tensors
+    differ. Exits 0 when the checkpoints are identical in all of it, 1 when they differ.
 
     \b
     Example:
-        ckptfmt diff best_model.pth best_model.safetensors
-        ckptfmt diff run1/best_model.safetensors run2/best_model.safetensors --values
+        ckptfmt diff checkpoints/multitask_joint/best_model.pth converted/multitask_joint/best_model.safetensors
+        ckptfmt diff converted/multitask_joint/best_model.safetensors converted/multitask_joint/last_model.safetensors --values
     """
-    from .inspect import diff
+    from .diff import diff
 
     result = diff(a, b, values=values)
     if as_json:
         _echo_json(result)
     else:
-        for line in result["config"]:
-            out(f"config   {line}")
+        for part, lines in (("config", result["config"]), ("training", result["training"]),
+                            ("provenance", result["provenance"])):
+            for line in lines:
+                out(f"{part:<12}{line}")
+        if result["dates"]:
+            out(f"{'dates':<12}created {result['dates']['a']} and {result['dates']['b']} (not compared)")
         for name in result["only_in_a"]:
-            out(f"only in A  {name}")
+            out(f"{'only in A':<12}{name}")
         for name in result["only_in_b"]:
-            out(f"only in B  {name}")
+            out(f"{'only in B':<12}{name}")
         for change in result["changed"]:
-            out(f"changed  {change['name']}: {change['a'][0]} {change['a'][1]} -> {change['b'][0]} {change['b'][1]}")
+            out(f"{'shape':<12}{change['name']}: {change['a'][0]} {change['a'][1]} -> {change['b'][0]} {change['b'][1]}")
         for tensor in result["tensors"]:
-            if not tensor["identical"]:
-                extra = f" (max abs diff {tensor['max_abs_diff']:.6g})" if "max_abs_diff" in tensor else ""
-                out(f"differs  {tensor['name']}{extra}")
+            if tensor["identical"]:
+                continue
+            extra = f" (max abs diff {tensor['max_abs_diff']:.6g})" if tensor.get("max_abs_diff") is not None else ""
+            if "dtype" in tensor:
+                out(f"{'dtype':<12}{tensor['name']}: {tensor['dtype'][0]} -> {tensor['dtype'][1]}{extra}")
+            else:
+                out(f"{'differs':<12}{tensor['name']}{extra}")
         same = sum(t["identical"] for t in result["tensors"])
-        out(f"{same} of {len(result['tensors'])} common tensors identical; "
-                   + ("the checkpoints are identical" if result["identical"] else "the checkpoints differ"))
+        verdict = ("the checkpoints are identical" if result["identical"]
+                   else f"the checkpoints differ in: {', '.join(result['differs_in'])}")
+        out(f"{same} of {len(result['tensors'])} common tensors identical; {verdict}")
     if not result["identical"]:
         sys.exit(1)
 

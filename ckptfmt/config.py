@@ -494,10 +494,14 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
         names = sorted(set(first) | set(second))
     else:
         names = sorted(set(first) & set(second))
-    missing = "(not set)"
+    unset = object()
+
+    def shown(document: dict[str, Any], name: str) -> str:
+        return repr(document[name]) if name in document else "(not set)"
+
     return [
-        f"{name}: {first.get(name, missing)!r} != {second.get(name, missing)!r}"
-        for name in names if first.get(name, missing) != second.get(name, missing)
+        f"{name}: {shown(first, name)} != {shown(second, name)}"
+        for name in names if first.get(name, unset) != second.get(name, unset)
     ]
 
 

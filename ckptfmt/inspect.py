@@ -1,4 +1,4 @@
-"""What `inspect`, `verify` and `diff` compute; the CLI only renders it.
+"""What `inspect` and `verify` compute; the CLI only renders it.
 
 `inspect_checkpoint` of a .safetensors reads the header and nothing else, and imports no torch:
 its cost does not grow with the file. A legacy .pth has no header, so it is loaded (safely,
@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig, config_differences, read_sidecar
-from .digest import check_digest, digest_file
+from .digest import check_digest
 from .errors import CheckpointNotFoundError, CkptfmtError
 from .header import DTYPE_SIZES, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
 from .files import walk_files
 from .registry import registered_model_types
 
-__all__ = ["VerifyReport", "diff", "inspect_checkpoint", "inspect_folder", "sidecar_status", "verify"]
+__all__ = ["VerifyReport", "inspect_checkpoint", "inspect_folder", "sidecar_status", "verify"]
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dict[str, Any]:
@@ -298,6 +298,11 @@ def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) ->
 
 
 def _verify_companion(header: Header, report: VerifyReport) -> None:
+    """The training-state companion the checkpoint binds: named inside its folder, a regular
+    file, its JSON and tensors matching the binding's digest, and every tensor its JSON names
+    held (see `training`)."""
+    from .training import companion_path, verify_training_state
+
     try:
         binding = header.training().get("optimizer")
     except CkptfmtError as exc:
@@ -305,71 +310,10 @@ def _verify_companion(header: Header, report: VerifyReport) -> None:
         return
     if not binding:
         return
-    companion = header.path.parent / str(binding.get("file"))
     try:
-        actual = digest_file(read_header(companion))
+        companion = companion_path(header.path, binding)
+        covers = verify_training_state(companion, sha256=binding["sha256"])
     except CkptfmtError as exc:
-        report.add("optimizer", False, f"optimizer state {companion.name}: {exc.message}")
+        report.add("optimizer", False, f"training state {binding.get('file')}: {exc.message}")
         return
-    if actual != binding.get("sha256"):
-        report.add("optimizer", False, f"optimizer state {companion.name} does not match this checkpoint's record")
-    else:
-        report.add("optimizer", True, f"optimizer state {companion.name} matches")
-
-
-def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) -> dict[str, Any]:
-    """Compare two checkpoints, .pth or .safetensors in any mix.
-
-    Returns config differences, tensors in one file only, shape or dtype changes, and for
-    common tensors whether they are identical (with `values`, the max absolute difference).
-
-    Example:
-        >>> d = diff("best_model.pth", "best_model.safetensors")
-        >>> d["identical"]
-        True
-    """
-    import numpy as np
-
-    from .tensors import read_state_dict, tensor_bytes
-
-    sides = []
-    for path in map(Path, (a, b)):
-        if not path.exists():
-            raise CheckpointNotFoundError("no such file", path=path)
-        if looks_like_safetensors(path):
-            config = read_header(path).config_dict()
-            sides.append((ModelConfig.from_dict(config, path=path) if config else None, read_state_dict(path)))
-        else:
-            from .legacy import read_legacy_checkpoint
-
-            legacy = read_legacy_checkpoint(path)
-            sidecar = read_sidecar(path.parent)
-            sides.append((sidecar.config if sidecar else None, legacy.state_dict))
-    (config_a, sd_a), (config_b, sd_b) = sides
-    if config_a is not None and config_b is not None:
-        config_diff = config_differences(config_a, config_b)
-    elif config_a is None and config_b is None:
-        config_diff = []
-    else:
-        config_diff = [f"config: {'none' if config_a is None else 'present'} != {'none' if config_b is None else 'present'}"]
-    changed, tensors = [], []
-    for name in sorted(set(sd_a) & set(sd_b)):
-        ta, tb = sd_a[name], sd_b[name]
-        if ta.shape != tb.shape or ta.dtype != tb.dtype:
-            changed.append({"name": name, "a": [str(ta.dtype), list(ta.shape)], "b": [str(tb.dtype), list(tb.shape)]})
-            continue
-        identical = bool(np.array_equal(tensor_bytes(ta), tensor_bytes(tb)))
-        entry: dict[str, Any] = {"name": name, "identical": identical}
-        if values and not entry["identical"] and ta.numel():
-            entry["max_abs_diff"] = float((ta.double() - tb.double()).abs().max()) if not ta.is_complex() else None
-        tensors.append(entry)
-    only_a, only_b = sorted(set(sd_a) - set(sd_b)), sorted(set(sd_b) - set(sd_a))
-    return {
-        "a": str(a), "b": str(b),
-        "config": config_diff,
-        "only_in_a": only_a, "only_in_b": only_b,
-        "changed": changed,
-        "tensors": tensors,
-        "differing": [t["name"] for t in tensors if not t["identical"]],
-        "identical": not (config_diff or only_a or only_b or changed) and all(t["identical"] for t in tensors),
-    }
+    report.add("optimizer", True, f"training state {companion.name} matches; the digest covers {covers}")

@@ -12,7 +12,8 @@ import ckptfmt
 from ckptfmt import ModelConfig, read_header
 from ckptfmt.checkpoint import build_metadata
 from ckptfmt.cli import main
-from ckptfmt.inspect import diff, inspect_checkpoint, verify
+from ckptfmt.diff import diff
+from ckptfmt.inspect import inspect_checkpoint, verify
 from ckptfmt.tensors import weights_digest, write_safetensors
 
 from .helpers import copy_demo, flip_byte, run_cli, save_small, small_model
@@ -183,10 +184,11 @@ def test_diff_across_pth_and_safetensors(tmp_path):
     result = invoke("diff", converted, tmp_path / "changed.pth", "--values")
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
-    assert "only in A  seg_head.bias" in lines
-    assert "only in B  extra.weight" in lines
-    assert "changed  cls_head.weight: torch.float32 [2, 16] -> torch.float64 [2, 16]" in lines
-    assert "differs  cls_head.bias (max abs diff 0.25)" in lines
+    assert "only in A   seg_head.bias" in lines
+    assert "only in B   extra.weight" in lines
+    assert "dtype       cls_head.weight: F32 -> F64 (max abs diff 0)" in lines
+    assert "differs     cls_head.bias (max abs diff 0.25)" in lines
+    assert lines[-1] == "65 of 67 common tensors identical; the checkpoints differ in: weights"
 
 
 def test_diff_reports_config_differences(tmp_path):
@@ -194,6 +196,33 @@ def test_diff_reports_config_differences(tmp_path):
     model, config = small_model()
     b = ckptfmt.save_model_with_config(model, tmp_path / "b/best_model.safetensors", config.replace(description="v2"))
     assert diff(a, b)["config"] == ["description: '' != 'v2'"]
+
+
+def test_diff_compares_everything_not_only_the_weights(tmp_path):
+    """Regression: diff best_model last_model said "identical" though their training records
+    differed."""
+    model, config = small_model()
+    a = ckptfmt.save_model_with_config(model, tmp_path / "best_model.safetensors", config, epoch=3, metrics={"dice": 0.9})
+    b = ckptfmt.save_model_with_config(model, tmp_path / "last_model.safetensors", config, epoch=5, metrics={"dice": 0.8})
+    result = invoke("diff", a, b)
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["training    epoch: 3 != 5", "training    metrics.dice: 0.9 != 0.8"]
+    assert lines[-1].endswith("common tensors identical; the checkpoints differ in: training record")
+
+
+def test_diff_of_fp32_against_fp16_compares_the_common_tensors(tmp_path):
+    """Regression: fp32 against fp16 gave "0 of 0 common tensors identical"."""
+    model, _ = small_model()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    full = ckptfmt.convert(tmp_path / "m.pth", output=tmp_path / "full.safetensors").output
+    half = ckptfmt.convert(tmp_path / "m.pth", output=tmp_path / "half/half.safetensors", dtype="fp16").output
+    result = diff(full, half, values=True)
+    floats = [t for t in result["tensors"] if "dtype" in t]
+    assert floats and all(t["dtype"] == ["F32", "F16"] and t["max_abs_diff"] < 1e-3 for t in floats)
+    assert len(result["tensors"]) == len(model.state_dict())
+    assert result["differs_in"] == ["provenance", "weights"]
+    assert "cast.to: (not set) != 'F16'" in result["provenance"]
 
 
 @pytest.mark.parametrize("command", ["convert", "inspect", "verify", "diff", "predict"])

@@ -1,0 +1,145 @@
+"""What `diff` computes: everything two checkpoints hold, compared; the CLI only renders it.
+
+The config, the training record, the provenance (its dates are shown, not compared: two
+conversions of one file differ in nothing else) and every tensor. Tensors of the same name with
+another dtype are common tensors with a dtype change; `values` compares them after casting both
+to the wider type. "Identical" means all of it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig, config_differences, read_sidecar
+from .errors import CheckpointNotFoundError
+from .header import looks_like_safetensors, read_header
+
+__all__ = ["diff"]
+
+_DATES = ("created_at",)
+
+
+@dataclass
+class _Side:
+    config: ModelConfig | None
+    training: dict[str, Any]
+    provenance: dict[str, Any] | None  # None for a legacy file, which records none
+    state_dict: dict[str, Any]
+
+
+def _read(path: Path) -> _Side:
+    if not path.exists():
+        raise CheckpointNotFoundError("no such file", path=path)
+    if looks_like_safetensors(path):
+        from .tensors import read_state_dict
+
+        header = read_header(path)
+        document = header.config_dict()
+        config = ModelConfig.from_dict(document, path=path) if document is not None else None
+        return _Side(config, header.training(), header.provenance(), read_state_dict(path))
+    from .legacy import read_legacy_checkpoint
+
+    legacy = read_legacy_checkpoint(path)
+    sidecar = read_sidecar(path.parent)
+    return _Side(sidecar.config if sidecar else None, legacy.training, None, legacy.state_dict)
+
+
+def _flat(document: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(document, dict) and document:
+        flat: dict[str, Any] = {}
+        for key, value in document.items():
+            flat.update(_flat(value, f"{prefix}{key}." if isinstance(value, dict) and value else f"{prefix}{key}"))
+        return flat
+    return {prefix.rstrip("."): document}
+
+
+def _document_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    first, second = _flat(a) if a else {}, _flat(b) if b else {}
+    return [
+        f"{key}: {_shown(first, key)} != {_shown(second, key)}"
+        for key in sorted(set(first) | set(second)) if first.get(key, _UNSET) != second.get(key, _UNSET)
+    ]
+
+
+_UNSET = object()
+
+
+def _shown(document: dict[str, Any], key: str) -> str:
+    return repr(document[key]) if key in document else "(not set)"
+
+
+def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) -> dict[str, Any]:
+    """Compare two checkpoints, .pth or .safetensors in any mix: config, training record,
+    provenance and weights.
+
+    Returns:
+        A dict: `config`, `training`, `provenance` (lines `key: a != b`), `dates` (the creation
+        dates, when they differ), `only_in_a`, `only_in_b`, `changed` (tensors whose shape
+        changed), `tensors` (each common tensor: identical or not, its dtypes when they differ,
+        with `values` the max absolute difference), `differs_in` (the parts that differ) and
+        `identical`.
+
+    Example:
+        >>> d = diff("best_model.pth", "best_model.safetensors")
+        >>> d["identical"], d["differs_in"]
+        (True, [])
+    """
+    import numpy as np
+    import torch
+
+    from .tensors import DTYPE_NAMES, tensor_bytes
+
+    side_a, side_b = _read(Path(a)), _read(Path(b))
+    if side_a.config is not None and side_b.config is not None:
+        config = config_differences(side_a.config, side_b.config)
+    elif (side_a.config is None) != (side_b.config is None):
+        config = [f"config: {'none' if side_a.config is None else 'present'} != {'none' if side_b.config is None else 'present'}"]
+    else:
+        config = []
+    training = _document_differences(side_a.training, side_b.training)
+    provenance: list[str] = []
+    dates = None
+    if side_a.provenance is not None and side_b.provenance is not None:
+        undated = [{k: v for k, v in side.provenance.items() if k not in _DATES} for side in (side_a, side_b)]
+        provenance = _document_differences(*undated)
+        created = [side.provenance.get("created_at") for side in (side_a, side_b)]
+        if created[0] != created[1]:
+            dates = {"a": created[0], "b": created[1]}
+    changed, tensors = [], []
+    for name in sorted(set(side_a.state_dict) & set(side_b.state_dict)):
+        ta, tb = side_a.state_dict[name], side_b.state_dict[name]
+        if ta.shape != tb.shape:
+            changed.append({"name": name, "a": [DTYPE_NAMES.get(ta.dtype, str(ta.dtype)), list(ta.shape)],
+                            "b": [DTYPE_NAMES.get(tb.dtype, str(tb.dtype)), list(tb.shape)]})
+            continue
+        entry: dict[str, Any] = {"name": name}
+        if ta.dtype != tb.dtype:
+            entry["dtype"] = [DTYPE_NAMES.get(ta.dtype, str(ta.dtype)), DTYPE_NAMES.get(tb.dtype, str(tb.dtype))]
+            entry["identical"] = False
+        else:
+            entry["identical"] = bool(np.array_equal(tensor_bytes(ta), tensor_bytes(tb)))
+        if values and not entry["identical"] and ta.numel():
+            wider = torch.promote_types(ta.dtype, tb.dtype)
+            if wider.is_complex:
+                entry["max_abs_diff"] = float((ta.to(wider) - tb.to(wider)).abs().max())
+            else:
+                entry["max_abs_diff"] = float((ta.to(wider).double() - tb.to(wider).double()).abs().max())
+        tensors.append(entry)
+    only_a = sorted(set(side_a.state_dict) - set(side_b.state_dict))
+    only_b = sorted(set(side_b.state_dict) - set(side_a.state_dict))
+    weights_differ = bool(only_a or only_b or changed or not all(t["identical"] for t in tensors))
+    differs_in = [part for part, differs in (("config", config), ("training record", training),
+                                              ("provenance", provenance), ("weights", weights_differ)) if differs]
+    return {
+        "a": str(a), "b": str(b),
+        "config": config, "training": training, "provenance": provenance, "dates": dates,
+        "only_in_a": only_a, "only_in_b": only_b,
+        "changed": changed,
+        "tensors": tensors,
+        "differing": [t["name"] for t in tensors if not t["identical"]],
+        "differs_in": differs_in,
+        "identical": not differs_in,
+    }
