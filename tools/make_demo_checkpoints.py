@@ -9,6 +9,7 @@ the legacy layouts users really have, which is what `ckptfmt convert` exists to 
     multitask_joint/best_model.pth        model_state_dict + optimizer_state_dict + epoch + metrics
     multitask_joint/last_model.pth        the same, in torch's pre-1.6 serialization
     multitask_joint/model_config.json     the original system's sidecar (schema 0)
+    scans/scan_0.png ... scan_3.png       held-out phantoms, inputs for `ckptfmt predict`
 
 Seeded and single-threaded, so a rerun on the same machine trains the same weights (the files'
 bytes still differ: torch.save stamps each with a fresh serialization id). Takes under a minute
@@ -19,10 +20,13 @@ Usage: python tools/make_demo_checkpoints.py [OUT_DIR]   (default: checkpoints)
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +114,28 @@ def main(out: Path) -> None:
         "training_config": "tools/make_demo_checkpoints.py",
     }
     (out / "multitask_joint/model_config.json").write_text(json.dumps(seed_sidecar, indent=2) + "\n")
+    write_scans(out / "scans")
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
 
 
+def write_scans(folder: Path) -> None:
+    """Four held-out phantoms as 8-bit PNGs, two with lesions: what `ckptfmt predict` reads."""
+    from PIL import Image
+
+    images, _, labels = make_phantoms(16, seed=SEED + 2)
+    folder.mkdir(parents=True, exist_ok=True)
+    picked = [*np.flatnonzero(labels == 1)[:2], *np.flatnonzero(labels == 0)[:2]]
+    for index, which in enumerate(sorted(picked)):
+        Image.fromarray((images[which, 0] * 255).round().astype(np.uint8)).save(folder / f"scan_{index}.png")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("checkpoints"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default="checkpoints", type=Path,
+                        help="folder to write the demo checkpoints into (default: checkpoints)")
+    parser.add_argument("--scans-only", action="store_true", help="only (re)write OUT/scans, without training")
+    arguments = parser.parse_args()
+    if arguments.scans_only:
+        write_scans(arguments.out / "scans")
+    else:
+        main(arguments.out)

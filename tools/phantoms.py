@@ -2,6 +2,8 @@
 
 Images are float32 in [0, 1], shape (1, size, size); the mask marks lesion pixels and the
 label is 1 when the image has a lesion. Seeded, so the same seed gives the same phantoms.
+
+Usage: python tools/phantoms.py OUT_DIR [--count N] [--seed S]   (images as .npy, for predict)
 """
 
 from __future__ import annotations
@@ -44,3 +46,17 @@ def make_phantoms(count: int, *, size: int = 64, seed: int = 0, lesion_rate: flo
         images[i, 0] = np.clip(image, 0, 1)
         masks[i, 0] = mask
     return images, masks, labels
+
+
+if __name__ == "__main__":
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Write phantoms as .npy files, inputs for `ckptfmt predict`.")
+    parser.add_argument("out", type=Path, help="folder to write phantom_0.npy, phantom_1.npy, ... into")
+    parser.add_argument("--count", type=int, default=8, help="how many (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed (default 0)")
+    arguments = parser.parse_args()
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(make_phantoms(arguments.count, seed=arguments.seed)[0]):
+        np.save(arguments.out / f"phantom_{index}.npy", image[0])
