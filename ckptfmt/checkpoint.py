@@ -39,7 +39,7 @@ from .registry import get_model_entry, unwrap_model
 from .identify import identify
 from .shapes import check_shapes, check_state, module_state
 from .tensors import DTYPE_NAMES, load_tensors, write_safetensors
-from .training import OPTIMIZER_SUFFIX, write_optimizer_state
+from .training import OPTIMIZER_SUFFIX, write_training_state
 
 __all__ = [
     "OpenedCheckpoint",
@@ -73,6 +73,8 @@ def save_model_with_config(
     epoch: int | None = None,
     metrics: Mapping[str, float] | None = None,
     *,
+    scheduler: Any = None,
+    scaler: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Save a model as one self-describing .safetensors file, plus the sidecar.
@@ -87,6 +89,8 @@ def save_model_with_config(
         optimizer: if given, its state goes to `NAME.optimizer.safetensors` beside the
             checkpoint, without pickle; `load_training_state` restores it.
         epoch, metrics: the training record, kept in the header.
+        scheduler, scaler: a learning-rate scheduler and an AMP GradScaler, whose states go to
+            the same companion, for `load_training_state` to restore with the optimizer's.
         overwrite: replace existing files; without it an existing output is an error.
 
     Returns:
@@ -105,7 +109,7 @@ def save_model_with_config(
         PosixPath('runs/joint/best_model.safetensors')
     """
     return save(model, checkpoint_path, config=config, optimizer=optimizer, epoch=epoch, metrics=metrics,
-                overwrite=overwrite)
+                scheduler=scheduler, scaler=scaler, overwrite=overwrite)
 
 
 def save(
@@ -116,6 +120,8 @@ def save(
     optimizer: torch.optim.Optimizer | None = None,
     epoch: int | None = None,
     metrics: Mapping[str, float] | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
     overwrite: bool = False,
     **fields: Any,
 ) -> Path:
@@ -146,14 +152,16 @@ def save(
         dtypes={n: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for n, t in state_dict.items()}, path=path,
     )
     companion = path.with_name(path.stem + OPTIMIZER_SUFFIX)
+    states = {name: state for name, state in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
+              if state is not None}
     check_writable(path, overwrite=overwrite)
-    if optimizer is not None:
+    if states:
         check_writable(companion, overwrite=overwrite)
     check_sidecar_accepts(path.parent, config, overwrite=overwrite)
 
     training = training_record(epoch, metrics, path=path)
-    if optimizer is not None:
-        training["optimizer"] = write_optimizer_state(companion, optimizer.state_dict(), overwrite=overwrite)
+    if states:
+        training["optimizer"] = write_training_state(companion, states, overwrite=overwrite)
     metadata = build_metadata(config, training=training, provenance=provenance_record())
     digest = write_safetensors(path, state_dict, metadata, overwrite=overwrite)
     write_sidecar(path.parent, config, path.name, digest, overwrite=overwrite)

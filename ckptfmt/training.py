@@ -1,125 +1,362 @@
-"""Training state beside a checkpoint: the optimizer's state in a pickle-free companion file,
-and `load_training_state` to resume from it.
+"""Training state beside a checkpoint, without pickle: the companion file, and resuming from it.
 
-The companion `NAME.optimizer.safetensors` holds the optimizer's tensors as tensors and the rest
-of its state dict as JSON in its header; the checkpoint's training record binds it by name and
-digest, so that a companion of another checkpoint is refused.
+The companion `NAME.optimizer.safetensors` holds what resuming needs beyond the weights: the
+optimizer's state, and the learning-rate scheduler's and the AMP GradScaler's when there are
+some; a converted checkpoint also keeps there whatever else its legacy file held that JSON
+cannot (tensors, inf). Tensors are stored as tensors, and the rest as JSON in the header
+(`ckptfmt.optimizer`), typed so that it comes back exactly: int keys stay ints (an optimizer's
+`state` is keyed by parameter index, and str keys would silently lose it), tuples stay tuples,
+and inf and nan (ReduceLROnPlateau's `best`) are kept.
+
+The checkpoint's training record binds the companion as `optimizer: {"file", "sha256"}`. The
+digest covers all of the companion (`companion_digest`): its JSON text and its tensors, so an
+edit to either fails `verify` and `load_training_state`. A binding written by ckptfmt 0.1.0
+holds the digest of the tensors alone. It is recognised by being exactly that, which a digest of
+JSON and tensors never is, over a companion in 0.1.0's layout (the optimizer's state dict as
+the whole document). It still loads; its JSON is then not covered, and `verify` says so.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .digest import digest_file
-from .errors import CheckpointNotFoundError, ConfigError, IntegrityError
-from .files import resolve_checkpoint_path
-from .header import FORMAT_VERSION, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_OPTIMIZER, read_header
-from .jsondoc import loads_strict
-from .tensors import load_tensors, write_safetensors
+from .errors import CheckpointNotFoundError, ConfigError, HeaderError, IntegrityError
+from .files import check_plain_name, resolve_checkpoint_path
+from .header import FORMAT_VERSION, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_OPTIMIZER, Header, read_header
+from .jsondoc import dumps_strict, loads_strict
 
-__all__ = ["OPTIMIZER_SUFFIX", "load_training_state", "read_optimizer_state", "write_optimizer_state"]
+if TYPE_CHECKING:  # verify checks a companion without torch; reading and writing one import it
+    import torch
+
+__all__ = [
+    "OPTIMIZER_SUFFIX",
+    "SECTIONS",
+    "check_storable",
+    "companion_digest",
+    "companion_path",
+    "load_training_state",
+    "read_training_state",
+    "unstorable_tensor",
+    "verify_training_state",
+    "write_training_state",
+]
 
 OPTIMIZER_SUFFIX = ".optimizer.safetensors"
+# What a companion holds. optimizer, scheduler: a state dict, or a list of them (Lightning keeps
+# one per optimizer); scaler: a GradScaler's state dict; extra: a converted file's other values.
+SECTIONS = ("optimizer", "scheduler", "scaler", "extra")
+COVERS_ALL = "its JSON and its tensors"
+COVERS_TENSORS = "its tensors only (a binding written by ckptfmt 0.1.0; re-save to cover its JSON too)"
+_MARKERS = ("__tensor__", "__items__", "__tuple__", "__float__")
+_FLOATS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
-def write_optimizer_state(
-    path: str | os.PathLike, state_dict: Mapping[str, Any], *, overwrite: bool = False
-) -> dict[str, str]:
-    """Save an optimizer state dict as safetensors: tensors as tensors, the rest as JSON.
+def companion_digest(json_text: str, tensors_sha256: str) -> str:
+    """The binding's digest of a companion: SHA-256 over its JSON (the exact `ckptfmt.optimizer`
+    text, UTF-8), a newline, and the canonical digest of its tensors (hex).
 
-    Returns the training record's binding, `{"file": name, "sha256": digest}`.
+    Example:
+        >>> companion_digest('{"optimizer": {"__items__": []}}', "e3b0c442...")  # doctest: +SKIP
+        '5d41402a...'
     """
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
+    return hashlib.sha256(json_text.encode() + b"\n" + tensors_sha256.encode()).hexdigest()
 
-    def encode(value: Any, where: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            name = where if where not in tensors else f"{where}#{len(tensors)}"
-            tensors[name] = value
-            return {"__tensor__": name}
-        if isinstance(value, Mapping):
-            return {"__items__": [[encode(k, where), encode(v, f"{where}.{k}")] for k, v in value.items()]}
-        if isinstance(value, tuple):
-            return {"__tuple__": [encode(v, f"{where}.{i}") for i, v in enumerate(value)]}
-        if isinstance(value, list):
-            return [encode(v, f"{where}.{i}") for i, v in enumerate(value)]
-        if isinstance(value, float) and not math.isfinite(value):
-            return {"__float__": repr(value)}
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        raise ConfigError(
-            f"optimizer state {where!r} holds a {type(value).__name__}, which cannot be saved "
-            "without pickle",
+
+def unstorable_tensor(tensor: torch.Tensor) -> str | None:
+    """Why a tensor cannot be stored in a safetensors file, or None when it can."""
+    import torch
+
+    from .tensors import DTYPE_NAMES
+
+    if tensor.layout != torch.strided:
+        return (f"a sparse tensor ({tensor.layout}); safetensors stores dense tensors only. Where you trust "
+                "the file, save tensor.to_dense() in its place")
+    if tensor.device.type == "meta":
+        return ("on the meta device: it has a shape but no data (saved from a model that was never "
+                "materialised); save the checkpoint from a model whose weights are loaded")
+    if tensor.dtype not in DTYPE_NAMES:
+        return f"of dtype {tensor.dtype}, which safetensors cannot store"
+    return None
+
+
+def _encode(value: Any, where: str, tensors: dict[str, torch.Tensor], path: Path | None) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        problem = unstorable_tensor(value)
+        if problem is not None:
+            raise ConfigError(f"{where} is {problem}", path=path)
+        name = where.replace("\x00", "\\x00") or "tensor"
+        if name in tensors:
+            name = f"{name}#{len(tensors)}"
+        tensors[name] = value.detach()
+        return {"__tensor__": name}
+    if isinstance(value, Mapping):
+        items = []
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool, tuple, type(None))):
+                raise ConfigError(f"{where} has a key of type {type(key).__name__}, which cannot be saved without pickle",
+                                  path=path)
+            items.append([_encode(key, where, {}, path), _encode(item, f"{where}.{key}", tensors, path)])
+        return {"__items__": items}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{where}.{i}", tensors, path) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{where}.{i}", tensors, path) for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"{where} holds a {type(value).__name__}, which cannot be saved without pickle", path=path)
+
+
+def _document(sections: Mapping[str, Any], tensors: dict[str, torch.Tensor], path: Path | None) -> str:
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown training-state sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    document = {name: _encode(value, name, tensors, path) for name, value in sections.items()}
+    # The reader's JSON rules, applied before writing: nothing is written that verify refuses.
+    return dumps_strict(document, what="the training state", path=path)
+
+
+def check_storable(sections: Mapping[str, Any], *, path: str | os.PathLike | None = None) -> None:
+    """Raise ConfigError, saying what and where, unless `sections` can be written to a
+    companion as they are (the same encoding and rules as `write_training_state`)."""
+    _document(sections, {}, Path(path) if path is not None else None)
+
+
+def write_training_state(
+    path: str | os.PathLike, sections: Mapping[str, Any], *, overwrite: bool = False
+) -> dict[str, str]:
+    """Write the companion: `sections` maps `optimizer`, `scheduler`, `scaler` (state dicts, or
+    lists of them) and `extra` to what they hold; objects with a `state_dict()` are asked for it.
+
+    Returns:
+        The training record's binding, `{"file": name, "sha256": digest}` (`companion_digest`).
+
+    Raises:
+        ConfigError: a value that cannot be saved without pickle, named by where it is.
+
+    Example:
+        >>> write_training_state("runs/best_model.optimizer.safetensors",
+        ...                      {"optimizer": optimizer, "scheduler": scheduler})
+        {'file': 'best_model.optimizer.safetensors', 'sha256': '...'}
+    """
+    from .tensors import write_safetensors
+
+    path = Path(path)
+    sections = {name: value.state_dict() if hasattr(value, "state_dict") else value for name, value in sections.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    text = _document(sections, tensors, path)
+    metadata = {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_OPTIMIZER: text}
+    tensors_sha256 = write_safetensors(path, tensors, metadata, overwrite=overwrite)
+    return {"file": path.name, "sha256": companion_digest(text, tensors_sha256)}
+
+
+def companion_path(checkpoint: str | os.PathLike, binding: Mapping[str, Any]) -> Path:
+    """The companion a checkpoint's binding names: a plain file name in the checkpoint's folder,
+    refused otherwise, naming the key."""
+    checkpoint = Path(checkpoint)
+    name = check_plain_name(binding.get("file"), key="metadata 'ckptfmt.training': optimizer.file", path=checkpoint,
+                            error=HeaderError)
+    return checkpoint.parent / name
+
+
+def _open(path: Path, sha256: str | None) -> tuple[Header, Any, str]:
+    """The companion's header and JSON document, its digests checked; and what the binding
+    covers."""
+    header = read_header(path)
+    text = header.metadata.get(KEY_OPTIMIZER)
+    if text is None:
+        raise IntegrityError("is not a ckptfmt training-state companion (it has no 'ckptfmt.optimizer' metadata)",
+                             path=path)
+    document = loads_strict(text, what="metadata 'ckptfmt.optimizer'", path=path)
+    if not isinstance(document, dict):
+        raise HeaderError(f"metadata 'ckptfmt.optimizer' must be a JSON object, not {type(document).__name__}", path=path)
+    tensors_sha256 = digest_file(header)
+    if header.weights_sha256 is not None and tensors_sha256 != header.weights_sha256:
+        raise IntegrityError(
+            f"does not match its own digest (sha256 {tensors_sha256[:12]}... != {header.weights_sha256[:12]}...): "
+            "its tensors were changed or corrupted",
             path=path,
         )
-
-    structure = encode(dict(state_dict), "optimizer")
-    metadata = {
-        KEY_FORMAT: "pt",
-        KEY_FORMAT_VERSION: FORMAT_VERSION,
-        KEY_OPTIMIZER: json.dumps(structure, sort_keys=True),
-    }
-    return {"file": path.name, "sha256": write_safetensors(path, tensors, metadata, overwrite=overwrite)}
-
-
-def read_optimizer_state(path: str | os.PathLike, *, expected_sha256: str | None = None) -> dict[str, Any]:
-    """Read an optimizer state written by `write_optimizer_state`, checking its digest."""
-    header = read_header(path)
-    if KEY_OPTIMIZER not in header.metadata:
-        raise IntegrityError("is not a ckptfmt optimizer-state file", path=path)
-    actual = digest_file(header)
-    for wanted, what in ((header.weights_sha256, "its own digest"), (expected_sha256, "the checkpoint")):
-        if wanted is not None and actual != wanted:
+    covers = COVERS_ALL
+    if sha256 is not None and sha256 != companion_digest(text, tensors_sha256):
+        if "__items__" in document and sha256 == tensors_sha256:
+            covers = COVERS_TENSORS
+        else:
             raise IntegrityError(
-                f"does not match {what} (sha256 {actual[:12]}... != {wanted[:12]}...); it was "
-                "changed or belongs to another checkpoint",
+                f"does not match the checkpoint's record of it (sha256 {sha256[:12]}...): its JSON or its tensors "
+                "were changed, or it belongs to another checkpoint",
                 path=path,
             )
+    return header, document, covers
+
+
+def verify_training_state(path: str | os.PathLike, *, sha256: str) -> str:
+    """Check a companion against its binding's digest, and that its JSON is a training state
+    whose every tensor it holds, without loading the tensors. Returns what the digest covers.
+
+    Raises:
+        IntegrityError, HeaderError: naming what is wrong.
+    """
+    path = Path(path)
+    header, document, covers = _open(path, sha256)
+    names = {*header.tensors, *header.aliases}
+    _sections(document, lambda name: name if name in names else None, path)
+    return covers
+
+
+def read_training_state(path: str | os.PathLike, *, sha256: str | None = None) -> dict[str, Any]:
+    """The sections of a companion (`SECTIONS`), its digest checked against `sha256` (the
+    binding's) when given.
+
+    Example:
+        >>> read_training_state("runs/best_model.optimizer.safetensors")["scheduler"]["last_epoch"]
+        12
+    """
+    from .tensors import load_tensors
+
+    path = Path(path)
+    header, document, _ = _open(path, sha256)
     tensors = load_tensors(header)
-
-    def decode(value: Any) -> Any:
-        if isinstance(value, list):
-            return [decode(v) for v in value]
-        if not isinstance(value, dict):
-            return value
-        if "__tensor__" in value:
-            return tensors[value["__tensor__"]].clone()
-        if "__items__" in value:
-            return {decode(k): decode(v) for k, v in value["__items__"]}
-        if "__tuple__" in value:
-            return tuple(decode(v) for v in value["__tuple__"])
-        return float(value["__float__"])
-
-    return decode(loads_strict(header.metadata[KEY_OPTIMIZER], what="optimizer state", path=path))
+    return _sections(document, lambda name: tensors[name].clone() if name in tensors else None, path)
 
 
-def load_training_state(checkpoint_path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Restore the optimizer saved with a checkpoint, and return its training record.
+def _sections(document: dict[str, Any], tensor: Any, path: Path) -> dict[str, Any]:
+    if "__items__" in document:  # 0.1.0's layout: the optimizer's state dict is the document
+        return {"optimizer": _decode(document, tensor, path, "optimizer")}
+    unknown = sorted(set(document) - set(SECTIONS))
+    if unknown:
+        raise HeaderError(
+            f"metadata 'ckptfmt.optimizer' has the section {unknown[0]!r}; known: {', '.join(SECTIONS)}. It was written "
+            "by a newer ckptfmt, or damaged",
+            path=path,
+        )
+    return {name: _decode(value, tensor, path, name) for name, value in document.items()}
 
-    Save, then resume with this, then step, gives bit for bit what never stopping gives.
+
+def _decode(value: Any, tensor: Any, path: Path, where: str) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensor, path, f"{where}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, dict):
+        return value
+    marker = [key for key in value if key in _MARKERS]
+    if len(value) != 1 or not marker:
+        raise _malformed(where, "an object that is not one of its encodings", value, path)
+    inner = value[marker[0]]
+    if marker[0] == "__tensor__":
+        found = tensor(inner) if isinstance(inner, str) else None
+        if found is None:
+            raise HeaderError(
+                f"metadata 'ckptfmt.optimizer': {where} refers to the tensor {inner!r}, which the file does not hold; "
+                "it is damaged or was edited",
+                path=path,
+            )
+        return found
+    if marker[0] == "__float__":
+        if inner not in _FLOATS:
+            raise _malformed(where, "a float marker that is not inf, -inf or nan", inner, path)
+        return _FLOATS[inner]
+    if not isinstance(inner, list):
+        raise _malformed(where, f"{marker[0]} that is not a list", inner, path)
+    if marker[0] == "__tuple__":
+        return tuple(_decode(v, tensor, path, f"{where}.{i}") for i, v in enumerate(inner))
+    items = {}
+    for pair in inner:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise _malformed(where, "an item that is not a [key, value] pair", pair, path)
+        if isinstance(pair[0], dict) and "__tensor__" in pair[0]:
+            raise _malformed(where, "a tensor as a key", pair[0], path)
+        key = _decode(pair[0], tensor, path, where)
+        try:
+            items[key] = _decode(pair[1], tensor, path, f"{where}.{key}")
+        except TypeError:  # an unhashable key: a dict or a list
+            raise _malformed(where, "a key that is a dict or a list", pair[0], path) from None
+    return items
+
+
+def _malformed(where: str, what: str, value: Any, path: Path) -> HeaderError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return HeaderError(
+        f"metadata 'ckptfmt.optimizer': {where} holds {what} ({shown}); the file is damaged or was not written by ckptfmt",
+        path=path,
+    )
+
+
+def load_training_state(
+    checkpoint_path: str | os.PathLike,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+    *,
+    scheduler: Any = None,
+    scaler: Any = None,
+) -> dict[str, Any]:
+    """Restore the optimizer, the learning-rate scheduler and the AMP GradScaler saved with a
+    checkpoint, and return its training record.
+
+    Save, then resume with this, then step, gives bit for bit what never stopping gives. Build
+    the optimizer over the model's parameters (and the scheduler over the optimizer) as when
+    saving, then pass them here. A converted Lightning checkpoint may hold several optimizers or
+    schedulers: pass a list, in Lightning's order.
+
+    Raises:
+        CheckpointNotFoundError: one of them was asked for and not saved.
+        IntegrityError, HeaderError: the companion is not the one the checkpoint recorded, or
+            it is damaged.
+        ConfigError: a saved state does not fit the object given (another optimizer type, other
+            parameters).
 
     Example:
         >>> model = load_model("runs/joint/best_model.safetensors").train()
-        >>> optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        >>> load_training_state("runs/joint/best_model.safetensors", optimizer)["epoch"]
+        >>> optimizer = torch.optim.AdamW(model.parameters())
+        >>> scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=100)
+        >>> scaler = torch.amp.GradScaler("cuda")
+        >>> load_training_state("runs/joint/best_model.safetensors", optimizer,
+        ...                     scheduler=scheduler, scaler=scaler)["epoch"]
         12
     """
     path = resolve_checkpoint_path(checkpoint_path)
     training = read_header(path).training()
-    if optimizer is not None:
-        binding = training.get("optimizer")
-        if not binding:
+    wanted = {name: target for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
+              if target is not None}
+    if not wanted:
+        return training
+    binding = training.get("optimizer")
+    sections = read_training_state(companion_path(path, binding), sha256=binding["sha256"]) if binding else {}
+    for name, target in wanted.items():
+        if name not in sections:
             raise CheckpointNotFoundError(
-                "was saved without optimizer state; pass optimizer= to save_model_with_config",
+                f"was saved without {name} state; pass {name}= to save_model_with_config (or ckptfmt.save) "
+                "to keep it",
                 path=path,
             )
-        state = read_optimizer_state(path.parent / binding["file"], expected_sha256=binding["sha256"])
-        optimizer.load_state_dict(state)
+        _restore(name, target, sections[name], path)
     return training
+
+
+def _restore(name: str, target: Any, state: Any, path: Path) -> None:
+    targets = list(target) if isinstance(target, (list, tuple)) else [target]
+    states = state if isinstance(state, list) else [state]
+    if len(targets) != len(states):
+        raise ConfigError(
+            f"holds {len(states)} {name} states, but {len(targets)} {name}(s) were given; pass a list of {len(states)}",
+            path=path,
+        )
+    for index, (each, each_state) in enumerate(zip(targets, states)):
+        try:
+            each.load_state_dict(each_state)
+        except Exception as exc:  # torch's own checks, whatever they raise
+            which = f" {index}" if len(states) > 1 else ""
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ConfigError(
+                f"its saved {name}{which} state does not fit the {type(each).__name__} given ({type(exc).__name__}: "
+                f"{detail}); build it as it was built when saved",
+                path=path,
+            ) from None
