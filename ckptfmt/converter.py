@@ -1,11 +1,13 @@
-"""Legacy `.pth` -> self-describing `.safetensors`, losslessly and safely.
+"""Legacy `.pth`/`.pt`/`.ckpt` -> self-describing `.safetensors`, losslessly and safely.
 
-For each file: read it with the weights-only unpickler, unwrap its state dict, resolve the
-config (`config=` > sidecar beside the source > inferred from the tensor shapes, then
-`overrides`), check it against the shapes, write the weights atomically, read them back and
-compare them byte for byte with the source tensors, and only then write the sidecar. The
-source is never modified. A checkpoint that no registered architecture recognises is still
-converted, weights only, with a warning.
+For each file: read it with the weights-only unpickler, sort out what it holds (`layouts`),
+resolve the config (`config=` > sidecar beside the source > what the file itself gives: its
+`hyper_parameters` or a pickled model's arguments > inferred from the tensor shapes, then
+`overrides`), check it against the shapes, write the companion (optimizer, scheduler, scaler
+and other tensors), write the weights atomically, read them back and compare them byte for byte
+with the source tensors, and only then write the sidecar. The source is never modified. A
+checkpoint that no registered architecture recognises is still converted, weights only, with a
+warning. The result lists where each of the file's keys went, and each key dropped, with why.
 """
 
 from __future__ import annotations
@@ -24,23 +26,23 @@ from .config import ModelConfig, check_sidecar_accepts, read_sidecar, write_side
 from .errors import (
     AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
-    CheckpointNotFoundError,
     CkptfmtError,
     ConfigError,
+    LegacyCheckpointError,
     ShapeMismatchError,
     WriteError,
 )
+from .files import open_regular, walk_files
 from .header import read_header
-from .legacy import read_legacy_checkpoint, sha256_file
-from .metadata import build_metadata, provenance_record
 from .identify import identify
+from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, read_legacy_checkpoint, sha256_file
+from .metadata import build_metadata, provenance_record
 from .shapes import check_shapes
 from .tensors import DTYPE_NAMES, placeholder, write_safetensors
-from .training import OPTIMIZER_SUFFIX, write_optimizer_state
+from .training import OPTIMIZER_SUFFIX, write_training_state
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
 
-LEGACY_SUFFIXES = (".pth", ".pt")
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -49,7 +51,10 @@ class ConvertResult:
     """What happened to one source file.
 
     `status` is "converted", "skipped" (its output already records the same source sha256) or
-    "failed" (then `error` says why). `config` is None for a weights-only conversion.
+    "failed" (then `error` says why, naming the source). `config` is None for a weights-only
+    conversion. `carried` maps "weights", "config", "training" (the training record) and
+    "companion" to the source's keys that went there; `dropped` maps each key left out to why;
+    `read_as_plain` lists what the stand-ins turned into plain values (also in provenance).
     """
 
     source: Path
@@ -64,6 +69,9 @@ class ConvertResult:
     tensors: int = 0
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    carried: dict[str, list[str]] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    read_as_plain: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -83,6 +91,9 @@ class ConvertResult:
             "tensors": self.tensors,
             "error": self.error,
             "warnings": self.warnings,
+            "carried": self.carried,
+            "dropped": self.dropped,
+            "read_as_plain": self.read_as_plain,
         }
 
 
@@ -104,15 +115,17 @@ def convert(
     """Convert one legacy checkpoint to a self-describing .safetensors file plus sidecar.
 
     Args:
-        source: the `.pth`/`.pt` file.
+        source: the `.pth`/`.pt`/`.ckpt` file.
         output: the .safetensors to write; default beside the source, same stem.
         config: a ModelConfig or a config JSON file; default the sidecar beside the source,
-            else the config inferred from the tensor shapes.
+            else the file's own (its hyper_parameters, or a pickled model's arguments), else
+            the config inferred from the tensor shapes.
         overrides: config fields to set on top, checked against the shapes.
         model_type: only try this architecture (or, with `config`, attach it).
         dtype: "fp16", "bf16" or "fp32" to cast floating-point tensors (recorded in provenance).
         force: overwrite an existing output or a disagreeing sidecar.
-        unsafe_pickle: allow arbitrary pickles. This runs code from the file.
+        unsafe_pickle: allow arbitrary pickles. This runs code from the file. A whole pickled
+            model (`torch.save(model)`) is then read, and its `state_dict()` converted.
 
     Returns:
         A ConvertResult with status "converted" or "skipped".
@@ -126,8 +139,7 @@ def convert(
         (PosixPath('checkpoints/multitask_joint/best_model.safetensors'), 3)
     """
     source = Path(source)
-    if not source.is_file():
-        raise CheckpointNotFoundError("no such file" if not source.exists() else "is not a file", path=source)
+    os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
     output = Path(output) if output is not None else default_output(source)
     result = ConvertResult(source=source, status="converted", output=output)
     if dtype is not None and dtype not in CAST_DTYPES:
@@ -146,12 +158,13 @@ def convert(
 
     legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False)
     state_dict = legacy.state_dict
+    result.warnings.extend(legacy.notes)
     overrides = dict(overrides or {})
     if model_type is not None:
         overrides["model_type"] = model_type
     identified: list = []
     resolved, result.config_source = _resolve_config(
-        source, state_dict, config, overrides, model_type=model_type, force=force, warnings=result.warnings,
+        source, legacy, config, overrides, model_type=model_type, force=force, warnings=result.warnings,
         identified=identified,
     )
     result.config = resolved
@@ -161,27 +174,28 @@ def convert(
     cast = None
     if dtype is not None:
         state_dict, cast = _cast(state_dict, CAST_DTYPES[dtype])
-    if legacy.dropped:
-        result.warnings.append(
-            f"not carried over (neither tensors nor plain data): {', '.join(legacy.dropped)}"
-        )
+    result.carried = {key: list(keys) for key, keys in legacy.destinations.items() if key != "config"}
+    if legacy.config_origin is not None and result.config_source == legacy.config_origin:
+        result.carried["config"] = list(legacy.destinations["config"])
+    result.dropped, result.read_as_plain = dict(legacy.dropped), list(legacy.conversions)
 
     training = dict(legacy.training)
-    if legacy.optimizer_state is not None:
+    if legacy.companion:
         companion = output.with_name(output.stem + OPTIMIZER_SUFFIX)
-        try:
-            training["optimizer"] = write_optimizer_state(companion, legacy.optimizer_state, overwrite=force)
-            result.optimizer_file = companion
-        except ConfigError as exc:
-            result.warnings.append(f"optimizer state not carried over: {exc.message}")
+        training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=force)
+        result.optimizer_file = companion
 
     # The source's sha256 is computed while the output is written, and filled in after.
     sha_stand_in = placeholder()
-    source_record = {"file": source.name, "sha256": sha_stand_in, "serialization": legacy.serialization}
-    if legacy.wrapper_key:
-        source_record["state_dict_key"] = legacy.wrapper_key
+    source_record: dict[str, Any] = {"file": source.name, "sha256": sha_stand_in, "serialization": legacy.serialization}
+    if legacy.wrapper_key is not None:
+        source_record["state_dict_key"] = str(legacy.wrapper_key)
     if legacy.stripped_prefixes:
         source_record["stripped_prefixes"] = legacy.stripped_prefixes
+    if legacy.pickled_model:
+        source_record["pickled_model"] = legacy.pickled_model
+    if legacy.conversions:
+        source_record["read_as_plain"] = legacy.conversions
     extra = {"cast": cast} if cast else {}
     if identified and identified[0].record():
         extra["identified"] = identified[0].record()
@@ -204,9 +218,10 @@ def _recorded_source_sha256(output: Path) -> str | None:
 
 
 def _resolve_config(
-    source: Path, state_dict: dict[str, torch.Tensor], config: Any, overrides: dict[str, Any], *,
+    source: Path, legacy: LegacyCheckpoint, config: Any, overrides: dict[str, Any], *,
     model_type: str | None, force: bool, warnings: list[str], identified: list,
 ) -> tuple[ModelConfig | None, str | None]:
+    state_dict = legacy.state_dict
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
     dtypes = {name: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for name, t in state_dict.items()}
     if config is not None:
@@ -228,6 +243,8 @@ def _resolve_config(
                     ) from None
                 warnings.append(f"the sidecar did not fit the weights ({exc.message}); inferred the config instead")
                 resolved = None
+        if resolved is None and legacy.config is not None and model_type in (None, legacy.config.model_type):
+            resolved, origin = legacy.config, legacy.config_origin
         if resolved is None:
             try:
                 identification = identify(state_dict, model_type=model_type, path=source, failures=warnings)
@@ -271,9 +288,10 @@ def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict
 
 
 def find_checkpoints(path: Path) -> list[Path]:
-    """A file as is; a folder as every `.pth`/`.pt` under it, recursively, in sorted order."""
+    """A file as is; a folder as every `.pth`/`.pt`/`.ckpt` under it, recursively, in sorted
+    order (not following links out of it)."""
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in LEGACY_SUFFIXES and p.is_file())
+        return walk_files(path, LEGACY_SUFFIXES)
     return [path]
 
 
@@ -287,7 +305,7 @@ def convert_all(
     """Convert files and folders of checkpoints; a failure does not stop the others.
 
     Args:
-        paths: files, or folders searched recursively for `.pth`/`.pt`.
+        paths: files, or folders searched recursively for `.pth`/`.pt`/`.ckpt`.
         output: a .safetensors file (one source only) or a folder that mirrors the sources'
             layout; default beside each source.
         on_start: called as `on_start(index, total, source)` before each file (for progress).
@@ -316,9 +334,18 @@ def convert_all(
             on_start(index, len(jobs), source)
         try:
             results.append(convert(source, output=target, **options))
-        except CkptfmtError as exc:
-            results.append(ConvertResult(source=source, status="failed", output=target, error=str(exc)))
+        except (CkptfmtError, OSError) as exc:
+            results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc)))
     return results
+
+
+def _failure(source: Path, exc: Exception) -> str:
+    """The error as one line that starts with the source it is about."""
+    if isinstance(exc, CkptfmtError):
+        text = str(exc)
+        return text if exc.path == str(source) else f"{source}: {text}"
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) not in (None, str(source)) else ""
+    return f"{source}: {exc.strerror or exc}{where}"
 
 
 def _output_for(source: Path, root: Path, output: str | os.PathLike | None) -> Path | None:

@@ -1,86 +1,92 @@
-"""Reading legacy `.pth` checkpoints safely.
+"""Reading legacy `.pth`, `.pt` and Lightning `.ckpt` checkpoints safely.
 
 `torch.load` is always called with `weights_only=True` passed explicitly (which also beats the
 TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD environment variable), unless the caller asked for
-`unsafe_pickle` by name. There is no silent retry. Whatever torch, zipfile or pickle raises
-becomes a LegacyCheckpointError naming the file; a pickle that needs a global the weights-only
-unpickler refuses becomes an UnsafePickleError naming that global.
+`unsafe_pickle` by name. There is no silent retry. The types training checkpoints commonly hold
+beyond tensors (paths, `argparse.Namespace`, OmegaConf containers, Enum members, ...) are read
+through the fixed, inert stand-ins of `standins`; no name read from a file is ever imported.
+Whatever torch, zipfile or pickle raises becomes a LegacyCheckpointError naming the file; a
+pickle that needs a global nothing stands in for becomes an UnsafePickleError naming it.
 
-The many layouts users have are unwrapped here: a bare state dict, or a dict holding it under
-`state_dict`, `model_state_dict`, `model`, `net`, ... beside epoch, metrics and optimizer
-state; `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes are stripped.
+Only a regular file is opened (a FIFO or a device named `x.pth` is refused, not waited on),
+and what was unpickled is bounded before anything walks it: a pickle's memo lets a 2 KB file
+describe 10^10 shared references (a "billion laughs"), which cost nothing to unpickle and
+everything to walk. Then `layouts` sorts what the file held into weights, config, training
+record and companion.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
 import hashlib
 import logging
-import math
 import os
 import re
+import threading
 import warnings
 import zipfile
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from .errors import CheckpointNotFoundError, LegacyCheckpointError, UnsafePickleError
+from .errors import LegacyCheckpointError, UnsafePickleError
+from .files import open_regular
+from .layouts import LegacyCheckpoint, unwrap
+from .standins import Refused, contents, globals_in_legacy_pickles, python3_name, stand_ins_for, thaw
 
-__all__ = ["LegacyCheckpoint", "read_legacy_checkpoint", "sha256_file"]
+__all__ = ["LEGACY_SUFFIXES", "LegacyCheckpoint", "read_legacy_checkpoint", "sha256_file"]
 
 logger = logging.getLogger("ckptfmt")
 
-STATE_DICT_KEYS = (
-    "state_dict", "model_state_dict", "model", "net", "network", "model_state", "weights",
-    "params", "module", "generator",
-)
-OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim", "optimizer_state", "opt")
-PREFIXES = ("module.", "_orig_mod.")
+# What folder walks take for legacy checkpoints: torch.save's usual names, and Lightning's.
+LEGACY_SUFFIXES = (".pth", ".pt", ".ckpt")
 # torch writes its zip members stored, not compressed; a member that would inflate past this
 # ratio is a zip bomb and is refused before torch inflates it.
 MAX_INFLATE_RATIO = 100
+# Bounds of the unpickled object graph, counting a shared reference once per place it is used:
+# far above any real checkpoint (a state dict of 10,000 tensors with Adam's state is ~60,000),
+# far below what a pickle built to multiply references makes.
+MAX_ELEMENTS = 1_000_000
+MAX_NESTING = 64
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 # Only `convert` takes --unsafe-pickle on the command line: a trusted pickle is converted once,
 # and everything after works on the safe file.
 _UNSAFE_FIX = "convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
-
-
-@dataclass
-class LegacyCheckpoint:
-    """What a `.pth` file held, unwrapped: the state dict and everything beside it."""
-
-    path: Path
-    state_dict: dict[str, torch.Tensor]
-    serialization: str  # "torch zip" or "torch legacy (< 1.6)"
-    sha256: str
-    training: dict[str, Any] = field(default_factory=dict)
-    optimizer_state: dict[str, Any] | None = None
-    wrapper_key: str | None = None
-    stripped_prefixes: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)  # keys that could not be carried over
+# torch's allowlist of extra globals is one set for the whole process: one load with stand-ins
+# at a time, so that one load's exit does not remove the stand-ins another is using.
+_STAND_INS_IN_USE = threading.Lock()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a regular file (a FIFO or a device is refused, not read)."""
+    fd = open_regular(path, error=LegacyCheckpointError)
+    try:
+        return _sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_fd(fd: int) -> str:
     sha = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buffer = memoryview(bytearray(8 << 20))
-        while got := f.readinto(buffer):
-            sha.update(buffer[:got])
+    buffer = memoryview(bytearray(8 << 20))
+    position = 0
+    # pread leaves the descriptor's offset to the reader sharing it.
+    while got := os.preadv(fd, [buffer], position):
+        sha.update(buffer[:got])
+        position += got
     return sha.hexdigest()
 
 
 def read_legacy_checkpoint(
     path: str | os.PathLike, *, unsafe_pickle: bool = False, hash_source: bool = True
 ) -> LegacyCheckpoint:
-    """Load a `.pth`/`.pt` file safely and unwrap its state dict.
+    """Load a `.pth`/`.pt`/`.ckpt` file safely and sort out what it holds.
 
     Args:
-        path: the checkpoint written by `torch.save`.
+        path: the checkpoint written by `torch.save` (Lightning's included).
         unsafe_pickle: allow arbitrary pickled objects. This runs code from the file: only
             for files you trust.
         hash_source: compute the file's sha256 (on a second core, while torch unpickles);
@@ -91,31 +97,28 @@ def read_legacy_checkpoint(
 
     Example:
         >>> legacy = read_legacy_checkpoint("checkpoints/multitask_joint/best_model.pth")
-        >>> legacy.training["epoch"]
-        3
+        >>> legacy.training["epoch"], legacy.destinations["companion"]
+        (3, ['optimizer_state_dict'])
     """
     path = Path(path)
-    if not path.is_file():
-        if path.exists():
-            raise LegacyCheckpointError("is not a regular file", path=path)
-        raise CheckpointNotFoundError("no such file", path=path)
-    if path.stat().st_size == 0:
-        raise LegacyCheckpointError("is empty (0 bytes); it is not a checkpoint", path=path)
-    serialization = _check_container(path)
-
-    # Hash on a second core while torch unpickles; hashlib releases the GIL on large buffers.
-    with ThreadPoolExecutor(max_workers=1) as helper:
-        digest = helper.submit(sha256_file, path) if hash_source else None
-        obj = _torch_load(path, unsafe_pickle=unsafe_pickle)
-    checkpoint = _unwrap(obj, path)
-    checkpoint.serialization = serialization
-    checkpoint.sha256 = digest.result() if digest else ""
+    fd = open_regular(path, error=LegacyCheckpointError)
+    with open(fd, "rb") as f:
+        if os.fstat(fd).st_size == 0:
+            raise LegacyCheckpointError("is empty (0 bytes); it is not a checkpoint", path=path)
+        serialization = _check_container(f, path)
+        # Hash on a second core while torch unpickles; hashlib releases the GIL on large buffers.
+        with ThreadPoolExecutor(max_workers=1) as helper:
+            digest = helper.submit(_sha256_fd, fd) if hash_source else None
+            obj, conversions = _load(f, path, serialization, unsafe_pickle=unsafe_pickle)
+            sha256 = digest.result() if digest else ""
+    checkpoint = unwrap(obj, path, conversions=conversions)
+    checkpoint.serialization, checkpoint.sha256 = serialization, sha256
     return checkpoint
 
 
-def _check_container(path: Path) -> str:
-    with open(path, "rb") as f:
-        magic = f.read(4)
+def _check_container(f: BinaryIO, path: Path) -> str:
+    magic = f.read(4)
+    f.seek(0)
     if magic[:1] == b"\x80":  # a pickle's PROTO opcode: torch's format before 1.6
         return "torch legacy (< 1.6)"
     if magic != b"PK\x03\x04":
@@ -125,13 +128,15 @@ def _check_container(path: Path) -> str:
             path=path,
         )
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(f) as archive:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise LegacyCheckpointError(
             f"is a damaged zip archive ({exc}); it may be truncated. Re-copy it from its source",
             path=path,
         ) from None
+    finally:
+        f.seek(0)
     names = [m.filename for m in members]
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise LegacyCheckpointError(
@@ -153,9 +158,54 @@ def _check_container(path: Path) -> str:
     return "torch zip"
 
 
-def _torch_load(path: Path, *, unsafe_pickle: bool) -> Any:
+def _load(f: BinaryIO, path: Path, serialization: str, *, unsafe_pickle: bool) -> tuple[Any, list[str]]:
+    """What the file holds, bounded, with stand-ins turned into plain values; and the list of
+    those conversions."""
+    conversions: list[str] = []
     if unsafe_pickle:
         logger.warning("%s: unpickling with weights_only=False (--unsafe-pickle): this can run code", path)
+        obj = _torch_load(f, path, unsafe_pickle=True)
+    else:
+        stand_ins = stand_ins_for(_unlisted_globals(f, path, serialization))
+        if not stand_ins:
+            obj = _torch_load(f, path, unsafe_pickle=False)
+            _check_bounds(obj, path)
+            return obj, conversions
+        with _STAND_INS_IN_USE, torch.serialization.safe_globals(stand_ins):
+            obj = _torch_load(f, path, unsafe_pickle=False)
+    _check_bounds(obj, path)
+    try:
+        return thaw(obj, where="", conversions=conversions), conversions
+    except Refused as refused:
+        raise _needs_global(refused.global_name, path) from None
+
+
+def _unlisted_globals(f: BinaryIO, path: Path, serialization: str) -> list[str]:
+    """The globals the file's pickle names that torch's allowlist does not hold, found without
+    unpickling anything."""
+    try:
+        if serialization == "torch zip":
+            return torch.serialization.get_unsafe_globals_in_checkpoint(f)
+        names = globals_in_legacy_pickles(f)
+    except Exception:  # a damaged pickle: torch.load will say what is wrong with it
+        return []
+    finally:
+        f.seek(0)
+    # As get_unsafe_globals_in_checkpoint does for a zip: spelled as torch's unpickler looks
+    # names up, less those its allowlist holds.
+    from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+    from torch._weights_only_unpickler import _get_allowed_globals, _get_user_allowed_globals
+
+    allowed = {*_get_allowed_globals(), *_get_user_allowed_globals()}
+    spelled = []
+    for name in names:
+        module, _, attribute = name.rpartition(".")
+        module, attribute = NAME_MAPPING.get((module, attribute), (IMPORT_MAPPING.get(module, module), attribute))
+        spelled.append(f"{module}.{attribute}")
+    return [name for name in spelled if name not in allowed]
+
+
+def _torch_load(f: BinaryIO, path: Path, *, unsafe_pickle: bool) -> Any:
     try:
         with warnings.catch_warnings():
             # The weights-only unpickler warns about any protocol but 2, then refuses or reads
@@ -163,17 +213,12 @@ def _torch_load(path: Path, *, unsafe_pickle: bool) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             # Not mmap=True: it would skip torch's check that each storage fits its zip record.
-            return torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
+            return torch.load(f, map_location="cpu", weights_only=not unsafe_pickle)
     except Exception as exc:  # torch, zipfile and pickle raise anything; all become ours
         text = str(exc)
         found = _GLOBAL.search(text)
         if found and not unsafe_pickle:
-            raise UnsafePickleError(
-                f"refused to unpickle: it needs the global {_python3_name(found.group(1))}, which "
-                "the safe (weights-only) loader does not allow because unpickling it can run code. "
-                f"If you trust this file, {_UNSAFE_FIX}",
-                path=path,
-            ) from None
+            raise _needs_global(python3_name(found.group(1)), path) from None
         if "Weights only load failed" in text:
             detail = re.search(r"Unsupported operand \d+|Trying to [^\n.]*", text)
             raise UnsafePickleError(
@@ -190,91 +235,46 @@ def _torch_load(path: Path, *, unsafe_pickle: bool) -> Any:
         ) from None
 
 
-def _python3_name(name: str) -> str:
-    """The name as Python 3 resolves it: protocol-2 pickles spell `subprocess.call` as
-    `commands.call` and torch prints builtins bare (`exec`)."""
-    module, _, attribute = name.rpartition(".")
-    if not module:
-        return f"builtins.{attribute}"
-    module, attribute = _compat_pickle.NAME_MAPPING.get((module, attribute), (module, attribute))
-    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attribute}"
-
-
-def _is_state_dict(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and bool(value)
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+def _needs_global(name: str, path: Path) -> UnsafePickleError:
+    return UnsafePickleError(
+        f"refused to unpickle: it needs the global {name}, which the safe (weights-only) loader "
+        f"does not allow because unpickling it can run code. If you trust this file, {_UNSAFE_FIX}",
+        path=path,
     )
 
 
-def _unwrap(obj: Any, path: Path) -> LegacyCheckpoint:
-    if _is_state_dict(obj):
-        state_dict, wrapper, rest = dict(obj), None, {}
-    elif isinstance(obj, dict):
-        candidates = [k for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))]
-        if not candidates:
-            candidates = [k for k, v in obj.items() if _is_state_dict(v)]
-        if not candidates:
-            keys = ", ".join(repr(k) for k in list(obj)[:10])
+def _check_bounds(obj: Any, path: Path) -> None:
+    """Refuse a graph with more than MAX_ELEMENTS elements or deeper than MAX_NESTING, walking
+    it as the code after will (a shared reference counts at every place it is used), and
+    stopping as soon as a bound is passed: time and memory stay bounded whatever the memo
+    multiplies."""
+    remaining = MAX_ELEMENTS
+    pending = [(obj, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if type(value).__module__.split(".", 1)[0] == "omegaconf":
+            continue  # an unsafe load's real container: walking it would resolve its interpolations
+        if isinstance(value, Mapping):
+            count, items = 2 * len(value), None
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            count, items = len(value), value
+        else:
+            items = contents(value)
+            if items is None:
+                continue
+            count = len(items)
+        remaining -= count
+        if remaining < 0:
             raise LegacyCheckpointError(
-                f"holds a dict with no state dict in it (keys: {keys}); expected tensors by name, "
-                f"or under one of {', '.join(STATE_DICT_KEYS)}",
+                f"holds more than {MAX_ELEMENTS:,} objects, counting each shared reference where it is used: "
+                "a pickle built to multiply references (a \"billion laughs\"), refused before it is walked",
                 path=path,
             )
-        wrapper = candidates[0]
-        state_dict = dict(obj[wrapper])
-        rest = {k: v for k, v in obj.items() if k != wrapper}
-    else:
-        raise LegacyCheckpointError(
-            f"holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead",
-            path=path,
-        )
-    checkpoint = LegacyCheckpoint(path, state_dict, "", "", wrapper_key=wrapper)
-    checkpoint.stripped_prefixes = _strip_prefixes(checkpoint.state_dict)
-    for key, value in rest.items():
-        if key in OPTIMIZER_KEYS and isinstance(value, dict) and checkpoint.optimizer_state is None:
-            checkpoint.optimizer_state = value
-            continue
-        plain = _plain(value)
-        if plain is _NOT_PLAIN:
-            checkpoint.dropped.append(str(key))
-        elif key == "epoch" or key == "metrics":
-            checkpoint.training[key] = plain
-        else:
-            checkpoint.training.setdefault("extra", {})[str(key)] = plain
-    return checkpoint
-
-
-def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    stripped = []
-    while state_dict:
-        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in state_dict)), None)
-        if prefix is None:
-            return stripped
-        items = [(k[len(prefix):], v) for k, v in state_dict.items()]
-        state_dict.clear()
-        state_dict.update(items)
-        stripped.append(prefix)
-    return stripped
-
-
-_NOT_PLAIN = object()
-
-
-def _plain(value: Any) -> Any:
-    """`value` as plain JSON data (0-d tensors become numbers), or _NOT_PLAIN."""
-    if isinstance(value, torch.Tensor):
-        return _plain(value.item()) if value.dim() == 0 else _NOT_PLAIN
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else _NOT_PLAIN
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
-        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items) else items
-    if isinstance(value, dict):
-        items = {str(k): _plain(v) for k, v in value.items()}
-        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items.values()) else items
-    return _NOT_PLAIN
-
+        if depth >= MAX_NESTING and count:
+            raise LegacyCheckpointError(
+                f"nests containers deeper than {MAX_NESTING} levels (or in a cycle); no checkpoint does: refused",
+                path=path,
+            )
+        if items is None:
+            items = [*value.keys(), *value.values()]
+        pending.extend((item, depth + 1) for item in items)

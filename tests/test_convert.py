@@ -174,9 +174,13 @@ def test_cli_converts_a_folder_with_a_report(tmp_path):
     lines = result.stdout.splitlines()
     assert lines == [
         "[OK]   checkpoints/multitask_cls_head/best_model.pth -> checkpoints/multitask_cls_head/best_model.safetensors  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
+        "       weights: state_dict; config: inferred from the weights; training record: epoch",
         "[OK]   checkpoints/multitask_joint/best_model.pth -> checkpoints/multitask_joint/best_model.safetensors  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
+        "       weights: model_state_dict; config: the sidecar; training record: epoch, metrics; companion best_model.optimizer.safetensors: optimizer_state_dict",
         "[OK]   checkpoints/multitask_joint/last_model.pth -> checkpoints/multitask_joint/last_model.safetensors  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
+        "       weights: model_state_dict; config: the sidecar; training record: epoch",
         "[OK]   checkpoints/multitask_seg_warmup/best_model.pth -> checkpoints/multitask_seg_warmup/best_model.safetensors  multitask(base_filters=4, cls_num_classes=2, depth=3, in_channels=1, seg_out_channels=1)",
+        "       weights: (the whole file: a bare state dict); config: inferred from the weights",
         "4 converted, 0 skipped, 0 failed",
     ]
     assert "[1/4] checkpoints/multitask_cls_head/best_model.pth" in result.stderr
@@ -249,15 +253,15 @@ def test_torchscript_archive_is_refused_saying_what_it_is(tmp_path):
 
 
 def test_unsafe_pickle_is_explicit(tmp_path):
-    import argparse
+    import datetime
 
     model, _ = small_model()
-    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "m.pth")
-    with pytest.raises(ckptfmt.UnsafePickleError, match="needs the global argparse.Namespace"):
+    torch.save({"state_dict": model.state_dict(), "started": datetime.date(2024, 5, 1)}, tmp_path / "m.pth")
+    with pytest.raises(ckptfmt.UnsafePickleError, match="needs the global datetime.date"):
         convert(tmp_path / "m.pth")
     result = convert(tmp_path / "m.pth", unsafe_pickle=True)
     assert state_dicts_bit_identical(load_file(result.output), model.state_dict())
-    assert "args" in result.warnings[0]
+    assert result.dropped["started"].startswith("neither JSON nor the companion can hold it: ")
 
 
 def test_reader_unwraps_extra_training_data(tmp_path):
@@ -265,7 +269,8 @@ def test_reader_unwraps_extra_training_data(tmp_path):
     torch.save({"net": model.state_dict(), "epoch": 7, "best_dice": torch.tensor(0.5), "scheduler": {"last_epoch": 7}}, tmp_path / "m.pth")
     legacy = read_legacy_checkpoint(tmp_path / "m.pth")
     assert legacy.wrapper_key == "net"
-    assert legacy.training == {"epoch": 7, "extra": {"best_dice": 0.5, "scheduler": {"last_epoch": 7}}}
+    assert legacy.training == {"epoch": 7, "extra": {"best_dice": 0.5}}
+    assert legacy.companion == {"scheduler": {"last_epoch": 7}}
 
 
 def test_generate_model_configs_prints_the_seed_report(tmp_path):

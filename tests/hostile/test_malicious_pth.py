@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import datetime
 import os
 import pickle
 import subprocess
@@ -78,10 +78,10 @@ def test_code_running_payloads_are_refused(tmp_path, payload, zip_format, force_
     "obj, global_name",
     [
         (torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"),
-        ({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, "argparse.Namespace"),
+        ({"state_dict": {"w": torch.zeros(2)}, "started": datetime.date(2024, 5, 1)}, "datetime.date"),
         ({"state_dict": {"w": torch.zeros(2)}, "best": np.float64(0.9)}, "numpy"),
     ],
-    ids=["whole nn.Module", "argparse.Namespace", "numpy scalar"],
+    ids=["whole nn.Module", "datetime.date", "numpy scalar"],
 )
 def test_objects_beyond_tensors_are_refused_naming_the_global(tmp_path, obj, global_name, force_env):
     torch.save(obj, tmp_path / "m.pth")

@@ -1,0 +1,316 @@
+"""The layouts legacy checkpoints come in, and where each of their keys goes.
+
+A legacy file holds a bare state dict, or a dict with the state dict under one key beside
+everything else a training loop saved: a hand-written loop's `epoch`, `metrics`, `optimizer`,
+`scheduler`, `scaler` and `args`; timm's `arch`, `args`, `amp_scaler`, `state_dict_ema`;
+Lightning's `epoch`, `global_step`, `pytorch-lightning_version`, `hyper_parameters`,
+`optimizer_states`, `lr_schedulers`, `callbacks`, `loops` and its precision plugin's scaler state.
+With `unsafe_pickle`, it may hold a whole model (`torch.save(model)`), whose `state_dict()` is
+taken.
+
+Every other key goes to one place, and `destinations` says which:
+
+- the weights: the state dict;
+- the training record (JSON, in the header, shown by `inspect`): `epoch` and `global_step`,
+  `metrics`, `hyper_parameters` under their own key, and any other value that is plain data
+  (0-d tensors read as numbers) under `extra`;
+- the companion (`NAME.optimizer.safetensors`): optimizer, scheduler and scaler states, and
+  any other value that holds tensors, inf or non-string keys, exactly as it was;
+- the config, besides: `hyper_parameters` when they hold an architecture's arguments, or the
+  arguments a pickled model of a registered architecture was built with;
+- dropped, with the reason: what neither can hold (a set, bytes, an object of a class).
+
+Prefixes are stripped by one rule. `module.` (DataParallel, DDP) and `_orig_mod.`
+(torch.compile) wrap a model without changing it, and are stripped whenever every key carries
+them. `model.` and `net.` are the attribute a LightningModule (or a wrapper of the user's) keeps
+its network in: they are stripped when every key carries them and the rest is an architecture
+that is registered or identified, and the whole is not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import CkptfmtError, LegacyCheckpointError
+from .identify import candidate_configs
+from .jsondoc import MAX_INT_DIGITS, plain_json
+from .registry import get_model_entry, registered_model_types
+from .shapes import check_state
+from .tensors import DTYPE_NAMES
+from .training import check_storable, unstorable_tensor
+
+__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "unwrap"]
+
+STATE_DICT_KEYS = (
+    "state_dict", "model_state_dict", "model", "net", "network", "model_state", "weights",
+    "params", "module", "generator",
+)
+# Keys whose value, when it has the shape of the state, goes to that section of the companion.
+OPTIMIZER_KEYS = ("optimizer_state_dict", "optimizer", "optim", "optimizer_state", "opt", "optimizer_states")
+SCHEDULER_KEYS = ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_scheduler_state_dict", "sched",
+                  "lr_schedulers")
+# timm's NativeScaler writes amp_scaler; Lightning writes its precision plugin's scaler state
+# under the plugin's class name.
+SCALER_KEYS = ("scaler", "grad_scaler", "amp_scaler", "scaler_state_dict", "MixedPrecision", "MixedPrecisionPlugin",
+               "NativeMixedPrecisionPlugin", "native_amp_scaling_state")
+HYPER_PARAMETERS = "hyper_parameters"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+ATTRIBUTE_PREFIXES = ("model.", "net.")
+# A value whose JSON is larger goes to the companion: the header's metadata holds 1 MiB in all.
+MAX_RECORD_VALUE_BYTES = 256 << 10
+BARE = "(the whole file: a bare state dict)"
+
+
+@dataclass
+class LegacyCheckpoint:
+    """What a legacy file held, unwrapped: the state dict, and where everything else goes."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    serialization: str = ""  # "torch zip" or "torch legacy (< 1.6)"
+    sha256: str = ""
+    # The training record's JSON: epoch, global_step, metrics, hyper_parameters, extra.
+    training: dict[str, Any] = field(default_factory=dict)
+    # The companion's sections (see training.SECTIONS), as they were.
+    companion: dict[str, Any] = field(default_factory=dict)
+    wrapper_key: str | None = None
+    stripped_prefixes: list[str] = field(default_factory=list)
+    # "weights", "config", "training", "companion" -> the file's keys that went there.
+    destinations: dict[str, list[str]] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)  # key -> why it was not carried over
+    conversions: list[str] = field(default_factory=list)  # what stand-ins turned into plain values
+    # The config the file itself gives, and from where: "hyper_parameters" or "pickled model".
+    config: ModelConfig | None = None
+    config_origin: str | None = None
+    pickled_model: str | None = None  # the class of a whole pickled model
+    notes: list[str] = field(default_factory=list)  # what the user should know
+
+    @property
+    def optimizer_state(self) -> Any:
+        return self.companion.get("optimizer")
+
+
+def unwrap(obj: Any, path: Path, *, conversions: list[str] | None = None) -> LegacyCheckpoint:
+    """Sort what a legacy file held (already read into plain values and tensors) into a
+    LegacyCheckpoint. Raises LegacyCheckpointError when it holds no state dict."""
+    rest: dict[Any, Any] = {}
+    wrapper = None
+    if isinstance(obj, torch.nn.Module) or _is_state_dict(obj):
+        found = obj
+    elif isinstance(obj, dict):
+        keys = [k for k in STATE_DICT_KEYS if _is_weights(obj.get(k))] or [k for k, v in obj.items() if _is_weights(v)]
+        if not keys:
+            shown = ", ".join(repr(k) for k in list(obj)[:10])
+            raise LegacyCheckpointError(
+                f"holds a dict with no state dict in it (keys: {shown}); expected tensors by name, "
+                f"or under one of {', '.join(STATE_DICT_KEYS)}",
+                path=path,
+            )
+        wrapper = keys[0]
+        found, rest = obj[wrapper], {k: v for k, v in obj.items() if k != wrapper}
+    else:
+        raise LegacyCheckpointError(
+            f"holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead", path=path
+        )
+    checkpoint = LegacyCheckpoint(path, {}, wrapper_key=wrapper, conversions=conversions or [])
+    if isinstance(found, torch.nn.Module):
+        _take_model(checkpoint, found)
+    else:
+        checkpoint.state_dict = dict(found)
+    checkpoint.destinations["weights"] = [str(wrapper) if wrapper is not None else (
+        "(the whole file: a pickled model)" if checkpoint.pickled_model else BARE)]
+    for name, tensor in checkpoint.state_dict.items():
+        problem = unstorable_tensor(tensor)
+        if problem is not None:
+            raise LegacyCheckpointError(f"tensor {name!r} is {problem}", path=path)
+
+    hyper_parameters = rest.pop(HYPER_PARAMETERS, None)
+    plain_hyper_parameters = _record_value(hyper_parameters) if isinstance(hyper_parameters, dict) else _NOT_PLAIN
+    fits = _config_finder(plain_hyper_parameters if isinstance(plain_hyper_parameters, dict) else {})
+    # A pickled model's own arguments fit its own keys: only its wrappers' prefixes go.
+    prefixes = WRAPPER_PREFIXES if checkpoint.config is not None else (*WRAPPER_PREFIXES, *ATTRIBUTE_PREFIXES)
+    checkpoint.stripped_prefixes = _strip_prefixes(checkpoint.state_dict, prefixes, recognised=fits)
+    if checkpoint.config is None and (config := fits(checkpoint.state_dict)) is not None:
+        checkpoint.config, checkpoint.config_origin = config, "hyper_parameters"
+        checkpoint.destinations["config"] = [HYPER_PARAMETERS]
+    if hyper_parameters is not None:
+        rest = {HYPER_PARAMETERS: hyper_parameters, **rest}
+    for key, value in rest.items():
+        _place(checkpoint, key, value)
+    return checkpoint
+
+
+def _is_state_dict(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    )
+
+
+def _is_weights(value: Any) -> bool:
+    return _is_state_dict(value) or isinstance(value, torch.nn.Module)
+
+
+def _take_model(checkpoint: LegacyCheckpoint, model: torch.nn.Module) -> None:
+    """A whole pickled model (only an unsafe load builds one): its state dict, and its
+    constructor arguments when a registered architecture recorded or recognises them."""
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    checkpoint.pickled_model = name
+    checkpoint.state_dict = dict(model.state_dict())
+    try:
+        checkpoint.config = ModelConfig.from_model(model)
+    except CkptfmtError as exc:
+        checkpoint.notes.append(f"the pickled {name} gives no config ({exc.message})")
+    else:
+        checkpoint.config_origin = "pickled model"
+        checkpoint.destinations["config"] = [checkpoint.wrapper_key or "(the pickled model's arguments)"]
+
+
+def _config_finder(hyper_parameters: Mapping[str, Any]) -> Callable[[Mapping[str, torch.Tensor]], ModelConfig | None]:
+    """`fits(state_dict)`: the one config made of `hyper_parameters` (the arguments of a
+    registered architecture among them) that fits the state dict's shapes, or None."""
+    entries = []
+    for name in registered_model_types() if hyper_parameters else ():
+        try:
+            entry = get_model_entry(name)
+        except CkptfmtError:
+            continue
+        arguments = {k: hyper_parameters[k] for k in entry.parameter_names if k in hyper_parameters}
+        if arguments:
+            entries.append((entry, arguments))
+
+    def fits(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig | None:
+        shapes = {n: tuple(t.shape) for n, t in state_dict.items()}
+        dtypes = {n: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for n, t in state_dict.items()}
+        found = []
+        for entry, arguments in entries:
+            try:
+                config = ModelConfig(entry.name, **arguments)
+                if not check_state(entry.expected_state(config.params), shapes, dtypes):
+                    found.append(config)
+            except Exception:  # arguments this architecture refuses, or its builder failing on them
+                continue
+        return found[0] if len(found) == 1 else None
+
+    return fits
+
+
+def _strip_prefixes(
+    state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...], *,
+    recognised: Callable[[Mapping[str, torch.Tensor]], ModelConfig | None],
+) -> list[str]:
+    stripped = []
+    while state_dict:
+        prefix = next((p for p in prefixes if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        rest = {k[len(prefix):]: v for k, v in state_dict.items()}
+        if prefix in ATTRIBUTE_PREFIXES and (_known(state_dict, recognised) or not _known(rest, recognised)):
+            break
+        state_dict.clear()
+        state_dict.update(rest)
+        stripped.append(prefix)
+    return stripped
+
+
+def _known(state_dict: Mapping[str, torch.Tensor], recognised) -> bool:
+    if recognised(state_dict) is not None:
+        return True
+    try:
+        candidate_configs({n: tuple(t.shape) for n, t in state_dict.items()})
+    except CkptfmtError:
+        return False
+    return True
+
+
+def _place(checkpoint: LegacyCheckpoint, key: Any, value: Any) -> None:
+    name = str(key)
+    section = _section(key, value)
+    if section is not None and section not in checkpoint.companion:
+        _to_companion(checkpoint, name, section, value)
+        return
+    plain = _record_value(value)
+    if key in ("epoch", "global_step") and type(plain) is int and plain >= 0:
+        checkpoint.training[key] = plain
+    elif key == "metrics" and isinstance(plain, dict) and all(type(v) in (int, float) for v in plain.values()):
+        checkpoint.training[key] = plain
+    elif key == HYPER_PARAMETERS and isinstance(plain, dict) and _fits_record({key: plain}):
+        checkpoint.training[key] = plain
+    elif plain is not _NOT_PLAIN and _fits_record({"extra": {name: plain}}):
+        checkpoint.training.setdefault("extra", {})[name] = plain
+    else:
+        _to_companion(checkpoint, name, "extra", value)
+        return
+    checkpoint.destinations.setdefault("training", []).append(name)
+
+
+def _to_companion(checkpoint: LegacyCheckpoint, name: str, section: str, value: Any) -> None:
+    candidate = {name: value} if section == "extra" else value
+    try:
+        check_storable({section: candidate})
+    except CkptfmtError as exc:
+        checkpoint.dropped[name] = f"neither JSON nor the companion can hold it: {exc.message}"
+        return
+    if section == "extra":
+        checkpoint.companion.setdefault("extra", {})[name] = value
+    else:
+        checkpoint.companion[section] = value
+    checkpoint.destinations.setdefault("companion", []).append(name)
+
+
+def _section(key: Any, value: Any) -> str | None:
+    """The companion section a key's value belongs to, when it has that state's shape."""
+    states = value if isinstance(value, list) and value else [value]
+    if key in OPTIMIZER_KEYS and all(isinstance(s, dict) and {"state", "param_groups"} <= set(s) for s in states):
+        return "optimizer"
+    if key in SCHEDULER_KEYS and all(isinstance(s, dict) for s in states):
+        return "scheduler"
+    if key in SCALER_KEYS and isinstance(value, dict):
+        return "scaler"
+    return None
+
+
+_NOT_PLAIN = object()
+
+
+def _record_value(value: Any) -> Any:
+    """`value` as plain JSON data (0-d tensors read as numbers), or _NOT_PLAIN."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or unstorable_tensor(value) is not None:
+            return _NOT_PLAIN
+        return _record_value(value.item())
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value) if len(str(abs(value))) <= MAX_INT_DIGITS else _NOT_PLAIN
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else _NOT_PLAIN
+    if isinstance(value, (list, tuple)):
+        items = [_record_value(v) for v in value]
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items) else items
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            return _NOT_PLAIN
+        items = {k: _record_value(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(i is _NOT_PLAIN for i in items.values()) else items
+    return _NOT_PLAIN
+
+
+def _fits_record(entry: dict[str, Any]) -> bool:
+    """Whether an entry of the training record keeps to the header's JSON rules, and is small
+    enough to leave room for the rest."""
+    try:
+        plain_json(entry, what="the training record")
+    except CkptfmtError:
+        return False
+    return len(json.dumps(entry)) <= MAX_RECORD_VALUE_BYTES
+
