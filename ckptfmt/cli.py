@@ -271,6 +271,8 @@ def _render_inspect(info: dict[str, Any]) -> None:
         parts = []
         if "epoch" in training:
             parts.append(f"epoch {training['epoch']}")
+        if "global_step" in training:
+            parts.append(f"step {training['global_step']}")
         if training.get("metrics"):
             parts.append(", ".join(f"{k}={v}" for k, v in training["metrics"].items()))
         if training.get("optimizer"):
@@ -278,6 +280,8 @@ def _render_inspect(info: dict[str, Any]) -> None:
         if training.get("extra"):
             parts.append(f"also {', '.join(training['extra'])}")
         out(f"training    {'; '.join(parts)}")
+        if training.get("hyper_parameters"):
+            out(f"hparams     {json.dumps(training['hyper_parameters'], sort_keys=True)}")
     provenance = info.get("provenance") or {}
     if provenance:
         line = f"created {provenance.get('created_at')} by ckptfmt {provenance.get('ckptfmt')}, torch {provenance.get('torch')}"
@@ -287,6 +291,8 @@ def _render_inspect(info: dict[str, Any]) -> None:
         if provenance.get("cast"):
             line += f"; cast to {provenance['cast']['to']}"
         out(f"provenance  {line}")
+    if info.get("shards"):
+        out(f"shards      {len(info['shards'])} files: {', '.join(info['shards'])}")
     tensors = info["tensors"]
     dtypes = "; ".join(f"{d}: {v['tensors']} tensors, {_size(v['bytes'])}" for d, v in tensors["dtypes"].items())
     out(f"tensors     {tensors['count']} tensors, {tensors['parameters']:,} parameters; {dtypes}")
@@ -343,7 +349,8 @@ def inspect_command(path, tensors, as_json):
 def verify_command(paths, as_json):
     """Check checkpoints are intact and consistent; exit 0 only if every check passes.
 
-    PATHS are .safetensors files or folders (every .safetensors under them). Checks the header
+    PATHS are .safetensors files, indexes of sharded checkpoints, or folders (every checkpoint
+    under them, a sharded one once). Checks the header
     (strict rules), the config, the config against the tensor shapes, the sidecar, the weights
     digest (every byte read once) and the optimizer companion. One line per file on stdout
     ([FAIL] lines on stderr), then a summary.
@@ -354,9 +361,12 @@ def verify_command(paths, as_json):
         ckptfmt verify converted/
     """
     from .files import walk_files
+    from .header import INDEX_SUFFIX
     from .inspect import verify
+    from .sharding import without_shards
 
-    files = [found for path in paths for found in (walk_files(path, (".safetensors",)) if path.is_dir() else [path])]
+    files = [found for path in paths
+             for found in (without_shards(walk_files(path, (".safetensors", INDEX_SUFFIX))) if path.is_dir() else [path])]
     reports = []
     for path in files:
         report = verify(path)

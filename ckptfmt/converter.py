@@ -180,10 +180,12 @@ def convert(
     result.dropped, result.read_as_plain = dict(legacy.dropped), list(legacy.conversions)
 
     training = dict(legacy.training)
+    written_here = None
     if legacy.companion:
         companion = output.with_name(output.stem + OPTIMIZER_SUFFIX)
+        existed = companion.exists()
         training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=force)
-        result.optimizer_file = companion
+        result.optimizer_file, written_here = companion, None if existed else companion
 
     # The source's sha256 is computed while the output is written, and filled in after.
     sha_stand_in = placeholder()
@@ -201,9 +203,15 @@ def convert(
         extra["identified"] = identified[0].record()
     provenance = provenance_record(source=source_record, **extra)
     metadata = build_metadata(resolved, training=training, provenance=provenance)
-    with ThreadPoolExecutor(max_workers=1) as helper:
-        source_sha256 = helper.submit(sha256_file, source)
-        digest = write_safetensors(output, state_dict, metadata, overwrite=force, fill_in={sha_stand_in: source_sha256})
+    try:
+        with ThreadPoolExecutor(max_workers=1) as helper:
+            source_sha256 = helper.submit(sha256_file, source)
+            digest = write_safetensors(output, state_dict, metadata, overwrite=force,
+                                       fill_in={sha_stand_in: source_sha256})
+    except BaseException:
+        if written_here is not None:  # no companion is left behind without the weights it belongs to
+            written_here.unlink(missing_ok=True)
+        raise
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
     if resolved is not None:
         result.sidecar = write_sidecar(output.parent, resolved, output.name, digest, overwrite=force)

@@ -54,16 +54,18 @@ __all__ = ["FIXED", "NEVER_VALUES", "Refused", "contents", "globals_in_legacy_pi
 # Libraries whose functions load code or data: a recorder of theirs is never read as a value,
 # whatever its shape (`torch.hub.load("repo")` has an Enum member's shape too).
 NEVER_VALUES = ("torch", "numpy", "dill", "cloudpickle", "joblib", "pandas", "yaml", "ruamel", "jinja2")
-# The at most this many conversions are listed, one line each; the rest are counted.
+# At most this many conversions are listed, each cut to MAX_NOTE characters: the list goes into
+# provenance, in a header whose metadata holds 1 MiB in all.
 MAX_LISTED = 50
+MAX_NOTE = 300
 
 
 class Refused(Exception):
     """A global the stand-ins cannot turn into a plain value: the file is refused naming it."""
 
-    def __init__(self, global_name: str, how: str):
+    def __init__(self, global_name: str):
         super().__init__(global_name)
-        self.global_name, self.how = global_name, how
+        self.global_name = global_name
 
 
 class _Named:
@@ -268,7 +270,8 @@ def thaw(value: Any, *, where: str, conversions: list[str]) -> Any:
 
 def _note(conversions: list[str], where: str, text: str) -> None:
     if len(conversions) < MAX_LISTED:
-        conversions.append(f"{where or '(top level)'}: {text}")
+        note = f"{where or '(top level)'}: {text}"
+        conversions.append(note if len(note) <= MAX_NOTE else note[: MAX_NOTE - 3] + "...")
     elif len(conversions) == MAX_LISTED:
         conversions.append("... (more conversions not listed)")
 
@@ -286,7 +289,7 @@ def _thaw(value: Any, where: str, conversions: list[str]) -> Any:
         return _thaw(_omegaconf_container(value), where, conversions)
     if isinstance(value, _Namespace):
         if "__state__" in value:
-            raise Refused(value.global_name, "with a state that is not a dict")
+            raise Refused(value.global_name)
         _note(conversions, where, f"{value.global_name} -> dict")
         return _thaw_items(value, where, conversions)
     if isinstance(value, Mapping):
@@ -299,20 +302,20 @@ def _thaw(value: Any, where: str, conversions: list[str]) -> Any:
         try:
             return type(value)(_thaw(v, where, conversions) for v in value)
         except TypeError:  # a stand-in became a dict, which a set cannot hold
-            raise Refused(type(value).__name__, "holding values that become dicts") from None
+            raise Refused("builtins.set") from None
     if isinstance(value, (_OmegaContainer, _OmegaNode)):
         held = getattr(value, "content" if isinstance(value, _OmegaContainer) else "value", None)
         if isinstance(held, _Malformed):
-            raise Refused(value.global_name, "with a state that is not a dict")
+            raise Refused(value.global_name)
         if isinstance(value, _OmegaContainer):
             _note(conversions, where, f"{value.global_name} -> {value.kind}")
         return _thaw(held, where, conversions)
     if isinstance(value, _Recorder):
         return _recorded_value(value, where, conversions)
     if isinstance(value, _Malformed):
-        raise Refused(value.global_name, "with arguments its class never pickles with")
+        raise Refused(value.global_name)
     if isinstance(value, type) and issubclass(value, _Recorder):
-        raise Refused(value.global_name, "named as a value")
+        raise Refused(value.global_name)
     if isinstance(value, (_Named, type)) and isinstance(getattr(value, "global_name", None), str):
         _note(conversions, where, f"{value.global_name} (named as a value) -> its name")
         return value.global_name
@@ -341,17 +344,9 @@ def _recorded_value(recorded: _Recorder, where: str, conversions: list[str]) -> 
         and not (type(args[0]) is float and not math.isfinite(args[0]))
     )
     if not enum_shaped or _top_module(recorded.global_name) in NEVER_VALUES:
-        return _refuse(recorded)
+        raise Refused(recorded.global_name)
     _note(conversions, where, f"{recorded.global_name}({args[0]!r}) -> {args[0]!r}, read as an Enum member's value")
     return args[0]
-
-
-def _refuse(recorded: _Recorder) -> Any:
-    if recorded.how == "NEWOBJ":
-        how = "as an object of its class (NEWOBJ" + (" and BUILD)" if recorded.state is not None else ")")
-    else:
-        how = f"called with {len(recorded.args)} argument(s)" + (" then BUILD" if recorded.state is not None else "")
-    raise Refused(recorded.global_name, how)
 
 
 def _enum_value(member: enum.Enum, where: str, conversions: list[str]) -> Any:

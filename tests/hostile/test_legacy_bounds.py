@@ -355,8 +355,14 @@ def test_class_9_meta_and_sparse_tensors_are_our_error_in_convert_and_diff(tmp_p
 
 
 def test_class_9_a_tensor_named_metadata_is_our_error(tmp_path):
+    """It gave an internal "fill_in placeholder" error; the companion written before the
+    weights were refused is removed with them."""
     source = tmp_path / "named.pth"
-    torch.save({"__metadata__": torch.zeros(2), "w": torch.zeros(2)}, source)
+    weights = {"__metadata__": torch.nn.Parameter(torch.zeros(2)), "w": torch.zeros(2)}
+    optimizer = torch.optim.SGD([weights["__metadata__"]], lr=0.1, momentum=0.9)
+    weights["__metadata__"].grad = torch.ones(2)
+    optimizer.step()
+    torch.save({"state_dict": {k: v.detach() for k, v in weights.items()}, "optimizer": optimizer.state_dict()}, source)
     result = CliRunner().invoke(main, ["convert", str(source)])
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == (
