@@ -38,6 +38,7 @@ from .metadata import build_metadata, provenance_record, training_record
 from .registry import get_model_entry, unwrap_model
 from .identify import identify
 from .shapes import check_shapes, check_state, module_state
+from .sharding import is_index, parse_size, write_sharded
 from .tensors import DTYPE_NAMES, load_tensors, write_safetensors
 from .training import OPTIMIZER_SUFFIX, write_training_state
 
@@ -76,6 +77,7 @@ def save_model_with_config(
     scheduler: Any = None,
     scaler: Any = None,
     overwrite: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Save a model as one self-describing .safetensors file, plus the sidecar.
 
@@ -92,9 +94,12 @@ def save_model_with_config(
         scheduler, scaler: a learning-rate scheduler and an AMP GradScaler, whose states go to
             the same companion, for `load_training_state` to restore with the optimizer's.
         overwrite: replace existing files; without it an existing output is an error.
+        max_shard_size: write shards of at most this many bytes ("2GB", "500MiB", an int) and
+            an index (`NAME.safetensors.index.json`), as Hugging Face does, when the weights do
+            not fit in one.
 
     Returns:
-        The path of the written .safetensors file.
+        The path of the written .safetensors file (or of the index of its shards).
 
     Raises:
         ConfigError: no config and the model's class is not registered (the message shows how
@@ -109,7 +114,7 @@ def save_model_with_config(
         PosixPath('runs/joint/best_model.safetensors')
     """
     return save(model, checkpoint_path, config=config, optimizer=optimizer, epoch=epoch, metrics=metrics,
-                scheduler=scheduler, scaler=scaler, overwrite=overwrite)
+                scheduler=scheduler, scaler=scaler, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 def save(
@@ -123,6 +128,7 @@ def save(
     scheduler: Any = None,
     scaler: Any = None,
     overwrite: bool = False,
+    max_shard_size: int | str | None = None,
     **fields: Any,
 ) -> Path:
     """Save a model of a registered architecture: the short form of `save_model_with_config`.
@@ -147,11 +153,14 @@ def save(
         path = real
     config = _config_to_save(model, config, fields, path)
     state_dict = unwrap_model(model).state_dict()
+    shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
+    if shard_size is not None and sum(t.numel() * t.element_size() for t in state_dict.values()) > shard_size:
+        path = path.with_name(path.name + ".index.json")
     check_shapes(
         config, {n: tuple(t.shape) for n, t in state_dict.items()},
         dtypes={n: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for n, t in state_dict.items()}, path=path,
     )
-    companion = path.with_name(path.stem + OPTIMIZER_SUFFIX)
+    companion = path.with_name(path.name.split(".safetensors")[0] + OPTIMIZER_SUFFIX)
     states = {name: state for name, state in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
               if state is not None}
     check_writable(path, overwrite=overwrite)
@@ -163,7 +172,10 @@ def save(
     if states:
         training["optimizer"] = write_training_state(companion, states, overwrite=overwrite)
     metadata = build_metadata(config, training=training, provenance=provenance_record())
-    digest = write_safetensors(path, state_dict, metadata, overwrite=overwrite)
+    if is_index(path):
+        digest = write_sharded(path, state_dict, metadata, max_shard_size=shard_size, overwrite=overwrite)
+    else:
+        digest = write_safetensors(path, state_dict, metadata, overwrite=overwrite)
     write_sidecar(path.parent, config, path.name, digest, overwrite=overwrite)
     return path
 

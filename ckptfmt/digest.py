@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 from .errors import HeaderError, IntegrityError
 from .files import open_regular
@@ -71,7 +72,7 @@ def digest_file(header: Header) -> str:
     aliases = header.aliases
     counts_alias_bytes = header.format_version == "1"
     if counts_alias_bytes:
-        data_bytes = header.file_size - header.data_offset
+        data_bytes = header.data_bytes
         alias_bytes = sum(header.tensors[target].nbytes for target in aliases.values())
         if alias_bytes > data_bytes:
             raise IntegrityError(
@@ -83,7 +84,7 @@ def digest_file(header: Header) -> str:
     hasher = WeightsHasher()
     largest = max((info.nbytes for info in header.tensors.values()), default=0)
     buffer = memoryview(bytearray(min(_CHUNK, largest)))
-    fd = open_regular(header.path, error=HeaderError)
+    descriptors: dict[Path, int] = {}
     try:
         for name in sorted([*header.tensors, *aliases]):
             stored = aliases.get(name, name)
@@ -92,15 +93,19 @@ def digest_file(header: Header) -> str:
                 hasher.alias(name, info.dtype, info.shape, info.nbytes, stored)
                 continue
             hasher.begin(name, info.dtype, info.shape, info.nbytes)
-            position, end = header.data_offset + info.start, header.data_offset + info.end
+            file = info.file or header.path
+            if file not in descriptors:
+                descriptors[file] = open_regular(file, error=HeaderError)
+            position, end = info.base + info.start, info.base + info.end
             while position < end:
-                got = os.preadv(fd, [buffer[: min(_CHUNK, end - position)]], position)
+                got = os.preadv(descriptors[file], [buffer[: min(_CHUNK, end - position)]], position)
                 if got == 0:
-                    raise HeaderError(f"ends inside tensor {name!r}; it is truncated", path=header.path)
+                    raise HeaderError(f"ends inside tensor {name!r}; it is truncated", path=file)
                 hasher.update(buffer[:got])
                 position += got
     finally:
-        os.close(fd)
+        for fd in descriptors.values():
+            os.close(fd)
     return hasher.hexdigest()
 
 

@@ -85,14 +85,20 @@ def is_regular_file(path: Path) -> bool:
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     """The file to read. `NAME.pth` that was saved as `NAME.safetensors` (as
-    save_model_with_config does) is found there, so the seed's paths keep working."""
+    save_model_with_config does), or as shards with `NAME.safetensors.index.json`, is found
+    there, so the seed's paths keep working; a folder gives the one checkpoint it holds."""
     path = Path(path)
+    if path.is_dir():
+        from .sharding import find_checkpoint
+
+        return find_checkpoint(path)
     if path.exists():
         return path
-    saved_as = path.with_suffix(".safetensors")
-    if path.suffix in (".pth", ".pt") and saved_as.exists():
-        logger.info("%s: reading %s, which it was saved as", path, saved_as)
-        return saved_as
+    if path.suffix in (".pth", ".pt"):
+        for saved_as in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")):
+            if saved_as.exists():
+                logger.info("%s: reading %s, which it was saved as", path, saved_as)
+                return saved_as
     raise CheckpointNotFoundError("no such file", path=path)
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "KEY_TRAINING",
     "KEY_WEIGHTS_SHA256",
     "TensorInfo",
+    "check_format_version",
     "check_metadata",
     "check_tensor_name",
     "looks_like_safetensors",
@@ -55,6 +56,8 @@ KEY_ALIASES = "ckptfmt.aliases"
 # Marks an optimizer-state companion file and holds its non-tensor structure.
 KEY_OPTIMIZER = "ckptfmt.optimizer"
 
+INDEX_SUFFIX = ".safetensors.index.json"
+
 # safetensors' own header limit; a larger header is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
 MAX_METADATA_BYTES = 1 << 20
@@ -69,13 +72,16 @@ DTYPE_SIZES = {
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor as the header describes it. Offsets are relative to the data section."""
+    """One tensor as the header describes it. Offsets are relative to the data section, which
+    starts at byte `base` of `file` (for a sharded checkpoint, the shard that holds it)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     start: int
     end: int
+    file: Path | None = None
+    base: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -88,10 +94,11 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Header:
-    """A parsed, validated .safetensors header.
+    """A parsed, validated .safetensors header, or the index of a sharded checkpoint with the
+    headers of its shards (see `sharding.read_index`).
 
     `tensors` is in file order; `aliases` maps a tied tensor's name to the stored tensor whose
-    memory it shares (empty for files that have none).
+    memory it shares (empty for files that have none); `files` are the files that hold the data.
     """
 
     path: Path
@@ -99,6 +106,16 @@ class Header:
     data_offset: int
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
+    files: tuple[Path, ...] = ()
+
+    @property
+    def data_bytes(self) -> int:
+        """The bytes of tensor data, in all its files."""
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.files) > 1 or (len(self.files) == 1 and self.files[0] != self.path)
 
     @property
     def is_ckptfmt(self) -> bool:
@@ -167,9 +184,10 @@ class Header:
 
 
 def looks_like_safetensors(path: str | os.PathLike) -> bool:
-    """True for a `.safetensors` name, or a file that starts like one (a length, then a JSON
-    object): a renamed file is told apart from a torch zip (`PK`) or a pickle by content."""
-    if os.fspath(path).endswith(".safetensors"):
+    """True for a `.safetensors` name or a sharded checkpoint's index, or a file that starts like
+    one (a length, then a JSON object): a renamed file is told apart from a torch zip (`PK`) or a
+    pickle by content."""
+    if os.fspath(path).endswith((".safetensors", INDEX_SUFFIX)):
         return True
     fd = open_regular(path, error=HeaderError)
     try:
@@ -203,12 +221,19 @@ def read_header(path: str | os.PathLike) -> Header:
         CheckpointNotFoundError: no file at `path`.
         HeaderError: the header breaks a safetensors rule or one of ckptfmt's stricter ones.
 
+    A sharded checkpoint's index (`NAME.safetensors.index.json`) is read with its shards' headers
+    as one Header (see `sharding.read_index`).
+
     Example:
-        >>> header = read_header("checkpoints/multitask_joint/best_model.safetensors")
+        >>> header = read_header("converted/multitask_joint/best_model.safetensors")
         >>> header.config_dict()["depth"]
         3
     """
     path = Path(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        from .sharding import read_index
+
+        return read_index(path)
     fd = open_regular(path, error=HeaderError)
     try:
         file_size = os.fstat(fd).st_size
@@ -242,9 +267,9 @@ def read_header(path: str | os.PathLike) -> Header:
     if not isinstance(document, dict):
         raise HeaderError("header is not a JSON object", path=path)
     metadata = check_metadata(document.pop("__metadata__", {}), path)
-    _check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
-    tensors = _check_tensors(document, file_size - 8 - header_len, path)
-    return Header(path, file_size, 8 + header_len, tensors, metadata)
+    check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
+    tensors = _check_tensors(document, file_size - 8 - header_len, path, 8 + header_len)
+    return Header(path, file_size, 8 + header_len, tensors, metadata, (path,))
 
 
 def check_metadata(metadata: Any, path: Path | None) -> dict[str, str]:
@@ -270,7 +295,7 @@ def check_metadata(metadata: Any, path: Path | None) -> dict[str, str]:
     return metadata
 
 
-def _check_format_version(version: str | None, path: Path) -> None:
+def check_format_version(version: str | None, path: Path) -> None:
     """A newer format is refused as a newer config schema is; a malformed one is damage."""
     if version is None:
         return
@@ -288,7 +313,7 @@ def _check_format_version(version: str | None, path: Path) -> None:
         )
 
 
-def _check_tensors(document: dict[str, Any], data_size: int, path: Path) -> dict[str, TensorInfo]:
+def _check_tensors(document: dict[str, Any], data_size: int, path: Path, data_start: int) -> dict[str, TensorInfo]:
     infos = []
     for name, entry in document.items():
         where = f"tensor {name!r}"
@@ -311,7 +336,7 @@ def _check_tensors(document: dict[str, Any], data_size: int, path: Path) -> dict
             or offsets[0] > offsets[1]
         ):
             raise HeaderError(f"{where} has invalid data_offsets {offsets!r}", path=path)
-        info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+        info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1], path, data_start)
         expected = info.numel * DTYPE_SIZES[dtype]
         if info.nbytes != expected:
             raise HeaderError(

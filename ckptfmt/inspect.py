@@ -18,12 +18,13 @@ from .config import ModelConfig, config_differences, read_sidecar
 from .digest import check_digest
 from .errors import CheckpointNotFoundError, CkptfmtError
 from .header import DTYPE_SIZES, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
+from .sharding import KEY_SHARD, without_shards
 from .files import walk_files
 from .registry import registered_model_types
 
 __all__ = ["VerifyReport", "inspect_checkpoint", "inspect_folder", "sidecar_status", "verify"]
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".pth", ".pt", ".ckpt")
 
 
 def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dict[str, Any]:
@@ -66,6 +67,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dic
         "weights_sha256": header.weights_sha256,
         "aliases": header.aliases,
         "tensors": _tensor_summary(infos),
+        "shards": [p.name for p in header.files] if header.is_sharded else None,
         "sidecar": sidecar_status(header, parsed) if kind == "ckptfmt" else None,
     }
     if kind == "ckptfmt" and config is None:
@@ -159,7 +161,7 @@ def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """One summary per checkpoint under `folder` (recursively); unreadable ones carry `error`."""
     folder = Path(folder)
     rows = []
-    for path in walk_files(folder, CHECKPOINT_SUFFIXES):
+    for path in without_shards(walk_files(folder, CHECKPOINT_SUFFIXES)):
         try:
             rows.append(inspect_checkpoint(path))
         except CkptfmtError as exc:
@@ -223,6 +225,12 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         report.add("header", False, exc.message)
     else:
         report.add("header", True, "well formed")
+    shard = header.metadata.get(KEY_SHARD)
+    if shard is not None:
+        report.add("shard", True, f"one shard of a sharded checkpoint ({shard}); its config is checked with "
+                   "the index, verify the index to check the whole", skipped=True)
+        _verify_digest(header, report)
+        return report
 
     config = None
     weights_only = False
@@ -255,6 +263,12 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         }
         report.add("sidecar", *messages[status["status"]])
 
+    _verify_digest(header, report)
+    _verify_companion(header, report)
+    return report
+
+
+def _verify_digest(header: Header, report: VerifyReport) -> None:
     start = time.perf_counter()
     try:
         actual = check_digest(header)
@@ -262,10 +276,8 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         report.add("digest", False, getattr(exc, "message", str(exc)))
     else:
         report.seconds = time.perf_counter() - start
-        report.bytes_hashed = header.file_size - header.data_offset
+        report.bytes_hashed = header.data_bytes
         report.add("digest", True, f"weights sha256 {actual[:12]}... matches")
-    _verify_companion(header, report)
-    return report
 
 
 def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) -> ModelConfig | None:

@@ -231,19 +231,25 @@ def _read_back(fd: int, path: Path, spans: dict, data: dict[str, np.ndarray], al
 
 
 def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a file as a state dict, ties restored as shared tensors.
+    """All tensors of a file (or of a sharded checkpoint's shards) as a state dict, ties restored
+    as shared tensors.
 
-    On the CPU the tensors are views into a memory map of the file: nothing is copied until
+    On the CPU the tensors are views into a memory map of each file: nothing is copied until
     written to, so loading costs one copy of the weights at most.
     """
     from safetensors import SafetensorError, safe_open
 
-    try:
-        with safe_open(header.path, framework="pt", device=str(device)) as f:
-            state_dict = {name: f.get_tensor(name) for name in header.tensors}
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        # read_header has already applied stricter rules; this is the file changing under us.
-        raise HeaderError(f"safetensors cannot read it: {exc}", path=header.path) from None
+    by_file: dict[Path, list[str]] = {}
+    for name, info in header.tensors.items():
+        by_file.setdefault(info.file or header.path, []).append(name)
+    state_dict = {}
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                state_dict.update({name: f.get_tensor(name) for name in names})
+        except (SafetensorError, RuntimeError, OSError) as exc:
+            # read_header has already applied stricter rules; this is the file changing under us.
+            raise HeaderError(f"safetensors cannot read it: {exc}", path=file) from None
     for alias, target in header.aliases.items():
         state_dict[alias] = state_dict[target]
     return state_dict

@@ -46,7 +46,7 @@ def test_class_3_each_byte_is_hashed_once_whatever_the_aliases_say(tmp_path, mon
     real_preadv = os.preadv
     monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: read.append(real_preadv(fd, buffers, offset)) or read[-1])
     assert ckptfmt.verify(path).ok
-    assert sum(read) == header.file_size - header.data_offset
+    assert sum(read) == header.data_bytes
 
 
 def test_class_3_format_1_ties_that_would_multiply_the_reading_are_refused(tmp_path):

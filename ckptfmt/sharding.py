@@ -1,0 +1,231 @@
+"""Sharded checkpoints, as Hugging Face lays them out.
+
+A model too large for one file is written as `NAME-00001-of-0000N.safetensors`, ... and an index
+`NAME.safetensors.index.json`: `{"metadata": {"total_size": ..., ...}, "weight_map": {tensor:
+shard}}`, which transformers, accelerate and `huggingface_hub.load_torch_model` read. ckptfmt's
+metadata (format, config, training record, provenance, and the digest of the whole state dict)
+is in the index's `metadata`; each shard's header carries `format: pt`, the config and its own
+digest, and `ckptfmt.shard` says which index it belongs to, so that one shard alone still says
+what it is part of. A tie is stored once, in the shard of its stored tensor; the index records
+it in `ckptfmt.aliases`.
+
+Read back, an index becomes one `Header` whose tensors know the shard that holds them, so that
+loading, `inspect`, `verify` and `diff` treat a sharded checkpoint as one file. The shard names
+an index gives are plain names in its folder, checked like every name read from a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointNotFoundError, ConfigError, HeaderError
+from .files import check_plain_name, read_capped
+from .header import (
+    INDEX_SUFFIX,
+    KEY_ALIASES,
+    KEY_FORMAT_VERSION,
+    KEY_WEIGHTS_SHA256,
+    Header,
+    check_format_version,
+    check_metadata,
+    check_tensor_name,
+    read_header,
+)
+from .jsondoc import loads_strict
+
+__all__ = [
+    "INDEX_SUFFIX",
+    "KEY_SHARD",
+    "find_checkpoint",
+    "without_shards",
+    "is_index",
+    "parse_size",
+    "read_index",
+    "shard_names",
+    "write_sharded",
+]
+
+KEY_SHARD = "ckptfmt.shard"
+# An index lists one entry per tensor; a billion-parameter model has a few thousand.
+MAX_INDEX_BYTES = 64 << 20
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a size such as "2GB" (10**9, as transformers reads it) or "512MiB".
+
+    Example:
+        >>> parse_size("2GB"), parse_size("1.5GiB"), parse_size(4096)
+        (2000000000, 1610612736, 4096)
+    """
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = _SIZE.match(size) if isinstance(size, str) else None
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(f"max_shard_size must be a positive number of bytes or a size such as '2GB', not {size!r}")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def shard_names(stem: str, count: int) -> list[str]:
+    """`stem-00001-of-0000N.safetensors`, ..., as transformers names them."""
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def is_index(path: str | os.PathLike) -> bool:
+    return os.fspath(path).endswith(INDEX_SUFFIX)
+
+
+def find_checkpoint(folder: Path) -> Path:
+    """The checkpoint a folder holds: its one index, or its one .safetensors (optimizer and
+    other companions aside)."""
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) == 1:
+        return indexes[0]
+    if not indexes:
+        files = [p for p in sorted(folder.glob("*.safetensors"))
+                 if not re.search(r"-\d{5}-of-\d{5}\.safetensors$", p.name) and p.name.count(".") == 1]
+        if len(files) == 1:
+            return files[0]
+    found = ", ".join(p.name for p in indexes) or "no checkpoint"
+    raise CheckpointNotFoundError(
+        f"is a folder holding {found}; give the checkpoint file or index inside it", path=folder,
+    )
+
+
+def without_shards(paths: list[Path]) -> list[Path]:
+    """`paths` less the shards that an index among them names: a folder walk then sees a
+    sharded checkpoint once, as its index."""
+    named: set[Path] = set()
+    for path in paths:
+        if is_index(path):
+            try:
+                document = json.loads(read_capped(path, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError))
+                named.update(path.parent / shard for shard in document["weight_map"].values() if isinstance(shard, str))
+            except (HeaderError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # a broken index is reported when it is read; its shards stay listed
+    return [path for path in paths if path not in named]
+
+
+def read_index(path: str | os.PathLike) -> Header:
+    """A sharded checkpoint's index and its shards' headers, as one Header.
+
+    Raises:
+        HeaderError: the index is malformed, names a shard outside its folder, or disagrees with
+            what the shards hold.
+    """
+    path = Path(path)
+    raw = read_capped(path, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeaderError("is not UTF-8 text; is it really a checkpoint index?", path=path) from None
+    document = loads_strict(text, what="index", path=path)
+    if not isinstance(document, dict) or not isinstance(document.get("weight_map"), dict):
+        raise HeaderError("is not a safetensors index: it has no \"weight_map\" object", path=path)
+    metadata = dict(document.get("metadata") or {})
+    total_size = metadata.pop("total_size", None)
+    if total_size is not None and (type(total_size) is not int or total_size < 0):
+        raise HeaderError(f"metadata total_size must be a byte count, not {total_size!r}", path=path)
+    metadata = check_metadata(metadata, path)
+    check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in document["weight_map"].items():
+        check_tensor_name(name, path)
+        check_plain_name(shard, key=f"weight_map[{name!r}]", path=path, error=HeaderError)
+        by_shard.setdefault(shard, []).append(name)
+    tensors = {}
+    files, size = [], 0
+    for shard in sorted(by_shard):
+        shard_path = path.parent / shard
+        header = read_header(shard_path)
+        belongs = header.metadata.get(KEY_SHARD)
+        if belongs is not None:
+            claim = loads_strict(belongs, what=f"shard {shard}'s {KEY_SHARD}", path=path)
+            if not isinstance(claim, dict) or claim.get("index") != path.name:
+                raise HeaderError(f"shard {shard} says it belongs to another index ({belongs[:200]})", path=path)
+        if set(header.tensors) != set(by_shard[shard]):
+            extra = sorted(set(header.tensors) ^ set(by_shard[shard]))[:3]
+            raise HeaderError(
+                f"shard {shard} does not hold the tensors the weight_map gives it (e.g. {', '.join(extra)}); "
+                "the checkpoint is damaged or its shards come from different saves",
+                path=path,
+            )
+        tensors.update(header.tensors)
+        files.append(shard_path)
+        size += header.file_size
+    header = Header(path, size, 0, tensors, metadata, tuple(files))
+    header.aliases  # ties to tensors that no shard holds are refused here, not when used
+    return header
+
+
+def write_sharded(
+    path: Path, state_dict: Mapping[str, Any], metadata: Mapping[str, str], *, max_shard_size: int,
+    overwrite: bool = False,
+) -> str:
+    """Write a state dict as shards of at most `max_shard_size` bytes (a tensor larger than that
+    gets a shard of its own) and their index at `path` (NAME.safetensors.index.json).
+
+    Each shard is written as every ckptfmt file is (atomically, read back and compared); the
+    index is written last, so a crash leaves no index that names a missing shard, and the
+    shards this call wrote are removed when it fails. Shards of an earlier save of the same
+    name that the new index does not name are removed once it is written.
+
+    Returns:
+        The canonical digest of the whole state dict (in the index's metadata).
+    """
+    from .atomic import atomic_write, check_writable, write_all
+    from .tensors import split_aliases, weights_digest, write_safetensors
+
+    stem = path.name[: -len(INDEX_SUFFIX)]
+    stored, aliases = split_aliases(state_dict)
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in stored.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    names = shard_names(stem, len(groups))
+    check_writable(path, overwrite=overwrite)
+    for name in names:
+        check_writable(path.parent / name, overwrite=overwrite)
+    digest = weights_digest(state_dict)
+    shard_metadata = {key: value for key, value in metadata.items() if key not in (KEY_WEIGHTS_SHA256, KEY_ALIASES)}
+    written: list[Path] = []
+    try:
+        weight_map = {}
+        for number, (name, group) in enumerate(zip(names, groups), start=1):
+            belongs = json.dumps({"index": path.name, "shard": number, "of": len(groups)}, sort_keys=True)
+            write_safetensors(path.parent / name, {n: stored[n] for n in group},
+                              {**shard_metadata, KEY_SHARD: belongs}, overwrite=overwrite)
+            written.append(path.parent / name)
+            weight_map.update({tensor: name for tensor in group})
+        index_metadata = {**metadata, KEY_WEIGHTS_SHA256: digest}
+        if aliases:
+            index_metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
+        check_metadata(index_metadata, path)
+        total = sum(t.numel() * t.element_size() for t in stored.values())
+        document = {"metadata": {"total_size": total, **index_metadata}, "weight_map": dict(sorted(weight_map.items()))}
+        with atomic_write(path, overwrite=overwrite) as fd:
+            write_all(fd, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    except BaseException:
+        for shard in written:
+            shard.unlink(missing_ok=True)
+        raise
+    for stale in path.parent.glob(f"{_glob_escape(stem)}-*-of-*.safetensors"):
+        if stale.name not in names and re.fullmatch(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.safetensors", stale.name):
+            stale.unlink(missing_ok=True)
+    return digest
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", text)
