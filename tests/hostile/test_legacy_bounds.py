@@ -27,7 +27,7 @@ from ckptfmt.header import FORMAT_VERSION
 from ckptfmt.tensors import write_safetensors
 from ckptfmt.training import companion_digest
 
-from ..helpers import ROOT, save_small, small_model
+from ..helpers import ROOT, small_model
 
 
 def _python(code: str, *, cwd: Path, memory_bytes: int | None = None) -> subprocess.CompletedProcess:
