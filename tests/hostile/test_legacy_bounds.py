@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import ckptfmt
 from ckptfmt import HeaderError, IntegrityError, LegacyCheckpointError, load_training_state, read_header
 from ckptfmt.cli import main
+from ckptfmt.diff import diff
 from ckptfmt.header import FORMAT_VERSION
 from ckptfmt.tensors import write_safetensors
 from ckptfmt.training import companion_digest
@@ -92,7 +93,8 @@ def test_class_3_a_billion_laughs_pickle_is_refused_in_bounded_memory_and_time(t
                "pickle built to multiply references (a \"billion laughs\"), refused before it is walked")
     code = textwrap.dedent(f"""
         import ckptfmt, sys
-        for use in (ckptfmt.convert, ckptfmt.inspect_checkpoint, lambda p: ckptfmt.diff(p, p), ckptfmt.load_model):
+        from ckptfmt.diff import diff
+        for use in (ckptfmt.convert, ckptfmt.inspect_checkpoint, lambda p: diff(p, p), ckptfmt.load_model):
             try:
                 use({str(source)!r})
             except ckptfmt.LegacyCheckpointError as exc:
@@ -347,7 +349,7 @@ def test_class_9_meta_and_sparse_tensors_are_our_error_in_convert_and_diff(tmp_p
     source = tmp_path / "odd.pth"
     torch.save({"fc.weight": tensor, "fc.bias": torch.zeros(3)}, source)
     message = f"{source}: tensor 'fc.weight' is {problem}"
-    for use in (ckptfmt.convert, lambda p: ckptfmt.diff(p, p), ckptfmt.inspect_checkpoint):
+    for use in (ckptfmt.convert, lambda p: diff(p, p), ckptfmt.inspect_checkpoint):
         with pytest.raises(LegacyCheckpointError) as excinfo:
             use(source)
         assert str(excinfo.value) == message
