@@ -37,7 +37,7 @@ _EXPORTS = {
     "ConvertResult": "converter",
     "inspect_checkpoint": "inspect",
     "verify": "inspect",
-    "diff": "diff",
+    "diff": "compare",
     "MultiTaskPredictor": "predict",
     "CkptfmtError": "errors",
     "CkptfmtWarning": "errors",
@@ -85,7 +85,7 @@ if TYPE_CHECKING:
         OutputExistsError, PluginError, ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
     )
     from .header import read_header
-    from .diff import diff
+    from .compare import diff
     from .inspect import inspect_checkpoint, verify
     from .predict import MultiTaskPredictor
     from .registry import Task, create_model, register_model, registered_model_types

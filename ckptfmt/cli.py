@@ -416,7 +416,7 @@ def diff_command(a, b, values, as_json):
         ckptfmt diff checkpoints/multitask_joint/best_model.pth converted/multitask_joint/best_model.safetensors
         ckptfmt diff converted/multitask_joint/best_model.safetensors converted/multitask_joint/last_model.safetensors --values
     """
-    from .diff import diff
+    from .compare import diff
 
     result = diff(a, b, values=values)
     if as_json:

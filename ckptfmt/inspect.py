@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ __all__ = ["VerifyReport", "inspect_checkpoint", "inspect_folder", "sidecar_stat
 CHECKPOINT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".pth", ".pt", ".ckpt")
 
 
-def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dict[str, Any]:
+def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False, sidecars: dict | None = None) -> dict[str, Any]:
     """Describe a checkpoint: config, training record, provenance, tensors, sidecar status.
 
     For a .safetensors only the header is read. For a legacy .pth the file is loaded with the
@@ -68,7 +69,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False) -> dic
         "aliases": header.aliases,
         "tensors": _tensor_summary(infos),
         "shards": [p.name for p in header.files] if header.is_sharded else None,
-        "sidecar": sidecar_status(header, parsed) if kind == "ckptfmt" else None,
+        "sidecar": sidecar_status(header, parsed, sidecars=sidecars) if kind == "ckptfmt" else None,
     }
     if kind == "ckptfmt" and config is None:
         info["note"] = "weights only: no registered architecture recognised it, so it has no config"
@@ -128,24 +129,36 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
     return info
 
 
-def sidecar_status(header: Header, embedded: ModelConfig | None) -> dict[str, Any]:
+def sidecar_status(header: Header, embedded: ModelConfig | None, *, sidecars: dict | None = None) -> dict[str, Any]:
     """Whether `model_config.json` beside the file agrees with it (`embedded` is the file's
-    own config, already parsed; None when it has none or it is invalid).
+    own config, already parsed; None when it has none or it is invalid). `sidecars` caches the
+    sidecars read, by folder, for a walk over many files.
 
     status: "consistent", "missing", "unbound" (the sidecar does not list this file),
     "stale" (it is bound to other weights: the file was replaced, or a crash came between
     writing the weights and the sidecar), "disagrees" (other config fields), "invalid".
     """
     folder = header.path.parent
-    try:
-        sidecar = read_sidecar(folder)
-    except CkptfmtError as exc:
-        return {"status": "invalid", "path": str(folder / "model_config.json"), "message": exc.message}
+    sidecars = {} if sidecars is None else sidecars
+    if folder not in sidecars:
+        try:
+            sidecars[folder] = read_sidecar(folder)
+        except CkptfmtError as exc:
+            sidecars[folder] = exc
+    sidecar = sidecars[folder]
+    if isinstance(sidecar, CkptfmtError):
+        return {"status": "invalid", "path": str(folder / "model_config.json"), "message": sidecar.message}
     if sidecar is None:
         return {"status": "missing"}
     status: dict[str, Any] = {"status": "consistent", "path": str(sidecar.path)}
     if embedded is not None:
-        differences = config_differences(embedded, sidecar.config)
+        other = sidecar.config
+        if embedded.is_checked:  # compare complete configs where the architecture is here
+            try:
+                other = other.checked()
+            except CkptfmtError:
+                pass
+        differences = config_differences(embedded, other)
         if differences:
             status.update(status="disagrees", differences=differences)
             return status
@@ -161,9 +174,10 @@ def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """One summary per checkpoint under `folder` (recursively); unreadable ones carry `error`."""
     folder = Path(folder)
     rows = []
+    sidecars: dict = {}  # each folder's sidecar read once, however many files share it
     for path in without_shards(walk_files(folder, CHECKPOINT_SUFFIXES)):
         try:
-            rows.append(inspect_checkpoint(path))
+            rows.append(inspect_checkpoint(path, sidecars=sidecars))
         except CkptfmtError as exc:
             rows.append({"file": str(path), "error": str(exc)})
     return rows
@@ -232,6 +246,17 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         _verify_digest(header, report)
         return report
 
+    # The digest streams the file on a second core while the shape check imports torch and
+    # builds the model: the whole command costs about the larger of the two, not their sum.
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        digest = helper.submit(_timed_digest, header)
+        _verify_config_and_sidecar(header, report)
+        _report_digest(header, report, *digest.result())
+    _verify_companion(header, report)
+    return report
+
+
+def _verify_config_and_sidecar(header: Header, report: VerifyReport) -> None:
     config = None
     weights_only = False
     try:
@@ -263,21 +288,26 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         }
         report.add("sidecar", *messages[status["status"]])
 
-    _verify_digest(header, report)
-    _verify_companion(header, report)
-    return report
+
+def _timed_digest(header: Header) -> tuple[str | None, Exception | None, float]:
+    start = time.perf_counter()
+    try:
+        return check_digest(header), None, time.perf_counter() - start
+    except (CkptfmtError, OSError) as exc:
+        return None, exc, time.perf_counter() - start
+
+
+def _report_digest(header: Header, report: VerifyReport, actual: str | None, error: Exception | None, seconds: float) -> None:
+    if error is not None:
+        report.add("digest", False, getattr(error, "message", str(error)))
+        return
+    report.seconds = seconds
+    report.bytes_hashed = header.data_bytes
+    report.add("digest", True, f"weights sha256 {actual[:12]}... matches")
 
 
 def _verify_digest(header: Header, report: VerifyReport) -> None:
-    start = time.perf_counter()
-    try:
-        actual = check_digest(header)
-    except (CkptfmtError, OSError) as exc:
-        report.add("digest", False, getattr(exc, "message", str(exc)))
-    else:
-        report.seconds = time.perf_counter() - start
-        report.bytes_hashed = header.data_bytes
-        report.add("digest", True, f"weights sha256 {actual[:12]}... matches")
+    _report_digest(header, report, *_timed_digest(header))
 
 
 def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) -> ModelConfig | None:

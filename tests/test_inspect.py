@@ -12,7 +12,7 @@ import ckptfmt
 from ckptfmt import ModelConfig, read_header
 from ckptfmt.checkpoint import build_metadata
 from ckptfmt.cli import main
-from ckptfmt.diff import diff
+from ckptfmt.compare import diff
 from ckptfmt.inspect import inspect_checkpoint, verify
 from ckptfmt.tensors import weights_digest, write_safetensors
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import ckptfmt
 from ckptfmt import HeaderError, IntegrityError, LegacyCheckpointError, load_training_state, read_header
 from ckptfmt.cli import main
-from ckptfmt.diff import diff
+from ckptfmt.compare import diff
 from ckptfmt.header import FORMAT_VERSION
 from ckptfmt.tensors import write_safetensors
 from ckptfmt.training import companion_digest
@@ -93,7 +93,7 @@ def test_class_3_a_billion_laughs_pickle_is_refused_in_bounded_memory_and_time(t
                "pickle built to multiply references (a \"billion laughs\"), refused before it is walked")
     code = textwrap.dedent(f"""
         import ckptfmt, sys
-        from ckptfmt.diff import diff
+        from ckptfmt.compare import diff
         for use in (ckptfmt.convert, ckptfmt.inspect_checkpoint, lambda p: diff(p, p), ckptfmt.load_model):
             try:
                 use({str(source)!r})
