@@ -68,8 +68,9 @@ def companion_digest(json_text: str, tensors_sha256: str) -> str:
     return hashlib.sha256(json_text.encode() + b"\n" + tensors_sha256.encode()).hexdigest()
 
 
-def unstorable_tensor(tensor: torch.Tensor) -> str | None:
-    """Why a tensor cannot be stored in a safetensors file, or None when it can."""
+def unstorable_tensor(tensor: torch.Tensor, *, dtype: bool = True) -> str | None:
+    """Why a tensor cannot be stored in a safetensors file, or None when it can; `dtype=False`
+    leaves its dtype to the writer, which names the cast that fixes it."""
     import torch
 
     from .tensors import DTYPE_NAMES
@@ -80,7 +81,7 @@ def unstorable_tensor(tensor: torch.Tensor) -> str | None:
     if tensor.device.type == "meta":
         return ("on the meta device: it has a shape but no data (saved from a model that was never "
                 "materialised); save the checkpoint from a model whose weights are loaded")
-    if tensor.dtype not in DTYPE_NAMES:
+    if dtype and tensor.dtype not in DTYPE_NAMES:
         return f"of dtype {tensor.dtype}, which safetensors cannot store"
     return None
 
