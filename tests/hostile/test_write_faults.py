@@ -133,7 +133,7 @@ def test_existing_output_is_not_overwritten(converted):
     before = snapshot(converted)
     result = run_cli("convert", "m.pth", cwd=converted)
     assert result.returncode == 1
-    assert result.stderr.splitlines() == ["[FAIL] m.safetensors: already exists; pass --force to replace it"]
+    assert result.stderr.splitlines() == ["[FAIL] m.pth: m.safetensors: already exists; pass --force to replace it"]
     assert snapshot(converted) == {**before, "m.pth": (converted / "m.pth").read_bytes()}
 
 
