@@ -129,6 +129,7 @@ def save(
     scaler: Any = None,
     overwrite: bool = False,
     max_shard_size: int | str | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
     **fields: Any,
 ) -> Path:
     """Save a model of a registered architecture: the short form of `save_model_with_config`.
@@ -137,6 +138,8 @@ def save(
         fields: the config's descriptive and inference fields (description, trained_on,
             class_names, normalization, seg_threshold, ...), added to the arguments the model
             was built with (or to `config`).
+        state_dict: the tensors to write in place of `model.state_dict()`: a sharded model's
+            full state dict, gathered by `ckptfmt.distributed.save`.
 
     Example:
         >>> model = MLP(width=64)                        # a class under @register_model("mlp")
@@ -152,7 +155,7 @@ def save(
         )
         path = real
     config = _config_to_save(model, config, fields, path)
-    state_dict = unwrap_model(model).state_dict()
+    state_dict = dict(state_dict) if state_dict is not None else unwrap_model(model).state_dict()
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     if shard_size is not None and sum(t.numel() * t.element_size() for t in state_dict.values()) > shard_size:
         path = path.with_name(path.name + ".index.json")

@@ -1,0 +1,551 @@
+"""Distributed models (FSDP2, DTensor): load a checkpoint into a sharded model, save one, resume.
+
+- `load_model(path, mesh=mesh)`: every rank builds the model on the meta device from the
+  checkpoint's config, shards it (`shard=`, FSDP2's `fully_shard` by default), allocates its
+  own shards only, and reads only its own slices of each tensor from the file: no rank ever
+  holds the full state dict. `load_into(model, path)` does the reading for a model the user
+  has built and sharded already.
+- `save(model, path)`: the full state dict is gathered to rank 0 (torch's
+  `get_model_state_dict` with `full_state_dict=True, cpu_offload=True`), which writes it with
+  ckptfmt's own writer, so a distributed save keeps every guarantee of `ckptfmt.save`
+  (atomic replace, fsync, read back and compared, digest, sidecar, shards).
+- `load_training_state(path, model, optimizer)`: the optimizer state saved with the checkpoint
+  (the full state, keyed by parameter name) is read on rank 0 and scattered to the shards by
+  torch's `set_optimizer_state_dict`; save, resume, step equals never stopping, bit for bit.
+
+Which slice a rank holds comes from DTensor itself (`__create_chunk_list__`, the protocol
+torch.distributed.checkpoint uses), and every collective is torch's: `get/set_model_state_dict`,
+`get/set_optimizer_state_dict`, and `broadcast_object_list` to tell every rank what rank 0's
+part did, so that a failure there is raised on every rank instead of leaving them waiting.
+
+A slice that is one run of bytes in the file (FSDP2 shards dim 0, so each rank's rows are) is
+read with `pread` straight into the rank's shard: no memory map, no staging copy. Any other
+slice is read through safetensors' `get_slice`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError, ShapeMismatchError
+from .files import open_regular, resolve_checkpoint_path
+from .header import Header, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["load_into", "load_model", "load_training_state", "save", "shard_model"]
+
+
+def shard_model(model: torch.nn.Module, mesh: DeviceMesh) -> None:
+    """The default `shard=` of `load_model`: FSDP2's `fully_shard` on each top-level child that
+    holds parameters (on each member of a ModuleList or ModuleDict child, which have no forward
+    of their own to gather around), then on the root.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = MultiTaskUNet(base_filters=64)
+        >>> shard_model(model, init_device_mesh("cuda", (8,)))
+    """
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if isinstance(child, torch.nn.ModuleDict):
+            members = list(child.values())
+        elif isinstance(child, torch.nn.ModuleList):
+            members = list(child)
+        else:
+            members = [child]
+        for member in members:
+            if any(True for _ in member.parameters()):
+                fully_shard(member, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def load_model(
+    checkpoint_path: str | os.PathLike,
+    *,
+    mesh: DeviceMesh,
+    shard: Callable[[torch.nn.Module, DeviceMesh], Any] = shard_model,
+    verify: bool = False,
+    **overrides: Any,
+) -> torch.nn.Module:
+    """Rebuild a checkpoint's model sharded over `mesh`, each rank reading only its own slices.
+
+    Call it on every rank. The model is built on the meta device from the checkpoint's config
+    (no memory, no random init), checked against the file's shapes, sharded by `shard`, given
+    memory for its own shards only, and filled from the file (see `load_into`). Tensors keep
+    the file's dtypes, as `ckptfmt.load_model` gives them. Buffers (BatchNorm statistics) are
+    replicated: each rank reads them whole. The model is returned in eval mode.
+
+    Args:
+        checkpoint_path: a .safetensors written by ckptfmt, a sharded checkpoint's index, or
+            the folder holding either.
+        mesh: the DeviceMesh to shard over, e.g. `init_device_mesh("cuda", (world_size,))`;
+            the shards go to its device type.
+        shard: called as `shard(model, mesh)` on the meta model, before any memory is given
+            to it; it shards the model in place. By default FSDP2 on each top-level child and
+            the root (`shard_model`). Pass your own for another policy: a `fully_shard` with a
+            `shard_placement_fn`, a mixed-precision policy, tensor parallelism.
+        verify: check the weights digest first (each rank reads the whole file once).
+        **overrides: config fields to change, checked against the weights before building.
+
+    Raises:
+        ShapeMismatchError: the config (with overrides) does not fit the weights, or the
+            architecture has buffers the file has no values for.
+        LegacyCheckpointError: a `.pth`; convert it first (`ckptfmt convert`).
+
+    Example:
+        >>> dist.init_process_group("nccl")   # torchrun --nproc-per-node 8 train.py
+        >>> mesh = init_device_mesh("cuda", (dist.get_world_size(),))
+        >>> model = ckptfmt.distributed.load_model("runs/best_model.safetensors", mesh=mesh)
+    """
+    import torch
+
+    from .checkpoint import open_checkpoint
+    from .errors import LegacyCheckpointError
+    from .registry import get_model_entry
+
+    opened = open_checkpoint(checkpoint_path, overrides=overrides)
+    if opened.header is None:
+        raise LegacyCheckpointError(
+            "is a legacy checkpoint, which cannot be read in slices; convert it first "
+            "(`ckptfmt convert`), then load the .safetensors it gives",
+            path=opened.path,
+        )
+    if verify:
+        from .digest import check_digest
+
+        check_digest(opened.header)
+    model = get_model_entry(opened.config.model_type).build_on_meta(opened.config.params)
+    state = model.state_dict()
+    unsaved = [name for name, _ in model.named_buffers() if name not in state]
+    if unsaved:
+        raise ShapeMismatchError(
+            f"the file has no values for {', '.join(unsaved[:5])}: buffers that the architecture does not save "
+            "(persistent=False), which a model built on the meta device cannot fill. Load it in one "
+            "process with ckptfmt.load_model",
+            path=opened.path,
+        )
+    _take_file_dtypes(model, opened.header)
+    shard(model, mesh)
+    model.to_empty(device=mesh.device_type)
+    with torch.no_grad():
+        load_into(model, opened.path)
+    return model.eval()
+
+
+def load_into(model: torch.nn.Module, checkpoint_path: str | os.PathLike, *, strict: bool = True,
+              verify: bool = False) -> None:
+    """Fill a model, sharded or not, from a checkpoint, each rank reading only its own slices.
+
+    For each tensor of the model's state dict (torch's `get_model_state_dict`), a DTensor
+    reads the box of the global tensor that this rank holds, and a plain tensor (a replicated
+    buffer) reads all of it; then `set_model_state_dict` sets them. Nothing else is read. The
+    file's shapes are checked first; a tensor of another floating-point dtype is cast.
+
+    Args:
+        model: the model, e.g. built on the meta device, sharded with `fully_shard`, then
+            given memory with `model.to_empty(device=...)`.
+        checkpoint_path: a .safetensors file, a sharded checkpoint's index, or their folder.
+        strict: every tensor of the model must be in the file and every tensor of the file
+            in the model, as in `load_state_dict`.
+        verify: check the weights digest first (each rank reads the whole file once).
+
+    Raises:
+        ShapeMismatchError: a tensor is missing, unexpected, or of another shape or kind.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = MyNet(width=4096)
+        >>> for block in model.blocks:
+        ...     fully_shard(block, mesh=mesh)
+        >>> fully_shard(model, mesh=mesh)
+        >>> model.to_empty(device="cuda")
+        >>> ckptfmt.distributed.load_into(model, "runs/best_model.safetensors")
+    """
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    from .shapes import check_state
+    from .tensors import DTYPE_NAMES
+
+    path = resolve_checkpoint_path(checkpoint_path)
+    header = read_header(path)
+    if verify:
+        from .digest import check_digest
+
+        check_digest(header)
+    targets = get_model_state_dict(model)
+    held = {name: (tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype))) for name, t in targets.items()}
+    problems = check_state(held, header.shapes(), header.dtypes(), strict=strict)
+    if problems:
+        more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise ShapeMismatchError(f"the model does not fit the file: it expects {problems[0]}{more}", path=path)
+    aliases = header.aliases
+    reader = _SliceReader()
+    try:
+        with torch.no_grad():
+            for name, target in targets.items():
+                info = header.tensors.get(aliases.get(name, name))
+                if info is None:  # strict=False: left as it is
+                    continue
+                if isinstance(target, DTensor):
+                    local = target.to_local()
+                    offsets, sizes = _local_box(target, name, path)
+                    reader.read(info, offsets, sizes, local)
+                else:
+                    reader.read(info, (0,) * target.dim(), tuple(target.shape), target)
+    finally:
+        reader.close()
+    set_model_state_dict(model, targets, options=StateDictOptions(strict=strict))
+
+
+def _local_box(tensor: Any, name: str, path: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Where this rank's local tensor sits in the global one: (offsets, sizes), from the
+    DTensor's own account (the chunk list torch.distributed.checkpoint plans with)."""
+    chunks = tensor.__create_chunk_list__()
+    local_shape = tuple(tensor.to_local().shape)
+    if len(chunks) != 1 or tuple(chunks[0].sizes) != local_shape:
+        raise ConfigError(
+            f"tensor {name!r} is laid out over the mesh as {tensor.placements}, which is not one box of the "
+            "global tensor per rank; shard it with Shard and Replicate placements",
+            path=path,
+        )
+    return tuple(chunks[0].offsets), local_shape
+
+
+class _SliceReader:
+    """Reads boxes of tensors out of a checkpoint's files, keeping each file open once."""
+
+    def __init__(self) -> None:
+        self._descriptors: dict[Path, int] = {}
+        self._handles: dict[Path, Any] = {}
+
+    def read(self, info: TensorInfo, offsets: tuple[int, ...], sizes: tuple[int, ...], out: torch.Tensor) -> None:
+        """Fill `out` with the box `offsets`, `sizes` of the tensor `info` describes."""
+        import torch
+
+        from .tensors import TORCH_DTYPES
+
+        count = math.prod(sizes)
+        if count == 0:
+            return
+        span = _contiguous_span(info.shape, offsets, sizes)
+        if span is None:
+            piece = self._handle(info.file).get_slice(info.name)[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))]
+            out.copy_(piece.reshape(out.shape))
+            return
+        dtype = TORCH_DTYPES[info.dtype]
+        direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
+        buffer = out if direct else torch.empty(sizes, dtype=dtype)
+        itemsize = buffer.element_size()
+        view = buffer.detach().reshape(-1).view(torch.uint8).numpy()
+        self._pread_into(info.file, memoryview(view), info.base + info.start + span * itemsize, info)
+        if not direct:
+            out.copy_(buffer.reshape(out.shape))
+
+    def _pread_into(self, file: Path, view: memoryview, position: int, info: TensorInfo) -> None:
+        if file not in self._descriptors:
+            self._descriptors[file] = open_regular(file, error=errors.HeaderError)
+        fd, done = self._descriptors[file], 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], position + done)
+            if got == 0:
+                raise errors.HeaderError(f"ends inside tensor {info.name!r}; it is truncated", path=file)
+            done += got
+
+    def _handle(self, file: Path) -> Any:
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file]
+
+    def close(self) -> None:
+        for fd in self._descriptors.values():
+            os.close(fd)
+        self._descriptors.clear()
+        self._handles.clear()
+
+
+def _contiguous_span(shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> int | None:
+    """The index of the first element of a box that is one run of the tensor in C order, or
+    None: it is one run when every dimension before the first that it cuts has size 1 in it
+    and every dimension after that one is whole.
+
+    Example:
+        >>> _contiguous_span((6, 4), (2, 0), (3, 4)), _contiguous_span((6, 4), (0, 1), (6, 2))
+        (8, None)
+    """
+    cut = 0
+    while cut < len(shape) and sizes[cut] == 1:
+        cut += 1
+    if any(offsets[i] != 0 or sizes[i] != shape[i] for i in range(cut + 1, len(shape))):
+        return None
+    first = 0
+    for dim, offset in zip(shape, offsets):
+        first = first * dim + offset
+    return first
+
+
+def _take_file_dtypes(model: torch.nn.Module, header: Header) -> None:
+    """Give the meta model's floating-point tensors the dtypes the file holds them in, as
+    `ckptfmt.load_model` does by taking the file's tensors."""
+    import torch
+
+    from .tensors import TORCH_DTYPES
+
+    dtypes = header.dtypes()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                dtype = TORCH_DTYPES.get(dtypes.get(prefix + name, ""))
+                if tensor is None or dtype is None or tensor.dtype == dtype or not tensor.is_floating_point():
+                    continue
+                converted = tensor.to(dtype)
+                if isinstance(tensor, torch.nn.Parameter):
+                    converted = torch.nn.Parameter(converted, requires_grad=tensor.requires_grad)
+                table[name] = converted
+
+
+# -- saving and resuming --------------------------------------------------------------------
+
+
+def save(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    config: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    epoch: int | None = None,
+    metrics: Mapping[str, float] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
+    **fields: Any,
+) -> Path:
+    """Save a sharded model as one self-describing checkpoint (or shards and an index).
+
+    Call it on every rank. The full state dict is gathered to rank 0's CPU memory (and the
+    full optimizer state, when an optimizer is given); rank 0 writes them with ckptfmt's
+    writer, exactly as `ckptfmt.save` writes a model in one process: config from the
+    arguments the model was built with, training record, atomic write, read back and
+    compared, digest, sidecar, the optimizer companion. Replicated buffers are rank 0's.
+
+    Rank 0 needs host memory for one full copy of the weights (and of the optimizer state).
+
+    Args:
+        model: a model sharded with FSDP2 (or any model; it need not be sharded).
+        path: where to write (on rank 0's file system).
+        optimizer: its full state goes to the companion `NAME.optimizer.safetensors`, keyed by
+            parameter name, for `load_training_state` on any number of ranks.
+        config, scheduler, scaler, epoch, metrics, overwrite, max_shard_size, fields: as for
+            `ckptfmt.save`.
+
+    Returns:
+        The path written, on every rank.
+
+    Raises:
+        Whatever `ckptfmt.save` raises, on every rank: rank 0's error is sent to the others.
+
+    Example:
+        >>> ckptfmt.distributed.save(model, "runs/step_1000.safetensors", optimizer=optimizer,
+        ...                          epoch=3, max_shard_size="5GB")
+        PosixPath('runs/step_1000.safetensors.index.json')
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    from .checkpoint import save as save_checkpoint
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state_dict = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+
+    def write() -> Path:
+        return save_checkpoint(
+            model, path, state_dict=_tied(model, state_dict), config=config, optimizer=optimizer_state,
+            scheduler=scheduler, scaler=scaler, epoch=epoch, metrics=metrics, overwrite=overwrite,
+            max_shard_size=max_shard_size, **fields,
+        )
+
+    return _shared(_on_rank0(write))
+
+
+def _tied(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The gathered state dict with tied parameters as one tensor again, as a model's own
+    state dict has them, so that the file stores them once (the gather copies each name)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    tied = dict(state_dict)
+    for group in names.values():
+        present = [name for name in group if name in tied]
+        for alias in present[1:]:
+            tied[alias] = tied[present[0]]
+    return tied
+
+
+def load_training_state(
+    checkpoint_path: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: Any = None,
+    scaler: Any = None,
+) -> dict[str, Any]:
+    """Restore, on every rank, the optimizer, scheduler and scaler saved with a checkpoint,
+    and return its training record.
+
+    Call it on every rank, after loading the model (`load_model`) and building the optimizer
+    over its parameters as when saving. Rank 0 reads the companion (its digest checked) and
+    torch's `set_optimizer_state_dict` (`full_state_dict=True, broadcast_from_rank0=True`)
+    sends each rank the part of the state that belongs to its shards; the scheduler's and the
+    scaler's states are sent whole. Rank 0 holds the full optimizer state while it does.
+    A companion saved in one process (`ckptfmt.save(..., optimizer=)`) resumes the same way.
+
+    Raises:
+        CheckpointNotFoundError: one of them was asked for and not saved.
+        IntegrityError, HeaderError: the companion is damaged or not the checkpoint's.
+        ConfigError: a saved state does not fit the object given.
+
+    Example:
+        >>> model = ckptfmt.distributed.load_model(path, mesh=mesh).train()
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> ckptfmt.distributed.load_training_state(path, model, optimizer)["epoch"]
+        3
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from .training import companion_path, read_training_state
+
+    path = resolve_checkpoint_path(checkpoint_path)
+    training = read_header(path).training()
+    wanted = {name: target for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
+              if target is not None}
+    if not wanted:
+        return training
+
+    def read() -> dict[str, Any]:
+        binding = training.get("optimizer")
+        sections = read_training_state(companion_path(path, binding), sha256=binding["sha256"]) if binding else {}
+        for name in wanted:
+            if name not in sections:
+                raise CheckpointNotFoundError(
+                    f"was saved without {name} state; pass {name}= to ckptfmt.distributed.save to keep it", path=path
+                )
+        if optimizer is not None:
+            sections["optimizer"] = _keyed_by_name(sections["optimizer"], model, optimizer, path)
+        return sections
+
+    sections = _shared(_on_rank0(read, share=lambda s: {k: v for k, v in s.items() if k in ("scheduler", "scaler")}))
+    if optimizer is not None:
+        # The broadcast gives tuples (AdamW's betas) back as lists: they are made tuples again, as
+        # the optimizer has them, so that saving again writes the same companion.
+        tuples = [{key for key, value in group.items() if isinstance(value, tuple)} for group in optimizer.param_groups]
+        try:
+            set_optimizer_state_dict(
+                model, optimizer, sections.get("optimizer", {}) if dist.get_rank() == 0 else {},
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            )
+        except Exception as exc:  # torch's own checks, whatever they raise
+            raise ConfigError(
+                f"its saved optimizer state does not fit the {type(optimizer).__name__} given ({type(exc).__name__}: "
+                f"{(str(exc).strip().splitlines() or [''])[0][:200]}); build it as it was built when saved",
+                path=path,
+            ) from None
+        for group, keys in zip(optimizer.param_groups, tuples):
+            group.update({key: tuple(group[key]) for key in keys if isinstance(group.get(key), list)})
+    for name in ("scheduler", "scaler"):
+        if name in wanted:
+            _restore(name, wanted[name], sections[name], path)
+    return training
+
+
+def _keyed_by_name(state: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> Any:
+    """An optimizer state dict keyed by parameter name, as `set_optimizer_state_dict` takes it.
+    One saved in one process is keyed by position in the param groups: each position is
+    named after the parameter that holds it in `optimizer`."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups) or any(
+        not isinstance(saved, dict) or len(saved.get("params", ())) != len(live["params"])
+        for saved, live in zip(groups, optimizer.param_groups)
+    ):
+        raise ConfigError(
+            f"its saved optimizer state does not fit the {type(optimizer).__name__} given (other param groups or "
+            "parameter counts); build it over the same parameters, in the same order, as when saved",
+            path=path,
+        )
+    if all(isinstance(key, str) for group in groups for key in group["params"]):
+        return state
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    renamed: dict[Any, str] = {}
+    for saved, live in zip(groups, optimizer.param_groups):
+        renamed.update({key: names[id(parameter)] for key, parameter in zip(saved["params"], live["params"])})
+    return {
+        "state": {renamed[key]: value for key, value in state.get("state", {}).items()},
+        "param_groups": [{**group, "params": [renamed[key] for key in group["params"]]} for group in groups],
+    }
+
+
+def _restore(name: str, target: Any, state: Any, path: Path) -> None:
+    try:
+        target.load_state_dict(state)
+    except Exception as exc:  # torch's own checks, whatever they raise
+        raise ConfigError(
+            f"its saved {name} state does not fit the {type(target).__name__} given ({type(exc).__name__}: "
+            f"{(str(exc).strip().splitlines() or [''])[0][:200]}); build it as it was built when saved",
+            path=path,
+        ) from None
+
+
+# -- rank 0's part, and telling the others --------------------------------------------------
+
+
+def _on_rank0(work: Callable[[], Any], *, share: Callable[[Any], Any] = lambda result: result) -> tuple:
+    """Run `work` on rank 0 and tell every rank how it went: `(result on rank 0, shared)`,
+    where `shared` is `share(result)`, sent to every rank. An error on rank 0 is raised on
+    every rank (rank 0 raises its own), so that no rank goes on to wait for the others."""
+    import torch.distributed as dist
+
+    outcome: list[Any] = [None]
+    result = error = None
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+            outcome = [("ok", share(result))]
+        except BaseException as exc:
+            error = exc
+            kind = type(exc).__name__ if isinstance(exc, CkptfmtError) else None
+            outcome = [("error", kind, getattr(exc, "message", f"{type(exc).__name__}: {exc}"),
+                        getattr(exc, "path", None))]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    status, *rest = outcome[0]
+    if status == "error":
+        kind, message, path = rest
+        cls = getattr(errors, kind, None) if kind else None
+        if not (isinstance(cls, type) and issubclass(cls, CkptfmtError)):
+            cls, message = CkptfmtError, f"rank 0 failed: {message}"
+        raise cls(message, path=path)
+    return result, rest[0]
+
+
+def _shared(outcome: tuple) -> Any:
+    """The result on rank 0, what rank 0 shared elsewhere."""
+    import torch.distributed as dist
+
+    result, shared = outcome
+    return result if dist.get_rank() == 0 else shared

@@ -1,0 +1,156 @@
+"""One rank of the 2-rank runs of test_distributed.py, started by it as a user's launcher would
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment, one fresh process per rank).
+
+    python tests/distributed_ranks.py WORKDIR
+
+WORKDIR holds `big/model.safetensors` and `big_sharded/` (written by the test). Each rank writes what
+it saw to `WORKDIR/rank{N}.json`, and the checkpoints and outputs the test then checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
+
+import ckptfmt
+import ckptfmt.distributed
+from ckptfmt.models.multitask_unet import MultiTaskUNet
+
+STEPS, STOP = 6, 3
+SMALL = {"base_filters": 4, "depth": 2}
+
+
+def batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same global batch for a step however many ranks there are; each rank takes its part."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(8, 1, 16, 16, generator=generator)
+    mask = (torch.rand(8, 1, 16, 16, generator=generator) > 0.5).float()
+    label = torch.randint(0, 2, (8,), generator=generator)
+    return x.chunk(world)[rank], mask.chunk(world)[rank], label.chunk(world)[rank]
+
+
+def train(model, optimizer, steps, rank, world) -> None:
+    for step in steps:
+        x, mask, label = batch(step, rank, world)
+        seg, cls = model(x)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(seg, mask) + torch.nn.functional.cross_entropy(cls, label)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def new_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def restart_peak() -> bool:
+    """Restart this process's peak resident memory (VmHWM) from its present size, where Linux
+    lets a process do so."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak, and the bytes it has read (read and
+    pread calls, whatever the page cache held), from /proc."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {"rss": int(status["VmRSS"].split()[0]) * 1024, "peak": int(status["VmHWM"].split()[0]) * 1024,
+            "read": int(io["rchar"])}
+
+
+def outputs(model, path: Path) -> None:
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        seg, cls = model.eval()(x)
+    save_file({"seg": seg.contiguous(), "cls": cls.contiguous()}, path)
+
+
+def error_of(action) -> dict[str, str] | None:
+    try:
+        action()
+    except ckptfmt.CkptfmtError as exc:
+        return {"type": type(exc).__name__, "message": str(exc)}
+    return None
+
+
+def main(work: Path) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    report: dict = {"rank": rank}
+
+    # Train, save (one file, and shards), save a DCP folder too, train on: "never stopping".
+    torch.manual_seed(0)
+    model = MultiTaskUNet(**SMALL)
+    ckptfmt.distributed.shard_model(model, mesh)
+    optimizer = new_optimizer(model)
+    train(model, optimizer, range(STOP), rank, world)
+    report["saved"] = str(ckptfmt.distributed.save(model, work / "first/model.safetensors", optimizer=optimizer, epoch=STOP,
+                                                   description="two ranks"))
+    ckptfmt.distributed.save(model, work / "first_sharded/model.safetensors", max_shard_size="20KB")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    # Each rank has its own BatchNorm statistics (FSDP2 does not sync buffers): keep rank 0's, as
+    # ckptfmt.distributed.save does, to compare the two.
+    dcp.save({"model": model_state, "optim": optimizer_state, "extra": {"epoch": STOP, "note": "two ranks"}},
+             storage_writer=dcp.FileSystemWriter(work / "dcp"), planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+    train(model, optimizer, range(STOP, STEPS), rank, world)
+    ckptfmt.distributed.save(model, work / "straight/model.safetensors", optimizer=optimizer)
+    report["exists"] = error_of(lambda: ckptfmt.distributed.save(model, work / "straight/model.safetensors"))
+
+    # Resume from the first save on fresh objects: each rank reads its slices, then the optimizer.
+    resumed = ckptfmt.distributed.load_model(work / "first/model.safetensors", mesh=mesh).train()
+    optimizer = new_optimizer(resumed)
+    report["record"] = ckptfmt.distributed.load_training_state(work / "first/model.safetensors", resumed, optimizer)
+    train(resumed, optimizer, range(STOP, STEPS), rank, world)
+    ckptfmt.distributed.save(resumed, work / "resumed/model.safetensors", optimizer=optimizer)
+
+    # A larger model, loaded in slices: what this rank's memory and reads grew by.
+    peak_restarted = restart_peak()
+    before = memory()
+    big = ckptfmt.distributed.load_model(work / "big/model.safetensors", mesh=mesh)
+    after = memory()
+    report["big_load"] = {"peak_growth": after["peak"] - before["rss"] if peak_restarted else None,
+                          "read": after["read"] - before["read"],
+                          "local_bytes": sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else
+                                             t.numel() * t.element_size() for t in big.state_dict().values())}
+    outputs(big, work / f"big_rank{rank}.safetensors")
+    outputs(ckptfmt.distributed.load_model(work / "big_sharded", mesh=mesh), work / f"big_sharded_rank{rank}.safetensors")
+
+    # A model the user sharded, along dim 1 where FSDP2 can (even sizes): slices that are not one
+    # run of bytes.
+    with torch.device("meta"):
+        own = MultiTaskUNet(base_filters=64, depth=3)
+    fully_shard(own, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.ndim > 1 and p.shape[1] % world == 0 else None)
+    own.to_empty(device="cpu")
+    ckptfmt.distributed.load_into(own, work / "big/model.safetensors")
+    report["placements"] = sorted({str(t.placements) for t in own.state_dict().values() if hasattr(t, "placements")})
+    outputs(own, work / f"own_rank{rank}.safetensors")
+
+    with torch.device("meta"):
+        other = MultiTaskUNet(base_filters=32, depth=3)
+    fully_shard(other, mesh=mesh)
+    other.to_empty(device="cpu")
+    report["mismatch"] = error_of(lambda: ckptfmt.distributed.load_into(other, work / "big/model.safetensors"))
+
+    (work / f"rank{rank}.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
