@@ -1,5 +1,5 @@
 """Distributed models: FSDP2 on two ranks (CPU, gloo), each a fresh process, saving to one
-self-describing checkpoint, loading back in slices, resuming.
+self-describing checkpoint, loading back in slices, resuming; and DCP folders converted safely.
 
 The two ranks run once for the module (tests/distributed_ranks.py, with a timeout); the tests
 check what they wrote.
@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 import ckptfmt
-from ckptfmt import ModelConfig, read_header
+from ckptfmt import LegacyCheckpointError, ModelConfig, UnsafePickleError, read_header
+from ckptfmt.dcp import read_dcp_metadata, read_dcp_state_dict
 from ckptfmt.models.multitask_unet import MultiTaskUNet
 from ckptfmt.training import read_training_state
 
@@ -153,3 +157,88 @@ def test_errors_on_rank_0_are_raised_on_every_rank(ranks):
         "message": f"{work / 'big/model.safetensors'}: the model does not fit the file: it expects enc.0.0.weight "
                    "[32, 1, 3, 3]; the file has [64, 1, 3, 3], and 77 more",
     }] * WORLD
+
+
+def test_a_dcp_folder_from_two_ranks_reads_back_whole(ranks):
+    work, _ = ranks
+    saved = read_dcp_state_dict(work / "dcp")
+    assert sorted(saved) == ["extra", "model", "optim"]
+    assert state_dicts_bit_identical(saved["model"], ckptfmt.read_state_dict(work / "first/model.safetensors"))
+    assert saved["extra"] == {"epoch": 3, "note": "two ranks"}
+    assert saved["optim"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert sorted(saved["optim"]["state"]) == sorted(name for name, _ in MultiTaskUNet(4, 2).named_parameters())
+
+
+def write_dcp_folder(folder: Path, state_dict: dict) -> Path:
+    """A DCP folder as one process writes it (torch warns that it found no process group)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state_dict, checkpoint_id=folder, no_dist=True)
+    return folder
+
+
+@pytest.fixture
+def evil_marker(tmp_path):
+    marker = tmp_path / "payload_ran"
+    yield marker
+    assert not marker.exists(), "the payload ran"
+
+
+class Payload:
+    """Unpickled, it would run a shell command; nothing here may ever unpickle it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_dcp_metadata_runs_nothing(tmp_path, evil_marker):
+    """Regression: torch's FileSystemReader.read_metadata unpickles .metadata with plain
+    pickle.load, which runs the payload."""
+    folder = write_dcp_folder(tmp_path / "evil", {"w": torch.ones(3)})
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload(evil_marker)))
+    with pytest.raises(UnsafePickleError) as excinfo:
+        read_dcp_metadata(folder)
+    assert str(excinfo.value) == (
+        f"{folder / '.metadata'}: needs the global posix.system, which a DCP .metadata never holds (only DCP's "
+        "metadata classes, torch.Size, dtypes and paths); refused without running it. The folder was crafted or "
+        "damaged; re-save it with torch.distributed.checkpoint"
+    )
+
+
+def test_a_malicious_value_in_a_dcp_folder_runs_nothing(tmp_path, evil_marker):
+    """Regression: torch's DefaultLoadPlanner and dcp_to_torch_save torch.load non-tensor values
+    with weights_only=False, which runs the payload."""
+    folder = write_dcp_folder(tmp_path / "evil_value", {"w": torch.ones(3), "note": Payload(evil_marker)})
+    with pytest.raises(UnsafePickleError, match=r"value 'note' is a pickle that torch's weights-only loader refuses"):
+        read_dcp_state_dict(folder)
+
+
+def _edit_metadata(folder: Path, edit) -> None:
+    """Rewrite a DCP folder's .metadata (trusted here: the test wrote it) after `edit`."""
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    edit(metadata)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda md: [setattr(info, "relative_path", "../elsewhere/__0_0.distcp") for info in md.storage_data.values()],
+     "the file of 'w' must be a plain file name in the checkpoint's folder, not '../elsewhere/__0_0.distcp'; the "
+     "file is damaged or was crafted to read elsewhere"),
+    (lambda md: [setattr(info, "relative_path", "/etc/passwd") for info in md.storage_data.values()],
+     "the file of 'w' must be a plain file name in the checkpoint's folder, not '/etc/passwd'"),
+    (lambda md: [setattr(info, "length", 10**9) for info in md.storage_data.values()],
+     "'w' is stored at bytes"),
+    (lambda md: setattr(md.state_dict_metadata["w"], "size", torch.Size([10**9])),
+     "the chunks of 'w' do not cover it exactly once; the folder is damaged or was crafted"),
+], ids=["path traversal", "absolute path", "bytes outside the file", "size larger than its chunks"])
+def test_a_dcp_metadata_that_reads_outside_its_folder_or_its_bytes_is_refused(tmp_path, edit, message):
+    (tmp_path / "elsewhere").mkdir()
+    folder = write_dcp_folder(tmp_path / "dcp", {"w": torch.ones(3)})
+    (tmp_path / "elsewhere/__0_0.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())
+    _edit_metadata(folder, edit)
+    with pytest.raises(LegacyCheckpointError) as excinfo:
+        read_dcp_state_dict(folder)
+    assert message in str(excinfo.value) and str(excinfo.value).startswith(f"{folder / '.metadata'}: ")

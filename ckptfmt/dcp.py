@@ -1,0 +1,401 @@
+"""Reading a torch.distributed.checkpoint (DCP) folder, `.metadata` + `*.distcp`, without
+running code from it, for `convert`.
+
+DCP's `.metadata` is a pickle, and torch's own ways of opening a folder run whatever it holds:
+`FileSystemReader.read_metadata` calls plain `pickle.load`, and every non-tensor value goes
+through `torch.load(weights_only=False)` (`DefaultLoadPlanner.load_bytes`, `dcp_to_torch_save`,
+`torch_save_to_dcp`, `BroadcastingTorchSaveReader`). None of them is used here:
+
+- `.metadata` is unpickled with an allow-list: DCP's metadata classes, torch.Size, dtypes,
+  layouts, paths and OrderedDict. Any other global (`os.system`, ...) is refused by name
+  before anything is called; so is a persistent id.
+- What it unpickled is checked before it is used: exact types; each tensor's chunks are boxes
+  inside it that tile it exactly; each stored item names a plain file in the folder (no `../`,
+  no separator), a regular file, and a byte range inside it; stream transforms (compression),
+  which this reader does not undo, are refused. A tensor is only allocated once its stored
+  chunks are known to hold at least its bytes, so memory is bounded by the files' real size,
+  not by what the metadata declares.
+- Each tensor chunk and each non-tensor value is a `torch.save` blob, read with
+  `torch.load(weights_only=True)`.
+
+The flat keys DCP stores (`model.conv.weight`, `optim.param_groups.0.lr`) are put back in
+their nested places with the paths DCP records (an int step is a list index, as DCP's own
+`set_element` has it), and what the folder held is then sorted into weights, training record
+and companion exactly as a legacy `.pth` is (see `layouts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pathlib
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from .errors import CkptfmtError, LegacyCheckpointError, UnsafePickleError
+from .files import check_plain_name, open_regular, read_capped
+
+__all__ = [
+    "DCP_METADATA",
+    "SERIALIZATION",
+    "dcp_folder_sha256",
+    "is_dcp_folder",
+    "read_dcp_checkpoint",
+    "read_dcp_metadata",
+    "read_dcp_state_dict",
+]
+
+DCP_METADATA = ".metadata"
+SERIALIZATION = "torch.distributed.checkpoint"
+# A .metadata holds one record per tensor chunk: a few MB for a large model saved on many ranks.
+MAX_METADATA_BYTES = 1 << 30
+# The chunks a metadata may describe in all, counting a shared (memoized) list once per use: far
+# above a large model on thousands of ranks, far below what a pickle that multiplies references
+# would make us walk.
+MAX_CHUNKS = 10_000_000
+
+
+def is_dcp_folder(path: str | os.PathLike) -> bool:
+    """True for a folder that holds a DCP checkpoint (its `.metadata` file)."""
+    path = Path(path)
+    return path.is_dir() and (path / DCP_METADATA).is_file()
+
+
+def dcp_folder_sha256(folder: str | os.PathLike) -> str:
+    """The source digest of a DCP folder, as provenance records it: SHA-256 over its
+    `.metadata` and `*.distcp` files in name order, each as the JSON record `[name, size]`, a
+    newline, and its bytes.
+
+    Example:
+        >>> dcp_folder_sha256("runs/step_1000")  # doctest: +SKIP
+        '5d41402a...'
+    """
+    folder = Path(folder)
+    sha = hashlib.sha256()
+    names = sorted(p.name for p in folder.iterdir() if p.name == DCP_METADATA or p.name.endswith(".distcp"))
+    buffer = memoryview(bytearray(8 << 20))
+    for name in names:
+        fd = open_regular(folder / name, error=LegacyCheckpointError)
+        try:
+            sha.update(json.dumps([name, os.fstat(fd).st_size]).encode() + b"\n")
+            position = 0
+            while got := os.preadv(fd, [buffer], position):
+                sha.update(buffer[:got])
+                position += got
+        finally:
+            os.close(fd)
+    return sha.hexdigest()
+
+
+def _allowed() -> dict[tuple[str, str], Any]:
+    import torch
+    from torch.distributed.checkpoint import metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo  # what .metadata names, private or not
+
+    allowed: dict[tuple[str, str], Any] = {
+        ("torch.distributed.checkpoint.metadata", name): getattr(metadata, name)
+        for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                     "MetadataIndex", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+    }
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    # torch pickles a layout as a call of this with its name; it looks the name up, nothing more.
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
+    # StorageMeta.checkpoint_id: a path is data.
+    allowed.update({("pathlib", name): getattr(pathlib, name)
+                    for name in ("Path", "PosixPath", "PurePath", "PurePosixPath", "PureWindowsPath", "WindowsPath")})
+    allowed[("collections", "OrderedDict")] = OrderedDict
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(io.BytesIO(data))
+        self._allowed = _allowed()
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"needs the global {module}.{name}, which a DCP .metadata never holds (only DCP's metadata "
+                "classes, torch.Size, dtypes and paths); refused without running it. The folder was crafted "
+                "or damaged; re-save it with torch.distributed.checkpoint",
+                path=self._path,
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError("uses a persistent id, which a DCP .metadata never does; refused", path=self._path)
+
+
+def read_dcp_metadata(folder: str | os.PathLike) -> Any:
+    """A DCP folder's `.metadata`, unpickled with an allow-list and checked (see the module).
+
+    Returns:
+        torch.distributed.checkpoint.metadata.Metadata.
+
+    Raises:
+        UnsafePickleError: it needs a global outside the allow-list (named).
+        LegacyCheckpointError: it is malformed, or names a file outside the folder or a byte
+            range outside its file.
+
+    Example:
+        >>> metadata = read_dcp_metadata("runs/step_1000")
+        >>> metadata.state_dict_metadata["model.fc.weight"].size
+        torch.Size([10, 256])
+    """
+    folder = Path(folder)
+    path = folder / DCP_METADATA
+    raw = read_capped(path, limit=MAX_METADATA_BYTES, what="a DCP .metadata", error=LegacyCheckpointError)
+    try:
+        metadata = _RestrictedUnpickler(raw, path).load()
+    except CkptfmtError:
+        raise
+    except Exception as exc:  # a truncated or malformed pickle, or a class refusing its state
+        raise LegacyCheckpointError(
+            f"is not a readable DCP metadata pickle ({type(exc).__name__}: {str(exc)[:200]}); it is damaged",
+            path=path,
+        ) from None
+    _check_metadata(metadata, folder, path)
+    return metadata
+
+
+def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+    )
+
+    from .tensors import DTYPE_NAMES
+
+    def fail(problem: str) -> LegacyCheckpointError:
+        return LegacyCheckpointError(f"{problem}; the folder is damaged or was crafted", path=path)
+
+    def sizes_of(value: Any, where: str) -> tuple[int, ...]:
+        if type(value) is not torch.Size or not all(type(v) is int and v >= 0 for v in value):
+            raise fail(f"{where} is not a size (non-negative ints): {str(value)[:100]}")
+        return tuple(value)
+
+    if type(metadata) is not Metadata:
+        raise fail(f"holds a {type(metadata).__name__}, not DCP's Metadata")
+    entries = metadata.state_dict_metadata
+    if type(entries) is not dict or not all(type(key) is str for key in entries):
+        raise fail("state_dict_metadata is not a dict keyed by name")
+    storage = metadata.storage_data
+    if type(storage) is not dict:
+        raise fail("storage_data is not a dict")
+    files: dict[str, int] = {}
+    items: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+    for index, info in storage.items():
+        if type(index) is not MetadataIndex or type(info) is not _StorageInfo:
+            raise fail(f"storage_data maps a {type(index).__name__} to a {type(info).__name__}")
+        name = check_plain_name(info.relative_path, key=f"the file of {index.fqn!r}", path=path,
+                                error=LegacyCheckpointError)
+        if name not in files:
+            fd = open_regular(folder / name, error=LegacyCheckpointError)
+            files[name] = os.fstat(fd).st_size
+            os.close(fd)
+        if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0 \
+                or info.offset + info.length > files[name]:
+            raise fail(f"{index.fqn!r} is stored at bytes {info.offset}+{info.length}, outside {name} "
+                       f"({files[name]} bytes)")
+        if info.transform_descriptors:
+            raise LegacyCheckpointError(
+                f"{index.fqn!r} is stored through {list(info.transform_descriptors)[:3]} (a compressed or "
+                "transformed stream), which ckptfmt does not read; re-save it without stream transforms",
+                path=path,
+            )
+        offset = None if index.offset is None else sizes_of(index.offset, f"the offset of {index.fqn!r}")
+        items[(index.fqn, offset)] = info
+    chunks = 0
+    for fqn, entry in entries.items():
+        if type(entry) is BytesStorageMetadata:
+            if (fqn, None) not in items:
+                raise fail(f"value {fqn!r} has no stored bytes")
+            continue
+        if type(entry) is not TensorStorageMetadata or type(entry.properties) is not TensorProperties:
+            raise fail(f"entry {fqn!r} is a {type(entry).__name__}")
+        if entry.properties.dtype not in DTYPE_NAMES:
+            raise fail(f"tensor {fqn!r} has dtype {entry.properties.dtype}, which safetensors cannot store")
+        size = sizes_of(entry.size, f"the size of {fqn!r}")
+        if type(entry.chunks) is not list:
+            raise fail(f"the chunks of {fqn!r} are not a list")
+        chunks += len(entry.chunks)
+        if chunks > MAX_CHUNKS:
+            raise fail(f"describes more than {MAX_CHUNKS:,} tensor chunks")
+        boxes = []
+        itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
+        for chunk in entry.chunks:
+            if type(chunk) is not ChunkStorageMetadata:
+                raise fail(f"a chunk of {fqn!r} is a {type(chunk).__name__}")
+            offsets, sizes = sizes_of(chunk.offsets, f"a chunk offset of {fqn!r}"), sizes_of(chunk.sizes, f"a chunk size of {fqn!r}")
+            if len(offsets) != len(size) or len(sizes) != len(size) or any(
+                    o + s > n for o, s, n in zip(offsets, sizes, size)):
+                raise fail(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size {list(size)}")
+            info = items.get((fqn, offsets))
+            if info is None:
+                raise fail(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes")
+            if info.length < math.prod(sizes) * itemsize:
+                raise fail(f"the chunk of {fqn!r} at {list(offsets)} needs {math.prod(sizes) * itemsize} bytes but "
+                           f"its record holds {info.length}")
+            boxes.append((offsets, sizes))
+        if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(size) or _overlap(boxes):
+            raise fail(f"the chunks of {fqn!r} do not cover it exactly once")
+    planner = metadata.planner_data
+    if planner is not None and (type(planner) is not dict or not all(
+            type(key) is str and type(steps) in (tuple, list) and steps
+            and all(type(step) in (str, int) and (type(step) is str or step >= 0) for step in steps)
+            for key, steps in planner.items())):
+        raise fail("planner_data is not a dict of key paths")
+
+
+def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
+    """Whether any two boxes share an element: a sweep along the dimension with the most
+    distinct starts, so chunks cut along one dimension (as DCP's are) cost a sort."""
+    boxes = [box for box in boxes if all(box[1])]
+    if len(boxes) < 2:
+        return False
+    sweep = max(range(len(boxes[0][0])), key=lambda d: len({o[d] for o, _ in boxes}))
+    boxes.sort(key=lambda box: box[0][sweep])
+    for i, (offsets, sizes) in enumerate(boxes):
+        for other, other_sizes in boxes[i + 1:]:
+            if other[sweep] >= offsets[sweep] + sizes[sweep]:
+                break
+            if all(o < p + q and p < o + s for o, s, p, q in zip(offsets, sizes, other, other_sizes)):
+                return True
+    return False
+
+
+def read_dcp_state_dict(folder: str | os.PathLike) -> dict[str, Any]:
+    """Everything a DCP folder holds, nested as it was saved: full tensors (the chunks of every
+    rank put together) and non-tensor values as plain data.
+
+    Example:
+        >>> saved = read_dcp_state_dict("runs/step_1000")   # dcp.save({"model": ..., "optim": ...})
+        >>> saved["model"]["fc.weight"].shape, saved["optim"]["param_groups"][0]["lr"]
+        (torch.Size([10, 256]), 0.001)
+    """
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(folder)
+    metadata = read_dcp_metadata(folder)
+    path = folder / DCP_METADATA
+    stored = {(index.fqn, None if index.offset is None else tuple(index.offset)): info
+              for index, info in metadata.storage_data.items()}
+    descriptors: dict[str, int] = {}
+    flat: dict[str, Any] = {}
+    try:
+        for fqn, entry in metadata.state_dict_metadata.items():
+            if type(entry) is not TensorStorageMetadata:
+                flat[fqn] = _load_blob(_read(descriptors, folder, stored[(fqn, None)]), fqn, path, tensor=False)
+                continue
+            tensor = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+            for chunk in entry.chunks:
+                offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+                piece = _load_blob(_read(descriptors, folder, stored[(fqn, offsets)]), fqn, path, tensor=True)
+                if tuple(piece.shape) != sizes or piece.dtype != tensor.dtype:
+                    raise LegacyCheckpointError(
+                        f"the chunk of {fqn!r} at {list(offsets)} holds a {piece.dtype} tensor of shape "
+                        f"{list(piece.shape)}, not the {tensor.dtype} {list(sizes)} its metadata says; it is damaged",
+                        path=path,
+                    )
+                tensor[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = piece
+            flat[fqn] = tensor
+    finally:
+        for fd in descriptors.values():
+            os.close(fd)
+    nested: dict[str, Any] = {}
+    for fqn, value in flat.items():
+        _place(nested, list((metadata.planner_data or {}).get(fqn, (fqn,))), value, fqn, path)
+    return nested
+
+
+def _read(descriptors: dict[str, int], folder: Path, info: Any) -> bytes:
+    name = info.relative_path
+    if name not in descriptors:
+        descriptors[name] = open_regular(folder / name, error=LegacyCheckpointError)
+    data = os.pread(descriptors[name], info.length, info.offset)
+    if len(data) != info.length:
+        raise LegacyCheckpointError(f"ends inside a stored item (at byte {info.offset}); it was truncated",
+                                    path=folder / name)
+    return data
+
+
+def _load_blob(data: bytes, fqn: str, path: Path, *, tensor: bool) -> Any:
+    import torch
+
+    try:
+        value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UnsafePickleError(
+            f"value {fqn!r} is a pickle that torch's weights-only loader refuses ({detail}); refused without "
+            "running it",
+            path=path,
+        ) from None
+    except Exception as exc:
+        raise LegacyCheckpointError(
+            f"the stored bytes of {fqn!r} are not a torch.save blob ({type(exc).__name__}: {str(exc)[:200]}); "
+            "the folder is damaged, or was saved in a format other than DCP's default (torch.save)",
+            path=path,
+        ) from None
+    if tensor and not isinstance(value, torch.Tensor):
+        raise LegacyCheckpointError(f"the stored chunk of {fqn!r} is a {type(value).__name__}, not a tensor", path=path)
+    return value
+
+
+def _place(root: dict[str, Any], steps: list[str | int], value: Any, fqn: str, path: Path) -> None:
+    """Put `value` at `steps` in `root`, making a dict for a str step and a list for an int
+    one, as DCP's own `set_element` does."""
+    container: Any = root
+    for step, following in zip(steps, steps[1:]):
+        empty: Any = {} if type(following) is str else []
+        if isinstance(container, dict):
+            container = container.setdefault(step, empty)
+        else:
+            if type(step) is not int:
+                raise LegacyCheckpointError(f"the key path of {fqn!r} indexes a list with {step!r}", path=path)
+            container.extend([None] * (step + 1 - len(container)))
+            if container[step] is None:
+                container[step] = empty
+            container = container[step]
+        if not isinstance(container, (dict, list)):
+            raise LegacyCheckpointError(f"the key path of {fqn!r} goes through a value", path=path)
+    last = steps[-1]
+    if isinstance(container, list):
+        if type(last) is not int:
+            raise LegacyCheckpointError(f"the key path of {fqn!r} indexes a list with {last!r}", path=path)
+        container.extend([None] * (last + 1 - len(container)))
+    container[last] = value
+
+
+def read_dcp_checkpoint(folder: str | os.PathLike, *, hash_source: bool = True) -> Any:
+    """A DCP folder, read safely and sorted as `convert` sorts a legacy file: the state dict
+    (under `model`, `state_dict` or another of `layouts.STATE_DICT_KEYS`, or the whole of it),
+    training record, companion (an optimizer state saved beside it, with torch's
+    `get_state_dict`, keyed by parameter name).
+
+    Returns:
+        A `layouts.LegacyCheckpoint` whose serialization is "torch.distributed.checkpoint".
+
+    Example:
+        >>> checkpoint = read_dcp_checkpoint("runs/step_1000")
+        >>> checkpoint.destinations
+        {'weights': ['model'], 'companion': ['optim'], 'training': ['extra']}
+    """
+    from .layouts import unwrap
+
+    folder = Path(folder)
+    checkpoint = unwrap(read_dcp_state_dict(folder), folder)
+    checkpoint.serialization = SERIALIZATION
+    checkpoint.sha256 = dcp_folder_sha256(folder) if hash_source else ""
+    return checkpoint
