@@ -35,7 +35,7 @@ from .errors import (
 from .files import open_regular, walk_files
 from .header import read_header
 from .identify import identify
-from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, read_legacy_checkpoint, sha256_file
+from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
 from .metadata import build_metadata, provenance_record
 from .shapes import check_shapes
 from .tensors import DTYPE_NAMES, placeholder, write_safetensors
@@ -156,7 +156,7 @@ def convert(
             return result
     check_writable(output, overwrite=force)
 
-    legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False)
+    legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False, mmap=True)
     state_dict = legacy.state_dict
     result.warnings.extend(legacy.notes)
     overrides = dict(overrides or {})
@@ -203,15 +203,24 @@ def convert(
         extra["identified"] = identified[0].record()
     provenance = provenance_record(source=source_record, **extra)
     metadata = build_metadata(resolved, training=training, provenance=provenance)
+    source_fd = open_regular(source, error=LegacyCheckpointError)
     try:
+        if legacy.mapped and file_identity(source_fd) != legacy.identity:
+            raise LegacyCheckpointError("changed while it was being converted; nothing was written. Convert it again",
+                                        path=source)
+        # Mapped tensors are copied from the source file by offset, and compared with it there.
+        sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
+                   if (offset := legacy.file_offset(tensor)) is not None}
         with ThreadPoolExecutor(max_workers=1) as helper:
             source_sha256 = helper.submit(sha256_file, source)
             digest = write_safetensors(output, state_dict, metadata, overwrite=force,
-                                       fill_in={sha_stand_in: source_sha256})
+                                       fill_in={sha_stand_in: source_sha256}, sources=sources)
     except BaseException:
         if written_here is not None:  # no companion is left behind without the weights it belongs to
             written_here.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(source_fd)
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
     if resolved is not None:
         result.sidecar = write_sidecar(output.parent, resolved, output.name, digest, overwrite=force)

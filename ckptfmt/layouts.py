@@ -92,6 +92,19 @@ class LegacyCheckpoint:
     config_origin: str | None = None
     pickled_model: str | None = None  # the class of a whole pickled model
     notes: list[str] = field(default_factory=list)  # what the user should know
+    # For a zip file read memory-mapped: each storage's data pointer -> its bytes' offset in the
+    # file, checked against the zip records (see legacy.py), so that a writer copies tensors
+    # from the file and never touches the mapping.
+    mapped: dict[int, int] = field(default_factory=dict)
+    # (device, inode, size, mtime) of the file that was read, to tell it from one put in its place.
+    identity: tuple[int, int, int, int] | None = None
+
+    def file_offset(self, tensor: torch.Tensor) -> int | None:
+        """Where a contiguous tensor's bytes lie in the file, or None (not mapped, or strided)."""
+        if not self.mapped or not tensor.is_contiguous() or tensor.numel() == 0:
+            return None
+        base = self.mapped.get(tensor.untyped_storage().data_ptr())
+        return None if base is None else base + tensor.storage_offset() * tensor.element_size()
 
     @property
     def optimizer_state(self) -> Any:

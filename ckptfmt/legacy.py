@@ -36,7 +36,7 @@ from .files import open_regular
 from .layouts import LegacyCheckpoint, unwrap
 from .standins import Refused, contents, globals_in_legacy_pickles, python3_name, stand_ins_for, thaw
 
-__all__ = ["LEGACY_SUFFIXES", "LegacyCheckpoint", "read_legacy_checkpoint", "sha256_file"]
+__all__ = ["LEGACY_SUFFIXES", "LegacyCheckpoint", "file_identity", "read_legacy_checkpoint", "sha256_file"]
 
 logger = logging.getLogger("ckptfmt")
 
@@ -81,7 +81,7 @@ def _sha256_fd(fd: int) -> str:
 
 
 def read_legacy_checkpoint(
-    path: str | os.PathLike, *, unsafe_pickle: bool = False, hash_source: bool = True
+    path: str | os.PathLike, *, unsafe_pickle: bool = False, hash_source: bool = True, mmap: bool = False,
 ) -> LegacyCheckpoint:
     """Load a `.pth`/`.pt`/`.ckpt` file safely and sort out what it holds.
 
@@ -91,6 +91,9 @@ def read_legacy_checkpoint(
             for files you trust.
         hash_source: compute the file's sha256 (on a second core, while torch unpickles);
             without it `sha256` is empty.
+        mmap: map a zip file's tensors instead of reading them (`torch.load(mmap=True)`), each
+            storage checked against its zip record first; `LegacyCheckpoint.file_offset` then
+            says where each tensor's bytes lie.
 
     Raises:
         CheckpointNotFoundError, UnsafePickleError, LegacyCheckpointError.
@@ -102,25 +105,44 @@ def read_legacy_checkpoint(
     """
     path = Path(path)
     fd = open_regular(path, error=LegacyCheckpointError)
+    identity = file_identity(fd)
     with open(fd, "rb") as f:
         if os.fstat(fd).st_size == 0:
             raise LegacyCheckpointError("is empty (0 bytes); it is not a checkpoint", path=path)
-        serialization = _check_container(f, path)
+        serialization, records = _check_container(f, path)
+        # A zip is mapped, not read: its tensors' bytes stay in the file until a writer copies
+        # them from there, so memory does not grow with the file (pre-1.6 pickles cannot be).
+        mapped_from = _same_file(fd, path) if mmap and serialization == "torch zip" and not unsafe_pickle else None
         # Hash on a second core while torch unpickles; hashlib releases the GIL on large buffers.
         with ThreadPoolExecutor(max_workers=1) as helper:
             digest = helper.submit(_sha256_fd, fd) if hash_source else None
-            obj, conversions = _load(f, path, serialization, unsafe_pickle=unsafe_pickle)
+            obj, conversions, mapped = _load(f, path, serialization, unsafe_pickle=unsafe_pickle,
+                                             mapped_from=mapped_from, records=records)
             sha256 = digest.result() if digest else ""
     checkpoint = unwrap(obj, path, conversions=conversions)
-    checkpoint.serialization, checkpoint.sha256 = serialization, sha256
+    checkpoint.serialization, checkpoint.sha256, checkpoint.mapped = serialization, sha256, mapped
+    checkpoint.identity = identity
     return checkpoint
 
 
-def _check_container(f: BinaryIO, path: Path) -> str:
+def file_identity(fd: int) -> tuple[int, int, int, int]:
+    status = os.fstat(fd)
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _same_file(fd: int, path: Path) -> str:
+    """A name for the very file `fd` holds open, for torch.load's mmap (which takes a name):
+    the one checked to be a regular file, whatever happens to `path` meanwhile."""
+    alias = f"/proc/self/fd/{fd}"
+    return alias if os.path.exists(alias) else str(path)
+
+
+def _check_container(f: BinaryIO, path: Path) -> tuple[str, dict[int, int]]:
+    """The serialization, and for a zip the offset and size of each stored data record."""
     magic = f.read(4)
     f.seek(0)
     if magic[:1] == b"\x80":  # a pickle's PROTO opcode: torch's format before 1.6
-        return "torch legacy (< 1.6)"
+        return "torch legacy (< 1.6)", {}
     if magic != b"PK\x03\x04":
         raise LegacyCheckpointError(
             f"is not a torch checkpoint: it starts with {magic!r}, neither a zip archive (torch "
@@ -155,29 +177,95 @@ def _check_container(f: BinaryIO, path: Path) -> str:
                 f"{member.file_size} bytes; refused as a zip bomb",
                 path=path,
             )
-    return "torch zip"
+    return "torch zip", _data_records(f, members, path)
 
 
-def _load(f: BinaryIO, path: Path, serialization: str, *, unsafe_pickle: bool) -> tuple[Any, list[str]]:
-    """What the file holds, bounded, with stand-ins turned into plain values; and the list of
-    those conversions."""
+def _data_records(f: BinaryIO, members: list[zipfile.ZipInfo], path: Path) -> dict[int, int]:
+    """`{offset of its bytes in the file: size}` of each stored tensor-data record, read from the
+    zip's local headers (torch pads them, so the central directory alone does not say)."""
+    records = {}
+    size = os.fstat(f.fileno()).st_size
+    for member in members:
+        if "/data/" not in member.filename or member.compress_type != zipfile.ZIP_STORED:
+            continue
+        local = os.pread(f.fileno(), 30, member.header_offset)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise LegacyCheckpointError(
+                f"zip member {member.filename!r} has no local header where the directory says; the file is damaged",
+                path=path,
+            )
+        start = member.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        if start + member.file_size > size:
+            raise LegacyCheckpointError(
+                f"zip member {member.filename!r} runs past the end of the file; it is truncated", path=path
+            )
+        records[start] = member.file_size
+    return records
+
+
+def _load(
+    f: BinaryIO, path: Path, serialization: str, *, unsafe_pickle: bool, mapped_from: str | None = None,
+    records: dict[int, int] | None = None,
+) -> tuple[Any, list[str], dict[int, int]]:
+    """What the file holds, bounded, with stand-ins turned into plain values; the list of those
+    conversions; and, when it was mapped, where each storage's bytes lie."""
     conversions: list[str] = []
+    source = mapped_from or f
+    stand_ins: list = []
     if unsafe_pickle:
         logger.warning("%s: unpickling with weights_only=False (--unsafe-pickle): this can run code", path)
-        obj = _torch_load(f, path, unsafe_pickle=True)
+        obj = _torch_load(source, path, unsafe_pickle=True)
     else:
         stand_ins = stand_ins_for(_unlisted_globals(f, path, serialization))
         if not stand_ins:
-            obj = _torch_load(f, path, unsafe_pickle=False)
-            _check_bounds(obj, path)
-            return obj, conversions
-        with _STAND_INS_IN_USE, torch.serialization.safe_globals(stand_ins):
-            obj = _torch_load(f, path, unsafe_pickle=False)
+            obj = _torch_load(source, path, unsafe_pickle=False)
+        else:
+            with _STAND_INS_IN_USE, torch.serialization.safe_globals(stand_ins):
+                obj = _torch_load(source, path, unsafe_pickle=False)
     _check_bounds(obj, path)
+    # mmap=True skips torch's check that each storage fits its zip record; this is that check,
+    # made before anything reads a tensor's data.
+    mapped = _check_records(obj, records or {}, path) if mapped_from else {}
+    if not unsafe_pickle and not stand_ins:
+        return obj, conversions, mapped  # only what torch's allowlist holds: nothing to thaw
     try:
-        return thaw(obj, where="", conversions=conversions), conversions
+        return thaw(obj, where="", conversions=conversions), conversions, mapped
     except Refused as refused:
         raise _needs_global(refused.global_name, path) from None
+
+
+def _check_records(obj: Any, records: dict[int, int], path: Path) -> dict[int, int]:
+    """Each mapped storage against the zip records: `{data pointer: file offset}`, or our error
+    when a storage is not exactly one stored record (a truncated or lying file)."""
+    storages: dict[int, int] = {}
+    pending = [obj]
+    while pending:  # bounded: _check_bounds has walked this graph already
+        value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            if value.is_meta or value.layout != torch.strided:
+                continue  # no data in the file (refused by name when the state dict is sorted out)
+            storage = value.untyped_storage()
+            if storage.nbytes():
+                storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, Mapping):
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            pending.extend(value)
+        else:
+            items = contents(value)
+            pending.extend(items or ())
+    if not storages:
+        return {}
+    first = min(storages)
+    for offset in sorted(records):
+        base = first - offset
+        if all(records.get(pointer - base) == nbytes for pointer, nbytes in storages.items()):
+            return {pointer: pointer - base for pointer in storages}
+    raise LegacyCheckpointError(
+        "has a storage that is not exactly one of its zip records (its declared size does not fit the "
+        "data stored for it); it is damaged, truncated or not a checkpoint",
+        path=path,
+    )
 
 
 def _unlisted_globals(f: BinaryIO, path: Path, serialization: str) -> list[str]:
@@ -205,15 +293,16 @@ def _unlisted_globals(f: BinaryIO, path: Path, serialization: str) -> list[str]:
     return [name for name in spelled if name not in allowed]
 
 
-def _torch_load(f: BinaryIO, path: Path, *, unsafe_pickle: bool) -> Any:
+def _torch_load(source: BinaryIO | str, path: Path, *, unsafe_pickle: bool) -> Any:
+    """torch.load of a file object, or memory-mapped of a name (see `_check_records`)."""
     try:
         with warnings.catch_warnings():
             # The weights-only unpickler warns about any protocol but 2, then refuses or reads
             # the file anyway; either way the warning tells the user nothing they can act on.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            # Not mmap=True: it would skip torch's check that each storage fits its zip record.
-            return torch.load(f, map_location="cpu", weights_only=not unsafe_pickle)
+            return torch.load(source, map_location="cpu", weights_only=not unsafe_pickle,
+                              mmap=isinstance(source, str))
     except Exception as exc:  # torch, zipfile and pickle raise anything; all become ours
         text = str(exc)
         found = _GLOBAL.search(text)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,26 +123,31 @@ def placeholder() -> str:
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     *, overwrite: bool = False, fill_in: Mapping[str, Future] | None = None,
+    sources: Mapping[str, tuple[int, int]] | None = None,
 ) -> str:
-    """Write a safetensors file atomically, streaming tensor bytes from memory, and check it.
+    """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
     The data is fsynced as it is written. Then, while the last of it goes to disk, it is read
-    back once: compared with the tensors byte for byte, and streamed through the canonical
-    weights digest, which goes into `ckptfmt.weights_sha256` (unless `metadata` already sets
-    it). Only a file that matches takes its name. Tied tensors (see `split_aliases`) are stored
-    once and listed in `ckptfmt.aliases`. Tensors are laid out by decreasing item size, then
-    name, so each starts aligned to its item size.
+    back once: compared byte for byte with what it was written from, and streamed through the
+    canonical weights digest, which goes into `ckptfmt.weights_sha256` (unless `metadata`
+    already sets it). Only a file that matches takes its name. Tied tensors (see
+    `split_aliases`) are stored once and listed in `ckptfmt.aliases`. Tensors are laid out by
+    decreasing item size, then name, so each starts aligned to its item size.
 
     Args:
         fill_in: placeholders (from `placeholder()`) that occur once in `metadata`'s values,
             each with a future of its 64-character value, written into the header once the
             data is: lets a caller hash its source while this writes.
+        sources: for tensors whose bytes lie contiguous in another file (a memory-mapped
+            `.pth`), `{name: (descriptor, offset)}`: their bytes are copied from there by the
+            kernel and compared with it, and their memory is never touched, so converting a
+            file costs bounded memory whatever its size.
 
     Returns:
         The canonical weights digest of what was written.
 
     Raises:
-        IntegrityError: what was read back differs from the tensors (failing disk or memory).
+        IntegrityError: what was read back differs from the source (failing disk or memory).
         OutputExistsError, WriteError: see `atomic_write`.
     """
     path = Path(path)
@@ -157,16 +163,18 @@ def write_safetensors(
     # Nothing is written that the reader, and so `verify`, would refuse.
     check_metadata(metadata, path)
     order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
-    data = {name: tensor_bytes(stored[name]) for name in order}
+    sources = {name: span for name, span in (sources or {}).items() if name in stored}
+    data = {name: (sources[name] if name in sources else tensor_bytes(stored[name])) for name in order}
+    sizes = {name: stored[name].numel() * stored[name].element_size() for name in order}
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name in order:
         header[name] = {
             "dtype": dtype_name(stored[name], name),
             "shape": list(stored[name].shape),
-            "data_offsets": [offset, offset + data[name].nbytes],
+            "data_offsets": [offset, offset + sizes[name]],
         }
-        offset += data[name].nbytes
+        offset += sizes[name]
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
     positions = {}
@@ -181,14 +189,17 @@ def write_safetensors(
         # fsync as we go, so the disk works while we write rather than all at the end.
         flushing, unflushed = None, 0
         for name in order:
-            write_all(fd, data[name])
-            unflushed += data[name].nbytes
+            if isinstance(data[name], tuple):
+                _copy_range(data[name], fd, sizes[name])
+            else:
+                write_all(fd, data[name])
+            unflushed += sizes[name]
             if unflushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
                 flushing, unflushed = helper.submit(os.fsync, fd), 0
         if flushing is not None:
             flushing.result()
         synced = helper.submit(os.fsync, fd)
-        digest = _read_back(fd, path, spans, data, aliases)
+        digest = _read_back(fd, path, spans, data, sizes, aliases)
         synced.result()
         values = {stand_in: future.result() for stand_in, future in (fill_in or {}).items()}
         if digest_stand_in:
@@ -202,24 +213,56 @@ _FLUSH_EVERY = 64 << 20
 _READ_CHUNK = 8 << 20
 
 
-def _read_back(fd: int, path: Path, spans: dict, data: dict[str, np.ndarray], aliases: dict[str, str]) -> str:
-    """Read every tensor back in name order: compare it with what was meant to be written, and
-    feed it to the canonical digest. Each stored byte is read once."""
+def _copy_range(source: tuple[int, int], fd: int, size: int) -> None:
+    """Append `size` bytes of another file, from its offset, to `fd`: by the kernel where it
+    can (copy_file_range), else through one bounded buffer."""
+    source_fd, offset = source
+    done = 0
+    try:
+        while done < size:
+            copied = os.copy_file_range(source_fd, fd, size - done, offset + done)
+            if copied == 0:
+                break
+            done += copied
+    except OSError:
+        pass  # another file system, an old kernel: the buffered way below
+    buffer = memoryview(bytearray(min(_READ_CHUNK, max(size - done, 1))))
+    while done < size:
+        got = os.preadv(source_fd, [buffer[: min(len(buffer), size - done)]], offset + done)
+        if got == 0:
+            raise IntegrityError("the source ended inside a tensor it declares; it was truncated while being read")
+        write_all(fd, buffer[:got])
+        done += got
+
+
+def _read_back(
+    fd: int, path: Path, spans: dict, data: dict[str, Any], sizes: dict[str, int], aliases: dict[str, str],
+) -> str:
+    """Read every tensor back in name order: compare it with what it was written from (memory,
+    or the source file's bytes), and feed it to the canonical digest. Each stored byte is read
+    once, in chunks into bounded buffers."""
     hasher = WeightsHasher()
     buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
+    original = np.empty(_READ_CHUNK, dtype=np.uint8) if any(isinstance(d, tuple) for d in data.values()) else None
     for name in sorted([*spans, *aliases]):
         stored = aliases.get(name, name)
         position, entry = spans[stored]
-        expected = data[stored]
+        expected, size = data[stored], sizes[stored]
         if stored != name:
-            hasher.alias(name, entry["dtype"], tuple(entry["shape"]), expected.nbytes, stored)
+            hasher.alias(name, entry["dtype"], tuple(entry["shape"]), size, stored)
             continue
-        hasher.begin(name, entry["dtype"], tuple(entry["shape"]), expected.nbytes)
+        hasher.begin(name, entry["dtype"], tuple(entry["shape"]), size)
         done = 0
-        while done < expected.nbytes:
-            want = min(_READ_CHUNK, expected.nbytes - done)
+        while done < size:
+            want = min(_READ_CHUNK, size - done)
             got = os.preadv(fd, [memoryview(buffer)[:want]], position + done)
-            if got != want or not np.array_equal(buffer[:want], expected[done:done + want]):
+            if isinstance(expected, tuple):
+                source_fd, offset = expected
+                same = got == want and os.preadv(source_fd, [memoryview(original)[:want]], offset + done) == want \
+                    and np.array_equal(buffer[:want], original[:want])
+            else:
+                same = got == want and np.array_equal(buffer[:want], expected[done:done + want])
+            if not same:
                 raise IntegrityError(
                     f"reading back the written data of tensor {stored!r} gave other bytes than "
                     "were written; nothing was replaced. Check the disk and retry",

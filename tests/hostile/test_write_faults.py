@@ -194,7 +194,8 @@ def test_data_read_back_wrong_replaces_nothing(converted, monkeypatch):
 
     def corrupting_preadv(fd, buffers, offset):
         got = real_preadv(fd, buffers, offset)
-        buffers[0][0] ^= 0xFF
+        if ".ckptfmt-tmp-" in os.readlink(f"/proc/self/fd/{fd}"):  # the file being written, not its source
+            buffers[0][0] ^= 0xFF
         return got
 
     monkeypatch.setattr("ckptfmt.tensors.os.preadv", corrupting_preadv)
