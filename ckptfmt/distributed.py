@@ -189,7 +189,11 @@ def load_into(model: torch.nn.Module, checkpoint_path: str | os.PathLike, *, str
     problems = check_state(held, header.shapes(), header.dtypes(), strict=strict)
     if problems:
         more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
-        raise ShapeMismatchError(f"the model does not fit the file: it expects {problems[0]}{more}", path=path)
+        raise ShapeMismatchError(
+            f"the model does not fit the file: it expects {problems[0]}{more}; build the model the file was saved "
+            "from (ckptfmt.distributed.load_model builds it from the file's config)",
+            path=path,
+        )
     aliases = header.aliases
     reader = _SliceReader()
     try:

@@ -155,7 +155,8 @@ def test_errors_on_rank_0_are_raised_on_every_rank(ranks):
     assert [report["mismatch"] for report in reports] == [{
         "type": "ShapeMismatchError",
         "message": f"{work / 'big/model.safetensors'}: the model does not fit the file: it expects enc.0.0.weight "
-                   "[32, 1, 3, 3]; the file has [64, 1, 3, 3], and 77 more",
+                   "[32, 1, 3, 3]; the file has [64, 1, 3, 3], and 77 more; build the model the file was saved from "
+                   "(ckptfmt.distributed.load_model builds it from the file's config)",
     }] * WORLD
 
 
