@@ -554,9 +554,11 @@ def check_sidecar_accepts(folder: str | os.PathLike, config: ModelConfig, *, ove
 
 def write_sidecar(
     folder: str | os.PathLike, config: ModelConfig, weights_file: str | None = None,
-    weights_sha256: str | None = None, *, overwrite: bool = False,
+    weights_sha256: str | None = None, *, overwrite: bool = False, bindings: Mapping[str, str] | None = None,
+    sync_folder: bool = True,
 ) -> Path:
-    """Write or update `folder/model_config.json`, binding `weights_file` to its digest.
+    """Write or update `folder/model_config.json`, binding `weights_file` (or each of
+    `bindings`, file name -> digest) to its digest.
 
     Several checkpoints of one architecture share a folder's sidecar (best_model and
     last_model, as in the seed), each with its own binding; legacy .pth files get none. A
@@ -564,11 +566,11 @@ def write_sidecar(
     starts it afresh.
     """
     existing = check_sidecar_accepts(folder, config, overwrite=overwrite)
-    bindings = {weights_file: weights_sha256} if weights_file else {}
+    bindings = {**(bindings or {}), **({weights_file: weights_sha256} if weights_file else {})}
     if existing is not None and not _same_config(existing.config, config):
         bindings = {**existing.weights, **bindings}
     document = {**config.to_dict(), "weights": dict(sorted(bindings.items()))}
     path = Path(folder) / SIDECAR_NAME
-    with atomic_write(path, overwrite=existing is not None) as fd:
+    with atomic_write(path, overwrite=existing is not None, sync_folder=sync_folder) as fd:
         write_all(fd, (json.dumps(document, sort_keys=True, indent=2) + "\n").encode())
     return path

@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
-from .atomic import check_writable
-from .config import ModelConfig, check_sidecar_accepts, read_sidecar, write_sidecar
+from .atomic import check_writable, fsync_folder
+from .config import (
+    SIDECAR_NAME, ModelConfig, check_sidecar_accepts, config_differences, read_sidecar, write_sidecar,
+)
 from .errors import (
     AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
@@ -97,6 +99,56 @@ class ConvertResult:
         }
 
 
+@dataclass
+class _Batch:
+    """A run of conversions: each folder's sidecar read once and written once, after all the
+    weights bound in it, and each folder fsynced once. A folder of 500 checkpoints costs 500
+    weights files, not 500 sidecar rewrites and 1,500 fsyncs."""
+
+    force: bool
+    sidecars: dict[Path, Any] = field(default_factory=dict)
+    pending: dict[Path, tuple[ModelConfig, dict[str, str], list[ConvertResult]]] = field(default_factory=dict)
+    folders: set[Path] = field(default_factory=set)
+
+    def sidecar(self, folder: Path):
+        if folder not in self.sidecars:
+            self.sidecars[folder] = read_sidecar(folder)
+        return self.sidecars[folder]
+
+    def accepts(self, folder: Path, config: ModelConfig) -> None:
+        """As `check_sidecar_accepts`, counting the bindings this batch has yet to write."""
+        if folder in self.pending and not self.force:
+            differences = config_differences(self.pending[folder][0], config)
+            if differences:
+                raise ConfigError(
+                    f"is about to hold another config, of a file converted before this one "
+                    f"({'; '.join(differences)}); pass force=True to replace it, or give this file "
+                    "another output folder",
+                    path=folder / SIDECAR_NAME,
+                )
+        elif folder not in self.pending:
+            check_sidecar_accepts(folder, config, overwrite=self.force)
+
+    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult) -> None:
+        _, bindings, results = self.pending.setdefault(folder, (config, {}, []))
+        self.pending[folder] = (config, {**bindings, name: digest}, [*results, result])
+        result.sidecar = folder / SIDECAR_NAME
+
+    def finish(self) -> None:
+        """Write each folder's sidecar, then make every name written durable. A sidecar that
+        cannot be written fails the conversions bound in it (their weights are written)."""
+        for folder, (config, bindings, results) in self.pending.items():
+            try:
+                write_sidecar(folder, config, bindings=bindings, overwrite=self.force, sync_folder=False)
+            except CkptfmtError as exc:
+                for result in results:
+                    result.status, result.error = "failed", _failure(result.source, exc)
+        self.pending.clear()
+        for folder in sorted(self.folders):
+            fsync_folder(folder)
+        self.folders.clear()
+
+
 def default_output(source: Path) -> Path:
     return source.with_suffix(".safetensors")
 
@@ -111,6 +163,7 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     unsafe_pickle: bool = False,
+    _batch: _Batch | None = None,
 ) -> ConvertResult:
     """Convert one legacy checkpoint to a self-describing .safetensors file plus sidecar.
 
@@ -138,6 +191,14 @@ def convert(
         >>> result.output, result.config.depth
         (PosixPath('checkpoints/multitask_joint/best_model.safetensors'), 3)
     """
+    if _batch is None:
+        batch = _Batch(force=force)
+        result = convert(source, output=output, config=config, overrides=overrides, model_type=model_type,
+                         dtype=dtype, force=force, unsafe_pickle=unsafe_pickle, _batch=batch)
+        batch.finish()
+        if result.status == "failed":
+            raise ConfigError(result.error)
+        return result
     source = Path(source)
     os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
     output = Path(output) if output is not None else default_output(source)
@@ -165,11 +226,11 @@ def convert(
     identified: list = []
     resolved, result.config_source = _resolve_config(
         source, legacy, config, overrides, model_type=model_type, force=force, warnings=result.warnings,
-        identified=identified,
+        identified=identified, batch=_batch,
     )
     result.config = resolved
     if resolved is not None:
-        check_sidecar_accepts(output.parent, resolved, overwrite=force)
+        _batch.accepts(output.parent, resolved)
 
     cast = None
     if dtype is not None:
@@ -184,7 +245,7 @@ def convert(
     if legacy.companion:
         companion = output.with_name(output.stem + OPTIMIZER_SUFFIX)
         existed = companion.exists()
-        training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=force)
+        training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=force, sync_folder=False)
         result.optimizer_file, written_here = companion, None if existed else companion
 
     # The source's sha256 is computed while the output is written, and filled in after.
@@ -213,7 +274,7 @@ def convert(
                    if (offset := legacy.file_offset(tensor)) is not None}
         with ThreadPoolExecutor(max_workers=1) as helper:
             source_sha256 = helper.submit(sha256_file, source)
-            digest = write_safetensors(output, state_dict, metadata, overwrite=force,
+            digest = write_safetensors(output, state_dict, metadata, overwrite=force, sync_folder=False,
                                        fill_in={sha_stand_in: source_sha256}, sources=sources)
     except BaseException:
         if written_here is not None:  # no companion is left behind without the weights it belongs to
@@ -222,8 +283,9 @@ def convert(
     finally:
         os.close(source_fd)
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
+    _batch.folders.add(output.parent)
     if resolved is not None:
-        result.sidecar = write_sidecar(output.parent, resolved, output.name, digest, overwrite=force)
+        _batch.bind(output.parent, resolved, output.name, digest, result)
     return result
 
 
@@ -236,7 +298,7 @@ def _recorded_source_sha256(output: Path) -> str | None:
 
 def _resolve_config(
     source: Path, legacy: LegacyCheckpoint, config: Any, overrides: dict[str, Any], *,
-    model_type: str | None, force: bool, warnings: list[str], identified: list,
+    model_type: str | None, force: bool, warnings: list[str], identified: list, batch: _Batch,
 ) -> tuple[ModelConfig | None, str | None]:
     state_dict = legacy.state_dict
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
@@ -245,7 +307,7 @@ def _resolve_config(
         resolved = config if isinstance(config, ModelConfig) else ModelConfig.load(config)
         resolved, origin = resolved.checked(path=config if not isinstance(config, ModelConfig) else source), "--config"
     else:
-        sidecar = read_sidecar(source.parent)
+        sidecar = batch.sidecar(source.parent)
         resolved, origin = (sidecar.config.checked(path=sidecar.path), "sidecar") if sidecar else (None, None)
         if resolved is not None and not overrides:
             try:
@@ -346,13 +408,17 @@ def convert_all(
             path=output,
         )
     results = []
-    for index, (source, target) in enumerate(jobs):
-        if on_start is not None:
-            on_start(index, len(jobs), source)
-        try:
-            results.append(convert(source, output=target, **options))
-        except (CkptfmtError, OSError) as exc:
-            results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc)))
+    batch = _Batch(force=options.get("force", False))
+    try:
+        for index, (source, target) in enumerate(jobs):
+            if on_start is not None:
+                on_start(index, len(jobs), source)
+            try:
+                results.append(convert(source, output=target, _batch=batch, **options))
+            except (CkptfmtError, OSError) as exc:
+                results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc)))
+    finally:
+        batch.finish()
     return results
 
 

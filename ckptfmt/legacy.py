@@ -216,10 +216,16 @@ def _load(
         logger.warning("%s: unpickling with weights_only=False (--unsafe-pickle): this can run code", path)
         obj = _torch_load(source, path, unsafe_pickle=True)
     else:
-        stand_ins = stand_ins_for(_unlisted_globals(f, path, serialization))
-        if not stand_ins:
+        try:
             obj = _torch_load(source, path, unsafe_pickle=False)
-        else:
+        except UnsafePickleError:
+            # A global beyond torch's allowlist: the pickle is scanned for the globals it names
+            # (only now, most files need none), and loaded again with the stand-ins for them,
+            # which never import or run anything. Without stand-ins the refusal stands.
+            f.seek(0)
+            stand_ins = stand_ins_for(_unlisted_globals(f, path, serialization))
+            if not stand_ins:
+                raise
             with _STAND_INS_IN_USE, torch.serialization.safe_globals(stand_ins):
                 obj = _torch_load(source, path, unsafe_pickle=False)
     _check_bounds(obj, path)

@@ -123,7 +123,7 @@ def placeholder() -> str:
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     *, overwrite: bool = False, fill_in: Mapping[str, Future] | None = None,
-    sources: Mapping[str, tuple[int, int]] | None = None,
+    sources: Mapping[str, tuple[int, int]] | None = None, sync_folder: bool = True,
 ) -> str:
     """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
@@ -142,6 +142,7 @@ def write_safetensors(
             `.pth`), `{name: (descriptor, offset)}`: their bytes are copied from there by the
             kernel and compared with it, and their memory is never touched, so converting a
             file costs bounded memory whatever its size.
+        sync_folder: see `atomic_write`.
 
     Returns:
         The canonical weights digest of what was written.
@@ -184,7 +185,7 @@ def write_safetensors(
         positions[stand_in] = 8 + encoded.index(stand_in.encode())
     data_start = 8 + len(encoded)
     spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
-    with ThreadPoolExecutor(max_workers=1) as helper, atomic_write(path, overwrite=overwrite) as fd:
+    with ThreadPoolExecutor(max_workers=1) as helper, atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
         write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
         # fsync as we go, so the disk works while we write rather than all at the end.
         flushing, unflushed = None, 0

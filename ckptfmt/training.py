@@ -133,7 +133,7 @@ def check_storable(sections: Mapping[str, Any], *, path: str | os.PathLike | Non
 
 
 def write_training_state(
-    path: str | os.PathLike, sections: Mapping[str, Any], *, overwrite: bool = False
+    path: str | os.PathLike, sections: Mapping[str, Any], *, overwrite: bool = False, sync_folder: bool = True,
 ) -> dict[str, str]:
     """Write the companion: `sections` maps `optimizer`, `scheduler`, `scaler` (state dicts, or
     lists of them) and `extra` to what they hold; objects with a `state_dict()` are asked for it.
@@ -156,7 +156,7 @@ def write_training_state(
     tensors: dict[str, torch.Tensor] = {}
     text = _document(sections, tensors, path)
     metadata = {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_OPTIMIZER: text}
-    tensors_sha256 = write_safetensors(path, tensors, metadata, overwrite=overwrite)
+    tensors_sha256 = write_safetensors(path, tensors, metadata, overwrite=overwrite, sync_folder=sync_folder)
     return {"file": path.name, "sha256": companion_digest(text, tensors_sha256)}
 
 

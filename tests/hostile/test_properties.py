@@ -100,6 +100,9 @@ def tiny_checkpoint(tmp_path_factory):
     return path.read_bytes(), read_state_dict(path)
 
 
+# A mutation that hits a metadata key's name leaves a file with no config, whose architecture the
+# loader then identifies from the weights, and says so with a warning: a load, not a failure.
+@pytest.mark.filterwarnings("ignore::ckptfmt.errors.CkptfmtWarning")
 @settings(SETTINGS, max_examples=200)
 @given(mutations=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=6))
 def test_random_byte_mutations_load_identically_or_raise_ours(tmp_path, tiny_checkpoint, mutations):
