@@ -236,10 +236,12 @@ def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
         for chunk in entry.chunks:
             if type(chunk) is not ChunkStorageMetadata:
                 raise fail(f"a chunk of {fqn!r} is a {type(chunk).__name__}")
-            offsets, sizes = sizes_of(chunk.offsets, f"a chunk offset of {fqn!r}"), sizes_of(chunk.sizes, f"a chunk size of {fqn!r}")
+            offsets = sizes_of(chunk.offsets, f"a chunk offset of {fqn!r}")
+            sizes = sizes_of(chunk.sizes, f"a chunk size of {fqn!r}")
             if len(offsets) != len(size) or len(sizes) != len(size) or any(
                     o + s > n for o, s, n in zip(offsets, sizes, size)):
-                raise fail(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size {list(size)}")
+                raise fail(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size "
+                           f"{list(size)}")
             info = items.get((fqn, offsets))
             if info is None:
                 raise fail(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes")

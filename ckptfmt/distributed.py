@@ -459,9 +459,11 @@ def load_training_state(
         # the optimizer has them, so that saving again writes the same companion.
         tuples = [{key for key, value in group.items() if isinstance(value, tuple)} for group in optimizer.param_groups]
         try:
+            # strict=False: a parameter that never had a gradient has no state, which
+            # `optimizer.load_state_dict` allows too; the param groups were checked on rank 0.
             set_optimizer_state_dict(
                 model, optimizer, sections.get("optimizer", {}) if dist.get_rank() == 0 else {},
-                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
             )
         except Exception as exc:  # torch's own checks, whatever they raise
             raise ConfigError(
@@ -493,7 +495,12 @@ def _keyed_by_name(state: Any, model: torch.nn.Module, optimizer: torch.optim.Op
         )
     if all(isinstance(key, str) for group in groups for key in group["params"]):
         return state
-    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    from .registry import unwrap_model
+
+    # The names torch's optimizer state dict gives: no torch.compile or DDP wrapper, and no
+    # activation-checkpoint wrapper, in them.
+    names = {id(parameter): name.replace("_checkpoint_wrapped_module.", "")
+             for name, parameter in unwrap_model(model).named_parameters()}
     renamed: dict[Any, str] = {}
     for saved, live in zip(groups, optimizer.param_groups):
         renamed.update({key: names[id(parameter)] for key, parameter in zip(saved["params"], live["params"])})

@@ -3,7 +3,7 @@
 
     python tests/distributed_ranks.py WORKDIR
 
-WORKDIR holds `big/model.safetensors` and `big_sharded/` (written by the test). Each rank writes what
+WORKDIR holds `big/model.safetensors`, `big_sharded/` and `single/` (written by the test). Each rank writes what
 it saw to `WORKDIR/rank{N}.json`, and the checkpoints and outputs the test then checks.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -44,7 +45,7 @@ def train(model, optimizer, steps, rank, world) -> None:
     for step in steps:
         x, mask, label = batch(step, rank, world)
         seg, cls = model(x)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(seg, mask) + torch.nn.functional.cross_entropy(cls, label)
+        loss = F.binary_cross_entropy_with_logits(seg, mask) + F.cross_entropy(cls, label)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -101,14 +102,16 @@ def main(work: Path) -> None:
     ckptfmt.distributed.shard_model(model, mesh)
     optimizer = new_optimizer(model)
     train(model, optimizer, range(STOP), rank, world)
-    report["saved"] = str(ckptfmt.distributed.save(model, work / "first/model.safetensors", optimizer=optimizer, epoch=STOP,
-                                                   description="two ranks"))
+    saved = ckptfmt.distributed.save(model, work / "first/model.safetensors", optimizer=optimizer, epoch=STOP,
+                                     description="two ranks")
+    report["saved"] = str(saved)
     ckptfmt.distributed.save(model, work / "first_sharded/model.safetensors", max_shard_size="20KB")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     # Each rank has its own BatchNorm statistics (FSDP2 does not sync buffers): keep rank 0's, as
     # ckptfmt.distributed.save does, to compare the two.
     dcp.save({"model": model_state, "optim": optimizer_state, "extra": {"epoch": STOP, "note": "two ranks"}},
-             storage_writer=dcp.FileSystemWriter(work / "dcp"), planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+             storage_writer=dcp.FileSystemWriter(work / "dcp"),
+             planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True))
     train(model, optimizer, range(STOP, STEPS), rank, world)
     ckptfmt.distributed.save(model, work / "straight/model.safetensors", optimizer=optimizer)
     report["exists"] = error_of(lambda: ckptfmt.distributed.save(model, work / "straight/model.safetensors"))
@@ -120,6 +123,12 @@ def main(work: Path) -> None:
     train(resumed, optimizer, range(STOP, STEPS), rank, world)
     ckptfmt.distributed.save(resumed, work / "resumed/model.safetensors", optimizer=optimizer)
 
+    # A checkpoint saved by one process (its optimizer state keyed by position) resumes here too.
+    single = ckptfmt.distributed.load_model(work / "single/model.safetensors", mesh=mesh).train()
+    optimizer = new_optimizer(single)
+    ckptfmt.distributed.load_training_state(work / "single/model.safetensors", single, optimizer)
+    ckptfmt.distributed.save(single, work / "single_resumed/model.safetensors", optimizer=optimizer)
+
     # A larger model, loaded in slices: what this rank's memory and reads grew by.
     peak_restarted = restart_peak()
     before = memory()
@@ -130,13 +139,15 @@ def main(work: Path) -> None:
                           "local_bytes": sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else
                                              t.numel() * t.element_size() for t in big.state_dict().values())}
     outputs(big, work / f"big_rank{rank}.safetensors")
-    outputs(ckptfmt.distributed.load_model(work / "big_sharded", mesh=mesh), work / f"big_sharded_rank{rank}.safetensors")
+    from_shards = ckptfmt.distributed.load_model(work / "big_sharded", mesh=mesh, verify=True)
+    outputs(from_shards, work / f"big_sharded_rank{rank}.safetensors")
 
     # A model the user sharded, along dim 1 where FSDP2 can (even sizes): slices that are not one
     # run of bytes.
     with torch.device("meta"):
         own = MultiTaskUNet(base_filters=64, depth=3)
-    fully_shard(own, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.ndim > 1 and p.shape[1] % world == 0 else None)
+    fully_shard(own, mesh=mesh,
+                shard_placement_fn=lambda p: Shard(1) if p.ndim > 1 and p.shape[1] % world == 0 else None)
     own.to_empty(device="cpu")
     ckptfmt.distributed.load_into(own, work / "big/model.safetensors")
     report["placements"] = sorted({str(t.placements) for t in own.state_dict().values() if hasattr(t, "placements")})

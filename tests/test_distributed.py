@@ -62,8 +62,8 @@ def run_ranks(work: Path) -> None:
                 process.kill()
                 process.wait()
     if any(process.returncode != 0 for process in ranks):
-        logs = "\n".join(f"--- rank {rank} (exit {process.returncode}):\n{(work / f'rank{rank}.log').read_text()[-4000:]}"
-                         for rank, process in enumerate(ranks))
+        logs = "\n".join(f"--- rank {rank} (exit {process.returncode}):\n"
+                         f"{(work / f'rank{rank}.log').read_text()[-4000:]}" for rank, process in enumerate(ranks))
         pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s or failed:\n{logs}")
 
 
@@ -76,6 +76,11 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     big = MultiTaskUNet(base_filters=64, depth=3)
     ckptfmt.save(big, work / "big/model.safetensors")
     ckptfmt.save(big, work / "big_sharded/model.safetensors", max_shard_size="8MB")
+    small = MultiTaskUNet(base_filters=4, depth=2)
+    optimizer = torch.optim.AdamW(small.parameters(), lr=1e-2, weight_decay=0.1)
+    small(torch.randn(2, 1, 16, 16))[1].sum().backward()
+    optimizer.step()
+    ckptfmt.save(small, work / "single/model.safetensors", optimizer=optimizer)
     run_ranks(work)
     return work, [json.loads((work / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
@@ -134,7 +139,24 @@ def test_resuming_on_two_ranks_then_stepping_equals_never_stopping(ranks):
     assert state_dicts_bit_identical(*(load_file(companion) for companion in companions))
     sections = [read_training_state(companion) for companion in companions]
     assert sections[0]["optimizer"]["param_groups"] == sections[1]["optimizer"]["param_groups"]
-    assert sorted(sections[0]["optimizer"]["state"]) == sorted(name for name, _ in MultiTaskUNet(4, 2).named_parameters())
+    names = sorted(name for name, _ in MultiTaskUNet(4, 2).named_parameters())
+    assert sorted(sections[0]["optimizer"]["state"]) == names
+
+
+def test_a_checkpoint_saved_by_one_process_resumes_on_two_ranks(ranks):
+    work, _ = ranks
+    saved = load_file(work / "single/model.optimizer.safetensors")  # keyed by position
+    resumed = load_file(work / "single_resumed/model.optimizer.safetensors")  # keyed by name
+    names = [name for name, _ in MultiTaskUNet(4, 2).named_parameters()]
+    assert 0 < len(saved) < len(resumed) == 3 * len(names)  # only the classification path had gradients
+    for position, name in enumerate(names):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            before = saved.get(f"optimizer.state.{position}.{key}")
+            after = resumed[f"optimizer.state.{name}.{key}"]
+            if before is not None:
+                assert torch.equal(after, before), (name, key)
+            elif key != "step":  # torch's set_optimizer_state_dict starts the others with zero moments
+                assert not after.any(), (name, key)
 
 
 def test_a_distributed_save_resumes_in_one_process_too(ranks):
