@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from .atomic import check_writable, fsync_folder
+from .background import helpers
 from .config import (
     SIDECAR_NAME, ModelConfig, check_sidecar_accepts, config_differences, read_sidecar, write_sidecar,
 )
@@ -272,10 +272,9 @@ def convert(
         # Mapped tensors are copied from the source file by offset, and compared with it there.
         sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
                    if (offset := legacy.file_offset(tensor)) is not None}
-        with ThreadPoolExecutor(max_workers=1) as helper:
-            source_sha256 = helper.submit(sha256_file, source)
-            digest = write_safetensors(output, state_dict, metadata, overwrite=force, sync_folder=False,
-                                       fill_in={sha_stand_in: source_sha256}, sources=sources)
+        source_sha256 = helpers().submit(sha256_file, source)
+        digest = write_safetensors(output, state_dict, metadata, overwrite=force, sync_folder=False,
+                                   fill_in={sha_stand_in: source_sha256}, sources=sources)
     except BaseException:
         if written_here is not None:  # no companion is left behind without the weights it belongs to
             written_here.unlink(missing_ok=True)
@@ -329,8 +328,12 @@ def _resolve_config(
                 identification = identify(state_dict, model_type=model_type, path=source, failures=warnings)
                 resolved, origin = identification.config, "inferred"
                 identified.append(identification)
-            except AmbiguousArchitectureError:
-                raise  # twins that differ: never converted as weights only, never guessed
+            except AmbiguousArchitectureError as exc:
+                # Twins that differ are never guessed; the one the user's --set values pick is theirs.
+                chosen = [c for c in exc.candidates if overrides and all(c.get(k) == v for k, v in overrides.items())]
+                if len(chosen) != 1:
+                    raise
+                resolved, origin = ModelConfig.from_dict(chosen[0]).checked(path=source), "inferred"
             except ArchitectureNotRecognisedError as exc:
                 if model_type is not None and overrides:
                     # Not recognised, but the user says what it is: the config is theirs.

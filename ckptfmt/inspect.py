@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .background import helpers
 from .config import ModelConfig, config_differences, read_sidecar
 from .digest import check_digest
 from .errors import CheckpointNotFoundError, CkptfmtError
@@ -248,10 +248,9 @@ def verify(path: str | os.PathLike) -> VerifyReport:
 
     # The digest streams the file on a second core while the shape check imports torch and
     # builds the model: the whole command costs about the larger of the two, not their sum.
-    with ThreadPoolExecutor(max_workers=1) as helper:
-        digest = helper.submit(_timed_digest, header)
-        _verify_config_and_sidecar(header, report)
-        _report_digest(header, report, *digest.result())
+    digest = helpers().submit(_timed_digest, header)
+    _verify_config_and_sidecar(header, report)
+    _report_digest(header, report, *digest.result())
     _verify_companion(header, report)
     return report
 

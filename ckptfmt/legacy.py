@@ -25,12 +25,12 @@ import threading
 import warnings
 import zipfile
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from .background import helpers
 from .errors import LegacyCheckpointError, UnsafePickleError
 from .files import open_regular
 from .layouts import LegacyCheckpoint, unwrap
@@ -114,11 +114,12 @@ def read_legacy_checkpoint(
         # them from there, so memory does not grow with the file (pre-1.6 pickles cannot be).
         mapped_from = _same_file(fd, path) if mmap and serialization == "torch zip" and not unsafe_pickle else None
         # Hash on a second core while torch unpickles; hashlib releases the GIL on large buffers.
-        with ThreadPoolExecutor(max_workers=1) as helper:
-            digest = helper.submit(_sha256_fd, fd) if hash_source else None
+        digest = helpers().submit(_sha256_fd, fd) if hash_source else None
+        try:
             obj, conversions, mapped = _load(f, path, serialization, unsafe_pickle=unsafe_pickle,
                                              mapped_from=mapped_from, records=records)
-            sha256 = digest.result() if digest else ""
+        finally:
+            sha256 = digest.result() if digest else ""  # before the descriptor it reads is closed
     checkpoint = unwrap(obj, path, conversions=conversions)
     checkpoint.serialization, checkpoint.sha256, checkpoint.mapped = serialization, sha256, mapped
     checkpoint.identity = identity

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write, write_all
+from .background import helpers
 from .digest import WeightsHasher
 from .errors import HeaderError, IntegrityError
 from .header import DTYPE_SIZES, KEY_ALIASES, KEY_WEIGHTS_SHA256, Header, check_metadata, check_tensor_name, read_header
@@ -185,23 +186,26 @@ def write_safetensors(
         positions[stand_in] = 8 + encoded.index(stand_in.encode())
     data_start = 8 + len(encoded)
     spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
-    with ThreadPoolExecutor(max_workers=1) as helper, atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
+    with atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
         write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
         # fsync as we go, so the disk works while we write rather than all at the end.
-        flushing, unflushed = None, 0
-        for name in order:
-            if isinstance(data[name], tuple):
-                _copy_range(data[name], fd, sizes[name])
-            else:
-                write_all(fd, data[name])
-            unflushed += sizes[name]
-            if unflushed >= _FLUSH_EVERY and (flushing is None or flushing.done()):
-                flushing, unflushed = helper.submit(os.fsync, fd), 0
-        if flushing is not None:
-            flushing.result()
-        synced = helper.submit(os.fsync, fd)
-        digest = _read_back(fd, path, spans, data, sizes, aliases)
-        synced.result()
+        syncing: list[Future] = []
+        try:
+            unflushed = 0
+            for name in order:
+                if isinstance(data[name], tuple):
+                    _copy_range(data[name], fd, sizes[name])
+                else:
+                    write_all(fd, data[name])
+                unflushed += sizes[name]
+                if unflushed >= _FLUSH_EVERY and (not syncing or syncing[-1].done()):
+                    syncing.append(helpers().submit(os.fsync, fd))
+                    unflushed = 0
+            syncing.append(helpers().submit(os.fsync, fd))
+            digest = _read_back(fd, path, spans, data, sizes, aliases)
+        finally:
+            for future in syncing:  # none may outlive the descriptor it syncs
+                future.result()
         values = {stand_in: future.result() for stand_in, future in (fill_in or {}).items()}
         if digest_stand_in:
             values[digest_stand_in] = digest
