@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from . import errors
 from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError, ShapeMismatchError
 from .files import open_regular, resolve_checkpoint_path
-from .header import Header, TensorInfo, read_header
+from .header import Header, TensorInfo, looks_like_safetensors, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -113,13 +113,14 @@ def load_model(
     from .errors import LegacyCheckpointError
     from .registry import get_model_entry
 
-    opened = open_checkpoint(checkpoint_path, overrides=overrides)
-    if opened.header is None:
+    path = resolve_checkpoint_path(checkpoint_path)
+    if not looks_like_safetensors(path):  # refused before it is read: every rank would read all of it
         raise LegacyCheckpointError(
             "is a legacy checkpoint, which cannot be read in slices; convert it first "
             "(`ckptfmt convert`), then load the .safetensors it gives",
-            path=opened.path,
+            path=path,
         )
+    opened = open_checkpoint(path, overrides=overrides)
     if verify:
         from .digest import check_digest
 

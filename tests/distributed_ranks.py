@@ -158,6 +158,7 @@ def main(work: Path) -> None:
     fully_shard(other, mesh=mesh)
     other.to_empty(device="cpu")
     report["mismatch"] = error_of(lambda: ckptfmt.distributed.load_into(other, work / "big/model.safetensors"))
+    report["legacy"] = error_of(lambda: ckptfmt.distributed.load_model(work / "single/model.pth", mesh=mesh))
 
     (work / f"rank{rank}.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     dist.destroy_process_group()

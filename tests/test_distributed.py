@@ -81,6 +81,7 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     small(torch.randn(2, 1, 16, 16))[1].sum().backward()
     optimizer.step()
     ckptfmt.save(small, work / "single/model.safetensors", optimizer=optimizer)
+    torch.save(small.state_dict(), work / "single/model.pth")
     run_ranks(work)
     return work, [json.loads((work / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
@@ -179,6 +180,11 @@ def test_errors_on_rank_0_are_raised_on_every_rank(ranks):
         "message": f"{work / 'big/model.safetensors'}: the model does not fit the file: it expects enc.0.0.weight "
                    "[32, 1, 3, 3]; the file has [64, 1, 3, 3], and 77 more; build the model the file was saved from "
                    "(ckptfmt.distributed.load_model builds it from the file's config)",
+    }] * WORLD
+    assert [report["legacy"] for report in reports] == [{
+        "type": "LegacyCheckpointError",
+        "message": f"{work / 'single/model.pth'}: is a legacy checkpoint, which cannot be read in slices; convert it "
+                   "first (`ckptfmt convert`), then load the .safetensors it gives",
     }] * WORLD
 
 
