@@ -313,38 +313,35 @@ def check_format_version(version: str | None, path: Path) -> None:
         )
 
 
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
 def _check_tensors(document: dict[str, Any], data_size: int, path: Path, data_start: int) -> dict[str, TensorInfo]:
     infos = []
     for name, entry in document.items():
-        where = f"tensor {name!r}"
         check_tensor_name(name, path)
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise HeaderError(
-                f"{where} must have exactly dtype, shape and data_offsets", path=path
-            )
+        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
+            raise HeaderError(f"tensor {name!r} must have exactly dtype, shape and data_offsets", path=path)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+        if size is None:
             raise HeaderError(
-                f"{where} has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}", path=path
+                f"tensor {name!r} has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}", path=path
             )
-        if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
-            raise HeaderError(f"{where} has an invalid shape {shape!r}", path=path)
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_is_size(o) for o in offsets)
-            or offsets[0] > offsets[1]
-        ):
-            raise HeaderError(f"{where} has invalid data_offsets {offsets!r}", path=path)
-        info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1], path, data_start)
-        expected = info.numel * DTYPE_SIZES[dtype]
-        if info.nbytes != expected:
+        # One pass over the numbers: each an int (not a bool), none negative or past int64.
+        if type(shape) is not list or not _sizes(shape):
+            raise HeaderError(f"tensor {name!r} has an invalid shape {shape!r}", path=path)
+        if type(offsets) is not list or len(offsets) != 2 or not _sizes(offsets) or offsets[0] > offsets[1]:
+            raise HeaderError(f"tensor {name!r} has invalid data_offsets {offsets!r}", path=path)
+        start, end = offsets
+        expected = math.prod(shape) * size
+        if end - start != expected:
             raise HeaderError(
-                f"{where}: shape {list(shape)} of {dtype} needs {expected} bytes but its "
-                f"data_offsets span {info.nbytes}",
+                f"tensor {name!r}: shape {list(shape)} of {dtype} needs {expected} bytes but its "
+                f"data_offsets span {end - start}",
                 path=path,
             )
-        infos.append(info)
+        infos.append(TensorInfo(name, dtype, tuple(shape), start, end, path, data_start))
     position = 0
     for info in sorted(infos, key=lambda i: (i.start, i.end)):
         if info.start != position:
@@ -375,5 +372,5 @@ def check_tensor_name(name: str, path: Path | None) -> None:
 _MAX_SIZE = (1 << 63) - 1  # what a safetensors reader (Rust's u64/usize, torch's int64) can hold
 
 
-def _is_size(value: Any) -> bool:
-    return type(value) is int and 0 <= value <= _MAX_SIZE
+def _sizes(values: list) -> bool:
+    return all(type(v) is int for v in values) and (not values or 0 <= min(values) and max(values) <= _MAX_SIZE)

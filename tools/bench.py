@@ -8,7 +8,8 @@ run. Prints a table and writes JSON.
     python tools/bench.py --quick         # a smoke run: small files, 2 repeats
     python tools/bench.py --only predict --device cuda --predict-config 64,4 --batch 32
 
-Targets (issue #7) are checked in the table's last column; nothing here is a test assertion.
+Targets (issues #7 and #13) are checked in the table's last column; nothing here is a test
+assertion.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def make_unet_files(folder: Path, base_filters: int, depth: int) -> tuple[Path, 
     import torch
 
     from ckptfmt import ModelConfig
-    from ckptfmt.checkpoint import build_metadata
+    from ckptfmt.metadata import build_metadata
     from ckptfmt.tensors import write_safetensors
     from ckptfmt.models.multitask_unet import MultiTaskUNet
 
@@ -155,7 +156,7 @@ LOAD_NAIVE = """
     import ckptfmt, ckptfmt.models.multitask_unet
     x = torch.zeros(1, 1, 64, 64)
     start = time.perf_counter()
-    model = models.multitask_unet.MultiTaskUNet(base_filters=int(sys.argv[2]), depth=int(sys.argv[3]))
+    model = ckptfmt.models.multitask_unet.MultiTaskUNet(base_filters=int(sys.argv[2]), depth=int(sys.argv[3]))
     model.load_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True))
     model.eval()
     with torch.inference_mode():
@@ -186,35 +187,159 @@ def _median_of(result: dict, key: str) -> float:
     return statistics.median(json.loads(out)[key] for out in result["stdouts"])
 
 
+MINIMAL_CONVERT = """
+    import sys, torch
+    from safetensors.torch import save_file
+    save_file(torch.load(sys.argv[1], map_location="cpu", weights_only=True), sys.argv[2])
+"""
+
+
 def bench_convert(work: Path, files: dict, repeats: int) -> list[dict]:
-    pth, _ = files["big"]
+    """Convert at three sizes against the minimal script; peak RSS should stay flat."""
     out = work / "converted"
     out.mkdir(exist_ok=True)
-    ours, minimal, copy = measure(
-        [PYTHON, "-m", "ckptfmt", "convert", str(pth), "-o", str(out / "ours.safetensors"), "--force"],
-        python_child(f"""
-            import torch
-            from safetensors.torch import save_file
-            save_file(torch.load({str(pth)!r}, map_location="cpu", weights_only=True), {str(out / "minimal.safetensors")!r})
-        """),
-        ["cp", str(pth), str(out / "copy.pth")],
+    (torch_only,) = measure(python_child("import torch, ckptfmt.converter, ckptfmt.models.multitask_unet"), repeats=repeats)
+    rows, by_size = [], {}
+    for label, (pth, _) in files["convert"].items():
+        size = gb(pth.stat().st_size)
+        ours, minimal = measure(
+            [PYTHON, "-m", "ckptfmt", "convert", str(pth), "-o", str(out / f"ours_{label}.safetensors"), "--force"],
+            python_child(MINIMAL_CONVERT) + [str(pth), str(out / f"minimal_{label}.safetensors")],
+            repeats=repeats,
+        )
+        by_size[label] = ours
+        what = f"convert {size} .pth (mapped, copied by offset, read back and compared, digest, fsync) vs torch.load + save_file"
+        rows.append(row(f"convert_rss_{label}", what + ": peak RSS", ours, minimal, "rss",
+                        target=("<=", 0.15) if label == "3GB" else None))
+        rows.append(row(f"convert_wall_{label}", what + ": wall", ours, minimal, "wall",
+                        target=("<=", 0.8) if label in ("1GB", "3GB") else None))
+        for name in ("ours", "minimal"):
+            (out / f"{name}_{label}.safetensors").unlink(missing_ok=True)
+    smallest, largest = min(by_size, key=lambda k: float(k[:-2])), max(by_size, key=lambda k: float(k[:-2]))
+    rows.append(row("convert_rss_flat", f"convert peak RSS at {largest} vs at {smallest} (flat in file size)",
+                    by_size[largest], by_size[smallest], "rss", target=("<=", 1.1)))
+    rows.append(row("convert_rss_over_torch", f"convert peak RSS at {largest} vs importing torch and ckptfmt",
+                    by_size[largest], torch_only, "rss"))
+    return rows
+
+
+def bench_many(work: Path, repeats: int, count: int) -> list[dict]:
+    """The per-file cost of converting a folder of small checkpoints, against a minimal loop in
+    one process; each side's start-up (an empty folder) is taken off before dividing."""
+    import torch
+
+    from ckptfmt.models.multitask_unet import MultiTaskUNet
+
+    folder, empty = work / "many", work / "many_empty"
+    empty.mkdir(exist_ok=True)
+    if not folder.exists():
+        folder.mkdir()
+        state_dict = MultiTaskUNet(base_filters=4, depth=2).state_dict()
+        for index in range(count):
+            torch.save(state_dict, folder / f"m{index:04d}.pth")
+    loop = """
+        import sys, pathlib, torch
+        from safetensors.torch import save_file
+        for p in sorted(pathlib.Path(sys.argv[1]).glob("*.pth")):
+            save_file(torch.load(p, map_location="cpu", weights_only=True), p.with_suffix(".minimal.safetensors"))
+    """
+    clean = [PYTHON, "-c", f"import pathlib; [p.unlink() for p in pathlib.Path({str(folder)!r}).iterdir() if p.suffix != '.pth']"]
+
+    def ours(path: Path) -> list[str]:  # a fresh conversion each time: no [SKIP] of what a round before wrote
+        return [PYTHON, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:-1]); "
+                "subprocess.run([sys.executable, '-m', 'ckptfmt', 'convert', sys.argv[-1], '--force'], check=True, "
+                "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)", *clean, str(path)]
+
+    ours_run, loop_run, ours_empty, loop_empty = measure(
+        ours(folder), python_child(loop) + [str(folder)], ours(empty), python_child(loop) + [str(empty)],
         repeats=repeats,
     )
-    what = f"convert {gb(pth.stat().st_size)} .pth (verified, digest) vs torch.load + save_file"
-    return [
-        row("convert_wall", what + ": wall", ours, minimal, "wall", target=("<=", 1.3)),
-        row("convert_rss", what + ": peak RSS", ours, minimal, "rss", target=("<=", 1.1)),
-        row("convert_vs_cp", f"convert vs cp of the same {gb(pth.stat().st_size)} file", ours, copy, "wall"),
-    ]
+    for result, start in ((ours_run, ours_empty), (loop_run, loop_empty)):
+        result["per_file_s"] = (result["wall_s"] - start["wall_s"]) / count
+    return [row("convert_per_file", f"convert of {count} small .pth files, per file, vs a minimal loop in one process",
+                ours_run, loop_run, "per_file", target=("<=", 1.5))]
+
+
+def bench_inspect_folder(work: Path, repeats: int, counts: tuple[int, ...]) -> list[dict]:
+    """inspect of folders of 500, 1,000 and 2,000 .safetensors: linear in the file count, and
+    against reading the same headers in a plain loop."""
+    import torch
+
+    import ckptfmt
+    from ckptfmt.models.multitask_unet import MultiTaskUNet
+
+    model = MultiTaskUNet(base_filters=4, depth=2)
+    plain = """
+        import json, pathlib, struct, sys
+        for p in sorted(pathlib.Path(sys.argv[1]).rglob("*.safetensors")):
+            with open(p, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                json.loads(f.read(n))
+    """
+    rows, results = [], {}
+    for count in counts:
+        folder = work / f"inspect_{count}"
+        if not folder.exists():
+            source = ckptfmt.save(model, work / "inspect_source/model.safetensors", overwrite=True)
+            for index in range(count):
+                target = folder / f"run{index // 50:03d}" / f"m{index:04d}.safetensors"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+                if index % 50 == 0:
+                    shutil.copyfile(source.parent / "model_config.json", target.parent / "model_config.json")
+        ours, loop = measure([PYTHON, "-m", "ckptfmt", "inspect", str(folder)], python_child(plain) + [str(folder)],
+                             repeats=repeats)
+        results[count] = ours
+        rows.append(row(f"inspect_folder_{count}", f"inspect of a folder of {count:,} .safetensors vs reading their "
+                        "headers in a plain loop", ours, loop, "wall", target=("<=", 2.0) if count == max(counts) else None))
+    low, high = min(counts), max(counts)
+    scaled = dict(results[low], wall_s=results[low]["wall_s"] * high / low)
+    rows.append(row("inspect_folder_linear", f"inspect of {high:,} files vs {high // low} x inspect of {low:,} "
+                    "(linear in the file count)", results[high], scaled, "wall", target=("<=", 1.1)))
+    _ = torch
+    return rows
 
 
 def bench_verify(work: Path, files: dict, repeats: int) -> list[dict]:
     _, st = files["big"]
-    ours, sha = measure([PYTHON, "-m", "ckptfmt", "verify", str(st), "--json"], ["sha256sum", str(st)], repeats=repeats)
+    ours, sha = measure(
+        [PYTHON, "-m", "ckptfmt", "verify", str(st), "--json"],
+        python_child(f"""
+            import hashlib
+            with open({str(st)!r}, "rb") as f:
+                hashlib.file_digest(f, "sha256")
+        """),
+        repeats=repeats,
+    )
     size = st.stat().st_size
     ours["gb_per_s"] = statistics.median(json.loads(out)[0]["gb_per_s"] for out in ours["stdouts"])
-    sha["gb_per_s"] = size / sha["wall_s"] / 1e9
-    return [row("verify_digest", f"verify digest throughput (GB/s) vs sha256sum, {gb(size)}", ours, sha, "gbps")]
+    return [
+        row("verify_wall", f"verify of {gb(size)}, whole process, vs hashlib.sha256 of the file in a fresh process",
+            ours, sha, "wall", target=("<=", 1.5)),
+    ]
+
+
+def bench_sharded(work: Path, files: dict, repeats: int) -> list[dict]:
+    """load_model of a sharded checkpoint against the same weights in one file."""
+    import ckptfmt
+
+    _, single = files["load"]
+    sharded = work / "sharded/model.safetensors.index.json"
+    if not sharded.exists():
+        # Four shards, whatever the size (a 0.5 GB model in shards of 128 MB, as models of tens
+        # of GB come in shards of a few GB).
+        ckptfmt.save(ckptfmt.load_model(single), sharded.parent / "model.safetensors",
+                     max_shard_size=single.stat().st_size // 4 + 1)
+    ours, one = measure(python_child(LOAD_OURS) + [str(sharded)], python_child(LOAD_OURS) + [str(single)],
+                        repeats=repeats)
+    for result in (ours, one):
+        result["in_process_s"] = _median_of(result, "in_process_s")
+    shards = len(list(sharded.parent.glob("model-*.safetensors")))
+    what = f"load_model of {gb(single.stat().st_size)} in {shards} shards vs in one file"
+    return [
+        row("sharded_load_rss", what + ": peak RSS", ours, one, "rss", target=("<=", 1.1)),
+        row("sharded_load_wall", what + ": load to first forward, in-process", ours, one, "in_process", target=("<=", 1.1)),
+    ]
 
 
 PREDICT = """
@@ -389,7 +514,7 @@ def gb(size: int) -> str:
 def row(name: str, what: str, ours: dict, baseline: dict | None, metric: str, target: tuple | None = None) -> dict:
     key, unit = {
         "wall": ("wall_s", "s"), "in_process": ("in_process_s", "s"), "rss": ("peak_rss_bytes", "MB"),
-        "gbps": ("gb_per_s", "GB/s"), "ips": ("images_per_s", "img/s"),
+        "gbps": ("gb_per_s", "GB/s"), "ips": ("images_per_s", "img/s"), "per_file": ("per_file_s", "s"),
     }[metric]
     ours_value = ours[key]
     base_value = baseline[key] if baseline else None
@@ -411,7 +536,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small files, 2 repeats: a smoke run")
     parser.add_argument("--repeats", type=int, help="fresh processes per measurement (default 5, quick 2)")
-    parser.add_argument("--only", help="comma-separated: inspect,load,convert,verify,predict,startup,distributed")
+    parser.add_argument("--only", help="comma-separated: inspect,load,convert,verify,predict,startup,distributed,"
+                        "many,folder,sharded")
     parser.add_argument("--device", default="cpu", help="device for the predict benchmark")
     parser.add_argument("--predict-config", default=None, help="base_filters,depth for predict (default 64,4; quick 8,3)")
     parser.add_argument("--compile", action="store_true", help="also time predict with torch.compile (CUDA)")
@@ -421,7 +547,7 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     repeats = args.repeats or (2 if args.quick else 5)
-    selected = set((args.only or "inspect,load,convert,verify,predict,startup,distributed").split(","))
+    selected = set((args.only or "inspect,load,convert,verify,predict,startup,distributed,many,folder,sharded").split(","))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ckptfmt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"files in {work}", file=sys.stderr)
@@ -432,11 +558,15 @@ def main() -> int:
     batch = args.batch or (32 if args.device == "cuda" else (2 if args.quick else 8))
     side = 64 if args.quick else 256
     files = {}
-    if selected & {"inspect", "convert", "verify"}:
+    if selected & {"inspect", "verify"}:
         print(f"making U-Net base_filters={big[0]}, depth={big[1]} files ...", file=sys.stderr)
         files["big"] = make_unet_files(work, *big)
-    if "load" in selected:
-        files["load"] = files["big"] if load_arch == big else make_unet_files(work, *load_arch)
+    if "convert" in selected:
+        # ~0.1, 1 and 3 GB: the parameters grow with base_filters squared.
+        sizes = {"0.1GB": (10, 5), "0.4GB": (20, 5)} if args.quick else {"0.1GB": (29, 5), "1GB": (90, 5), "3GB": (157, 5)}
+        files["convert"] = {label: make_unet_files(work, *arch) for label, arch in sizes.items()}
+    if selected & {"load", "sharded"}:
+        files["load"] = files["big"] if load_arch == big and "big" in files else make_unet_files(work, *load_arch)
     if selected & {"predict", "startup"}:
         files["predict"] = make_unet_files(work, *predict_arch)
         files["predict_arch"] = f"base_filters={predict_arch[0]}, depth={predict_arch[1]}"
@@ -451,6 +581,9 @@ def main() -> int:
                                           2 if args.quick or args.device != "cuda" else 10, args.compile)),
         ("startup", lambda: bench_startup(work, files, repeats)),
         ("distributed", lambda: bench_distributed(work, repeats, (64, 3) if args.quick else (256, 3))),
+        ("many", lambda: bench_many(work, repeats, 50 if args.quick else 500)),
+        ("folder", lambda: bench_inspect_folder(work, repeats, (50, 100, 200) if args.quick else (500, 1000, 2000))),
+        ("sharded", lambda: bench_sharded(work, files, repeats)),
     ]
     for name, step in steps:
         if name in selected:
