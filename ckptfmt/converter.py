@@ -37,6 +37,7 @@ from .errors import (
 from .files import open_regular, walk_files
 from .header import read_header
 from .identify import identify
+from .dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
 from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
 from .metadata import build_metadata, provenance_record
 from .shapes import check_shapes
@@ -200,7 +201,12 @@ def convert(
             raise ConfigError(result.error)
         return result
     source = Path(source)
-    os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
+    # A torch.distributed.checkpoint folder has its own safe reader (dcp.py); from there on it is
+    # converted as a .pth is.
+    from_dcp = is_dcp_folder(source)
+    hash_source = dcp_folder_sha256 if from_dcp else sha256_file
+    if not from_dcp:
+        os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
     output = Path(output) if output is not None else default_output(source)
     result = ConvertResult(source=source, status="converted", output=output)
     if dtype is not None and dtype not in CAST_DTYPES:
@@ -212,12 +218,15 @@ def convert(
 
     if output.exists() and not output.is_symlink():
         previous = _recorded_source_sha256(output)
-        if previous is not None and not force and previous == sha256_file(source):
+        if previous is not None and not force and previous == hash_source(source):
             result.status, result.source_sha256 = "skipped", previous
             return result
     check_writable(output, overwrite=force)
 
-    legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False, mmap=True)
+    if from_dcp:
+        legacy = read_dcp_checkpoint(source, hash_source=False)
+    else:
+        legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False, mmap=True)
     state_dict = legacy.state_dict
     result.warnings.extend(legacy.notes)
     overrides = dict(overrides or {})
@@ -264,7 +273,7 @@ def convert(
         extra["identified"] = identified[0].record()
     provenance = provenance_record(source=source_record, **extra)
     metadata = build_metadata(resolved, training=training, provenance=provenance)
-    source_fd = open_regular(source, error=LegacyCheckpointError)
+    source_fd = None if from_dcp else open_regular(source, error=LegacyCheckpointError)
     try:
         if legacy.mapped and file_identity(source_fd) != legacy.identity:
             raise LegacyCheckpointError("changed while it was being converted; nothing was written. Convert it again",
@@ -272,7 +281,7 @@ def convert(
         # Mapped tensors are copied from the source file by offset, and compared with it there.
         sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
                    if (offset := legacy.file_offset(tensor)) is not None}
-        source_sha256 = helpers().submit(sha256_file, source)
+        source_sha256 = helpers().submit(hash_source, source)
         digest = write_safetensors(output, state_dict, metadata, overwrite=force, sync_folder=False,
                                    fill_in={sha_stand_in: source_sha256}, sources=sources)
     except BaseException:
@@ -280,7 +289,8 @@ def convert(
             written_here.unlink(missing_ok=True)
         raise
     finally:
-        os.close(source_fd)
+        if source_fd is not None:
+            os.close(source_fd)
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
     _batch.folders.add(output.parent)
     if resolved is not None:
@@ -370,8 +380,10 @@ def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict
 
 
 def find_checkpoints(path: Path) -> list[Path]:
-    """A file as is; a folder as every `.pth`/`.pt`/`.ckpt` under it, recursively, in sorted
-    order (not following links out of it)."""
+    """A file as is, and a DCP folder; another folder as every `.pth`/`.pt`/`.ckpt` under it,
+    recursively, in sorted order (not following links out of it)."""
+    if is_dcp_folder(path):
+        return [path]
     if path.is_dir():
         return walk_files(path, LEGACY_SUFFIXES)
     return [path]
@@ -440,5 +452,5 @@ def _output_for(source: Path, root: Path, output: str | os.PathLike | None) -> P
     output = Path(output)
     if output.suffix == ".safetensors":
         return output
-    relative = source.relative_to(root) if root.is_dir() else Path(source.name)
+    relative = source.relative_to(root) if root.is_dir() and source != root else Path(source.name)
     return output / default_output(relative)

@@ -28,7 +28,7 @@ from ckptfmt.dcp import read_dcp_metadata, read_dcp_state_dict
 from ckptfmt.models.multitask_unet import MultiTaskUNet
 from ckptfmt.training import read_training_state
 
-from .helpers import ROOT, state_dicts_bit_identical
+from .helpers import ROOT, run_cli, state_dicts_bit_identical
 
 WORLD = 2
 TIMEOUT_S = 300
@@ -198,6 +198,24 @@ def test_a_dcp_folder_from_two_ranks_reads_back_whole(ranks):
     assert sorted(saved["optim"]["state"]) == sorted(name for name, _ in MultiTaskUNet(4, 2).named_parameters())
 
 
+def test_a_dcp_folder_converts_to_a_checkpoint(ranks, tmp_path):
+    work, _ = ranks
+    result = ckptfmt.convert(work / "dcp", output=tmp_path / "from_dcp.safetensors")
+    assert result.status == "converted" and result.config_source == "inferred"
+    assert result.carried == {"weights": ["model"], "companion": ["optim"], "training": ["extra"]}
+    converted = ckptfmt.load_model(result.output)
+    assert state_dicts_bit_identical(converted.state_dict(), ckptfmt.load_model(work / "first/model.safetensors").state_dict())
+    provenance = read_header(result.output).provenance()["source"]
+    assert provenance["file"] == "dcp" and provenance["serialization"] == "torch.distributed.checkpoint"
+    assert read_header(result.output).training()["extra"] == {"extra": {"epoch": 3, "note": "two ranks"}}
+    optimizer = torch.optim.AdamW(converted.train().parameters(), lr=1e-2, weight_decay=0.1)
+    ckptfmt.load_training_state(result.output, optimizer)
+    assert all(float(state["step"]) == 3 for state in optimizer.state.values())
+    shown = run_cli("convert", str(work / "dcp"), "-o", str(tmp_path / "cli"))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"[OK]   {work / 'dcp'} -> {tmp_path / 'cli/dcp.safetensors'}  multitask(")
+
+
 def write_dcp_folder(folder: Path, state_dict: dict) -> Path:
     """A DCP folder as one process writes it (torch warns that it found no process group)."""
     with warnings.catch_warnings():
@@ -235,6 +253,8 @@ def test_a_malicious_dcp_metadata_runs_nothing(tmp_path, evil_marker):
         "metadata classes, torch.Size, dtypes and paths); refused without running it. The folder was crafted or "
         "damaged; re-save it with torch.distributed.checkpoint"
     )
+    result = ckptfmt.convert_all([folder])
+    assert [r.status for r in result] == ["failed"] and "needs the global posix.system" in result[0].error
 
 
 def test_a_malicious_value_in_a_dcp_folder_runs_nothing(tmp_path, evil_marker):
