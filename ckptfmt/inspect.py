@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .background import helpers
+from .facts import recall, remember
 from .config import ModelConfig, config_differences, read_sidecar
 from .digest import check_digest
 from .errors import CheckpointNotFoundError, CkptfmtError
 from .header import DTYPE_SIZES, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
+from .shapes import check_state
 from .sharding import KEY_SHARD, without_shards
 from .files import walk_files
 from .registry import registered_model_types
@@ -319,6 +321,15 @@ def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) ->
         report.add("shapes", True, f"skipped: model_type {config.model_type!r} is not registered here; "
                    "import or install what registers it to check the tensors against it", skipped=True)
         return config
+    shapes, dtypes = header.shapes(), header.dtypes()
+    document = config.to_dict()
+    facts = recall(document)  # this config was checked before: no torch, no architecture to import
+    if facts is not None:
+        expected = {name: (tuple(shape), dtype) for name, (shape, dtype) in facts["state"].items()}
+        if not check_state(expected, shapes, dtypes):
+            report.add("shapes", True, f"all {len(shapes)} tensors fit the config")
+            return config
+        # A mismatch: the architecture itself says which field is to blame, below.
     try:
         config = config.checked()
     except UnknownModelTypeError as exc:
@@ -327,12 +338,13 @@ def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) ->
     except CkptfmtError as exc:
         report.checks[-1] = {**report.checks[-1], "ok": False, "message": f"invalid embedded config: {exc.message}"}
         return None
+    from .registry import get_model_entry
     from .shapes import check_shapes
 
     try:
-        shapes = header.shapes()
-        check_shapes(config, shapes, dtypes=header.dtypes())
+        check_shapes(config, shapes, dtypes=dtypes)
         report.add("shapes", True, f"all {len(shapes)} tensors fit the config")
+        remember(document, config.to_dict(), get_model_entry(config.model_type).expected_state(config.params))
     except CkptfmtError as exc:
         report.add("shapes", False, f"config does not match the tensors: {exc.message}")
     return config

@@ -1,11 +1,27 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import ckptfmt
 from tools.phantoms import make_phantoms
 
 from .helpers import DEMO
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_folder(tmp_path_factory):
+    """The user's cache folder is never touched: the session, and every process it starts,
+    caches in a folder of its own that starts empty."""
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("CKPTFMT_CACHE_DIR")
+    os.environ["CKPTFMT_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["CKPTFMT_CACHE_DIR"]
+    else:
+        os.environ["CKPTFMT_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

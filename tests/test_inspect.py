@@ -305,3 +305,28 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
         process.stdout.close()
         assert process.wait(timeout=60) in (0, 1)
         assert process.stderr.read() == b""
+
+
+def test_a_second_verify_of_an_architecture_needs_no_torch(tmp_path, cache_folder):
+    """What the architecture says of a config is remembered in the cache folder: the shape
+    check of a later verify costs neither torch's import nor the architecture's."""
+    from .helpers import run
+
+    path, _, _ = save_small(tmp_path, base_filters=5, depth=3)  # a config no other test verifies
+    code = (
+        "import sys\n"
+        "from ckptfmt.inspect import verify\n"
+        "report = verify(sys.argv[1])\n"
+        "print(report.ok, [c['check'] for c in report.checks], 'torch' in sys.modules)\n"
+    )
+    first = run("-c", code, str(path))
+    assert first.stdout.split(" ", 1)[0] == "True" and first.stdout.strip().endswith("True"), first.stderr
+    second = run("-c", code, str(path))
+    assert second.stdout.strip() == "True ['header', 'config', 'shapes', 'sidecar', 'digest'] False", second.stderr
+    assert list((cache_folder / "facts").glob("*.json"))
+    # A file whose tensors do not fit is still caught, and blamed by the architecture itself.
+    model, config = small_model(base_filters=8)
+    wrong = tmp_path / "wrong" / "m.safetensors"
+    write_safetensors(wrong, model.state_dict(), build_metadata(config.replace(base_filters=4), training={}, provenance={}))
+    report = verify(wrong)
+    assert report.failures[0].startswith(f"{wrong}: config does not match the tensors: base_filters=4 expects")
