@@ -214,3 +214,29 @@ def test_class_2_nothing_is_written_through_a_fifo_at_the_output(tmp_path):
                                                      "writes only regular files and never through one of those"):
             ckptfmt.save_model_with_config(model, tmp_path / "m.safetensors", config, overwrite=overwrite)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_class_4_text_from_files_reaches_the_terminal_escaped(tmp_path):
+    """A file name with a newline cannot forge an [OK] line; escape sequences in tensor names,
+    metric names, class names and config strings are shown escaped, one line staying one line."""
+    model, config = small_model()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    forged = folder / "x\n[OK]   evil.pth -> evil.safetensors  all good\nz.pth"
+    torch.save({"w\x1b[31mred": torch.zeros(2)}, forged)
+    result = run_cli("convert", str(folder))
+    lines = (result.stdout + result.stderr).splitlines()
+    assert not any(line.startswith("[OK]   evil.pth") for line in lines)
+    assert any("x\\n[OK]   evil.pth" in line for line in lines)
+    assert all("\x1b" not in line for line in lines)
+    described = config.replace(description="run \x1b]0;pwned\x07 done", class_names=["a\x1b[2Jb", "c"])
+    path = ckptfmt.save_model_with_config(model, tmp_path / "m.safetensors", described, metrics={"dice\x1b[1m": 0.5})
+    for command in (["inspect", str(path), "--tensors"], ["inspect", str(tmp_path)], ["verify", str(path)],
+                    ["diff", str(path), str(path)]):
+        result = run_cli(*command)
+        assert result.returncode == 0, result.stderr
+        assert not any(c in result.stdout + result.stderr for c in "\x1b\x07"), command
+    shown = run_cli("inspect", str(path)).stdout
+    assert "dice\\e[1m=0.5" in shown and '"a\\u001b[2Jb"' in shown
+    as_json = run_cli("inspect", str(path), "--json").stdout
+    assert json.loads(as_json)["config"]["class_names"][0] == "a\x1b[2Jb" and "\x1b" not in as_json
