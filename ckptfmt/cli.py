@@ -114,8 +114,8 @@ def main(verbose: bool) -> None:
 
     \b
     Example:
-        ckptfmt convert checkpoints/          # migrate every .pth under a folder
-        ckptfmt inspect checkpoints/multitask_joint/best_model.safetensors
+        ckptfmt convert checkpoints/ -o converted/    # every .pth, .pt and .ckpt under a folder
+        ckptfmt inspect converted/multitask_joint/best_model.safetensors
     """
     logger.handlers[:] = [_StderrHandler()]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -177,9 +177,8 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
 
     \b
     Example:
-        ckptfmt convert checkpoints/
-        ckptfmt convert lightning_logs/
-        ckptfmt convert old.pth -o new.safetensors --set description="joint fine-tuning"
+        ckptfmt convert checkpoints/ -o converted/
+        ckptfmt convert checkpoints/multitask_seg_warmup/best_model.pth -o warmup.safetensors --set description="warm-up"
     """
     from .converter import convert_all
 
@@ -342,8 +341,8 @@ def inspect_command(path, tensors, as_json):
 
     \b
     Example:
-        ckptfmt inspect checkpoints/multitask_joint/best_model.safetensors
-        ckptfmt inspect checkpoints/ --json
+        ckptfmt inspect converted/multitask_joint/best_model.safetensors
+        ckptfmt inspect converted/ --json
     """
     from .inspect import inspect_checkpoint, inspect_folder
 
@@ -504,7 +503,7 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
 
     \b
     Example:
-        ckptfmt predict converted/multitask_joint/best_model.safetensors scans/ --out masks/
+        ckptfmt predict converted/multitask_joint/best_model.safetensors checkpoints/scans/ --out masks/
     """
     from .images import find_inputs
     from .predict import MultiTaskPredictor, predict_files
