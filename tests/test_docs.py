@@ -57,3 +57,24 @@ def test_each_example_runs_as_written_after_the_quickstart(after_quickstart, exa
     # diff says "they differ" with exit code 1, as diff(1) does; nothing else may fail.
     assert result.returncode in ((0, 1) if args[0] == "diff" else (0,)), result.stderr
     assert "Error:" not in result.stderr and "Traceback" not in result.stderr
+
+
+TOOLS = sorted(path.name for path in (ROOT / "tools").iterdir() if path.suffix in (".py", ".sh") and path.name != "__init__.py")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_takes_help_and_refuses_unknown_options(tool, tmp_path):
+    """Regression: `make_demo_checkpoints.py --help` trained for a minute into a folder named
+    `--help`."""
+    import subprocess
+    import sys
+
+    runner = ["bash"] if tool.endswith(".sh") else [sys.executable]
+    helped = subprocess.run([*runner, str(ROOT / "tools" / tool), "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.strip() and list(tmp_path.iterdir()) == []
+    refused = subprocess.run([*runner, str(ROOT / "tools" / tool), "--no-such-option"], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=120)
+    assert refused.returncode == 2 and refused.stderr.strip()
+    assert list(tmp_path.iterdir()) == []
