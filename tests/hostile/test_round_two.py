@@ -240,3 +240,35 @@ def test_class_4_text_from_files_reaches_the_terminal_escaped(tmp_path):
     assert "dice\\e[1m=0.5" in shown and '"a\\u001b[2Jb"' in shown
     as_json = run_cli("inspect", str(path), "--json").stdout
     assert json.loads(as_json)["config"]["class_names"][0] == "a\x1b[2Jb" and "\x1b" not in as_json
+
+
+def test_class_3_a_sidecar_that_is_a_device_or_huge_is_refused_before_it_is_read(tmp_path):
+    path, _, _ = save_small(tmp_path)
+    sidecar = tmp_path / "model_config.json"
+    sidecar.unlink()
+    sidecar.symlink_to("/dev/zero")
+    shown = ckptfmt.inspect_checkpoint(path)["sidecar"]
+    assert shown == {"status": "invalid", "path": str(sidecar),
+                     "message": "is a device, not a regular file; refused (reading it could block or never end)"}
+    sidecar.unlink()
+    with open(sidecar, "wb") as f:
+        f.truncate(17 << 20)  # sparse: 17 MiB that cost no disk
+    report = ckptfmt.verify(path)
+    assert report.failures == [
+        f"{path}: sidecar is invalid: is 17,825,792 bytes, over the 16,777,216-byte limit for a config JSON file"
+    ]
+
+
+def test_class_6_an_integer_tensor_where_the_architecture_has_a_float_is_caught_before_torch(tmp_path):
+    """Regression: verify passed an I64 weight, then load_model raised torch's RuntimeError."""
+    model, config = small_model()
+    state_dict = dict(model.state_dict())
+    state_dict["cls_head.weight"] = state_dict["cls_head.weight"].to(torch.int64)
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, state_dict, build_metadata(config, training={}, provenance={}))
+    message = ("config does not match the tensors: the config expects cls_head.weight as F32; the file has it as I64; "
+               "fix the config")
+    assert ckptfmt.verify(path).failures == [f"{path}: {message}"]
+    with pytest.raises(ckptfmt.ShapeMismatchError) as excinfo:
+        ckptfmt.load_model(path)
+    assert str(excinfo.value) == f"{path}: {message.split(': ', 1)[1]}"
