@@ -159,13 +159,16 @@ def _echo_json(document: Any) -> None:
 @click.option("--model-type", help="Only try this registered architecture (with --config: attach it).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
               help="Cast floating-point tensors; the cast is recorded in provenance.")
+@click.option("--max-shard-size", metavar="SIZE",
+              help="Write shards of at most SIZE (2GB, 500MiB, bytes) and an index, as Hugging Face does, "
+                   "when the weights do not fit in one.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs and a disagreeing sidecar.")
 @click.option("--unsafe-pickle", is_flag=True,
               help="Unpickle with weights_only=False: allows any pickled object (a whole model included, whose "
                    "state_dict() is converted). This RUNS CODE from the file: only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
 @_user_errors
-def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_pickle, as_json):
+def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size, force, unsafe_pickle, as_json):
     """Convert legacy .pth, .pt and Lightning .ckpt checkpoints to self-describing .safetensors.
 
     PATHS are files or folders (every .pth/.pt/.ckpt under them). Each becomes NAME.safetensors
@@ -190,7 +193,7 @@ def convert(paths, output, config_path, sets, model_type, dtype, force, unsafe_p
 
     results = convert_all(
         paths, output=output, on_start=progress, config=config_path, overrides=overrides,
-        model_type=model_type, dtype=dtype, force=force, unsafe_pickle=unsafe_pickle,
+        model_type=model_type, dtype=dtype, force=force, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size,
     )
     counts = {status: sum(r.status == status for r in results) for status in ("converted", "skipped", "failed")}
     if as_json:

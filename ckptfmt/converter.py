@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from .dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
 from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
 from .metadata import build_metadata, provenance_record
 from .shapes import check_shapes
+from .sharding import is_index, parse_size, write_sharded
 from .tensors import DTYPE_NAMES, placeholder, write_safetensors
 from .training import OPTIMIZER_SUFFIX, write_training_state
 
@@ -164,6 +166,7 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     unsafe_pickle: bool = False,
+    max_shard_size: int | str | None = None,
     _batch: _Batch | None = None,
 ) -> ConvertResult:
     """Convert one legacy checkpoint to a self-describing .safetensors file plus sidecar.
@@ -180,6 +183,8 @@ def convert(
         force: overwrite an existing output or a disagreeing sidecar.
         unsafe_pickle: allow arbitrary pickles. This runs code from the file. A whole pickled
             model (`torch.save(model)`) is then read, and its `state_dict()` converted.
+        max_shard_size: write shards of at most this many bytes ("2GB", an int) and an index,
+            `NAME.safetensors.index.json`, when the weights do not fit in one.
 
     Returns:
         A ConvertResult with status "converted" or "skipped".
@@ -195,7 +200,8 @@ def convert(
     if _batch is None:
         batch = _Batch(force=force)
         result = convert(source, output=output, config=config, overrides=overrides, model_type=model_type,
-                         dtype=dtype, force=force, unsafe_pickle=unsafe_pickle, _batch=batch)
+                         dtype=dtype, force=force, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size,
+                         _batch=batch)
         batch.finish()
         if result.status == "failed":
             raise ConfigError(result.error)
@@ -216,6 +222,10 @@ def convert(
     if output.exists() and os.path.samefile(source, output):
         raise WriteError("is both the source and the output; choose another output (-o)", path=output)
 
+    shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
+    index = output.with_name(output.name + ".index.json")
+    if index.exists() and not index.is_symlink() and not output.exists():
+        output = index  # an earlier conversion to shards: what it recorded decides the skip
     if output.exists() and not output.is_symlink():
         previous = _recorded_source_sha256(output)
         if previous is not None and not force and previous == hash_source(source):
@@ -244,6 +254,11 @@ def convert(
     cast = None
     if dtype is not None:
         state_dict, cast = _cast(state_dict, CAST_DTYPES[dtype])
+    plain = output.with_name(output.name.removesuffix(".index.json"))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    output = index if shard_size is not None and total > shard_size else plain
+    check_writable(output, overwrite=force)
+    result.output = output
     result.carried = {key: list(keys) for key, keys in legacy.destinations.items() if key != "config"}
     if legacy.config_origin is not None and result.config_source == legacy.config_origin:
         result.carried["config"] = list(legacy.destinations["config"])
@@ -252,7 +267,7 @@ def convert(
     training = dict(legacy.training)
     written_here = None
     if legacy.companion:
-        companion = output.with_name(output.stem + OPTIMIZER_SUFFIX)
+        companion = plain.with_name(plain.stem + OPTIMIZER_SUFFIX)
         existed = companion.exists()
         training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=force, sync_folder=False)
         result.optimizer_file, written_here = companion, None if existed else companion
@@ -282,8 +297,9 @@ def convert(
         sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
                    if (offset := legacy.file_offset(tensor)) is not None}
         source_sha256 = helpers().submit(hash_source, source)
-        digest = write_safetensors(output, state_dict, metadata, overwrite=force, sync_folder=False,
-                                   fill_in={sha_stand_in: source_sha256}, sources=sources)
+        write = partial(write_sharded, max_shard_size=shard_size) if is_index(output) else write_safetensors
+        digest = write(output, state_dict, metadata, overwrite=force, sync_folder=False,
+                       fill_in={sha_stand_in: source_sha256}, sources=sources)
     except BaseException:
         if written_here is not None:  # no companion is left behind without the weights it belongs to
             written_here.unlink(missing_ok=True)

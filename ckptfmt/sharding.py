@@ -167,7 +167,8 @@ def read_index(path: str | os.PathLike) -> Header:
 
 def write_sharded(
     path: Path, state_dict: Mapping[str, Any], metadata: Mapping[str, str], *, max_shard_size: int,
-    overwrite: bool = False,
+    overwrite: bool = False, fill_in: Mapping[str, Any] | None = None,
+    sources: Mapping[str, tuple[int, int]] | None = None, sync_folder: bool = True,
 ) -> str:
     """Write a state dict as shards of at most `max_shard_size` bytes (a tensor larger than that
     gets a shard of its own) and their index at `path` (NAME.safetensors.index.json).
@@ -177,11 +178,16 @@ def write_sharded(
     shards this call wrote are removed when it fails. Shards of an earlier save of the same
     name that the new index does not name are removed once it is written.
 
+    `fill_in` and `sources` are as for `write_safetensors`: each shard gets them, and the index
+    the filled-in values. The whole state dict's digest is computed from the shards as written,
+    so memory stays bounded when the tensors are copied from a mapped source.
+
     Returns:
         The canonical digest of the whole state dict (in the index's metadata).
     """
     from .atomic import atomic_write, check_writable, write_all
-    from .tensors import split_aliases, weights_digest, write_safetensors
+    from .digest import digest_file
+    from .tensors import split_aliases, write_safetensors
 
     stem = path.name[: -len(INDEX_SUFFIX)]
     stored, aliases = split_aliases(state_dict)
@@ -198,7 +204,6 @@ def write_sharded(
     check_writable(path, overwrite=overwrite)
     for name in names:
         check_writable(path.parent / name, overwrite=overwrite)
-    digest = weights_digest(state_dict)
     shard_metadata = {key: value for key, value in metadata.items() if key not in (KEY_WEIGHTS_SHA256, KEY_ALIASES)}
     written: list[Path] = []
     try:
@@ -206,16 +211,23 @@ def write_sharded(
         for number, (name, group) in enumerate(zip(names, groups), start=1):
             belongs = json.dumps({"index": path.name, "shard": number, "of": len(groups)}, sort_keys=True)
             write_safetensors(path.parent / name, {n: stored[n] for n in group},
-                              {**shard_metadata, KEY_SHARD: belongs}, overwrite=overwrite)
+                              {**shard_metadata, KEY_SHARD: belongs}, overwrite=overwrite, sync_folder=sync_folder,
+                              fill_in={k: v for k, v in (fill_in or {}).items() if k in json.dumps(shard_metadata)},
+                              sources={n: span for n, span in (sources or {}).items() if n in group})
             written.append(path.parent / name)
             weight_map.update({tensor: name for tensor in group})
-        index_metadata = {**metadata, KEY_WEIGHTS_SHA256: digest}
+        index_metadata = dict(metadata)
+        for stand_in, future in (fill_in or {}).items():
+            index_metadata = {key: value.replace(stand_in, future.result()) for key, value in index_metadata.items()}
         if aliases:
             index_metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
+        written_header = Header(path, 0, 0, {t: info for shard in written for t, info in read_header(shard).tensors.items()},
+                                {**index_metadata, KEY_WEIGHTS_SHA256: ""}, tuple(written))
+        digest = index_metadata[KEY_WEIGHTS_SHA256] = digest_file(written_header)
         check_metadata(index_metadata, path)
         total = sum(t.numel() * t.element_size() for t in stored.values())
         document = {"metadata": {"total_size": total, **index_metadata}, "weight_map": dict(sorted(weight_map.items()))}
-        with atomic_write(path, overwrite=overwrite) as fd:
+        with atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
             write_all(fd, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
     except BaseException:
         for shard in written:

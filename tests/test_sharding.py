@@ -161,3 +161,21 @@ def test_a_corrupt_shard_fails_verify(sharded, tmp_path):
     flip_byte(tmp_path / "model-00002-of-" f"{len(list(tmp_path.glob('model-*.safetensors'))):05d}.safetensors", 10)
     report = ckptfmt.verify(path)
     assert not report.ok and "weights digest mismatch" in report.failures[0]
+
+
+def test_convert_writes_shards_from_a_mapped_pth(tmp_path):
+    model, _ = small_model(base_filters=8, depth=3)
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 2}, tmp_path / "big.pth")
+    result = run_cli("convert", str(tmp_path / "big.pth"), "--max-shard-size", "60KB")
+    assert result.returncode == 0, result.stderr
+    index = tmp_path / "big.safetensors.index.json"
+    assert result.stdout.splitlines()[0].startswith(f"[OK]   {tmp_path / 'big.pth'} -> {index}  multitask(")
+    assert not (tmp_path / "big.safetensors").exists() and len(list(tmp_path.glob("big-*-of-*.safetensors"))) > 2
+    assert state_dicts_bit_identical(ckptfmt.load_model(index).state_dict(), model.state_dict())
+    assert ckptfmt.verify(index).ok
+    source = ckptfmt.read_header(index).provenance()["source"]
+    from ckptfmt.legacy import sha256_file
+
+    assert source["sha256"] == sha256_file(tmp_path / "big.pth")
+    again = run_cli("convert", str(tmp_path / "big.pth"), "--max-shard-size", "60KB")
+    assert again.stdout.startswith(f"[SKIP] {tmp_path / 'big.pth'}: already converted")
