@@ -31,14 +31,13 @@ from .errors import (
     DeviceError,
     ShapeMismatchError,
 )
-from .files import resolve_checkpoint_path
 from .header import Header, looks_like_safetensors, read_header
 from .legacy import LegacyCheckpoint, read_legacy_checkpoint
 from .metadata import build_metadata, provenance_record, training_record
 from .registry import get_model_entry, unwrap_model
 from .identify import identify
 from .shapes import check_shapes, check_state, module_state
-from .sharding import is_index, parse_size, write_sharded
+from .sharding import is_index, parse_size, resolve_checkpoint_path, write_sharded
 from .tensors import DTYPE_NAMES, load_tensors, write_safetensors
 from .training import OPTIMIZER_SUFFIX, write_training_state
 

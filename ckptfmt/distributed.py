@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError, ShapeMismatchError
-from .files import open_regular, resolve_checkpoint_path
+from .files import open_regular
 from .header import Header, TensorInfo, looks_like_safetensors, read_header
+from .sharding import resolve_checkpoint_path
 
 if TYPE_CHECKING:
     import torch

@@ -9,7 +9,6 @@ is read.
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from pathlib import Path
@@ -17,10 +16,8 @@ from pathlib import Path
 from .errors import CheckpointNotFoundError, CkptfmtError, InputError
 
 __all__ = [
-    "check_plain_name", "is_regular_file", "open_regular", "read_capped", "resolve_checkpoint_path", "walk_files",
+    "check_plain_name", "is_regular_file", "open_regular", "read_capped", "walk_files",
 ]
-
-logger = logging.getLogger("ckptfmt")
 
 
 def open_regular(path: str | os.PathLike, *, error: type[CkptfmtError] = InputError) -> int:
@@ -81,25 +78,6 @@ def is_regular_file(path: Path) -> bool:
         return stat.S_ISREG(path.stat().st_mode)
     except OSError:
         return False
-
-
-def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
-    """The file to read. `NAME.pth` that was saved as `NAME.safetensors` (as
-    save_model_with_config does), or as shards with `NAME.safetensors.index.json`, is found
-    there, so the seed's paths keep working; a folder gives the one checkpoint it holds."""
-    path = Path(path)
-    if path.is_dir():
-        from .sharding import find_checkpoint
-
-        return find_checkpoint(path)
-    if path.exists():
-        return path
-    if path.suffix in (".pth", ".pt"):
-        for saved_as in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")):
-            if saved_as.exists():
-                logger.info("%s: reading %s, which it was saved as", path, saved_as)
-                return saved_as
-    raise CheckpointNotFoundError("no such file", path=path)
 
 
 def check_plain_name(name: object, *, key: str, path: str | os.PathLike | None, error: type[CkptfmtError]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HeaderError
-from .files import open_regular
+from .files import check_plain_name, open_regular, read_capped
 from .jsondoc import loads_strict
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "KEY_CONFIG",
     "KEY_FORMAT",
     "KEY_FORMAT_VERSION",
+    "KEY_SHARD",
     "KEY_OPTIMIZER",
     "KEY_PROVENANCE",
     "KEY_TRAINING",
@@ -40,6 +41,7 @@ __all__ = [
     "check_tensor_name",
     "looks_like_safetensors",
     "read_header",
+    "read_index",
 ]
 
 # 2: a tied tensor's digest record names the tensor it is tied to instead of counting its bytes
@@ -57,6 +59,10 @@ KEY_ALIASES = "ckptfmt.aliases"
 KEY_OPTIMIZER = "ckptfmt.optimizer"
 
 INDEX_SUFFIX = ".safetensors.index.json"
+# In a shard's header: the index it belongs to, its number and how many there are.
+KEY_SHARD = "ckptfmt.shard"
+# An index lists one entry per tensor; a billion-parameter model has a few thousand.
+MAX_INDEX_BYTES = 64 << 20
 
 # safetensors' own header limit; a larger header is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
@@ -231,8 +237,6 @@ def read_header(path: str | os.PathLike) -> Header:
     """
     path = Path(path)
     if path.name.endswith(INDEX_SUFFIX):
-        from .sharding import read_index
-
         return read_index(path)
     fd = open_regular(path, error=HeaderError)
     try:
@@ -374,3 +378,55 @@ _MAX_SIZE = (1 << 63) - 1  # what a safetensors reader (Rust's u64/usize, torch'
 
 def _sizes(values: list) -> bool:
     return all(type(v) is int for v in values) and (not values or 0 <= min(values) and max(values) <= _MAX_SIZE)
+
+
+def read_index(path: str | os.PathLike) -> Header:
+    """A sharded checkpoint's index and its shards' headers, as one Header.
+
+    Raises:
+        HeaderError: the index is malformed, names a shard outside its folder, or disagrees with
+            what the shards hold.
+    """
+    path = Path(path)
+    raw = read_capped(path, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeaderError("is not UTF-8 text; is it really a checkpoint index?", path=path) from None
+    document = loads_strict(text, what="index", path=path)
+    if not isinstance(document, dict) or not isinstance(document.get("weight_map"), dict):
+        raise HeaderError("is not a safetensors index: it has no \"weight_map\" object", path=path)
+    metadata = dict(document.get("metadata") or {})
+    total_size = metadata.pop("total_size", None)
+    if total_size is not None and (type(total_size) is not int or total_size < 0):
+        raise HeaderError(f"metadata total_size must be a byte count, not {total_size!r}", path=path)
+    metadata = check_metadata(metadata, path)
+    check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in document["weight_map"].items():
+        check_tensor_name(name, path)
+        check_plain_name(shard, key=f"weight_map[{name!r}]", path=path, error=HeaderError)
+        by_shard.setdefault(shard, []).append(name)
+    tensors = {}
+    files, size = [], 0
+    for shard in sorted(by_shard):
+        shard_path = path.parent / shard
+        header = read_header(shard_path)
+        belongs = header.metadata.get(KEY_SHARD)
+        if belongs is not None:
+            claim = loads_strict(belongs, what=f"shard {shard}'s {KEY_SHARD}", path=path)
+            if not isinstance(claim, dict) or claim.get("index") != path.name:
+                raise HeaderError(f"shard {shard} says it belongs to another index ({belongs[:200]})", path=path)
+        if set(header.tensors) != set(by_shard[shard]):
+            extra = sorted(set(header.tensors) ^ set(by_shard[shard]))[:3]
+            raise HeaderError(
+                f"shard {shard} does not hold the tensors the weight_map gives it (e.g. {', '.join(extra)}); "
+                "the checkpoint is damaged or its shards come from different saves",
+                path=path,
+            )
+        tensors.update(header.tensors)
+        files.append(shard_path)
+        size += header.file_size
+    header = Header(path, size, 0, tensors, metadata, tuple(files))
+    header.aliases  # ties to tensors that no shard holds are refused here, not when used
+    return header

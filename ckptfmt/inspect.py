@@ -19,9 +19,9 @@ from .facts import recall, remember
 from .config import ModelConfig, config_differences, read_sidecar
 from .digest import check_digest
 from .errors import CheckpointNotFoundError, CkptfmtError
-from .header import DTYPE_SIZES, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
+from .header import DTYPE_SIZES, KEY_OPTIMIZER, KEY_SHARD, Header, looks_like_safetensors, read_header
 from .shapes import check_state
-from .sharding import KEY_SHARD, without_shards
+from .sharding import without_shards
 from .files import walk_files
 from .registry import registered_model_types
 
@@ -99,7 +99,6 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
 
     legacy = read_legacy_checkpoint(path)
     infos = [(n, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in legacy.state_dict.items()]
-    shapes = {n: s for n, _, s in infos}
     failures: list[str] = []
     try:
         inferred, reason = identify(legacy.state_dict, path=path, failures=failures).config.to_dict(), None
@@ -315,7 +314,7 @@ def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) ->
     """The config checked against its architecture, then against the tensors; skipped, saying
     why, when the architecture is not installed here. Returns the checked config, or None when
     it is invalid."""
-    from .errors import UnknownModelTypeError
+    from .errors import MissingDependencyError, UnknownModelTypeError
 
     if config.model_type not in registered_model_types():
         report.add("shapes", True, f"skipped: model_type {config.model_type!r} is not registered here; "
@@ -332,7 +331,7 @@ def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) ->
         # A mismatch: the architecture itself says which field is to blame, below.
     try:
         config = config.checked()
-    except UnknownModelTypeError as exc:
+    except (UnknownModelTypeError, MissingDependencyError) as exc:  # a library's model, the library not here
         report.add("shapes", True, f"skipped: {exc.message}", skipped=True)
         return config
     except CkptfmtError as exc:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write, check_writable, write_all
+from .atomic import atomic_write, write_all
 from .checkpoint import load_model_with_config, resolve_device
 from .errors import CkptfmtError, ConfigError, DeviceError, InputError
 from .files import read_capped

@@ -9,14 +9,16 @@ digest, and `ckptfmt.shard` says which index it belongs to, so that one shard al
 what it is part of. A tie is stored once, in the shard of its stored tensor; the index records
 it in `ckptfmt.aliases`.
 
-Read back, an index becomes one `Header` whose tensors know the shard that holds them, so that
-loading, `inspect`, `verify` and `diff` treat a sharded checkpoint as one file. The shard names
-an index gives are plain names in its folder, checked like every name read from a file.
+Read back (`header.read_index`, which `read_header` calls for an index), an index becomes one
+`Header` whose tensors know the shard that holds them, so that loading, `inspect`, `verify` and
+`diff` treat a sharded checkpoint as one file. The shard names an index gives are plain names in
+its folder, checked like every name read from a file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -24,35 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError
-from .files import check_plain_name, read_capped
+from .files import read_capped
 from .header import (
     INDEX_SUFFIX,
     KEY_ALIASES,
-    KEY_FORMAT_VERSION,
+    KEY_SHARD,
     KEY_WEIGHTS_SHA256,
+    MAX_INDEX_BYTES,
     Header,
-    check_format_version,
     check_metadata,
-    check_tensor_name,
     read_header,
 )
-from .jsondoc import loads_strict
-
 __all__ = [
-    "INDEX_SUFFIX",
-    "KEY_SHARD",
     "find_checkpoint",
-    "without_shards",
     "is_index",
     "parse_size",
-    "read_index",
+    "resolve_checkpoint_path",
     "shard_names",
+    "without_shards",
     "write_sharded",
 ]
 
-KEY_SHARD = "ckptfmt.shard"
-# An index lists one entry per tensor; a billion-parameter model has a few thousand.
-MAX_INDEX_BYTES = 64 << 20
+logger = logging.getLogger("ckptfmt")
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -113,56 +109,21 @@ def without_shards(paths: list[Path]) -> list[Path]:
     return [path for path in paths if path not in named]
 
 
-def read_index(path: str | os.PathLike) -> Header:
-    """A sharded checkpoint's index and its shards' headers, as one Header.
-
-    Raises:
-        HeaderError: the index is malformed, names a shard outside its folder, or disagrees with
-            what the shards hold.
-    """
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """The file to read. `NAME.pth` that was saved as `NAME.safetensors` (as
+    save_model_with_config does), or as shards with `NAME.safetensors.index.json`, is found
+    there, so the seed's paths keep working; a folder gives the one checkpoint it holds."""
     path = Path(path)
-    raw = read_capped(path, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HeaderError("is not UTF-8 text; is it really a checkpoint index?", path=path) from None
-    document = loads_strict(text, what="index", path=path)
-    if not isinstance(document, dict) or not isinstance(document.get("weight_map"), dict):
-        raise HeaderError("is not a safetensors index: it has no \"weight_map\" object", path=path)
-    metadata = dict(document.get("metadata") or {})
-    total_size = metadata.pop("total_size", None)
-    if total_size is not None and (type(total_size) is not int or total_size < 0):
-        raise HeaderError(f"metadata total_size must be a byte count, not {total_size!r}", path=path)
-    metadata = check_metadata(metadata, path)
-    check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in document["weight_map"].items():
-        check_tensor_name(name, path)
-        check_plain_name(shard, key=f"weight_map[{name!r}]", path=path, error=HeaderError)
-        by_shard.setdefault(shard, []).append(name)
-    tensors = {}
-    files, size = [], 0
-    for shard in sorted(by_shard):
-        shard_path = path.parent / shard
-        header = read_header(shard_path)
-        belongs = header.metadata.get(KEY_SHARD)
-        if belongs is not None:
-            claim = loads_strict(belongs, what=f"shard {shard}'s {KEY_SHARD}", path=path)
-            if not isinstance(claim, dict) or claim.get("index") != path.name:
-                raise HeaderError(f"shard {shard} says it belongs to another index ({belongs[:200]})", path=path)
-        if set(header.tensors) != set(by_shard[shard]):
-            extra = sorted(set(header.tensors) ^ set(by_shard[shard]))[:3]
-            raise HeaderError(
-                f"shard {shard} does not hold the tensors the weight_map gives it (e.g. {', '.join(extra)}); "
-                "the checkpoint is damaged or its shards come from different saves",
-                path=path,
-            )
-        tensors.update(header.tensors)
-        files.append(shard_path)
-        size += header.file_size
-    header = Header(path, size, 0, tensors, metadata, tuple(files))
-    header.aliases  # ties to tensors that no shard holds are refused here, not when used
-    return header
+    if path.is_dir():
+        return find_checkpoint(path)
+    if path.exists():
+        return path
+    if path.suffix in (".pth", ".pt"):
+        for saved_as in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")):
+            if saved_as.exists():
+                logger.info("%s: reading %s, which it was saved as", path, saved_as)
+                return saved_as
+    raise CheckpointNotFoundError("no such file", path=path)
 
 
 def write_sharded(

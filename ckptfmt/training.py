@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from .digest import digest_file
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError, IntegrityError
-from .files import check_plain_name, resolve_checkpoint_path
+from .files import check_plain_name
 from .header import FORMAT_VERSION, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_OPTIMIZER, Header, read_header
+from .sharding import resolve_checkpoint_path
 from .jsondoc import dumps_strict, loads_strict
 
 if TYPE_CHECKING:  # verify checks a companion without torch; reading and writing one import it

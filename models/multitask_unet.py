@@ -8,7 +8,7 @@ bottleneck (global average pool, then linear) gives classification logits.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn

@@ -10,7 +10,6 @@ it saw to `WORKDIR/rank{N}.json`, and the checkpoints and outputs the test then 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

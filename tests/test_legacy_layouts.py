@@ -133,8 +133,8 @@ def test_lightning_checkpoints_convert_and_rebuild_from_the_file_alone(tmp_path,
     lines = result.stdout.splitlines()
     assert lines[-1] == "2 converted, 0 skipped, 0 failed"
     out = tmp_path / "lightning_logs/version_0/checkpoints"
-    assert lines[0] == (f"[OK]   lightning_logs/version_0/checkpoints/epoch=0-step=2.ckpt -> "
-                        f"lightning_logs/version_0/checkpoints/epoch=0-step=2.safetensors  multitask(base_filters=4, "
+    assert lines[0] == ("[OK]   lightning_logs/version_0/checkpoints/epoch=0-step=2.ckpt -> "
+                        "lightning_logs/version_0/checkpoints/epoch=0-step=2.safetensors  multitask(base_filters=4, "
                         "cls_num_classes=2, depth=2, in_channels=1, seg_out_channels=1)")
     assert lines[1] == (
         "       weights: state_dict; config: hyper_parameters; training record: hyper_parameters, epoch, global_step, "

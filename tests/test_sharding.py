@@ -87,7 +87,7 @@ def test_load_inspect_verify_and_diff_take_the_index_or_its_folder(sharded, tmp_
     single = ckptfmt.save(model, tmp_path / "single/model.safetensors", epoch=4)
     result = ckptfmt.diff(path, single)
     assert result["differs_in"] == ["training record"]  # the single file has no optimizer companion
-    assert result["training"] == [f"optimizer.file: 'model.optimizer.safetensors' != (not set)",
+    assert result["training"] == ["optimizer.file: 'model.optimizer.safetensors' != (not set)",
                                   f"optimizer.sha256: {json.loads(read_header(path).metadata['ckptfmt.training'])['optimizer']['sha256']!r} != (not set)"]
 
 
