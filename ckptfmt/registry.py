@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .arguments import RESERVED_NAMES, Signature
-from .errors import ConfigError, PluginError, UnknownModelTypeError
+from .errors import CkptfmtError, ConfigError, PluginError, UnknownModelTypeError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -121,6 +121,7 @@ class ModelEntry:
     build_empty: Callable[[dict[str, Any]], Any] | None = None
     fallback: bool = False
     preference: int = 0
+    defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     signature: Signature = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     @property
@@ -131,23 +132,33 @@ class ModelEntry:
     def complete(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The arguments checked by the signature and the architecture's own check, defaults
         filled in. Raises ConfigError naming the argument."""
+        if self.defaults is not None:
+            params = {**self._ask("defaults", self.defaults, params), **params}
         completed = self.signature.complete(params, model_type=self.name)
         if self.check is not None:
-            try:
-                self.check(dict(completed))
-            except ConfigError:
-                raise
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-            except Exception as exc:
-                raise PluginError(f"model_type {self.name!r}: its check raised {type(exc).__name__}: {exc}") from None
+            self._ask("check", self.check, completed)
         return completed
+
+    def _ask(self, hook: str, function: Callable[[dict[str, Any]], Any], params: Mapping[str, Any]) -> Any:
+        """One of the architecture's hooks, called on a copy of the arguments. Our own errors
+        (a ConfigError, a MissingDependencyError naming the extra to install) reach the user as
+        they are; a ValueError is the user's argument; anything else is the plugin's failure."""
+        try:
+            return function(dict(params))
+        except CkptfmtError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        except Exception as exc:
+            raise PluginError(f"model_type {self.name!r}: its {hook} raised {type(exc).__name__}: {exc}") from None
 
     def describe_task(self, params: Mapping[str, Any]) -> Task | None:
         if self.task is None:
             return None
         try:
             return self.task(dict(params))
+        except CkptfmtError:
+            raise
         except Exception as exc:
             raise PluginError(f"model_type {self.name!r}: its task raised {type(exc).__name__}: {exc}") from None
 
@@ -191,6 +202,7 @@ def register_model(
     task: Callable[[dict[str, Any]], Task] | None = None, example: Mapping[str, Any] | None = None,
     recognise: Callable[[Any], dict[str, Any] | None] | None = None,
     build_empty: Callable[[dict[str, Any]], Any] | None = None, fallback: bool = False, preference: int = 0,
+    defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ):
     """Register an architecture under `name`; use as a decorator on an `nn.Module` class or on
     a factory function that returns one.
@@ -217,6 +229,9 @@ def register_model(
             (ckptfmt's adapters of the field's libraries are fallbacks).
         preference: among several architectures that recognise the same weights and compute
             the same function (twins), the lowest preference is chosen.
+        defaults: optional `f(arguments) -> defaults`, for a builder whose signature cannot show
+            its defaults (a library's factory, whose defaults depend on the model's name); the
+            arguments given win, and the defaults are written out like the signature's.
 
     infer_config may return a list of argument dicts when several models of the architecture
     fit the shapes; convert then tells them apart with a probe, or refuses, listing them.
@@ -257,7 +272,7 @@ def register_model(
             registered = _recording_factory(builder, name)
         _registry[name] = ModelEntry(
             name, registered, infer_config, check, task, example, recognise, build_empty, fallback, preference,
-            signature,
+            defaults, signature,
         )
         return registered
 

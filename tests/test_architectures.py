@@ -32,9 +32,9 @@ def example(request) -> Example:
         entry = get_model_entry(request.param)
     except PluginError as exc:  # an adapter whose library is not installed in this environment
         pytest.skip(exc.message)
-    config = ModelConfig(request.param, **(entry.example or {}))
     torch.manual_seed(0)
-    try:
+    try:  # checking an adapter's config, or building its model, needs its library
+        config = ModelConfig(request.param, **(entry.example or {}))
         model = entry.build(config.params)
     except MissingDependencyError as exc:
         pytest.skip(exc.message)
