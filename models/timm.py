@@ -1,0 +1,207 @@
+"""timm's models as one architecture, model_type "timm".
+
+A config names a model of `timm.list_models()` and gives `timm.create_model`'s keyword
+arguments::
+
+    {"model_type": "timm", "model_name": "resnet18", "num_classes": 5, "in_chans": 1, ...}
+
+The model is built by `timm.create_model(model_name, pretrained=False, **arguments)`; a name is
+looked up in timm's own list only (a hub id `hf-hub:...`, a local folder `local-dir:...`, or a
+pretrained tag `resnet18.a1_in1k` is refused: they choose downloaded weights and configs, and
+ckptfmt never downloads). `num_classes` and `in_chans` are always written out, their defaults
+taken from the model's pretrained config as timm does.
+
+A model built by timm itself is recognised when saved (timm records its name and arguments). A
+bare state dict is identified through an index of every timm model's tensor names and shapes
+(see `_zoo.SignatureIndex`), with `num_classes` and `in_chans` read off the classifier and the
+first convolution, then confirmed by building the model on the meta device.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
+from ckptfmt.registry import Task, register_model
+
+from ._zoo import (
+    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, import_library, keys_digest,
+    library_missing, refuse_downloads, shapes_digest, shapes_of,
+)
+
+__all__ = ["index_entries", "infer_config", "timm_model"]
+
+MODEL_TYPE = "timm"
+# What would make timm fetch or read weights or configs.
+_DOWNLOADS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+
+
+def _timm():
+    return import_library("timm", model_type=MODEL_TYPE, extra="timm")
+
+
+@functools.cache
+def _names() -> frozenset[str]:
+    return frozenset(_timm().list_models())
+
+
+def _check_name(name: Any) -> str:
+    if isinstance(name, str) and "." in name and name.split(".")[0] in _names():
+        raise ConfigError(
+            f"model_name {name!r} names pretrained weights ({name.split('.', 1)[1]!r}), which ckptfmt never "
+            f"downloads; give the architecture, {name.split('.')[0]!r} (the checkpoint holds the weights)"
+        )
+    return check_model_name(name, _names, what="model_name", library="timm")
+
+
+def _pretrained_cfg(name: str) -> Any:
+    return _timm().models.get_pretrained_cfg(name)
+
+
+def defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """The arguments timm itself fills in from the model's pretrained config."""
+    config = _pretrained_cfg(_check_name(params.get("model_name")))
+    if config is None:
+        return {"in_chans": 3}
+    result = {"in_chans": config.input_size[0] if config.input_size else 3}
+    if config.num_classes is not None and config.num_classes >= 0:
+        result["num_classes"] = config.num_classes
+    return result
+
+
+def check(params: dict[str, Any]) -> None:
+    _check_name(params["model_name"])
+    refuse_downloads(params, _DOWNLOADS, library="timm")
+
+
+def task(params: dict[str, Any]) -> Task | None:
+    """A classifier, run at the model's input size (timm evaluates every model at its pretrained
+    config's size); a model without a classifier (num_classes=0, features_only) has no task."""
+    classes = params.get("num_classes")
+    if not classes or params.get("features_only"):
+        return None
+    size = params.get("img_size")
+    if size is None:
+        config = _pretrained_cfg(params["model_name"])
+        size = list(config.input_size[1:]) if config is not None and config.input_size else [224, 224]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return Task("classification", in_channels=params.get("in_chans", 3), classes=classes, input_size=size)
+
+
+def recognise(model: Any) -> dict[str, Any] | None:
+    """The name and arguments of a model that timm built (it records both)."""
+    if not type(model).__module__.startswith("timm.") or not isinstance(getattr(model, "pretrained_cfg", None), Mapping):
+        return None
+    name = model.pretrained_cfg.get("architecture")
+    if not name:
+        return None
+    arguments = _timm().models.get_model_args(model)
+    return {"model_name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in arguments.items()}}
+
+
+def _build(params: dict[str, Any]) -> nn.Module:
+    arguments = {k: v for k, v in params.items() if k != "model_name"}
+    return _timm().create_model(params["model_name"], pretrained=False, **arguments)
+
+
+# -- identification --------------------------------------------------------------------------
+
+
+@functools.cache
+def _index() -> SignatureIndex:
+    return SignatureIndex("timm", distribution="timm", names=lambda: list(_names()))
+
+
+def index_entries(name: str) -> list[dict[str, Any]]:
+    """One model's index entries: its tensor names' digest, its shapes' digest without the
+    tensors that num_classes and in_chans change (the classifier, the first convolution's
+    weight), and which those are; and the same without its classifier (num_classes=0)."""
+    timm = _timm()
+    model = build_for_shapes(lambda: timm.create_model(name, pretrained=False))
+    shapes = shapes_of(model)
+    config = model.pretrained_cfg
+    heads = config.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    classifier = [n for n in shapes if any(n.startswith(head + ".") for head in heads)]
+    first = config.get("first_conv")
+    first_conv = f"{first}.weight" if isinstance(first, str) and len(shapes.get(f"{first}.weight", ())) >= 2 else None
+    body = shapes_digest(shapes, leave_out={*classifier, first_conv})
+    entries = [{"name": name, "keys": keys_digest(shapes), "body": body, "classifier": classifier,
+                "first_conv": first_conv, "args": {}}]
+    if classifier:
+        entries.append({"name": name, "keys": keys_digest(set(shapes) - set(classifier)), "body": body,
+                        "classifier": [], "first_conv": first_conv, "args": {"num_classes": 0}})
+    return entries
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """The timm models whose tensor names and shapes are exactly these, with `num_classes` and
+    `in_chans` read off them: one argument dict, or a list of them for twins (models with the
+    same tensors, which `identify`'s probe tells apart or refuses).
+
+    Raises:
+        ArchitectureNotRecognisedError: timm is not installed, or no timm model fits.
+
+    Example:
+        >>> infer_config(shapes_of(timm.create_model("convnext_atto", num_classes=7)))
+        {'model_name': 'convnext_atto', 'num_classes': 7, 'in_chans': 3}
+    """
+    if library_missing("timm"):
+        raise ArchitectureNotRecognisedError("timm is not installed here, so its models were not considered "
+                                             "(pip install 'ckptfmt[timm]')")
+    shapes = {name: tuple(shape) for name, shape in shapes.items()}
+    found = _identify(shapes_digest(shapes), tuple(shapes.items()))
+    if isinstance(found, str):
+        raise ArchitectureNotRecognisedError(found)
+    return found[0] if len(found) == 1 else list(found)
+
+
+@functools.lru_cache(maxsize=16)
+def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
+    """Remembered per state dict: convert asks once to strip a prefix and once to identify."""
+    shapes = dict(items)
+    timm = _timm()
+    entries = _index().lookup(keys_digest(shapes))
+    if not entries:
+        return "no timm model has these tensor names"
+    found, near = [], []
+    for entry in sorted(entries, key=lambda e: e["name"]):
+        if shapes_digest(shapes, leave_out={*entry["classifier"], entry["first_conv"]}) != entry["body"]:
+            near.append(entry["name"])
+            continue
+        arguments = dict(entry["args"])
+        if entry["classifier"]:
+            arguments["num_classes"] = shapes[entry["classifier"][0]][0]
+        if entry["first_conv"]:
+            arguments["in_chans"] = shapes[entry["first_conv"]][1]
+        model = build_for_shapes(lambda: timm.create_model(entry["name"], pretrained=False, **arguments))
+        difference = first_difference(shapes_of(model), shapes)
+        if difference is None:
+            found.append({"model_name": entry["name"], **arguments})
+        else:
+            near.append(entry["name"])
+    if not found:
+        return (f"the tensor names are those of timm's {', '.join(sorted(set(near))[:5])}, but the shapes fit "
+                "none of them with any num_classes and in_chans; if it is one of them built with other "
+                "arguments, give them: --model-type timm --set model_name=NAME --set ARGUMENT=VALUE")
+    return found
+
+
+@register_model(
+    MODEL_TYPE, infer_config=infer_config, check=check, task=task, defaults=defaults,
+    recognise=recognise, build_empty=lambda params: build_empty(lambda: _build(params)), fallback=True,
+    preference=40, example={"model_name": "test_convnext", "num_classes": 3, "in_chans": 2},
+)
+def timm_model(model_name: str, **kwargs: Any) -> nn.Module:
+    """A timm model, built without downloading anything; it remembers its arguments.
+
+    Example:
+        >>> model = ckptfmt.create_model("timm", "resnet18", num_classes=5, in_chans=1)
+        >>> ckptfmt.save(model, "r18.safetensors")      # or timm.create_model(...): recognised
+    """
+    check({"model_name": model_name, **kwargs})
+    return _build({"model_name": model_name, **kwargs})

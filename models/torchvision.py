@@ -1,0 +1,209 @@
+"""torchvision's models as one architecture, model_type "torchvision".
+
+A config names a model of `torchvision.models.list_models()` and gives its builder's keyword
+arguments::
+
+    {"model_type": "torchvision", "model_name": "resnet18", "num_classes": 10}
+
+The model is built by `torchvision.models.get_model(model_name, weights=None, **arguments)`, with
+`weights_backbone=None` too where the builder takes it (torchvision's detection and
+segmentation builders download an ImageNet backbone by default, even without weights). torchvision
+models record nothing of how they were built, so `ckptfmt.create_model("torchvision", "resnet18",
+num_classes=10)` builds one that does.
+
+A bare state dict is identified through an index of every model's tensor names and shapes
+(`_zoo.SignatureIndex`), `num_classes` read off the classifier, confirmed by a meta-device build.
+The quantization package's models are float twins of the plain ones and are not indexed: a plain
+`resnet18`'s weights are identified as `resnet18`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ckptfmt.errors import ArchitectureNotRecognisedError
+from ckptfmt.registry import Task, register_model
+
+from ._zoo import (
+    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, import_library, keys_digest,
+    library_missing, refuse_downloads, shapes_digest, shapes_of,
+)
+
+__all__ = ["index_entries", "infer_config", "torchvision_model"]
+
+MODEL_TYPE = "torchvision"
+_DOWNLOADS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
+# Arguments that change the tensors but have no default a state dict would show: each model's
+# weights are indexed with these too.
+_VARIANTS = {"googlenet": [{"aux_logits": False}], "inception_v3": [{"aux_logits": False}]}
+# A probe size for classifiers, as torchvision's own evaluation transforms crop them.
+_INPUT_SIZES = {"inception_v3": (299, 299), "quantized_inception_v3": (299, 299)}
+
+
+def _models():
+    return import_library("torchvision.models", model_type=MODEL_TYPE, extra="torchvision")
+
+
+@functools.cache
+def _names() -> frozenset[str]:
+    return frozenset(_models().list_models())
+
+
+@functools.cache
+def _names_in(package: str) -> frozenset[str]:
+    models = _models()
+    return frozenset(models.list_models(module=getattr(models, package)))
+
+
+def _check_name(name: Any) -> str:
+    return check_model_name(name, _names, what="model_name", library="torchvision")
+
+
+def _builder_parameters(name: str) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(_models().get_model_builder(name)).parameters
+
+
+def defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """num_classes as the builder fills it in without weights: its own default, else the number
+    of categories its weights were trained on (ResNet's 1000, FCN's 21, Faster R-CNN's 91)."""
+    name = _check_name(params.get("model_name"))
+    parameters = _builder_parameters(name)
+    result: dict[str, Any] = {}
+    if "aux_loss" in parameters:
+        result["aux_loss"] = False
+    default = parameters["num_classes"].default if "num_classes" in parameters else None
+    if isinstance(default, int):
+        result["num_classes"] = default
+        return result
+    try:
+        categories = _models().get_model_weights(name).DEFAULT.meta.get("categories")
+    except (ValueError, AttributeError, KeyError):
+        categories = None
+    if categories:
+        result["num_classes"] = len(categories)
+    return result
+
+
+def check(params: dict[str, Any]) -> None:
+    _check_name(params["model_name"])
+    refuse_downloads(params, _DOWNLOADS, library="torchvision")
+
+
+def task(params: dict[str, Any]) -> Task | None:
+    """Classifiers (at 224 x 224, or their own size) and segmentation models; detection, video
+    and optical flow models have no task the predictor runs."""
+    name, classes = params["model_name"], params.get("num_classes")
+    if not classes:
+        return None
+    if name in _names_in("segmentation"):
+        return Task("segmentation", in_channels=3, mask_channels=classes, outputs=_segmentation_outputs)
+    if name in _names_in("detection") | _names_in("video") | _names_in("optical_flow"):
+        return None
+    size = params.get("image_size")
+    size = (size, size) if isinstance(size, int) else _INPUT_SIZES.get(name, (224, 224))
+    return Task("classification", in_channels=3, classes=classes, input_size=size)
+
+
+def _segmentation_outputs(output: Mapping[str, Any]) -> tuple[Any, None]:
+    return output["out"], None
+
+
+def _build(params: dict[str, Any]) -> nn.Module:
+    name = params["model_name"]
+    arguments = {k: v for k, v in params.items() if k != "model_name"}
+    if "weights_backbone" in _builder_parameters(name):
+        arguments["weights_backbone"] = None
+    return _models().get_model(name, weights=None, **arguments)
+
+
+def index_entries(name: str) -> list[dict[str, Any]]:
+    """One model's index entries, for each variant of its arguments: its tensor names' digest,
+    and its shapes' digest without the tensors that num_classes changes (found by building it
+    with another num_classes), which it lists."""
+    entries = []
+    for variant in [{}, *_VARIANTS.get(name, []), *([{"aux_loss": True}] if "aux_loss" in _builder_parameters(name) else [])]:
+        params = {"model_name": name, **variant}
+        shapes = shapes_of(build_for_shapes(lambda: _build(params)))
+        try:
+            other = shapes_of(build_for_shapes(lambda: _build({**params, "num_classes": 7})))
+        except (TypeError, ValueError):  # a builder without num_classes (RAFT)
+            other = shapes
+        classifier = [n for n in shapes if other.get(n) != shapes[n]] if set(other) == set(shapes) else []
+        entries.append({"name": name, "keys": keys_digest(shapes), "body": shapes_digest(shapes, leave_out=classifier),
+                        "classifier": classifier, "args": variant})
+    return entries
+
+
+@functools.cache
+def _index() -> SignatureIndex:
+    return SignatureIndex("torchvision", distribution="torchvision",
+                          names=lambda: sorted(_names() - _names_in("quantization")))
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """The torchvision models whose tensor names and shapes are exactly these, with
+    `num_classes` read off the classifier: one argument dict, or a list for twins.
+
+    Raises:
+        ArchitectureNotRecognisedError: torchvision is not installed, or no model fits.
+
+    Example:
+        >>> infer_config(shapes_of(torchvision.models.resnet18(num_classes=10)))
+        {'model_name': 'resnet18', 'num_classes': 10}
+    """
+    if library_missing("torchvision"):
+        raise ArchitectureNotRecognisedError("torchvision is not installed here, so its models were not considered "
+                                             "(pip install 'ckptfmt[torchvision]')")
+    shapes = {name: tuple(shape) for name, shape in shapes.items()}
+    found = _identify(shapes_digest(shapes), tuple(shapes.items()))
+    if isinstance(found, str):
+        raise ArchitectureNotRecognisedError(found)
+    return found[0] if len(found) == 1 else list(found)
+
+
+@functools.lru_cache(maxsize=16)
+def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
+    shapes = dict(items)
+    _models()  # a missing or broken torchvision says so before the index is looked for
+    entries = _index().lookup(keys_digest(shapes))
+    if not entries:
+        return "no torchvision model has these tensor names"
+    found, near = [], []
+    for entry in sorted(entries, key=lambda e: e["name"]):
+        if shapes_digest(shapes, leave_out=entry["classifier"]) != entry["body"]:
+            near.append(entry["name"])
+            continue
+        arguments = dict(entry["args"])
+        if entry["classifier"]:
+            arguments["num_classes"] = shapes[entry["classifier"][0]][0]
+        params = {"model_name": entry["name"], **arguments}
+        if first_difference(shapes_of(build_for_shapes(lambda: _build(params))), shapes) is None:
+            found.append(params)
+        else:
+            near.append(entry["name"])
+    if not found:
+        return (f"the tensor names are those of torchvision's {', '.join(sorted(set(near))[:5])}, but the shapes "
+                "fit none of them with any num_classes; if it is one of them built with other arguments, give "
+                "them: --model-type torchvision --set model_name=NAME --set ARGUMENT=VALUE")
+    return found
+
+
+@register_model(
+    MODEL_TYPE, infer_config=infer_config, check=check, task=task, defaults=defaults,
+    build_empty=lambda params: build_empty(lambda: _build(params)), fallback=True, preference=10,
+    example={"model_name": "squeezenet1_1", "num_classes": 3},
+)
+def torchvision_model(model_name: str, **kwargs: Any) -> nn.Module:
+    """A torchvision model, built without downloading anything; it remembers its arguments.
+
+    Example:
+        >>> model = ckptfmt.create_model("torchvision", "resnet18", num_classes=10)
+        >>> ckptfmt.save(model, "r18.safetensors")
+    """
+    check({"model_name": model_name, **kwargs})
+    return _build({"model_name": model_name, **kwargs})
