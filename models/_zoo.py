@@ -101,8 +101,8 @@ def import_library(module: str, *, model_type: str, extra: str) -> Any:
     first_line = (str(reason).strip().splitlines() or [""])[0][:200]
     raise MissingDependencyError(
         f"model_type {model_type!r} needs {extra}, which is installed but fails to import "
-        f"({type(reason).__name__}: {first_line}); reinstall it to match torch {torch.__version__}: "
-        f"pip install --force-reinstall 'ckptfmt[{extra}]'"
+        f"({type(reason).__name__}: {first_line}); it was likely built for another torch than this one "
+        f"({torch.__version__}): install the release made for it (see ckptfmt's README, \"The field's libraries\")"
     ) from None
 
 
