@@ -160,7 +160,6 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
 @functools.lru_cache(maxsize=16)
 def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
     shapes = dict(items)
-    _smp()
     encoder = {name[len("encoder."):]: shape for name, shape in shapes.items() if name.startswith("encoder.")}
     entries = [e for e in _index().lookup(keys_digest(encoder))
                if shapes_digest(encoder, leave_out={e["first_conv"]}) == e["body"]]

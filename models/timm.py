@@ -164,10 +164,11 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
 def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
     """Remembered per state dict: convert asks once to strip a prefix and once to identify."""
     shapes = dict(items)
-    timm = _timm()
+    # Looked up before timm is imported (2 to 3 s): most weights asked about are not timm's.
     entries = _index().lookup(keys_digest(shapes))
     if not entries:
         return "no timm model has these tensor names"
+    timm = _timm()
     found, near = [], []
     for entry in sorted(entries, key=lambda e: e["name"]):
         if shapes_digest(shapes, leave_out={*entry["classifier"], entry["first_conv"]}) != entry["body"]:

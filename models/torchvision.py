@@ -169,7 +169,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
 @functools.lru_cache(maxsize=16)
 def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
     shapes = dict(items)
-    _models()  # a missing or broken torchvision says so before the index is looked for
+    # Looked up before torchvision is imported (1.5 s): most weights asked about are not its.
     entries = _index().lookup(keys_digest(shapes))
     if not entries:
         return "no torchvision model has these tensor names"
