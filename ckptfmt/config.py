@@ -39,7 +39,7 @@ from typing import Any
 
 from .arguments import RESERVED_NAMES
 from .atomic import atomic_write, write_all
-from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError
+from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError, MissingDependencyError
 from .files import read_capped
 from .header import read_header
 from .jsondoc import loads_strict, plain_json
@@ -301,7 +301,7 @@ class ModelConfig:
         if self._checked is None:
             try:
                 fields, params = _check_architecture(self._fields(), dict(self._params))
-            except ConfigError as exc:
+            except (ConfigError, MissingDependencyError) as exc:  # the latter: an adapter's library is not here
                 raise _with_path(exc, path or self._path) from None
             twin = ModelConfig.__new__(ModelConfig)
             twin._set(fields, params, checked=True, path=self._path)
@@ -378,7 +378,7 @@ class ModelConfig:
         return f"ModelConfig({', '.join([repr(self.model_type), *shown])})"
 
 
-def _with_path(exc: ConfigError, path: str | os.PathLike | None) -> ConfigError:
+def _with_path(exc: CkptfmtError, path: str | os.PathLike | None) -> CkptfmtError:
     if path is None or exc.path is not None:
         return exc
     return type(exc)(exc.message, path=path)

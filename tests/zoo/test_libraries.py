@@ -47,6 +47,27 @@ def test_a_missing_library_is_named_with_the_extra_to_install(model_type, name, 
     )
 
 
+def test_a_checkpoint_whose_library_is_missing_names_the_file_and_the_extra_and_still_verifies(tmp_path):
+    """Runs in any environment: timm is hidden from fresh processes. The file is a timm model's
+    as ckptfmt writes it (its config in the header), though nothing here builds it."""
+    from safetensors.torch import save_file
+
+    config = json.dumps({"model_type": "timm", "model_name": "resnet18", "num_classes": 2, "in_chans": 3,
+                         "schema_version": 2})
+    path = tmp_path / "model.safetensors"
+    save_file({"fc.weight": torch.zeros(2, 512)}, path,
+              metadata={"format": "pt", "ckptfmt.format_version": "2", "ckptfmt.config": config})
+    hide = "import sys; sys.modules['timm'] = None; from ckptfmt.cli import run; sys.argv[0] = 'ckptfmt'; run()"
+    loaded = run("-c", hide, "predict", str(path), str(DEMO / "scans/scan_0.png"), "--out", str(tmp_path / "out"))
+    assert loaded.returncode == 1
+    assert loaded.stderr.strip() == (
+        f"Error: {path}: model_type 'timm' needs timm, which is not installed here; pip install 'ckptfmt[timm]'")
+    verified = run("-c", hide, "verify", "--json", str(path))
+    shapes = next(c for c in json.loads(verified.stdout)[0]["checks"] if c["check"] == "shapes")
+    assert shapes == {"check": "shapes", "ok": True, "skipped": True, "message": (
+        "skipped: model_type 'timm' needs timm, which is not installed here; pip install 'ckptfmt[timm]'")}
+
+
 def test_import_help_and_inspect_never_import_a_library(tmp_path):
     """Each library costs 2 to 3 s to import: `import ckptfmt`, `ckptfmt --help` and `ckptfmt
     inspect` of a library model's checkpoint never pay it."""
