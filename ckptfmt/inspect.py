@@ -7,6 +7,7 @@ weights-only), which needs torch. `verify` reads every byte once to check the di
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -19,7 +20,7 @@ from .facts import recall, remember
 from .config import ModelConfig, config_differences, read_sidecar
 from .digest import check_digest
 from .errors import CheckpointNotFoundError, CkptfmtError
-from .header import DTYPE_SIZES, KEY_OPTIMIZER, KEY_SHARD, Header, looks_like_safetensors, read_header
+from .header import DTYPE_SIZES, KEY_CONFIG, KEY_OPTIMIZER, KEY_SHARD, Header, looks_like_safetensors, read_header
 from .shapes import check_state
 from .sharding import without_shards
 from .files import walk_files
@@ -30,7 +31,7 @@ __all__ = ["VerifyReport", "inspect_checkpoint", "inspect_folder", "sidecar_stat
 CHECKPOINT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".pth", ".pt", ".ckpt")
 
 
-def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False, sidecars: dict | None = None) -> dict[str, Any]:
+def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False, memo: "_WalkMemo | None" = None) -> dict[str, Any]:
     """Describe a checkpoint: config, training record, provenance, tensors, sidecar status.
 
     For a .safetensors only the header is read. For a legacy .pth the file is loaded with the
@@ -49,10 +50,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False, sideca
     if not looks_like_safetensors(path):
         return _inspect_legacy(path, tensors=tensors)
     header = read_header(path)
-    embedded = header.config_dict()
-    parsed = ModelConfig.from_dict(embedded, path=path) if embedded is not None else None
-    config = parsed.to_dict() if parsed else None
-    registered = parsed.model_type in registered_model_types() if parsed else None
+    memo = _WalkMemo() if memo is None else memo
+    parsed, config, registered = memo.config(header)
     kind = "optimizer state" if KEY_OPTIMIZER in header.metadata else (
         "ckptfmt" if header.is_ckptfmt else "safetensors"
     )
@@ -71,7 +70,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False, sideca
         "aliases": header.aliases,
         "tensors": _tensor_summary(infos),
         "shards": [p.name for p in header.files] if header.is_sharded else None,
-        "sidecar": sidecar_status(header, parsed, sidecars=sidecars) if kind == "ckptfmt" else None,
+        "sidecar": sidecar_status(header, parsed, memo=memo) if kind == "ckptfmt" else None,
     }
     if kind == "ckptfmt" and config is None:
         info["note"] = "weights only: no registered architecture recognised it, so it has no config"
@@ -130,38 +129,27 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
     return info
 
 
-def sidecar_status(header: Header, embedded: ModelConfig | None, *, sidecars: dict | None = None) -> dict[str, Any]:
+def sidecar_status(header: Header, embedded: ModelConfig | None, *, memo: _WalkMemo | None = None) -> dict[str, Any]:
     """Whether `model_config.json` beside the file agrees with it (`embedded` is the file's
-    own config, already parsed; None when it has none or it is invalid). `sidecars` caches the
-    sidecars read, by folder, for a walk over many files.
+    own config, already parsed; None when it has none or it is invalid). `memo` keeps what a
+    walk over many files reads once.
 
     status: "consistent", "missing", "unbound" (the sidecar does not list this file),
     "stale" (it is bound to other weights: the file was replaced, or a crash came between
     writing the weights and the sidecar), "disagrees" (other config fields), "invalid".
     """
     folder = header.path.parent
-    sidecars = {} if sidecars is None else sidecars
-    if folder not in sidecars:
-        try:
-            sidecars[folder] = read_sidecar(folder)
-        except CkptfmtError as exc:
-            sidecars[folder] = exc
-    sidecar = sidecars[folder]
+    memo = _WalkMemo() if memo is None else memo
+    sidecar = memo.sidecar(folder)
     if isinstance(sidecar, CkptfmtError):
         return {"status": "invalid", "path": str(folder / "model_config.json"), "message": sidecar.message}
     if sidecar is None:
         return {"status": "missing"}
     status: dict[str, Any] = {"status": "consistent", "path": str(sidecar.path)}
     if embedded is not None:
-        other = sidecar.config
-        if embedded.is_checked:  # compare complete configs where the architecture is here
-            try:
-                other = other.checked()
-            except CkptfmtError:
-                pass
-        differences = config_differences(embedded, other)
+        differences = memo.differences(embedded, sidecar)
         if differences:
-            status.update(status="disagrees", differences=differences)
+            status.update(status="disagrees", differences=list(differences))
             return status
     bound = sidecar.weights.get(header.path.name)
     if bound is None:
@@ -173,15 +161,55 @@ def sidecar_status(header: Header, embedded: ModelConfig | None, *, sidecars: di
 
 def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """One summary per checkpoint under `folder` (recursively); unreadable ones carry `error`."""
-    folder = Path(folder)
+    memo = _WalkMemo()
     rows = []
-    sidecars: dict = {}  # each folder's sidecar read once, however many files share it
-    for path in without_shards(walk_files(folder, CHECKPOINT_SUFFIXES)):
+    for path in without_shards(walk_files(Path(folder), CHECKPOINT_SUFFIXES)):
         try:
-            rows.append(inspect_checkpoint(path, sidecars=sidecars))
+            rows.append(inspect_checkpoint(path, memo=memo))
         except CkptfmtError as exc:
             rows.append({"file": str(path), "error": str(exc)})
     return rows
+
+
+class _WalkMemo:
+    """What a walk over many files works out once: each folder's sidecar, and each distinct
+    config (the runs of one experiment share theirs) with how it compares to each sidecar."""
+
+    def __init__(self) -> None:
+        self.sidecars: dict[Path, Any] = {}
+        self._configs: dict[str | None, tuple] = {}
+        self._differences: dict[tuple, list[str]] = {}
+
+    def config(self, header: Header) -> tuple[ModelConfig | None, dict[str, Any] | None, bool | None]:
+        """The header's config parsed, as a document, and whether its architecture is registered."""
+        text = header.metadata.get(KEY_CONFIG)
+        if text not in self._configs:
+            embedded = header.config_dict()
+            parsed = ModelConfig.from_dict(embedded, path=header.path) if embedded is not None else None
+            self._configs[text] = (parsed, parsed.to_dict() if parsed else None,
+                                   parsed.model_type in registered_model_types() if parsed else None)
+        parsed, config, registered = self._configs[text]
+        return parsed, copy.deepcopy(config), registered
+
+    def sidecar(self, folder: Path) -> Any:
+        if folder not in self.sidecars:
+            try:
+                self.sidecars[folder] = read_sidecar(folder)
+            except CkptfmtError as exc:
+                self.sidecars[folder] = exc
+        return self.sidecars[folder]
+
+    def differences(self, embedded: ModelConfig, sidecar) -> list[str]:
+        key = (id(embedded), sidecar.path)
+        if key not in self._differences:
+            other = sidecar.config
+            if embedded.is_checked:  # compare complete configs where the architecture is here
+                try:
+                    other = other.checked()
+                except CkptfmtError:
+                    pass
+            self._differences[key] = config_differences(embedded, other)
+        return self._differences[key]
 
 
 @dataclass

@@ -118,3 +118,39 @@ def test_random_byte_mutations_load_identically_or_raise_ours(tmp_path, tiny_che
         assert str(error).startswith(f"{path}: ")
     else:
         assert state_dicts_bit_identical(model.state_dict(), expected)
+
+
+# JSON text as a hostile writer makes it: keys that repeat, strings full of quotes, backslashes,
+# colons and brackets, numbers of any length and exponent, NaN and Infinity, deep nesting.
+json_numbers = st.one_of(
+    st.integers(-10**25, 10**25).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(["1e999", "-1E400", "2.5e-3", "NaN", "Infinity", "-Infinity", "0", "-0.0"]),
+)
+json_strings = st.text(st.sampled_from('ab:"\\/[]{},eEIN\u00e9\u4e2d \n\t'), max_size=8).map(json.dumps)
+json_scalars = json_numbers | json_strings | st.sampled_from(["true", "false", "null"])
+json_texts = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4).map(lambda items: "[" + ",".join(items) + "]")
+    | st.lists(st.tuples(st.sampled_from(['"a"', '"b"', '"a:"', '"\\""', '"\\\\"']) | json_strings, inner), max_size=4)
+    .map(lambda pairs: "{" + ",".join(f"{k}:{v}" for k, v in pairs) + "}"),
+    max_leaves=30,
+) | st.integers(28, 36).map(lambda depth: "[" * depth + "1" + "]" * depth)
+
+
+def outcome(read, text):
+    try:
+        return "value", json.dumps(read(text), sort_keys=True)
+    except CkptfmtError as exc:
+        return "refused", str(exc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_texts)
+def test_the_fast_json_reading_agrees_with_the_exact_one(text):
+    """loads_strict reads nearly every document unhooked, checking the rules after the fact; it
+    must accept and refuse exactly what the hooked parse does, with the same message."""
+    from ckptfmt.jsondoc import _loads_hooked, loads_strict
+
+    assert outcome(lambda t: loads_strict(t, what="header"), text) == outcome(
+        lambda t: _loads_hooked(t, "header", None, ckptfmt.errors.HeaderError), text)
