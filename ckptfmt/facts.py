@@ -14,23 +14,15 @@ cache that cannot be read or written is ignored: it only ever saves time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-__all__ = ["cache_folder", "recall", "remember"]
+from .files import cache_folder
+
+__all__ = ["recall", "remember"]
 
 _VERSION = 1
-
-
-def cache_folder() -> Path:
-    """`$CKPTFMT_CACHE_DIR`, else `$XDG_CACHE_HOME/ckptfmt`, else `~/.cache/ckptfmt`."""
-    if os.environ.get("CKPTFMT_CACHE_DIR"):
-        return Path(os.environ["CKPTFMT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ckptfmt"
 
 
 def _code_identity(model_type: str) -> list | None:
@@ -52,11 +44,12 @@ def _code_identity(model_type: str) -> list | None:
         return None
     if status is None:
         return None
-    version = getattr(point.dist, "version", None) if getattr(point, "dist", None) else None
-    return [point.value, version, status.st_size, status.st_mtime_ns]
+    return [point.value, getattr(point, "version", None), status.st_size, status.st_mtime_ns]
 
 
 def _key(document: dict[str, Any]) -> str | None:
+    import hashlib  # here: inspect imports this module and needs no hash
+
     identity = _code_identity(document.get("model_type", ""))
     if identity is None:
         return None

@@ -16,8 +16,20 @@ from pathlib import Path
 from .errors import CheckpointNotFoundError, CkptfmtError, InputError
 
 __all__ = [
-    "check_plain_name", "is_regular_file", "open_regular", "read_capped", "walk_files",
+    "CACHE_ENV", "cache_folder", "check_plain_name", "is_regular_file", "open_regular", "read_capped", "walk_files",
 ]
+
+
+CACHE_ENV = "CKPTFMT_CACHE_DIR"
+
+
+def cache_folder() -> Path:
+    """Where ckptfmt keeps what it can always work out again: `$CKPTFMT_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/ckptfmt`, else `~/.cache/ckptfmt`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ckptfmt"
 
 
 def open_regular(path: str | os.PathLike, *, error: type[CkptfmtError] = InputError) -> int:

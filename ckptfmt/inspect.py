@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .background import helpers
 from .facts import recall, remember
 from .config import ModelConfig, config_differences, read_sidecar
 from .digest import check_digest
@@ -277,6 +276,8 @@ def verify(path: str | os.PathLike) -> VerifyReport:
 
     # The digest streams the file on a second core while the shape check imports torch and
     # builds the model: the whole command costs about the larger of the two, not their sum.
+    from .background import helpers  # here: its thread pool costs inspect an import
+
     digest = helpers().submit(_timed_digest, header)
     _verify_config_and_sidecar(header, report)
     _report_digest(header, report, *digest.result())

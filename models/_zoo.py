@@ -40,14 +40,13 @@ import torch
 from torch import nn
 
 from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError, MissingDependencyError
+from ckptfmt.files import CACHE_ENV, cache_folder
 from ckptfmt.jsondoc import plain_json
 
 __all__ = [
-    "CACHE_ENV",
     "SignatureIndex",
     "build_empty",
     "build_for_shapes",
-    "cache_dir",
     "check_model_name",
     "first_difference",
     "import_library",
@@ -61,7 +60,6 @@ __all__ = [
     "shapes_of",
 ]
 
-CACHE_ENV = "CKPTFMT_CACHE_DIR"
 # Bumped when what an index holds changes, so that an older cache is rebuilt, not misread.
 INDEX_FORMAT = 1
 # One worker per core, as many as help: each imports torch and the library (3 to 5 s) first.
@@ -270,15 +268,6 @@ def shapes_digest(shapes: Shapes, *, leave_out: Collection[str] = ()) -> str:
 # -- the signature index ---------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """Where ckptfmt caches what it can rebuild: $CKPTFMT_CACHE_DIR, else
-    $XDG_CACHE_HOME/ckptfmt, else ~/.cache/ckptfmt."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ckptfmt"
-
-
 class SignatureIndex:
     """A library's models by the digests of their tensor names (and shapes), so that a state
     dict is looked up, not compared with every model's.
@@ -288,7 +277,7 @@ class SignatureIndex:
     (timm's without its classifier, torchvision's segmentation with its auxiliary head). The
     index is built on first need, in fresh worker processes (never forked from the user's, never
     spawned through its __main__), with progress on stderr, and cached per library and torch
-    version: `cache_dir()/signatures/LIBRARY-VERSION+torch-VERSION.json`.
+    version: `cache_folder()/signatures/LIBRARY-VERSION+torch-VERSION.json`.
 
     Example:
         >>> index = SignatureIndex("timm", distribution="timm", names=timm.list_models)
@@ -306,7 +295,7 @@ class SignatureIndex:
     @property
     def path(self) -> Path:
         torch_version = torch.__version__.split("+")[0]
-        return cache_dir() / "signatures" / f"{self.library}-{self.version}+torch-{torch_version}.json"
+        return cache_folder() / "signatures" / f"{self.library}-{self.version}+torch-{torch_version}.json"
 
     def lookup(self, digest: str) -> list[dict[str, Any]]:
         """The entries whose tensor names have this digest."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from importlib.metadata import EntryPoint
 from typing import Literal
 
@@ -12,6 +14,8 @@ import ckptfmt
 from ckptfmt import ConfigError, ModelConfig, UnknownModelTypeError, registered_model_types
 from ckptfmt import registry
 from ckptfmt.registry import get_model_entry, register_model
+
+from .helpers import run
 
 
 
@@ -64,6 +68,48 @@ def test_third_party_architecture_registers_through_entry_points(monkeypatch, tm
     config = ModelConfig(model_type="wide", classes=3)
     assert config.params == {"in_features": 1, "classes": 3}
     assert get_model_entry("wide").expected_state(config.params) == {"fc.weight": ((3, 1), "F32"), "fc.bias": ((3,), "F32")}
+
+
+def test_the_installed_architectures_are_remembered_until_what_is_installed_changes(tmp_path):
+    """The entry points are listed from a cache while nothing is installed, removed or edited;
+    each change is seen by the next process, and a damaged cache is listed again."""
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    site.mkdir()
+    env = {"PYTHONPATH": str(site), "CKPTFMT_CACHE_DIR": str(cache)}
+
+    def listed() -> list[str]:
+        result = run("-c", "import ckptfmt; print(*ckptfmt.registered_model_types())", env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    def declare(name: str, when: int) -> None:
+        (dist / "entry_points.txt").write_text(f"[ckptfmt.models]\n{name} = handmade_arch:Net\n")
+        os.utime(dist / "entry_points.txt", ns=(when, when))
+
+    assert "handmade" not in listed()
+    dist = site / "handmade-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: handmade\nVersion: 1.0\n")
+    declare("handmade", 10**18)
+    assert "handmade" in listed()
+    assert len(list((cache / "entry_points").glob("*.json"))) == 1
+    declare("handmade2", 2 * 10**18)  # edited in place: the folder's own mtime may not change
+    assert "handmade2" in listed() and "handmade" not in listed()
+    for stale in (cache / "entry_points").glob("*.json"):
+        stale.write_text("{not json")
+    assert "handmade2" in listed()
+    shutil.rmtree(dist)
+    assert "handmade2" not in listed()
+
+
+def test_the_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
+    from ckptfmt.files import CACHE_ENV, cache_folder
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_folder() == tmp_path / "ckptfmt"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert cache_folder() == tmp_path / "mine"
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ckptfmt.models._zoo import cache_dir
+from ckptfmt.files import cache_folder
 
-# A folder of signature indexes (cache_dir()/signatures/*.json) to start the session with, so that a
+# A folder of signature indexes (cache_folder()/signatures/*.json) to start the session with, so that a
 # developer's rerun does not rebuild timm's (minutes); CI leaves it unset and builds each once.
 SEED_ENV = "CKPTFMT_TEST_SIGNATURES"
 
@@ -17,7 +17,7 @@ SEED_ENV = "CKPTFMT_TEST_SIGNATURES"
 def signature_indexes():
     source = os.environ.get(SEED_ENV)
     if source:
-        target = cache_dir() / "signatures"
+        target = cache_folder() / "signatures"
         target.mkdir(parents=True, exist_ok=True)
         for index in Path(source).expanduser().glob("*.json"):
             shutil.copyfile(index, target / index.name)

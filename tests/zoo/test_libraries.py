@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import ckptfmt
-from ckptfmt.models._zoo import CACHE_ENV, SignatureIndex, cache_dir, keys_digest
+from ckptfmt.files import CACHE_ENV
+from ckptfmt.models._zoo import SignatureIndex, keys_digest
 
 from ..helpers import DEMO, run, run_cli
 
@@ -160,12 +161,6 @@ def test_the_index_is_built_on_first_need_with_progress_then_read_from_the_cache
     damaged = SignatureIndex("torchvision", distribution="torchvision", names=lambda: ["squeezenet1_1"])
     assert damaged.lookup(digest) == []
     assert capsys.readouterr().err.startswith(f"ckptfmt: the torchvision index {index.path} is unreadable (")
-
-
-def test_the_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
-    monkeypatch.delenv(CACHE_ENV, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert cache_dir() == tmp_path / "ckptfmt"
 
 
 def test_converting_a_unet_pth_never_asks_the_libraries(tmp_path):
