@@ -153,6 +153,8 @@ def unwrap(obj: Any, path: Path, *, conversions: list[str] | None = None) -> Leg
     # A pickled model's own arguments fit its own keys: only its wrappers' prefixes go.
     prefixes = WRAPPER_PREFIXES if checkpoint.config is not None else (*WRAPPER_PREFIXES, *ATTRIBUTE_PREFIXES)
     checkpoint.stripped_prefixes = _strip_prefixes(checkpoint.state_dict, prefixes, recognised=fits)
+    if checkpoint.config is None and not checkpoint.stripped_prefixes:
+        _take_network(checkpoint, recognised=fits)
     if checkpoint.config is None and (config := fits(checkpoint.state_dict)) is not None:
         checkpoint.config, checkpoint.config_origin = config, "hyper_parameters"
         checkpoint.destinations["config"] = [HYPER_PARAMETERS]
@@ -235,6 +237,36 @@ def _strip_prefixes(
         state_dict.update(rest)
         stripped.append(prefix)
     return stripped
+
+
+def _take_network(checkpoint: LegacyCheckpoint, *, recognised) -> None:
+    """A LightningModule holds its network under an attribute (`net.`, `model.`, `unet.`, ...)
+    beside other state with tensors: a loss's class weights, a metric's buffers. When the whole
+    is no known architecture but one attribute's tensors are, those are the weights, the prefix
+    stripped; the others go to the companion, by their names, so that nothing is lost."""
+    state_dict = checkpoint.state_dict
+    groups: dict[str, list[str]] = {}
+    for name in state_dict:
+        head, dot, _ = name.partition(".")
+        if dot:
+            groups.setdefault(head + ".", []).append(name)
+    if len(groups) < 2 or _known(state_dict, recognised):
+        return
+    for prefix, names in sorted(groups.items(), key=lambda group: -len(group[1])):
+        network = {name[len(prefix):]: state_dict[name] for name in names}
+        if _known(network, recognised):
+            break
+    else:
+        return
+    others = {name: tensor for name, tensor in state_dict.items() if not name.startswith(prefix)}
+    checkpoint.state_dict = network
+    checkpoint.stripped_prefixes = [prefix]
+    where = f"tensors outside {prefix!r}"
+    _to_companion(checkpoint, where, "extra", others)
+    checkpoint.notes.append(
+        f"the network is the module's {prefix[:-1]!r}; its other tensors ({', '.join(sorted(others)[:5])}"
+        f"{', ...' if len(others) > 5 else ''}) go to the companion"
+    )
 
 
 def _known(state_dict: Mapping[str, torch.Tensor], recognised) -> bool:

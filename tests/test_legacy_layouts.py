@@ -43,13 +43,15 @@ def _lit_modules():
     import lightning.pytorch as pl
 
     class LitSeg(pl.LightningModule):
-        """A network of a registered architecture in `self.model`, as most Lightning code keeps it."""
+        """A network of a registered architecture in `self.model`, as most Lightning code keeps
+        it, beside a loss whose class weights are saved with it."""
 
         def __init__(self, base_filters=4, depth=2, lr=0.01, mode=Mode.FAST, data_dir=pathlib.Path("/data/brats"),
                      args=argparse.Namespace(seed=0, workers=2)):
             super().__init__()
             self.save_hyperparameters()
             self.model = MultiTaskUNet(base_filters=base_filters, depth=depth)
+            self.criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0]))
 
         def forward(self, x):
             return self.model(x)
@@ -57,7 +59,7 @@ def _lit_modules():
         def _loss(self, batch):
             x, y = batch
             seg, cls = self(x)
-            return seg.square().mean() + torch.nn.functional.cross_entropy(cls, y)
+            return seg.square().mean() + self.criterion(cls, y)
 
         def training_step(self, batch, _):
             return self._loss(batch)
@@ -139,7 +141,7 @@ def test_lightning_checkpoints_convert_and_rebuild_from_the_file_alone(tmp_path,
     assert lines[1] == (
         "       weights: state_dict; config: hyper_parameters; training record: hyper_parameters, epoch, global_step, "
         "pytorch-lightning_version, loops, callbacks, hparams_name; companion epoch=0-step=2.optimizer.safetensors: "
-        "optimizer_states, lr_schedulers"
+        "tensors outside 'model.', optimizer_states, lr_schedulers"
     )
 
     path = out / "last.safetensors"
@@ -181,6 +183,10 @@ def test_lightning_checkpoints_convert_and_rebuild_from_the_file_alone(tmp_path,
                for k in saved["state"][i])
     sections = read_training_state(out / "last.optimizer.safetensors")
     assert sections["scheduler"][0]["last_epoch"] == 2
+    # The loss's class weights, beside the network in the module, are kept in the companion.
+    assert torch.equal(sections["extra"]["tensors outside 'model.'"]["criterion.weight"], torch.tensor([1.0, 3.0]))
+    assert ("warning: lightning_logs/version_0/checkpoints/last.ckpt: the network is the module's 'model'; its "
+            "other tensors (criterion.weight) go to the companion") in result.stderr.splitlines()
 
 
 def test_reading_a_lightning_checkpoint_imports_neither_lightning_nor_the_users_code(lightning_run):
