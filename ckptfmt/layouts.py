@@ -294,10 +294,46 @@ def _place(checkpoint: LegacyCheckpoint, key: Any, value: Any) -> None:
         checkpoint.training[key] = plain
     elif plain is not _NOT_PLAIN and _fits_record({"extra": {name: plain}}):
         checkpoint.training.setdefault("extra", {})[name] = plain
+    elif plain is _NOT_PLAIN and isinstance(value, dict) and not _holds_tensors(value) \
+            and (split := _split_plain(value, name))[0] and _fits_record({"extra": {name: split[0]}}):
+        # One argument that JSON cannot hold (a set, say) costs that argument, not all of `args`;
+        # a dict with tensors (an EMA's weights) goes to the companion whole.
+        where = "hyper_parameters" if key == HYPER_PARAMETERS else "extra"
+        if where == "extra":
+            checkpoint.training.setdefault("extra", {})[name] = split[0]
+        else:
+            checkpoint.training[key] = split[0]
+        for leaf, leaf_value in split[1].items():
+            _to_companion(checkpoint, leaf, "extra", leaf_value)
     else:
         _to_companion(checkpoint, name, "extra", value)
         return
     checkpoint.destinations.setdefault("training", []).append(name)
+
+
+def _holds_tensors(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensors(item) for item in value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_tensors(item) for item in value)
+
+
+def _split_plain(value: dict, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A dict's plain JSON part, nested dicts split alike; and the rest, by dotted name."""
+    plain: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, item in value.items():
+        name = f"{where}.{key}"
+        converted = _record_value(item) if isinstance(key, str) else _NOT_PLAIN
+        if converted is not _NOT_PLAIN:
+            plain[key] = converted
+        elif isinstance(key, str) and isinstance(item, dict):
+            plain[key], inner = _split_plain(item, name)
+            rest.update(inner)
+        else:
+            rest[name] = item
+    return plain, rest
 
 
 def _to_companion(checkpoint: LegacyCheckpoint, name: str, section: str, value: Any) -> None:
@@ -337,6 +373,8 @@ def _record_value(value: Any) -> Any:
         return _record_value(value.item())
     if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)  # "torch.bfloat16", "cuda:0": what a training script's arguments mean by them
     if isinstance(value, int):
         return int(value) if len(str(abs(value))) <= MAX_INT_DIGITS else _NOT_PLAIN
     if isinstance(value, float):

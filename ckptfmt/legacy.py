@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 import warnings
 import zipfile
@@ -323,12 +324,29 @@ def _torch_load(source: BinaryIO | str, path: Path, *, unsafe_pickle: bool) -> A
                 f"than a torch.save file. If you trust this file, {_UNSAFE_FIX}",
                 path=path,
             ) from None
+        missing = _MISSING_CLASS.search(text) if unsafe_pickle else None
+        if missing:  # the full unpickler needs the saving program's own classes, importable here
+            name, module = missing.groups()
+            main = sys.modules.get("__main__")
+            ours = {"__main__", getattr(getattr(main, "__spec__", None), "name", "__main__")}
+            where = ("the script that saved it (__main__), which no other program can import" if module in ours
+                     else f"the module {module!r}, which is not importable here")
+            raise LegacyCheckpointError(
+                f"is a pickled {name}, a class of {where}; in that program, save model.state_dict() "
+                "instead, or make the class importable here",
+                path=path,
+            ) from None
         first_line = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
         raise LegacyCheckpointError(
             f"cannot be read as a torch checkpoint ({type(exc).__name__}: {first_line}); "
             "it is damaged, truncated or not a checkpoint",
             path=path,
         ) from None
+
+
+# pickle's words for a class that its module does not have (torch.load reports the module of the
+# process that loads, __main__ included, as `<module 'ckptfmt.__main__' from ...>`).
+_MISSING_CLASS = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
 
 
 def _needs_global(name: str, path: Path) -> UnsafePickleError:

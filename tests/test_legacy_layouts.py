@@ -334,6 +334,23 @@ def test_whole_model_pickles_are_refused_unless_asked_then_their_state_dict_conv
     assert result.warnings[1].startswith("converted as weights only, with no config")
 
 
+def test_a_pickled_model_whose_class_lived_in_the_training_script_says_so(tmp_path):
+    """The full unpickler needs the class; one defined in the script that saved it (__main__)
+    exists nowhere else, and the file is not damaged: the message says what to do instead."""
+    saved = run("-c", "import sys, torch\n"
+                "class MyNet(torch.nn.Module):\n"
+                "    def __init__(self):\n"
+                "        super().__init__()\n"
+                "        self.fc = torch.nn.Linear(3, 2)\n"
+                "torch.save(MyNet(), sys.argv[1])\n", str(tmp_path / "mine.pt"))
+    assert saved.returncode == 0, saved.stderr
+    result = run_cli("convert", "mine.pt", "--unsafe-pickle", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        "[FAIL] mine.pt: is a pickled MyNet, a class of the script that saved it (__main__), which no other program "
+        "can import; in that program, save model.state_dict() instead, or make the class importable here")
+
+
 def test_a_folder_of_pth_pt_and_ckpt_converts_every_one(tmp_path, lightning_run):
     model, _ = small_model()
     (tmp_path / "runs/a").mkdir(parents=True)
@@ -373,6 +390,20 @@ def test_the_report_lists_each_dropped_key_with_why_and_keeps_whatever_holds_ten
     document = json.loads(CliRunner().invoke(main, ["convert", str(tmp_path / "m.pth"), "--force", "--json"]).stdout)
     assert document["results"][0]["dropped"] == {
         "seen": "neither JSON nor the companion can hold it: extra.seen holds a set, which cannot be saved without pickle"}
+
+
+def test_one_argument_json_cannot_hold_costs_that_argument_not_all_of_args(tmp_path):
+    """A training script's Namespace: dtypes and devices are kept as their names; a set goes,
+    alone, named, and every other argument stays in the training record."""
+    model, _ = small_model()
+    args = argparse.Namespace(lr=0.1, amp_dtype=torch.bfloat16, device=torch.device("cpu"),
+                              augment={"flip": True, "seen": {1, 2}})
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 3, "args": args}, tmp_path / "run.pth")
+    result = convert(tmp_path / "run.pth")
+    assert result.dropped == {"args.augment.seen": "neither JSON nor the companion can hold it: extra.args.augment.seen "
+                                                   "holds a set, which cannot be saved without pickle"}
+    assert read_header(result.output).training()["extra"]["args"] == {
+        "lr": 0.1, "amp_dtype": "torch.bfloat16", "device": "cpu", "augment": {"flip": True}}
 
 
 def test_an_attribute_prefix_is_stripped_only_when_the_rest_is_a_known_architecture(tmp_path):
