@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from .atomic import check_writable
-from .config import ModelConfig, check_sidecar_accepts, config_differences, read_sidecar, write_sidecar
+from .config import (
+    ModelConfig, check_sidecar_accepts, config_differences, read_sidecar, remember_file_config, write_sidecar,
+)
 from .digest import check_digest
 from .errors import (
     AmbiguousArchitectureError,
@@ -372,6 +374,8 @@ def _build(
         )
     if dtype is not None:
         model.to(dtype)
+    if opened.config is not None:
+        remember_file_config(model, opened.config)
     return model.eval()
 
 

@@ -71,6 +71,16 @@ MAX_CONFIG_FILE_BYTES = 16 << 20
 _TEXT_FIELDS = {"version": "1.0", "description": "", "trained_on": "", "training_config": ""}
 
 
+# Where a model that load_model built keeps its file's config (see `remember_file_config`).
+_FILE_CONFIG = "_ckptfmt_file_config"
+
+
+def remember_file_config(model: Any, config: "ModelConfig") -> None:
+    """Keep on `model` the config of the file it was loaded from, so that saving it again writes
+    what that file said of it (description, class names, normalization), not only its arguments."""
+    unwrap_model(model).__dict__[_FILE_CONFIG] = config
+
+
 def _v0_to_v1(config: dict[str, Any]) -> dict[str, Any]:
     """The original system wrote no schema_version; its keys are a subset of v1's."""
     return {"model_type": SEED_MODEL_TYPE, **config, "schema_version": 1}
@@ -242,6 +252,11 @@ class ModelConfig:
         model_type, arguments = captured
         if isinstance(arguments, str):
             raise ConfigError(f"{name} was built by the registered {model_type!r}, but {arguments}")
+        loaded = getattr(inner, "__dict__", {}).get(_FILE_CONFIG)
+        if loaded is not None and loaded.model_type == model_type:
+            # A model load_model built: what its file said of it (class names, normalization, ...)
+            # is kept, unless `fields` says otherwise.
+            fields = {**{k: v for k, v in loaded._fields().items() if k != "model_type"}, **fields}
         try:
             return cls(model_type, **fields, **arguments)
         except ConfigError as exc:

@@ -371,8 +371,8 @@ def _predict_file(
             result.row = {"input": str(path), "index": result.index, "input_sha256": sha256,
                           "outputs": [str(o) for o in result.outputs], **result.prediction.to_dict()}
         return results
-    except CkptfmtError as exc:
-        return [FileResult(path, error=str(exc))]
+    except CkptfmtError as exc:  # the predictor's own messages are about an array; this one has a file
+        return [FileResult(path, error=str(exc) if exc.path else f"{path}: {exc.message}")]
 
 
 def _output_paths(out_dir: Path, result: FileResult) -> tuple[Path, ...]:

@@ -327,3 +327,16 @@ def test_weights_only_files_have_a_way_back(tmp_path):
     report = ckptfmt.verify(path)
     assert report.ok and [c["check"] for c in report.checks] == ["header", "config", "digest"]
     assert report.checks[1]["message"] == "weights only (no config)"
+
+
+def test_a_loaded_model_saved_again_keeps_what_its_file_said_of_it(tmp_path):
+    """load_model, then save: the class names, normalization and description of the file stay,
+    and the folder's sidecar agrees; a field given when saving wins."""
+    model, _ = small_model()
+    first = ckptfmt.save(model, tmp_path / "best.safetensors", class_names=["a", "b"], description="run 7",
+                         normalization={"mode": "zscore"})
+    again = ckptfmt.save(ckptfmt.load_model(first), tmp_path / "last.safetensors")
+    config = ModelConfig.from_checkpoint(again)
+    assert (config.class_names, config.description, config.normalization) == (("a", "b"), "run 7", {"mode": "zscore"})
+    renamed = ckptfmt.save(ckptfmt.load_model(first), tmp_path / "other/last.safetensors", description="run 8")
+    assert ModelConfig.from_checkpoint(renamed).description == "run 8"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from ckptfmt.cli import main
 
-from .helpers import DEMO, ROOT, run_cli
+from .helpers import DEMO, ROOT, run, run_cli
 
 COMMANDS = ["convert", "inspect", "verify", "diff", "predict"]
 
@@ -57,6 +57,36 @@ def test_each_example_runs_as_written_after_the_quickstart(after_quickstart, exa
     # diff says "they differ" with exit code 1, as diff(1) does; nothing else may fail.
     assert result.returncode in ((0, 1) if args[0] == "diff" else (0,)), result.stderr
     assert "Error:" not in result.stderr and "Traceback" not in result.stderr
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_the_readmes_python_runs_as_written_after_the_quickstart(after_quickstart, tmp_path):
+    """Each section's Python, in a fresh process per section, in order, where the Quickstart ran.
+    The distributed example alone is left out: it needs torchrun and GPUs (nccl), and
+    tests/test_distributed.py makes the same calls on two CPU ranks."""
+    blocks = _python_blocks()
+    distributed = [block for block in blocks if 'init_process_group("nccl")' in block]
+    assert len(blocks) >= 5 and len(distributed) == 1
+    folder = tmp_path / "work"
+    shutil.copytree(after_quickstart, folder)
+    api, resume, own, sharded = [block for block in blocks if block not in distributed]
+    for section in (api + resume, own + sharded):  # a later section uses the model of the one before
+        result = run("-c", section, cwd=folder)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_the_readmes_inspect_transcript_is_what_inspect_prints(after_quickstart):
+    """The lines of the README's inspect sample that do not depend on when it ran."""
+    text = (ROOT / "README.md").read_text()
+    sample = text.split("$ ckptfmt inspect converted/multitask_joint/best_model.safetensors\n", 1)[1].split("```", 1)[0]
+    stable = [line for line in sample.splitlines() if line.split(" ", 1)[0] in ("file", "size", "format", "tensors", "sidecar")]
+    assert len(stable) == 5
+    shown = run_cli("inspect", "converted/multitask_joint/best_model.safetensors", cwd=after_quickstart).stdout
+    assert [line for line in shown.splitlines() if line in stable] == stable
 
 
 TOOLS = sorted(path.name for path in (ROOT / "tools").iterdir() if path.suffix in (".py", ".sh") and path.name != "__init__.py")

@@ -111,6 +111,20 @@ def test_an_array_of_several_images_gives_one_output_each(demo_model, held_out, 
     assert [row["index"] for row in rows] == [0, 1, 2]
 
 
+def test_each_failed_input_names_its_file(demo_model, tmp_path):
+    """The predictor's own checks (channels, emptiness) fail per file, each [FAIL] line naming it."""
+    images = tmp_path / "scans"
+    images.mkdir()
+    np.save(images / "rgb.npy", np.zeros((3, 64, 64), np.float32))
+    np.save(images / "void.npy", np.zeros((0, 0), np.float32))
+    result = run_cli("predict", str(demo_model), str(images), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert [line for line in result.stderr.splitlines() if line.startswith("[FAIL]")] == [
+        f"[FAIL] {images}/rgb.npy: the model takes 1-channel images (C x H x W or H x W), not shape (3, 64, 64)",
+        f"[FAIL] {images}/void.npy: image of shape (1, 0, 0) is empty",
+    ]
+
+
 def test_decompression_bombs_are_refused_before_decoding(demo_model, tmp_path):
     import zlib
 
