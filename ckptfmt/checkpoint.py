@@ -301,7 +301,7 @@ def open_checkpoint(
             raise ArchitectureNotRecognisedError(
                 f"has no config (weights only), and {exc.message[0].lower()}{exc.message[1:]}. Rebuild it "
                 "with load_model(path, builder=...) (a function that returns the model), or attach a "
-                "config with `ckptfmt convert SOURCE --model-type NAME --set ARGUMENT=VALUE`",
+                "config with `convert(SOURCE, model_type='NAME', overrides={'ARGUMENT': 'VALUE'})`",
                 path=path,
             ) from None
         warnings.warn(

@@ -46,14 +46,45 @@ def shown(text: Any) -> str:
     return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), str(text))
 
 
-# The library's messages name its arguments; on the command line, the options that set them.
-_CLI_WORDS = {"overwrite=True": "--force", "force=True": "--force", "device='cpu'": "--device cpu"}
+# The library's messages name its arguments, as Python spells them (`force=True`,
+# `model_type='timm'`, `overrides={'depth': 3}`); on the command line, where they reach the user
+# through `out` and `_user_errors`, the options that set them. One table, for every message.
+_OPTIONS = {"model_type": "--model-type", "dtype": "--dtype", "config": "--config", "overrides": "--set",
+            "max_pixels": "--max-pixels", "max_shard_size": "--max-shard-size", "device": "--device", "out_dir": "--out"}
+_ARGUMENT = r"(?<![\w.])(" + "|".join(_OPTIONS) + ")="
+_CLI_WORDS = [
+    (re.compile(r"`convert\(SOURCE, (.*?)\)`"), lambda m: f"`ckptfmt convert SOURCE {m.group(1)}`"),
+    (re.compile(r"(?<![\w.])(?:force|overwrite)=True"), lambda m: "--force"),
+    (re.compile(r"(?<![\w.])unsafe_pickle=True"), lambda m: "--unsafe-pickle"),
+    (re.compile(r"(?<![\w.])overrides=(\{[^{}]*\})"), lambda m: _as_set_options(m.group(1))),
+    (re.compile(_ARGUMENT + r"'([^']*)'"), lambda m: f"{_OPTIONS[m.group(1)]} {_shell_word(m.group(2))}"),
+    (re.compile(_ARGUMENT + r"(?![\w'{\[(])"), lambda m: _OPTIONS[m.group(1)]),
+    (re.compile(r"(--[\w-]+ \S+), (?=--)"), lambda m: m.group(1) + " "),  # `a='x', b=...` -> `--a x --b ...`
+]
 
 
 def in_cli_words(message: str) -> str:
-    for api, option in _CLI_WORDS.items():
-        message = message.replace(api, option)
+    for pattern, replace in _CLI_WORDS:
+        message = pattern.sub(replace, message)
     return message
+
+
+def _as_set_options(literal: str) -> str:
+    import ast
+
+    try:
+        values = ast.literal_eval(literal)
+    except (ValueError, SyntaxError):
+        return "--set"
+    return " ".join(f"--set {name}={_shell_word(value)}" for name, value in values.items()) or "--set"
+
+
+def _shell_word(value: Any) -> str:
+    """A value as --set and the options read it: a plain word as itself, anything else as JSON."""
+    import shlex
+
+    return value if isinstance(value, str) and value.replace("-", "_").replace(".", "_").isidentifier() \
+        else shlex.quote(value if isinstance(value, str) else json.dumps(value))
 
 
 def out(line: str = "", *, err: bool = False) -> None:

@@ -41,6 +41,7 @@ from .identify import identify
 from .dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
 from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
 from .metadata import build_metadata, provenance_record
+from .registry import get_model_entry
 from .shapes import check_shapes
 from .sharding import is_index, parse_size, write_sharded
 from .tensors import DTYPE_NAMES, placeholder, write_safetensors
@@ -216,7 +217,7 @@ def convert(
     output = Path(output) if output is not None else default_output(source)
     result = ConvertResult(source=source, status="converted", output=output)
     if dtype is not None and dtype not in CAST_DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(CAST_DTYPES)}, not {dtype!r}", path=source)
+        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(CAST_DTYPES)}", path=source)
     if output.suffix != ".safetensors":
         raise WriteError("the output must end in .safetensors", path=output)
     if output.exists() and os.path.samefile(source, output):
@@ -241,6 +242,7 @@ def convert(
     result.warnings.extend(legacy.notes)
     overrides = dict(overrides or {})
     if model_type is not None:
+        get_model_entry(model_type)  # a name not registered is refused as such, before any other check
         overrides["model_type"] = model_type
     identified: list = []
     resolved, result.config_source = _resolve_config(
@@ -341,7 +343,7 @@ def _resolve_config(
                 if not force:
                     raise ShapeMismatchError(
                         f"its sidecar {sidecar.path.name} does not fit the weights: {exc.message}. "
-                        "Fix or remove the sidecar, give --config, or pass --force to replace it "
+                        "Fix or remove the sidecar, pass config=, or pass force=True to replace it "
                         "with the config inferred from the weights",
                         path=source,
                     ) from None
@@ -367,7 +369,7 @@ def _resolve_config(
                     try:
                         resolved = ModelConfig(model_type, **arguments)
                     except ConfigError as error:
-                        raise type(error)(f"--set rejected: {error.message}", path=source) from None
+                        raise type(error)(f"overrides={arguments!r} rejected: {error.message}", path=source) from None
                     check_shapes(resolved, shapes, dtypes=dtypes, path=source, overridden=tuple(arguments))
                     return resolved, "--model-type and --set"
                 if overrides:
@@ -378,7 +380,7 @@ def _resolve_config(
         try:
             resolved = resolved.replace(**overrides)
         except ConfigError as exc:
-            raise type(exc)(f"--set rejected: {exc.message}", path=source) from None
+            raise type(exc)(f"overrides={overrides!r} rejected: {exc.message}", path=source) from None
     check_shapes(resolved, shapes, dtypes=dtypes, path=source, overridden=tuple(overrides))
     return resolved, origin
 

@@ -164,19 +164,12 @@ def identify(
 def _ambiguous(candidates: list[ModelConfig], reason: str, path) -> AmbiguousArchitectureError:
     shown = "; ".join(config.summary() for config in candidates)
     first = candidates[0]
-    settle = " ".join(f"--set {name}={_shell(value)}" for name, value in sorted(first.params.items()))
     return AmbiguousArchitectureError(
         f"fits {len(candidates)} architectures with the same tensor names and shapes ({shown}), and "
-        f"{reason}; say which with --model-type and --set, e.g. `--model-type {first.model_type} {settle}`",
+        f"{reason}; say which with model_type= and overrides=, e.g. "
+        f"`model_type={first.model_type!r}, overrides={dict(sorted(first.params.items()))!r}`",
         path=path, candidates=[config.to_dict() for config in candidates],
     )
-
-
-def _shell(value: Any) -> str:
-    import json
-    import shlex
-
-    return value if isinstance(value, str) and value.isidentifier() else shlex.quote(json.dumps(value))
 
 
 def _probe(candidates: list[ModelConfig], state_dict: Mapping[str, Any]) -> tuple[bool, str]:

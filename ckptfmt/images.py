@@ -54,7 +54,7 @@ def read_image(path: str | os.PathLike, *, in_channels: int = 1, max_pixels: int
 def _too_big(declared: str, pixels: int, max_pixels: int, path: Path) -> InputError:
     return InputError(
         f"declares {declared}, {pixels:,} pixels, over the limit of {max_pixels:,}; refused before "
-        "decoding (a decompression bomb, or raise the limit with --max-pixels)",
+        "decoding (a decompression bomb, or raise the limit with max_pixels=)",
         path=path,
     )
 

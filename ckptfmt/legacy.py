@@ -55,7 +55,7 @@ MAX_NESTING = 64
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 # Only `convert` takes --unsafe-pickle on the command line: a trusted pickle is converted once,
 # and everything after works on the safe file.
-_UNSAFE_FIX = "convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
+_UNSAFE_FIX = "convert it with `convert(SOURCE, unsafe_pickle=True)`"
 # torch's allowlist of extra globals is one set for the whole process: one load with stand-ins
 # at a time, so that one load's exit does not remove the stand-ins another is using.
 _STAND_INS_IN_USE = threading.Lock()
@@ -215,7 +215,7 @@ def _load(
     source = mapped_from or f
     stand_ins: list = []
     if unsafe_pickle:
-        logger.warning("%s: unpickling with weights_only=False (--unsafe-pickle): this can run code", path)
+        logger.warning("%s: unpickling with weights_only=False (unsafe_pickle=True): this can run code", path)
         obj = _torch_load(source, path, unsafe_pickle=True)
     else:
         try:

@@ -328,10 +328,10 @@ def _previous_rows(table: Path, table_format: str, checkpoint_sha256: str) -> di
                 row["index"] = int(row["index"]) if row.get("index") else None
                 row["outputs"] = row["outputs"].split(";") if row.get("outputs") else []
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
-        raise InputError("exists but is not a predictions table written by ckptfmt; choose another --out, "
+        raise InputError("exists but is not a predictions table written by ckptfmt; choose another out_dir=, "
                          "or pass overwrite=True to replace it", path=table) from None
     if recorded != checkpoint_sha256:
-        raise InputError("holds the predictions of another checkpoint; choose another --out, or pass "
+        raise InputError("holds the predictions of another checkpoint; choose another out_dir=, or pass "
                          "overwrite=True to replace them", path=table)
     return {(row["input"], row.get("index")): row for row in rows}
 

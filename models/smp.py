@@ -185,7 +185,7 @@ def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
     if not found:
         return (f"its encoder is smp's {', '.join(sorted({e['name'] for e in entries}))}, but no smp architecture "
                 "with it has exactly these decoder and head tensors; give the architecture and its arguments: "
-                "--model-type smp --set arch=NAME --set encoder_name=NAME --set ARGUMENT=VALUE")
+                "model_type='smp', overrides={'arch': 'NAME', 'encoder_name': 'NAME', 'ARGUMENT': 'VALUE'}")
     return found
 
 

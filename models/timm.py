@@ -188,7 +188,7 @@ def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
     if not found:
         return (f"the tensor names are those of timm's {', '.join(sorted(set(near))[:5])}, but the shapes fit "
                 "none of them with any num_classes and in_chans; if it is one of them built with other "
-                "arguments, give them: --model-type timm --set model_name=NAME --set ARGUMENT=VALUE")
+                "arguments, give them: model_type='timm', overrides={'model_name': 'NAME', 'ARGUMENT': 'VALUE'}")
     return found
 
 

@@ -189,7 +189,7 @@ def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
     if not found:
         return (f"the tensor names are those of torchvision's {', '.join(sorted(set(near))[:5])}, but the shapes "
                 "fit none of them with any num_classes; if it is one of them built with other arguments, give "
-                "them: --model-type torchvision --set model_name=NAME --set ARGUMENT=VALUE")
+                "them: model_type='torchvision', overrides={'model_name': 'NAME', 'ARGUMENT': 'VALUE'}")
     return found
 
 

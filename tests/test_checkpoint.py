@@ -24,7 +24,7 @@ from ckptfmt import (
 from ckptfmt.tensors import read_state_dict, weights_digest, write_safetensors
 from ckptfmt.models.multitask_unet import MultiTaskUNet, create_multi_task_model
 
-from .helpers import ROOT, run, save_small, small_model, state_dicts_bit_identical
+from .helpers import ROOT, run, run_cli, save_small, small_model, state_dicts_bit_identical
 
 ARCHITECTURES = [
     {"base_filters": 24, "depth": 3, "in_channels": 4, "seg_out_channels": 3, "cls_num_classes": 4},
@@ -309,8 +309,11 @@ def test_weights_only_files_have_a_way_back(tmp_path):
     assert str(excinfo.value).startswith(f"{path}: has no config (weights only), and no registered architecture recognises these weights (")
     assert str(excinfo.value).endswith(
         "Rebuild it with load_model(path, builder=...) (a function that returns the model), or attach a config "
-        "with `ckptfmt convert SOURCE --model-type NAME --set ARGUMENT=VALUE`"
+        "with `convert(SOURCE, model_type='NAME', overrides={'ARGUMENT': 'VALUE'})`"
     )
+    shown = run_cli("predict", str(path), str(tmp_path), "--out", str(tmp_path / "out"))
+    assert shown.stderr.strip().endswith(
+        "or attach a config with `ckptfmt convert SOURCE --model-type NAME --set ARGUMENT=VALUE`")
     with pytest.raises(ckptfmt.ConfigError, match="has no embedded config \\(weights only\\); rebuild it with load_model"):
         ModelConfig.from_checkpoint(path)
 

@@ -240,7 +240,7 @@ def test_os_system_payload_is_refused_nothing_run_nothing_written(tmp_path):
     assert result.stderr.splitlines() == [
         "[FAIL] evil.pth: refused to unpickle: it needs the global posix.system, which the safe "
         "(weights-only) loader does not allow because unpickling it can run code. If you trust "
-        "this file, convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
+        "this file, convert it with `ckptfmt convert SOURCE --unsafe-pickle`"
     ]
 
 
@@ -401,8 +401,38 @@ def test_twins_that_compute_different_functions_are_refused_with_the_candidates(
     assert str(excinfo.value) == (
         f"{tmp_path / 'fc.pth'}: fits 2 architectures with the same tensor names and shapes (doubled(width=4); "
         "plain(width=4)), and the probe gives different outputs for doubled(width=4) and plain(width=4); say "
-        "which with --model-type and --set, e.g. `--model-type doubled --set width=4`"
+        "which with model_type= and overrides=, e.g. `model_type='doubled', overrides={'width': 4}`"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fc.pth"]
+    shown = CliRunner().invoke(main, ["convert", str(tmp_path / "fc.pth")])
+    assert shown.stderr.splitlines()[-1].endswith(
+        "say which with --model-type and --set, e.g. `--model-type doubled --set width=4`")
     settled = convert(tmp_path / "fc.pth", model_type="plain", overrides={"width": 4})
     assert settled.config.model_type == "plain"
+
+
+def test_each_failure_is_said_in_the_words_of_where_it_was_made(tmp_path):
+    """The library's messages name its arguments; the command line's, the options that set them."""
+    source = tmp_path / "joint/best_model.pth"
+    source.parent.mkdir()
+    model, _ = small_model()
+    torch.save(model.state_dict(), source)
+    (source.parent / "model_config.json").write_text(json.dumps({"model_type": "multitask", "base_filters": 8}))
+    cases = [
+        ({"overrides": {"depth": 9}}, ["--set", "depth=9"],
+         "overrides={'depth': 9} rejected: depth must lie in 1..8, not 9", "--set depth=9 rejected: depth must lie in 1..8, not 9"),
+        ({"model_type": "resnet18"}, ["--model-type", "resnet18"], "model_type 'resnet18' is not registered here",
+         "model_type 'resnet18' is not registered here"),
+        ({}, [], "Fix or remove the sidecar, pass config=, or pass force=True to replace it",
+         "Fix or remove the sidecar, pass --config, or pass --force to replace it"),
+    ]
+    for arguments, options, in_python, on_the_command_line in cases:
+        with pytest.raises(ckptfmt.CkptfmtError) as excinfo:
+            convert(source, **arguments)
+        assert in_python in str(excinfo.value)
+        result = run_cli("convert", str(source), *options)
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1].startswith(f"[FAIL] {source}: ")
+        assert on_the_command_line in result.stderr.splitlines()[-1]
+    with pytest.raises(ckptfmt.ConfigError, match=r"dtype='f16' is not one of fp16, bf16, fp32"):
+        convert(source, dtype="f16")

@@ -311,8 +311,7 @@ def test_whole_model_pickles_are_refused_unless_asked_then_their_state_dict_conv
     assert refused.stderr.splitlines()[-1] == (
         f"[FAIL] {tmp_path / 'whole.pt'}: refused to unpickle: it needs the global "
         "ckptfmt.models.multitask_unet.MultiTaskUNet, which the safe (weights-only) loader does not allow because "
-        "unpickling it can run code. If you trust this file, convert it with `ckptfmt convert --unsafe-pickle` (in "
-        "Python: unsafe_pickle=True)"
+        "unpickling it can run code. If you trust this file, convert it with `ckptfmt convert SOURCE --unsafe-pickle`"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["whole.pt"]
 

@@ -69,7 +69,7 @@ def test_code_running_payloads_are_refused(tmp_path, payload, zip_format, force_
         convert(source)
     message = str(excinfo.value)
     assert message.startswith(f"{source}: refused to unpickle: it needs the global {global_name},")
-    assert "--unsafe-pickle" in message
+    assert message.endswith("If you trust this file, convert it with `convert(SOURCE, unsafe_pickle=True)`")
     assert not marker.exists()
     assert _folder_listing(tmp_path) == before
 
@@ -102,7 +102,7 @@ def test_torchscript_archive_is_refused(tmp_path, force_env):
 def test_raw_pickle_not_written_by_torch_save_is_refused(tmp_path, protocol, force_env):
     marker = tmp_path / "marker"
     (tmp_path / "raw.pth").write_bytes(pickle.dumps({"w": _Call(os.system, f"touch {marker}")}, protocol=protocol))
-    with pytest.raises(UnsafePickleError, match="--unsafe-pickle"):
+    with pytest.raises(UnsafePickleError, match=r"convert\(SOURCE, unsafe_pickle=True\)"):
         convert(tmp_path / "raw.pth")
     assert not marker.exists()
     assert _folder_listing(tmp_path) == ["raw.pth"]
@@ -118,7 +118,7 @@ def test_cli_refusal_is_one_line_and_exit_1_even_with_the_env_override(tmp_path)
     assert result.stderr.splitlines() == [
         "[FAIL] evil.pth: refused to unpickle: it needs the global posix.system, which the safe "
         "(weights-only) loader does not allow because unpickling it can run code. If you trust "
-        "this file, convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
+        "this file, convert it with `ckptfmt convert SOURCE --unsafe-pickle`"
     ]
     for command in (["inspect", "evil.pth"], ["diff", "evil.pth", "evil.pth"]):
         result = run_cli(*command, cwd=tmp_path, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
@@ -126,7 +126,7 @@ def test_cli_refusal_is_one_line_and_exit_1_even_with_the_env_override(tmp_path)
         assert result.stderr.strip().splitlines() == [
             "Error: evil.pth: refused to unpickle: it needs the global posix.system, which the safe "
             "(weights-only) loader does not allow because unpickling it can run code. If you trust "
-            "this file, convert it with `ckptfmt convert --unsafe-pickle` (in Python: unsafe_pickle=True)"
+            "this file, convert it with `ckptfmt convert SOURCE --unsafe-pickle`"
         ]
 
 

@@ -72,8 +72,8 @@ def test_twins_that_compute_different_functions_are_refused_with_every_candidate
         'timm(in_chans=3, model_name="efficientnet_blur_b0", num_classes=4); '
         'timm(in_chans=3, model_name="tf_efficientnet_b0", num_classes=4)), and the probe gives different outputs '
         f'for {first} and timm(in_chans=3, model_name="efficientnet_blur_b0", num_classes=4); say which with '
-        "--model-type and --set, e.g. `--model-type timm --set in_chans=3 --set model_name=efficientnet_b0 "
-        "--set num_classes=4`"
+        "model_type= and overrides=, e.g. `model_type='timm', overrides={'in_chans': 3, 'model_name': "
+        "'efficientnet_b0', 'num_classes': 4}`"
     )
     assert not (tmp_path / "model.safetensors").exists()
     settled = run_cli("convert", str(tmp_path / "model.pth"), "--model-type", "timm", "--set", "model_name=tf_efficientnet_b0")

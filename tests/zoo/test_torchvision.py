@@ -57,8 +57,8 @@ def test_resnet18_is_a_twin_of_timms_and_the_model_type_settles_it(tmp_path):
     assert [c["model_type"] + ":" + c["model_name"] for c in excinfo.value.candidates] == [
         "torchvision:resnet18", "timm:resnet18", "timm:resnetblur18"]
     assert excinfo.value.message.endswith(
-        "say which with --model-type and --set, e.g. `--model-type torchvision --set model_name=resnet18 "
-        "--set num_classes=10`")
+        "say which with model_type= and overrides=, e.g. `model_type='torchvision', overrides={'model_name': "
+        "'resnet18', 'num_classes': 10}`")
     settled = run_cli("convert", str(tmp_path / "r18.pth"), "--model-type", "torchvision")
     assert settled.returncode == 0, settled.stderr
     assert ModelConfig.from_checkpoint(tmp_path / "r18.safetensors").summary() == (
