@@ -10,6 +10,7 @@ the tensor, never torch's wall of size-mismatch lines.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import warnings
@@ -362,10 +363,22 @@ def _build(
     else:
         model = get_model_entry(opened.config.model_type).build_on_meta(opened.config.params)
     if opened.header is not None:
-        state_dict = load_tensors(opened.header, device=device)
+        state_dict = collections.OrderedDict(load_tensors(opened.header, device=device))
+        # A safetensors file keeps no state-dict versions (torch's `_metadata`); its tensors are
+        # those that this code's modules gave, so each module is told its own (torchvision's
+        # MNASNet refuses a state without one).
+        state_dict._metadata = {name: {"version": module._version} for name, module in model.named_modules()}
     else:
         state_dict = {n: t.to(device) for n, t in opened.legacy.state_dict.items()}
-    model.load_state_dict(state_dict, strict=strict, assign=True)
+    try:
+        model.load_state_dict(state_dict, strict=strict, assign=True)
+    except Exception as exc:  # the architecture's own loading code, beyond the shapes checked above
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"{opened.config.model_type if opened.config else 'the model'} did not take the file's weights "
+            f"({type(exc).__name__}: {first_line})",
+            path=opened.path,
+        ) from None
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ShapeMismatchError(

@@ -108,9 +108,19 @@ def _user_errors(command):
             raise  # `ckptfmt inspect X --tensors | head -1`: click exits quietly, as ls does
         except CkptfmtError as exc:
             raise click.ClickException(shown(in_cli_words(str(exc)))) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own ending of a command, said by click
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(shown(f"{where}{exc.strerror or exc}")) from None
+        except Exception as exc:
+            # A bug here or in an architecture's code: one line all the same; the traceback on request.
+            if os.environ.get("CKPTFMT_TRACEBACK"):
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise click.ClickException(shown(
+                f"unexpected {type(exc).__name__}: {first_line} (a bug: please report it, with the traceback "
+                "that CKPTFMT_TRACEBACK=1 shows)")) from None
 
     return wrapper
 
@@ -451,14 +461,16 @@ def _checks_line(report) -> str:
 
 
 @main.command("diff")
-@click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("a", type=click.Path(exists=True, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, path_type=Path))
 @click.option("--values", is_flag=True, help="Add the max absolute difference of differing tensors "
               "(after casting both to the wider dtype).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
 @_user_errors
 def diff_command(a, b, values, as_json):
     """Compare two checkpoints (.pth or .safetensors, in any mix): everything they hold.
+
+    A and B are files, indexes of sharded checkpoints, or the folders that hold one.
 
     Shows config, training-record and provenance differences (creation dates are shown, not
     compared), tensors in one file only, shape and dtype changes, and which common tensors

@@ -16,6 +16,7 @@ from typing import Any
 from .config import ModelConfig, config_differences, read_sidecar
 from .errors import CheckpointNotFoundError
 from .header import looks_like_safetensors, read_header
+from .sharding import find_checkpoint
 
 __all__ = ["diff"]
 
@@ -33,6 +34,8 @@ class _Side:
 def _read(path: Path) -> _Side:
     if not path.exists():
         raise CheckpointNotFoundError("no such file", path=path)
+    if path.is_dir():  # the checkpoint it holds: one file, or a sharded one's index
+        path = find_checkpoint(path)
     if looks_like_safetensors(path):
         from .tensors import read_state_dict
 

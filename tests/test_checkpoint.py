@@ -343,3 +343,33 @@ def test_a_loaded_model_saved_again_keeps_what_its_file_said_of_it(tmp_path):
     assert (config.class_names, config.description, config.normalization) == (("a", "b"), "run 7", {"mode": "zscore"})
     renamed = ckptfmt.save(ckptfmt.load_model(first), tmp_path / "other/last.safetensors", description="run 8")
     assert ModelConfig.from_checkpoint(renamed).description == "run 8"
+
+
+class _Versioned(torch.nn.Module):
+    """A module whose loading code needs the state dict's version, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, not {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_modules_that_need_their_state_dict_version_load(tmp_path, monkeypatch):
+    """safetensors keeps no `_metadata`; each module is told its own version, and what the
+    architecture's loading code still refuses is our error, naming it."""
+    from ckptfmt import registry
+
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+    ckptfmt.register_model("versioned")(_Versioned)
+    path = ckptfmt.save(_Versioned(), tmp_path / "v.safetensors")
+    assert isinstance(load_model(path), _Versioned)
+    monkeypatch.setattr(_Versioned, "_version", 3)
+    with pytest.raises(ckptfmt.ConfigError) as excinfo:
+        load_model(path)
+    assert str(excinfo.value) == f"{path}: versioned did not take the file's weights (ValueError: version should be 2, not 3)"

@@ -330,3 +330,22 @@ def test_a_second_verify_of_an_architecture_needs_no_torch(tmp_path, cache_folde
     write_safetensors(wrong, model.state_dict(), build_metadata(config.replace(base_filters=4), training={}, provenance={}))
     report = verify(wrong)
     assert report.failures[0].startswith(f"{wrong}: config does not match the tensors: base_filters=4 expects")
+
+
+def test_an_unexpected_exception_is_one_line_too_and_its_traceback_is_there_on_request(demo_model, monkeypatch):
+    """A bug (here, inspect raising what it never should) still ends the CLI in one line."""
+    from click.testing import CliRunner
+
+    from ckptfmt import inspect as inspecting
+    from ckptfmt.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(inspecting, "inspect_checkpoint", broken)
+    result = CliRunner().invoke(main, ["inspect", str(demo_model)])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "Error: unexpected RuntimeError: boom (a bug: please report it, with the traceback that CKPTFMT_TRACEBACK=1 shows)"]
+    monkeypatch.setenv("CKPTFMT_TRACEBACK", "1")
+    assert isinstance(CliRunner().invoke(main, ["inspect", str(demo_model)]).exception, RuntimeError)

@@ -89,6 +89,9 @@ def test_load_inspect_verify_and_diff_take_the_index_or_its_folder(sharded, tmp_
     assert result["differs_in"] == ["training record"]  # the single file has no optimizer companion
     assert result["training"] == ["optimizer.file: 'model.optimizer.safetensors' != (not set)",
                                   f"optimizer.sha256: {json.loads(read_header(path).metadata['ckptfmt.training'])['optimizer']['sha256']!r} != (not set)"]
+    assert ckptfmt.diff(tmp_path, single.parent)["differs_in"] == ["training record"]  # folders, as the files
+    by_folder = run_cli("diff", str(tmp_path), str(single.parent))
+    assert by_folder.returncode == 1 and "Error" not in by_folder.stderr
 
 
 def test_everything_that_fits_in_one_shard_is_one_file(tmp_path):

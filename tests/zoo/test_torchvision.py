@@ -17,9 +17,10 @@ from .libraries import assert_rebuilt_identically, require, with_batch_statistic
 pytestmark = pytest.mark.zoo
 torchvision = require("torchvision")
 
-# A classifier whose classifier is a convolution, one with a Linear head, and a segmentation model.
+# A classifier whose classifier is a convolution, one with a Linear head, a segmentation model,
+# and MNASNet, whose loading code refuses a state dict without torch's version metadata.
 MODELS = [("squeezenet1_1", {"num_classes": 3}), ("mobilenet_v3_small", {"num_classes": 5}),
-          ("lraspp_mobilenet_v3_large", {"num_classes": 2})]
+          ("lraspp_mobilenet_v3_large", {"num_classes": 2}), ("mnasnet0_5", {"num_classes": 4})]
 
 
 def built(name: str, **arguments) -> torch.nn.Module:
