@@ -35,15 +35,15 @@ from .errors import (
     ShapeMismatchError,
     WriteError,
 )
-from .files import open_regular, walk_files
-from .header import read_header
+from .files import files_sha256, open_regular, walk_files
+from .header import INDEX_SUFFIX, read_header
 from .identify import identify
 from .dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
 from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
 from .metadata import build_metadata, provenance_record
 from .registry import get_model_entry
 from .shapes import check_shapes
-from .sharding import is_index, parse_size, write_sharded
+from .sharding import is_foreign_index, is_index, parse_size, read_foreign_index, write_sharded
 from .tensors import DTYPE_NAMES, placeholder, write_safetensors
 from .training import OPTIMIZER_SUFFIX, write_training_state
 
@@ -154,7 +154,13 @@ class _Batch:
 
 
 def default_output(source: Path) -> Path:
+    if is_index(source):  # NAME.safetensors.index.json -> NAME.safetensors, beside its shards
+        return source.with_name(source.name[: -len(INDEX_SUFFIX)] + ".safetensors")
     return source.with_suffix(".safetensors")
+
+
+def _index_sha256(index: Path) -> str:
+    return files_sha256([index, *read_header(index).files], error=LegacyCheckpointError)
 
 
 def convert(
@@ -211,7 +217,13 @@ def convert(
     # A torch.distributed.checkpoint folder has its own safe reader (dcp.py); from there on it is
     # converted as a .pth is.
     from_dcp = is_dcp_folder(source)
-    hash_source = dcp_folder_sha256 if from_dcp else sha256_file
+    if not from_dcp and source.is_dir():  # a folder of Hugging Face shards: its index
+        source = next((found for found in find_checkpoints(source) if is_index(found)), source)
+    # Shards written by someone else (no ckptfmt metadata) are read safely, as a .pth is.
+    from_shards = not from_dcp and is_index(source)
+    if from_shards and not is_foreign_index(source):
+        raise ConfigError("is already a ckptfmt checkpoint; nothing to convert (check it with verify)", path=source)
+    hash_source = dcp_folder_sha256 if from_dcp else _index_sha256 if from_shards else sha256_file
     if not from_dcp:
         os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
     output = Path(output) if output is not None else default_output(source)
@@ -225,7 +237,11 @@ def convert(
 
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     index = output.with_name(output.name + ".index.json")
-    if index.exists() and not index.is_symlink() and not output.exists():
+    if from_shards and index == source:
+        if max_shard_size is not None:
+            raise WriteError("would be written over the shards it is converted from; choose another output (-o)",
+                             path=index)
+    elif index.exists() and not index.is_symlink() and not output.exists():
         output = index  # an earlier conversion to shards: what it recorded decides the skip
     if output.exists() and not output.is_symlink():
         previous = _recorded_source_sha256(output)
@@ -236,6 +252,8 @@ def convert(
 
     if from_dcp:
         legacy = read_dcp_checkpoint(source, hash_source=False)
+    elif from_shards:
+        legacy = read_foreign_index(source, hash_source=False)
     else:
         legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False, mmap=True)
     state_dict = legacy.state_dict
@@ -399,11 +417,13 @@ def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict
 
 def find_checkpoints(path: Path) -> list[Path]:
     """A file as is, and a DCP folder; another folder as every `.pth`/`.pt`/`.ckpt` under it,
-    recursively, in sorted order (not following links out of it)."""
+    and every index of shards that ckptfmt did not write, recursively, in sorted order (not
+    following links out of it)."""
     if is_dcp_folder(path):
         return [path]
     if path.is_dir():
-        return walk_files(path, LEGACY_SUFFIXES)
+        return [found for found in walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX))
+                if not is_index(found) or is_foreign_index(found)]
     return [path]
 
 

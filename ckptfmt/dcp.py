@@ -26,7 +26,6 @@ and companion exactly as a legacy `.pth` is (see `layouts`).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CkptfmtError, LegacyCheckpointError, UnsafePickleError
-from .files import check_plain_name, open_regular, read_capped
+from .files import check_plain_name, files_sha256, open_regular, read_capped
 
 __all__ = [
     "DCP_METADATA",
@@ -76,20 +75,8 @@ def dcp_folder_sha256(folder: str | os.PathLike) -> str:
         '5d41402a...'
     """
     folder = Path(folder)
-    sha = hashlib.sha256()
     names = sorted(p.name for p in folder.iterdir() if p.name == DCP_METADATA or p.name.endswith(".distcp"))
-    buffer = memoryview(bytearray(8 << 20))
-    for name in names:
-        fd = open_regular(folder / name, error=LegacyCheckpointError)
-        try:
-            sha.update(json.dumps([name, os.fstat(fd).st_size]).encode() + b"\n")
-            position = 0
-            while got := os.preadv(fd, [buffer], position):
-                sha.update(buffer[:got])
-                position += got
-        finally:
-            os.close(fd)
-    return sha.hexdigest()
+    return files_sha256([folder / name for name in names], error=LegacyCheckpointError)
 
 
 def _allowed() -> dict[tuple[str, str], Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import CheckpointNotFoundError, CkptfmtError, InputError
 
 __all__ = [
-    "CACHE_ENV", "cache_folder", "check_plain_name", "is_regular_file", "open_regular", "read_capped", "walk_files",
+    "CACHE_ENV", "cache_folder", "check_plain_name", "files_sha256", "is_regular_file", "open_regular", "read_capped", "walk_files",
 ]
 
 
@@ -131,3 +131,25 @@ def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...]) -> list[Path]
                 continue
             found.append(path)
     return sorted(found)
+
+
+def files_sha256(paths: list[Path], *, error: type[CkptfmtError] = InputError) -> str:
+    """The source digest of a checkpoint made of several files (a DCP folder, an index and its
+    shards), as provenance records it: SHA-256 over each file in the order given, as the JSON
+    record `[name, size]`, a newline, and its bytes."""
+    import hashlib
+    import json
+
+    sha = hashlib.sha256()
+    buffer = memoryview(bytearray(8 << 20))
+    for path in paths:
+        fd = open_regular(path, error=error)
+        try:
+            sha.update(json.dumps([path.name, os.fstat(fd).st_size]).encode() + b"\n")
+            position = 0
+            while got := os.preadv(fd, [buffer], position):
+                sha.update(buffer[:got])
+                position += got
+        finally:
+            os.close(fd)
+    return sha.hexdigest()

@@ -30,6 +30,7 @@ from .files import read_capped
 from .header import (
     INDEX_SUFFIX,
     KEY_ALIASES,
+    KEY_FORMAT_VERSION,
     KEY_SHARD,
     KEY_WEIGHTS_SHA256,
     MAX_INDEX_BYTES,
@@ -39,7 +40,9 @@ from .header import (
 )
 __all__ = [
     "find_checkpoint",
+    "is_foreign_index",
     "is_index",
+    "read_foreign_index",
     "parse_size",
     "resolve_checkpoint_path",
     "shard_names",
@@ -76,6 +79,35 @@ def shard_names(stem: str, count: int) -> list[str]:
 
 def is_index(path: str | os.PathLike) -> bool:
     return os.fspath(path).endswith(INDEX_SUFFIX)
+
+
+def is_foreign_index(path: Path) -> bool:
+    """Whether `path` is the index of a sharded checkpoint that ckptfmt did not write (no ckptfmt
+    metadata): a source to convert, as a .pth is. A broken index says so when it is read."""
+    if not is_index(path) or not path.is_file():
+        return False
+    try:
+        document = json.loads(read_capped(path, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError))
+        return KEY_FORMAT_VERSION not in (document.get("metadata") or {})
+    except (HeaderError, ValueError, AttributeError):
+        return True
+
+
+def read_foreign_index(path: Path, *, hash_source: bool = True) -> Any:
+    """A sharded checkpoint written by someone else (transformers, accelerate, huggingface_hub's
+    `save_torch_model`), read as `convert` reads a legacy file: its tensors mapped from its
+    shards, sorted by `layouts.unwrap` (prefixes and all). Its source digest covers the index
+    and every shard, in that order."""
+    from .files import files_sha256
+    from .layouts import unwrap
+    from .tensors import load_tensors
+
+    header = read_header(path)  # every rule of a header, for each shard, and the index's names
+    checkpoint = unwrap(load_tensors(header), path)
+    checkpoint.serialization = f"safetensors index and {len(header.files)} shards"
+    checkpoint.destinations["weights"] = [f"{len(header.files)} shards"]
+    checkpoint.sha256 = files_sha256([path, *header.files], error=HeaderError) if hash_source else ""
+    return checkpoint
 
 
 def find_checkpoint(folder: Path) -> Path:

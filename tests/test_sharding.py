@@ -182,3 +182,36 @@ def test_convert_writes_shards_from_a_mapped_pth(tmp_path):
     assert source["sha256"] == sha256_file(tmp_path / "big.pth")
     again = run_cli("convert", str(tmp_path / "big.pth"), "--max-shard-size", "60KB")
     assert again.stdout.startswith(f"[SKIP] {tmp_path / 'big.pth'}: already converted")
+
+
+def test_shards_written_by_someone_else_convert_as_a_pth_does(tmp_path):
+    """A folder of huggingface_hub's shards, no ckptfmt metadata: `convert FOLDER` identifies the
+    architecture, writes one self-describing file beside the shards, and skips on a rerun; the
+    shards' names are never written over."""
+    from huggingface_hub import save_torch_model
+
+    model, config = small_model(base_filters=8, depth=3)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_torch_model(model, folder, max_shard_size="60KB")
+    shards = sorted(p.name for p in folder.iterdir())
+    assert len(shards) > 3
+    result = run_cli("convert", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    index = folder / "model.safetensors.index.json"
+    assert result.stdout.splitlines()[:2] == [
+        f"[OK]   {index} -> {folder / 'model.safetensors'}  {config.checked().summary()}",
+        f"       weights: {len(shards) - 1} shards; config: inferred from the weights",
+    ]
+    converted = folder / "model.safetensors"
+    assert state_dicts_bit_identical(ckptfmt.load_model(converted).state_dict(), model.state_dict())
+    assert ckptfmt.verify(converted).ok
+    assert run_cli("convert", str(folder)).stdout.startswith(f"[SKIP] {index}: already converted")
+    refused = run_cli("convert", str(index), "--max-shard-size", "60KB", "--force")
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == (
+        f"[FAIL] {index}: would be written over the shards it is converted from; choose another output (-o)")
+    elsewhere = run_cli("convert", str(index), "-o", str(tmp_path / "out/model.safetensors"), "--max-shard-size", "60KB")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert ckptfmt.verify(tmp_path / "out/model.safetensors.index.json").ok
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*shards, "model.safetensors", "model_config.json"])
