@@ -9,8 +9,9 @@ Whatever torch, zipfile or pickle raises becomes a LegacyCheckpointError naming 
 pickle that needs a global nothing stands in for becomes an UnsafePickleError naming it.
 
 Only a regular file is opened (a FIFO or a device named `x.pth` is refused, not waited on),
-and what was unpickled is bounded before anything walks it: a pickle's memo lets a 2 KB file
-describe 10^10 shared references (a "billion laughs"), which cost nothing to unpickle and
+and what was unpickled is bounded (its elements, its nesting, the bytes of its strings) before
+anything walks it: a pickle's memo lets a 2 KB file describe 10^10 shared references (a
+"billion laughs"), or a 2 MB file 200 GB of text, which cost nothing to unpickle and
 everything to walk. Then `layouts` sorts what the file held into weights, config, training
 record and companion.
 """
@@ -51,6 +52,10 @@ MAX_INFLATE_RATIO = 100
 # far below what a pickle built to multiply references makes.
 MAX_ELEMENTS = 1_000_000
 MAX_NESTING = 64
+# Strings and bytes are leaves, but each becomes JSON (or is checked for it) once per place it
+# is used: one 1 MiB string referenced 200,000 times is a 2 MB file and 200 GB of JSON. Their
+# bytes are counted the same way, far above any real run's arguments, notes and vocabularies.
+MAX_TEXT_BYTES = 64 << 20
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 # Only `convert` takes --unsafe-pickle on the command line: a trusted pickle is converted once,
@@ -358,14 +363,31 @@ def _needs_global(name: str, path: Path) -> UnsafePickleError:
 
 
 def _check_bounds(obj: Any, path: Path) -> None:
-    """Refuse a graph with more than MAX_ELEMENTS elements or deeper than MAX_NESTING, walking
-    it as the code after will (a shared reference counts at every place it is used), and
-    stopping as soon as a bound is passed: time and memory stay bounded whatever the memo
-    multiplies."""
+    """Refuse a graph with more than MAX_ELEMENTS elements, more than MAX_TEXT_BYTES of strings
+    and bytes, or deeper than MAX_NESTING, walking it as the code after will (a shared reference
+    counts at every place it is used), and stopping as soon as a bound is passed: time and
+    memory stay bounded whatever the memo multiplies."""
     remaining = MAX_ELEMENTS
+    text = MAX_TEXT_BYTES
+    utf8: dict[int, int] = {}  # a shared string is encoded once, however often it is counted
     pending = [(obj, 0)]
     while pending:
         value, depth = pending.pop()
+        if isinstance(value, (str, bytes, bytearray)):
+            if isinstance(value, str) and not value.isascii():
+                size = utf8.get(id(value))
+                if size is None:
+                    size = utf8[id(value)] = len(value.encode("utf-8", "surrogatepass"))
+            else:
+                size = len(value)
+            text -= size
+            if text < 0:
+                raise LegacyCheckpointError(
+                    f"holds more than {MAX_TEXT_BYTES >> 20} MiB of strings and bytes, counting each shared reference "
+                    "where it is used: a pickle built to multiply a string, refused before it is turned into JSON",
+                    path=path,
+                )
+            continue
         if type(value).__module__.split(".", 1)[0] == "omegaconf":
             continue  # an unsafe load's real container: walking it would resolve its interpolations
         if isinstance(value, Mapping):

@@ -108,6 +108,53 @@ def test_class_3_a_billion_laughs_pickle_is_refused_in_bounded_memory_and_time(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["laughs.pth"]
 
 
+@pytest.mark.parametrize(
+    "make_text, copies",
+    [
+        (lambda: "x" * (1 << 20), 200_000),
+        # 512 Ki characters but 1 MiB of UTF-8: counted by its bytes, not its length
+        (lambda: "\u00e9" * (1 << 19), 200_000),
+        (lambda: b"x" * (1 << 20), 200_000),
+    ],
+    ids=["str", "non-ascii str", "bytes"],
+)
+def test_class_3_a_string_multiplied_by_references_is_refused_before_any_json(tmp_path, make_text, copies):
+    """A 1.5 MB .pth holding one 1 MiB string 200,000 times passed the element bound, then
+    convert built gigabytes of JSON (MemoryError from json.dumps); inspect and diff too. Each
+    reference counts its string's bytes: refused, under a 2 GB address-space limit."""
+    source = tmp_path / "strbomb.pth"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "notes": [make_text()] * copies}, source)  # pickle memoizes it
+    assert source.stat().st_size < 2 << 20
+    message = (f"{source}: holds more than 64 MiB of strings and bytes, counting each shared reference where it is "
+               "used: a pickle built to multiply a string, refused before it is turned into JSON")
+    code = textwrap.dedent(f"""
+        import ckptfmt, sys
+        from ckptfmt.compare import diff
+        for use in (ckptfmt.convert, ckptfmt.inspect_checkpoint, lambda p: diff(p, p), ckptfmt.load_model):
+            try:
+                use({str(source)!r})
+            except ckptfmt.LegacyCheckpointError as exc:
+                print(exc)
+            else:
+                sys.exit("not refused")
+    """)
+    result = _python(code, cwd=tmp_path, memory_bytes=2 << 30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [message] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["strbomb.pth"]
+
+
+def test_class_3_text_under_the_bound_still_converts(tmp_path):
+    """The bound counts references, not distinct strings, and leaves real text alone: a
+    run's notes shared a few times convert as before."""
+    source = tmp_path / "notes.pth"
+    note = "a line of a training log\n" * 1000
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "notes": [note] * 8}, source)
+    result = ckptfmt.convert(source)
+    assert result.status == "converted"
+    assert read_header(result.output).training()["extra"]["notes"] == [note] * 8
+
+
 def test_class_3_a_pickle_that_holds_itself_is_refused(tmp_path):
     source = _crafted_pth(tmp_path / "cycle.pth", _self_containing_list(), zip_format=True)
     with pytest.raises(LegacyCheckpointError) as excinfo:
