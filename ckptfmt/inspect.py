@@ -7,7 +7,7 @@ weights-only), which needs torch. `verify` reads every byte once to check the di
 
 from __future__ import annotations
 
-import copy
+import json
 import math
 import os
 import time
@@ -22,7 +22,7 @@ from .errors import CheckpointNotFoundError, CkptfmtError
 from .header import DTYPE_SIZES, KEY_CONFIG, KEY_OPTIMIZER, KEY_SHARD, Header, looks_like_safetensors, read_header
 from .shapes import check_state
 from .sharding import without_shards
-from .files import walk_files
+from .files import read_capped, walk_files
 from .registry import registered_model_types
 
 __all__ = ["VerifyReport", "inspect_checkpoint", "inspect_folder", "sidecar_status", "verify"]
@@ -137,8 +137,11 @@ def sidecar_status(header: Header, embedded: ModelConfig | None, *, memo: _WalkM
     "stale" (it is bound to other weights: the file was replaced, or a crash came between
     writing the weights and the sidecar), "disagrees" (other config fields), "invalid".
     """
-    folder = header.path.parent
-    memo = _WalkMemo() if memo is None else memo
+    return _sidecar_status(header.path, header.weights_sha256, embedded, _WalkMemo() if memo is None else memo)
+
+
+def _sidecar_status(path: Path, weights_sha256: str | None, embedded: ModelConfig | None, memo: _WalkMemo) -> dict[str, Any]:
+    folder = path.parent
     sidecar = memo.sidecar(folder)
     if isinstance(sidecar, CkptfmtError):
         return {"status": "invalid", "path": str(folder / "model_config.json"), "message": sidecar.message}
@@ -150,24 +153,107 @@ def sidecar_status(header: Header, embedded: ModelConfig | None, *, memo: _WalkM
         if differences:
             status.update(status="disagrees", differences=list(differences))
             return status
-    bound = sidecar.weights.get(header.path.name)
+    bound = sidecar.weights.get(path.name)
     if bound is None:
         status["status"] = "unbound"
-    elif bound != header.weights_sha256:
+    elif bound != weights_sha256:
         status.update(status="stale", bound_sha256=bound)
     return status
 
 
 def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """One summary per checkpoint under `folder` (recursively); unreadable ones carry `error`."""
+    """One summary per checkpoint under `folder` (recursively); unreadable ones carry `error`.
+
+    The summary of a single-file .safetensors is remembered in the cache folder, keyed by the
+    file's identity (device, inode, size, modification and change times, as git's index keys
+    its files): a folder inspected again is answered from one cache file, each checkpoint's
+    header re-read only when the file changed. Whether its architecture is registered here
+    and what its sidecar says are worked out afresh each time.
+    """
+    folder = Path(folder)
     memo = _WalkMemo()
+    cache = _SummaryCache(folder)
     rows = []
-    for path in without_shards(walk_files(Path(folder), CHECKPOINT_SUFFIXES)):
+    for path in without_shards(walk_files(folder, CHECKPOINT_SUFFIXES)):
         try:
-            rows.append(inspect_checkpoint(path, memo=memo))
+            row = cache.recall(path, memo)
+            if row is None:
+                row = inspect_checkpoint(path, memo=memo)
+                cache.remember(path, row)
+            rows.append(row)
         except CkptfmtError as exc:
             rows.append({"file": str(path), "error": str(exc)})
+    cache.save()
     return rows
+
+
+class _SummaryCache:
+    """The summaries of one folder's .safetensors files, kept between processes (see
+    `inspect_folder`). A cache that cannot be read or written is ignored: it only saves time."""
+
+    _FRESH = ("file", "registered", "sidecar")  # what depends on the walk, this process or other files
+
+    def __init__(self, folder: Path) -> None:
+        import hashlib
+
+        from . import __version__
+        from .files import cache_folder
+
+        self._folder = folder
+        name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
+        self._file = cache_folder() / "inspect" / f"{name}.json"
+        self._version = __version__
+        self._rows: dict[str, list] = {}
+        self._kept: dict[str, list] = {}
+        try:
+            saved = json.loads(read_capped(self._file, limit=_MAX_CACHE_BYTES, what="the inspect cache"))
+            if saved.get("ckptfmt") == __version__ and isinstance(saved.get("rows"), dict):
+                self._rows = saved["rows"]
+        except Exception:  # missing, damaged, too large: summarised again
+            pass
+
+    @staticmethod
+    def _identity(path: Path) -> list[int]:
+        found = os.stat(path)
+        return [found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns]
+
+    def recall(self, path: Path, memo: _WalkMemo) -> dict[str, Any] | None:
+        if not path.name.endswith(".safetensors"):
+            return None
+        name = os.path.relpath(path, self._folder)
+        saved = self._rows.get(name)
+        if not (isinstance(saved, list) and len(saved) == 2 and isinstance(saved[1], dict)
+                and saved[0] == self._identity(path)):
+            return None
+        self._kept[name] = saved
+        row = dict(saved[1])  # the fresh parts are filled in where they stood, keeping the order
+        row["file"] = str(path)
+        config = row.get("config")
+        parsed = memo.config_of(config, path) if config is not None else None
+        row["registered"] = parsed.model_type in memo.registered() if parsed else None
+        if row.get("kind") == "ckptfmt":
+            row["sidecar"] = _sidecar_status(path, row.get("weights_sha256"), parsed, memo)
+        return row
+
+    def remember(self, path: Path, row: dict[str, Any]) -> None:
+        if not path.name.endswith(".safetensors") or row.get("shards"):
+            return
+        self._kept[os.path.relpath(path, self._folder)] = [
+            self._identity(path), {k: None if k in self._FRESH else v for k, v in row.items()}]
+
+    def save(self) -> None:
+        if self._kept == self._rows:
+            return
+        try:
+            from .atomic import atomic_write, write_all
+
+            with atomic_write(self._file, overwrite=True, sync_folder=False) as fd:
+                write_all(fd, json.dumps({"ckptfmt": self._version, "rows": self._kept}).encode())
+        except Exception:  # a read-only home, a full disk: summarised again next time
+            pass
+
+
+_MAX_CACHE_BYTES = 256 << 20
 
 
 class _WalkMemo:
@@ -177,6 +263,8 @@ class _WalkMemo:
     def __init__(self) -> None:
         self.sidecars: dict[Path, Any] = {}
         self._configs: dict[str | None, tuple] = {}
+        self._documents: dict[str, ModelConfig] = {}
+        self._registered: list[str] | None = None
         self._differences: dict[tuple, list[str]] = {}
 
     def config(self, header: Header) -> tuple[ModelConfig | None, dict[str, Any] | None, bool | None]:
@@ -185,10 +273,22 @@ class _WalkMemo:
         if text not in self._configs:
             embedded = header.config_dict()
             parsed = ModelConfig.from_dict(embedded, path=header.path) if embedded is not None else None
-            self._configs[text] = (parsed, parsed.to_dict() if parsed else None,
-                                   parsed.model_type in registered_model_types() if parsed else None)
-        parsed, config, registered = self._configs[text]
-        return parsed, copy.deepcopy(config), registered
+            self._configs[text] = (parsed, json.dumps(parsed.to_dict()) if parsed else None)
+        parsed, config = self._configs[text]
+        # Each summary gets its own copy of the document; JSON's parser makes one fastest.
+        return parsed, json.loads(config) if config else None, parsed.model_type in self.registered() if parsed else None
+
+    def config_of(self, document: dict[str, Any], path: Path) -> ModelConfig:
+        """A config document (as a summary holds it) parsed, once per distinct document."""
+        text = json.dumps(document, sort_keys=True)
+        if text not in self._documents:
+            self._documents[text] = ModelConfig.from_dict(document, path=path)
+        return self._documents[text]
+
+    def registered(self) -> list[str]:
+        if self._registered is None:
+            self._registered = registered_model_types()
+        return self._registered
 
     def sidecar(self, folder: Path) -> Any:
         if folder not in self.sidecars:

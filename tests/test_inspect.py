@@ -349,3 +349,38 @@ def test_an_unexpected_exception_is_one_line_too_and_its_traceback_is_there_on_r
         "Error: unexpected RuntimeError: boom (a bug: please report it, with the traceback that CKPTFMT_TRACEBACK=1 shows)"]
     monkeypatch.setenv("CKPTFMT_TRACEBACK", "1")
     assert isinstance(CliRunner().invoke(main, ["inspect", str(demo_model)]).exception, RuntimeError)
+
+
+def test_a_folder_inspected_again_is_answered_from_the_cache_and_stays_true(tmp_path, monkeypatch):
+    """The second inspect of a folder reads no header; a file rewritten, a sidecar edited and a
+    damaged cache are each seen; the rows are always those an uncached inspect gives."""
+    from ckptfmt import inspect as inspecting
+
+    monkeypatch.setenv("CKPTFMT_CACHE_DIR", str(tmp_path / "cache"))
+    model, _ = small_model()
+    runs = tmp_path / "runs"
+    for name in ("a", "b"):
+        ckptfmt.save(model, runs / f"{name}/model.safetensors", description=f"run {name}")
+    first = inspecting.inspect_folder(runs)
+
+    def uncached() -> list:
+        monkeypatch.setenv("CKPTFMT_CACHE_DIR", str(tmp_path / f"empty{len(list(tmp_path.iterdir()))}"))
+        rows = inspecting.inspect_folder(runs)
+        monkeypatch.setenv("CKPTFMT_CACHE_DIR", str(tmp_path / "cache"))
+        return rows
+
+    real_read_header = inspecting.read_header
+    monkeypatch.setattr(inspecting, "read_header", lambda path: pytest.fail(f"read the header of {path}"))
+    assert json.dumps(inspecting.inspect_folder(runs)) == json.dumps(first)
+    monkeypatch.setattr(inspecting, "read_header", real_read_header)
+
+    ckptfmt.save(model, runs / "a/model.safetensors", description="run a, again", overwrite=True)
+    sidecar = runs / "b/model_config.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "weights": {}}))
+    again = inspecting.inspect_folder(runs)
+    assert [row["config"]["description"] for row in again] == ["run a, again", "run b"]
+    assert [row["sidecar"]["status"] for row in again] == ["consistent", "unbound"]
+    assert json.dumps(again) == json.dumps(uncached())
+    for cache in (tmp_path / "cache/inspect").glob("*.json"):
+        cache.write_text("{damaged")
+    assert json.dumps(inspecting.inspect_folder(runs)) == json.dumps(again)
