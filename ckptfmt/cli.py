@@ -529,7 +529,9 @@ def diff_command(a, b, values, as_json):
 @click.option("--format", "table_format", type=click.Choice(["json", "csv"]), default="json", show_default=True,
               help="Format of the predictions table.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS, show_default=True,
-              help="Refuse an input that declares more pixels than this, before decoding it.")
+              help="Refuse an input that declares more pixels than this (all its images together), before "
+                   "decoding it. The default keeps the demo model under 1.5 GB of memory on the CPU (about 140 "
+                   "bytes a pixel); a wider model needs more per pixel, so lower it for one.")
 @click.option("--force", is_flag=True, help="Predict every input again, replacing existing outputs and table.")
 @_user_errors
 def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, batch_size, table_format, max_pixels,
@@ -542,7 +544,9 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
     NAME_mask.png and NAME_mask.npy (NAME_0, NAME_1, ... for an array of several) when the model
     segments, and a row in predictions.json (or .csv).
 
-    A bad input is reported and the others still run (exit code 1). Running the same command
+    A bad input is reported and the others still run (exit code 1): one that declares more than
+    --max-pixels is refused before it is decoded, and one that the model runs out of memory on
+    fails alone. Running the same command
     again skips the inputs whose outputs the table records as made from the same input and
     checkpoint, and predicts the rest; an output that exists for another reason is replaced
     only with --force.

@@ -3,7 +3,8 @@
 `.npy` arrays are never unpickled, and image files are decoded by Pillow. Both declare their
 size before their data: a 192-byte `.npy` can declare a 37 GiB array, a small PNG 144
 megapixels. The declared size is checked against a limit before anything is allocated or
-decoded; the limit can be raised (`max_pixels=`, `ckptfmt predict --max-pixels`).
+decoded; the limit (MAX_PIXELS, sized for what the model then needs) can be changed
+(`max_pixels=`, `ckptfmt predict --max-pixels`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ __all__ = ["IMAGE_SUFFIXES", "INPUT_SUFFIXES", "MAX_PIXELS", "find_inputs", "rea
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 INPUT_SUFFIXES = (".npy", *IMAGE_SUFFIXES)
-# Pillow's own default: about 89.5 megapixels, a 9,459 x 9,459 image.
-MAX_PIXELS = 89_478_485
+# What the predictor can then run in memory, not only what can be decoded: on the CPU the demo
+# U-Net (base_filters=4, depth=3) takes about 140 bytes per pixel in its forward pass, on top of
+# some 250 MB for Python, torch and the model. Peak RSS of `ckptfmt predict` on one image,
+# measured: 4 MP 1.03 GB, 8 MP 1.48 GB, 10 MP 1.72 GB, 12 MP 1.96 GB, 16 MP 2.53 GB. 8 megapixels
+# (2,828 x 2,828) keeps it under 1.5 GB; Pillow's default, 89.5 megapixels, would take some 13 GB.
+# A wider model needs more per pixel: an input it runs out of memory on fails alone, and the
+# limit is the user's to lower.
+MAX_PIXELS = 8_000_000
 
 
 def read_image(path: str | os.PathLike, *, in_channels: int = 1, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -54,7 +61,8 @@ def read_image(path: str | os.PathLike, *, in_channels: int = 1, max_pixels: int
 def _too_big(declared: str, pixels: int, max_pixels: int, path: Path) -> InputError:
     return InputError(
         f"declares {declared}, {pixels:,} pixels, over the limit of {max_pixels:,}; refused before "
-        "decoding (a decompression bomb, or raise the limit with max_pixels=)",
+        "decoding (a decompression bomb, or more than the model has memory for: raise the limit with "
+        "max_pixels= where more is free)",
         path=path,
     )
 

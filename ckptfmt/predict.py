@@ -26,10 +26,16 @@ from .checkpoint import load_model_with_config, resolve_device
 from .errors import CkptfmtError, ConfigError, DeviceError, InputError
 from .files import read_capped
 from .images import MAX_PIXELS, read_image
+from .jsondoc import loads_strict
 from .registry import Task, get_model_entry
 
 __all__ = ["FileResult", "MultiTaskPredictor", "Prediction", "normalize", "predict_files"]
 
+# An earlier run's table is read whole, and parsed JSON takes up to ~32 bytes of memory per byte
+# of text (a list of two-letter strings; a list of empty objects ~27): at 16 MiB that is at most
+# some 800 MB at its peak with torch loaded, measured. A table as predict writes it takes ~500 bytes
+# a row (JSON) or ~250 (CSV): some 30,000 images fit.
+TABLE_LIMIT = 16 << 20
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -312,28 +318,49 @@ def _checkpoint_identity(predictor: MultiTaskPredictor) -> str:
 def _previous_rows(table: Path, table_format: str, checkpoint_sha256: str) -> dict[tuple[str, Any], dict]:
     """The rows of an earlier run's table, by (input, index); refused when that run used another
     checkpoint (its outputs are not this one's)."""
-    import json
-
     if not table.exists():
         return {}
+    redo = "choose another out_dir=, or pass overwrite=True to replace it"
     try:
-        text = read_capped(table, limit=256 << 20, what="a predictions table", error=InputError).decode("utf-8")
+        data = read_capped(table, limit=TABLE_LIMIT, what="a predictions table", error=InputError)
+    except InputError as exc:
+        raise InputError(f"{exc.message}; {redo}", path=table) from None
+    try:
+        text = data.decode("utf-8")
         if table_format == "json":
-            document = json.loads(text)
+            document = loads_strict(text, what="the predictions table", path=table, error=InputError)
             rows, recorded = document["predictions"], document.get("checkpoint_sha256")
         else:
-            rows = list(csv.DictReader(io.StringIO(text)))
-            recorded = rows[0].get("checkpoint_sha256") if rows else checkpoint_sha256
-            for row in rows:
+            rows, recorded = [], checkpoint_sha256
+            # Row by row, each checked before the next is read: a short row would otherwise cost a
+            # dict of every column for a couple of bytes of text.
+            for row in csv.DictReader(io.StringIO(text)):
                 row["index"] = int(row["index"]) if row.get("index") else None
                 row["outputs"] = row["outputs"].split(";") if row.get("outputs") else []
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
-        raise InputError("exists but is not a predictions table written by ckptfmt; choose another out_dir=, "
-                         "or pass overwrite=True to replace it", path=table) from None
+                if not _is_row(row):
+                    raise ValueError(row)
+                if not rows:
+                    recorded = row.get("checkpoint_sha256")
+                rows.append(row)
+        if not isinstance(rows, list) or not all(map(_is_row, rows)):
+            raise ValueError(rows)
+        previous = {(row["input"], row.get("index")): row for row in rows}
+    except InputError as exc:
+        raise InputError(f"{exc.message}; {redo}", path=table) from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, csv.Error):
+        raise InputError(f"exists but is not a predictions table written by ckptfmt; {redo}", path=table) from None
     if recorded != checkpoint_sha256:
-        raise InputError("holds the predictions of another checkpoint; choose another out_dir=, or pass "
-                         "overwrite=True to replace them", path=table)
-    return {(row["input"], row.get("index")): row for row in rows}
+        raise InputError(f"holds the predictions of another checkpoint; {redo}", path=table)
+    return previous
+
+
+def _is_row(row: Any) -> bool:
+    """Whether `row` has what a rerun reads, of the types the table is written with."""
+    return (
+        type(row) is dict and type(row.get("input")) is str and (row.get("index") is None or type(row["index"]) is int)
+        and type(row.get("input_sha256")) is str and len(row["input_sha256"]) == 64
+        and type(row.get("outputs")) is list and all(type(output) is str for output in row["outputs"])
+    )
 
 
 def _predict_file(
@@ -355,7 +382,18 @@ def _predict_file(
                for row in earlier):
             return [FileResult(path, index, outputs=tuple(map(Path, row["outputs"])), row=row, skipped=True)
                     for index, row in zip(indices, earlier)]
-        predictions = predictor.predict(array, threshold=threshold)
+        try:
+            predictions = predictor.predict(array, threshold=threshold)
+        except (MemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            if predictor.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise InputError(
+                f"ran out of memory in the model on {_size(array, predictor.task.in_channels)}; run it where more "
+                f"memory is free, or lower max_pixels= (now {max_pixels:,}) to refuse inputs this large before "
+                "decoding them", path=path,
+            ) from None
         predictions = predictions if batch else [predictions]
         results = [FileResult(path, index, prediction) for index, prediction in zip(indices, predictions)]
         for result in results:
@@ -373,6 +411,24 @@ def _predict_file(
         return results
     except CkptfmtError as exc:  # the predictor's own messages are about an array; this one has a file
         return [FileResult(path, error=str(exc) if exc.path else f"{path}: {exc.message}")]
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is an allocation that failed: Python's MemoryError, torch's on CUDA, or the
+    RuntimeError that torch's CPU allocator raises (it has no class of its own)."""
+    if isinstance(exc, CkptfmtError):
+        return False
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return any(words in str(exc) for words in ("can't allocate memory", "out of memory", "std::bad_alloc"))
+
+
+def _size(array: np.ndarray, in_channels: int) -> str:
+    """An input array's images, as a person says them: "a 9000 x 9000 image (81,000,000 pixels)"."""
+    height, width = array.shape[-2:]
+    pixels = array.size // max(in_channels, 1)
+    images = "a" if array.ndim < 4 else f"{array.shape[0]}"
+    return f"{images} {width} x {height} image{'s' if array.ndim == 4 else ''} ({pixels:,} pixels)"
 
 
 def _output_paths(out_dir: Path, result: FileResult) -> tuple[Path, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -125,37 +126,144 @@ def test_each_failed_input_names_its_file(demo_model, tmp_path):
     ]
 
 
-def test_decompression_bombs_are_refused_before_decoding(demo_model, tmp_path):
+def _cli_in_bounded_memory(*args: str, memory_bytes: int) -> subprocess.CompletedProcess:
+    """`ckptfmt ARGS` in a fresh process allowed `memory_bytes` of address space beyond what it has
+    mapped once ckptfmt, torch and Pillow are imported (that differs by build and machine; what a
+    command then allocates does not), so that a regression fails the test, not the machine. One
+    thread and two malloc arenas: per-thread arenas reserve address space they never use."""
+    code = (
+        "import resource, sys\n"
+        "import PIL.Image, ckptfmt.predict\n"
+        "from ckptfmt.cli import main\n"
+        "mapped = int(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmSize:'))) * 1024\n"
+        "limit = mapped + int(sys.argv[1])\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+        "main(sys.argv[2:], prog_name='ckptfmt')\n"
+    )
+    return run("-c", code, str(memory_bytes), *args, env={"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"})
+
+
+def _png_of_zeros(path, width: int, height: int) -> None:
+    """A grayscale PNG of `width` x `height` zeros, written without an array of that size: a 9000 x
+    9000 one is 78 KB."""
     import zlib
 
-    # A 12,000 x 12,000 PNG (144 megapixels) in a few hundred kilobytes.
-    raw = zlib.compress(b"\0" * ((12_000 + 1) * 12_000), 9)
-    png = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", (12_000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0]))
-    (tmp_path / "bomb.png").write_bytes(png + _chunk(b"IDAT", raw) + _chunk(b"IEND", b""))
-    # A 192-byte .npy that declares a 37 GiB array.
-    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000), }"
-    header += " " * (128 - 10 - len(header) - 1) + "\n"
-    (tmp_path / "bomb_array.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 64)
-    assert (tmp_path / "bomb_array.npy").stat().st_size == 192
-    result = run_cli("predict", str(demo_model), str(tmp_path / "bomb.png"), str(tmp_path / "bomb_array.npy"),
-                     "--out", str(tmp_path / "out"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    failures = [line for line in result.stderr.splitlines() if line.startswith("[FAIL]")]
-    assert failures == [
-        f"[FAIL] {tmp_path}/bomb.png: declares a 12000 x 12000 image, 144,000,000 pixels, over the limit of "
-        "89,478,485; refused before decoding (a decompression bomb, or raise the limit with --max-pixels)",
-        f"[FAIL] {tmp_path}/bomb_array.npy: declares an array of shape (100000, 100000), 10,000,000,000 pixels, over the "
-        "limit of 89,478,485; refused before decoding (a decompression bomb, or raise the limit with --max-pixels)",
-    ]
-    small = run_cli("predict", str(demo_model), str(tmp_path / "bomb.png"), "--out", str(tmp_path / "out2"),
-                    "--max-pixels", "100")
-    assert "over the limit of 100" in small.stderr
+    rows = zlib.compress(b"\0" * ((width + 1) * height), 9)
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", rows) + _chunk(b"IEND", b""))
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     import zlib
 
     return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def test_decompression_bombs_are_refused_before_decoding(demo_model, tmp_path):
+    """A PNG of 144 megapixels (over Pillow's own limit), one of 81 (under it, and the model would
+    need 12 GB for it), and a 192-byte .npy that declares 37 GiB: each refused from its header,
+    in a process that could not decode any of them."""
+    _png_of_zeros(tmp_path / "bomb.png", 12_000, 12_000)
+    _png_of_zeros(tmp_path / "big.png", 9_000, 9_000)
+    assert (tmp_path / "big.png").stat().st_size < 100_000
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000, 100000), }"
+    header += " " * (128 - 10 - len(header) - 1) + "\n"
+    (tmp_path / "bomb_array.npy").write_bytes(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 64)
+    assert (tmp_path / "bomb_array.npy").stat().st_size == 192
+    # 144 megapixels decode to 144 MB, and 576 MB as float32: more than this process may map.
+    result = _cli_in_bounded_memory("predict", str(demo_model), str(tmp_path / "bomb.png"), str(tmp_path / "big.png"),
+                                    str(tmp_path / "bomb_array.npy"), "--out", str(tmp_path / "out"),
+                                    memory_bytes=512 << 20)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    failures = [line for line in result.stderr.splitlines() if line.startswith("[FAIL]")]
+    after = ("refused before decoding (a decompression bomb, or more than the model has memory for: raise the "
+             "limit with --max-pixels where more is free)")
+    assert failures == [
+        f"[FAIL] {tmp_path}/bomb.png: declares a 12000 x 12000 image, 144,000,000 pixels, over the limit of 8,000,000; {after}",
+        f"[FAIL] {tmp_path}/big.png: declares a 9000 x 9000 image, 81,000,000 pixels, over the limit of 8,000,000; {after}",
+        f"[FAIL] {tmp_path}/bomb_array.npy: declares an array of shape (100000, 100000), 10,000,000,000 pixels, over "
+        f"the limit of 8,000,000; {after}",
+    ]
+    small = run_cli("predict", str(demo_model), str(tmp_path / "bomb.png"), "--out", str(tmp_path / "out2"),
+                    "--max-pixels", "100")
+    assert "over the limit of 100;" in small.stderr
+
+
+def test_an_input_the_model_runs_out_of_memory_on_fails_alone(demo_model, held_out, tmp_path):
+    """Under a raised --max-pixels, a 16-megapixel image needs some 2.2 GB in the demo model; with
+    1 GiB to spare it fails, naming the file, its size and the option, and the next input runs."""
+    _png_of_zeros(tmp_path / "large.png", 4_000, 4_000)
+    np.save(tmp_path / "small.npy", held_out[0][1, 0])
+    result = _cli_in_bounded_memory("predict", str(demo_model), str(tmp_path / "large.png"), str(tmp_path / "small.npy"),
+                                    "--out", str(tmp_path / "out"), "--max-pixels", "20000000", memory_bytes=1 << 30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith(("[FAIL]", "Error"))] == [
+        f"[FAIL] {tmp_path}/large.png: ran out of memory in the model on a 4000 x 4000 image (16,000,000 pixels); "
+        "run it where more memory is free, or lower --max-pixels (now 20,000,000) to refuse inputs this large "
+        "before decoding them",
+    ]
+    assert result.stdout.splitlines()[0].startswith(f"[OK]   {tmp_path}/small.npy: class_{held_out[2][1]} (")
+    assert result.stdout.splitlines()[-1] == f"1 predicted, 0 skipped, 1 failed; table in {tmp_path}/out/predictions.json"
+
+
+def test_an_earlier_table_that_predict_did_not_write_is_our_error(demo_model, tmp_path):
+    """The table of an earlier run is read capped and by the strict JSON reader, and its rows are
+    checked before a rerun trusts them: anything else is refused naming the table, never a
+    RecursionError, a csv.Error or a TypeError from deep inside."""
+    import os
+
+    from ckptfmt.legacy import sha256_file
+    from ckptfmt.predict import _checkpoint_identity, predict_files
+
+    predictor = MultiTaskPredictor(demo_model)
+    np.save(tmp_path / "a.npy", np.zeros((16, 16), np.float32))
+    row = {"input": str(tmp_path / "a.npy"), "index": None, "input_sha256": sha256_file(tmp_path / "a.npy"),
+           "outputs": 5}
+    not_ours = "exists but is not a predictions table written by ckptfmt"
+    redo = "choose another out_dir=, or pass overwrite=True to replace it"
+    tables = {
+        "json": [
+            ("[" * 200_000, "the predictions table nests deeper than 32 levels"),
+            ('{"predictions": [], "predictions": []}', "the predictions table has the key 'predictions' twice"),
+            (json.dumps({"checkpoint_sha256": _checkpoint_identity(predictor), "predictions": [row]}), not_ours),
+            (json.dumps({"checkpoint_sha256": _checkpoint_identity(predictor), "predictions": {"a": 1}}), not_ours),
+        ],
+        "csv": [("input,index,input_sha256,outputs\n" + "x" * 200_000 + ",,,\n", not_ours)],
+    }
+    for table_format, cases in tables.items():
+        for number, (text, message) in enumerate(cases):
+            out = tmp_path / f"{table_format}{number}"
+            out.mkdir()
+            (out / f"predictions.{table_format}").write_text(text)
+            with pytest.raises(ckptfmt.InputError) as caught:
+                predict_files(predictor, [tmp_path / "a.npy"], out, table_format=table_format)
+            assert str(caught.value) == f"{out}/predictions.{table_format}: {message}; {redo}"
+    os.truncate(tmp_path / "json0/predictions.json", (16 << 20) + 1)  # sparse: nothing read to refuse it
+    with pytest.raises(ckptfmt.InputError) as caught:
+        predict_files(predictor, [tmp_path / "a.npy"], tmp_path / "json0")
+    assert str(caught.value) == (f"{tmp_path}/json0/predictions.json: is 16,777,217 bytes, over the 16,777,216-byte "
+                                 f"limit for a predictions table; {redo}")
+
+
+def test_an_earlier_table_at_the_size_cap_is_read_in_bounded_memory(demo_model, tmp_path):
+    """The cap is sized for the worst JSON per byte, a list of short strings (some 32 bytes of
+    memory per byte of text): one of exactly the cap is refused with 1 GiB to spare."""
+    from ckptfmt.predict import TABLE_LIMIT
+
+    start, end = '{"predictions": [', '"ab"]}'
+    body = '"ab",' * ((TABLE_LIMIT - len(start) - len(end)) // 5)
+    text = start + body + " " * (TABLE_LIMIT - len(start) - len(body) - len(end)) + end
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/predictions.json").write_text(text)
+    assert (tmp_path / "out/predictions.json").stat().st_size == TABLE_LIMIT
+    np.save(tmp_path / "a.npy", np.zeros((16, 16), np.float32))
+    result = _cli_in_bounded_memory("predict", str(demo_model), str(tmp_path / "a.npy"), "--out", str(tmp_path / "out"),
+                                    memory_bytes=1 << 30)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {tmp_path}/out/predictions.json: exists but is not a predictions table written by ckptfmt; choose "
+        "another --out, or pass --force to replace it"
+    )
 
 
 def test_a_checkpoint_converted_to_fp16_predicts_on_the_cpu(tmp_path, held_out):
