@@ -39,11 +39,12 @@ from .files import files_sha256, open_regular, walk_files
 from .header import INDEX_SUFFIX, read_header
 from .identify import identify
 from .dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
+from .layouts import read_foreign_index
 from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
 from .metadata import build_metadata, provenance_record
 from .registry import get_model_entry
 from .shapes import check_shapes
-from .sharding import is_foreign_index, is_index, parse_size, read_foreign_index, write_sharded
+from .sharding import is_foreign_index, is_index, parse_size, write_sharded
 from .tensors import DTYPE_NAMES, placeholder, write_safetensors
 from .training import OPTIMIZER_SUFFIX, write_training_state
 

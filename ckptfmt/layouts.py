@@ -39,15 +39,17 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .errors import CkptfmtError, LegacyCheckpointError
+from .errors import CkptfmtError, HeaderError, LegacyCheckpointError
+from .files import files_sha256
+from .header import read_header
 from .identify import candidate_configs
 from .jsondoc import MAX_INT_DIGITS, plain_json
 from .registry import get_model_entry, registered_model_types
 from .shapes import check_state
-from .tensors import DTYPE_NAMES
+from .tensors import DTYPE_NAMES, load_tensors
 from .training import check_storable, unstorable_tensor
 
-__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "unwrap"]
+__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "read_foreign_index", "unwrap"]
 
 STATE_DICT_KEYS = (
     "state_dict", "model_state_dict", "model", "net", "network", "model_state", "weights",
@@ -399,3 +401,15 @@ def _fits_record(entry: dict[str, Any]) -> bool:
         return False
     return len(json.dumps(entry)) <= MAX_RECORD_VALUE_BYTES
 
+
+def read_foreign_index(path: Path, *, hash_source: bool = True) -> LegacyCheckpoint:
+    """A sharded checkpoint written by someone else (transformers, accelerate, huggingface_hub's
+    `save_torch_model`), read as `convert` reads a legacy file: its tensors mapped from its
+    shards, sorted by `unwrap` (prefixes and all). Its source digest covers the index
+    and every shard, in that order."""
+    header = read_header(path)  # every rule of a header, for each shard, and the index's names
+    checkpoint = unwrap(load_tensors(header), path)
+    checkpoint.serialization = f"safetensors index and {len(header.files)} shards"
+    checkpoint.destinations["weights"] = [f"{len(header.files)} shards"]
+    checkpoint.sha256 = files_sha256([path, *header.files], error=HeaderError) if hash_source else ""
+    return checkpoint

@@ -42,7 +42,6 @@ __all__ = [
     "find_checkpoint",
     "is_foreign_index",
     "is_index",
-    "read_foreign_index",
     "parse_size",
     "resolve_checkpoint_path",
     "shard_names",
@@ -91,23 +90,6 @@ def is_foreign_index(path: Path) -> bool:
         return KEY_FORMAT_VERSION not in (document.get("metadata") or {})
     except (HeaderError, ValueError, AttributeError):
         return True
-
-
-def read_foreign_index(path: Path, *, hash_source: bool = True) -> Any:
-    """A sharded checkpoint written by someone else (transformers, accelerate, huggingface_hub's
-    `save_torch_model`), read as `convert` reads a legacy file: its tensors mapped from its
-    shards, sorted by `layouts.unwrap` (prefixes and all). Its source digest covers the index
-    and every shard, in that order."""
-    from .files import files_sha256
-    from .layouts import unwrap
-    from .tensors import load_tensors
-
-    header = read_header(path)  # every rule of a header, for each shard, and the index's names
-    checkpoint = unwrap(load_tensors(header), path)
-    checkpoint.serialization = f"safetensors index and {len(header.files)} shards"
-    checkpoint.destinations["weights"] = [f"{len(header.files)} shards"]
-    checkpoint.sha256 = files_sha256([path, *header.files], error=HeaderError) if hash_source else ""
-    return checkpoint
 
 
 def find_checkpoint(folder: Path) -> Path:
