@@ -471,6 +471,14 @@ def convert_all(
                 results.append(convert(source, output=target, _batch=batch, **options))
             except (CkptfmtError, OSError) as exc:
                 results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc)))
+            except Exception as exc:
+                # A bug, here or in torch, met by one file: that file fails alone and the batch
+                # goes on; the traceback on request, as the CLI gives it.
+                if os.environ.get("CKPTFMT_TRACEBACK"):
+                    raise
+                first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+                results.append(ConvertResult(source=source, status="failed", output=target,
+                                             error=f"{source}: unexpected {type(exc).__name__}: {first_line}"))
     finally:
         batch.finish()
     return results

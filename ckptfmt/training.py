@@ -76,6 +76,11 @@ def unstorable_tensor(tensor: torch.Tensor, *, dtype: bool = True) -> str | None
 
     from .tensors import DTYPE_NAMES
 
+    # Before the layout: a nested tensor of the old kind reports torch.strided, of the new torch.jagged.
+    if tensor.is_nested:
+        return ("a nested tensor (torch.nested: parts of different shapes under one name); safetensors stores one "
+                "dense array per name. Where you trust the file, save its parts (tensor.unbind()) under names of "
+                "their own")
     if tensor.layout != torch.strided:
         return (f"a sparse tensor ({tensor.layout}); safetensors stores dense tensors only. Where you trust "
                 "the file, save tensor.to_dense() in its place")

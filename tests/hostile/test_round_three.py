@@ -1,0 +1,85 @@
+"""Hostile inputs, round three: what an audit of the round-two fixes still found, each test
+named by its class (issue "Hostile inputs, round two"). The string bomb of class 3 is with the
+other amplification pickles, in test_legacy_bounds."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ckptfmt
+from ckptfmt import HeaderError, LegacyCheckpointError, ShapeMismatchError
+from ckptfmt.cli import main
+from ckptfmt.compare import diff
+from ckptfmt.metadata import build_metadata
+from ckptfmt.tensors import write_safetensors
+
+from ..helpers import run_cli, small_model
+
+# -- class 9: ordinary inputs that crashed ----------------------------------------------------
+
+NESTED = ("a nested tensor (torch.nested: parts of different shapes under one name); safetensors stores one dense "
+          "array per name. Where you trust the file, save its parts (tensor.unbind()) under names of their own")
+
+
+def _nested(layout: torch.layout) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch calls its nested tensors a prototype
+        return torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)], layout=layout)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["nested", "jagged"])
+def test_class_9_a_nested_tensor_is_our_error_in_convert_inspect_and_diff(tmp_path, layout):
+    """It raised torch's `RuntimeError: Internal error: NestedTensorImpl doesn't support sizes`
+    (the jagged kind was called a sparse tensor)."""
+    source = tmp_path / "odd.pth"
+    torch.save({"fc.weight": _nested(layout), "fc.bias": torch.zeros(3)}, source)
+    message = f"{source}: tensor 'fc.weight' is {NESTED}"
+    for use in (ckptfmt.convert, lambda p: diff(p, p), ckptfmt.inspect_checkpoint):
+        with pytest.raises(LegacyCheckpointError) as excinfo:
+            use(source)
+        assert str(excinfo.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.pth"]
+
+
+def test_class_9_a_nested_tensor_fails_alone_in_a_folder(tmp_path):
+    model, _ = small_model()
+    torch.save(model.state_dict(), tmp_path / "a.pth")
+    torch.save({"fc.weight": _nested(torch.strided)}, tmp_path / "b.pth")
+    torch.save(model.state_dict(), tmp_path / "c.pth")
+    result = run_cli("convert", ".", cwd=tmp_path)
+    assert result.returncode == 1
+    assert [line for line in result.stderr.splitlines() if line.startswith("[FAIL]")] == [
+        f"[FAIL] b.pth: tensor 'fc.weight' is {NESTED}"]
+    assert result.stdout.splitlines()[-1] == "2 converted, 0 skipped, 1 failed"
+
+
+def test_class_9_an_unexpected_exception_fails_its_file_alone(tmp_path, monkeypatch):
+    """A bug met by one file (here torch's, as the nested tensor raised it) stopped the whole
+    batch; now that file fails with one line naming it, and the rest are converted."""
+    import ckptfmt.legacy
+
+    model, _ = small_model()
+    for name in ("a.pth", "b.pth", "c.pth"):
+        torch.save(model.state_dict(), tmp_path / name)
+    unwrap = ckptfmt.legacy.unwrap
+
+    def failing_on_b(obj, path, **kwargs):
+        if path.name == "b.pth":
+            raise RuntimeError("Internal error: NestedTensorImpl doesn't support sizes. Please file an issue.\n"
+                               "Exception raised from sizes_custom at NestedTensorImpl.cpp:1")
+        return unwrap(obj, path, **kwargs)
+
+    monkeypatch.setattr(ckptfmt.legacy, "unwrap", failing_on_b)
+    monkeypatch.delenv("CKPTFMT_TRACEBACK", raising=False)
+    result = CliRunner().invoke(main, ["convert", str(tmp_path)])
+    assert result.exit_code == 1
+    assert [line for line in result.stderr.splitlines() if line.startswith("[FAIL]")] == [
+        f"[FAIL] {tmp_path / 'b.pth'}: unexpected RuntimeError: Internal error: NestedTensorImpl doesn't support "
+        "sizes. Please file an issue."]
+    assert result.stdout.splitlines()[-1] == "2 converted, 0 skipped, 1 failed"
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["a.safetensors", "c.safetensors"]
