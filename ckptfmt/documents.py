@@ -72,11 +72,18 @@ def check_training(training: dict[str, Any], *, path: str | os.PathLike | None, 
     return training
 
 
-_SOURCE_TEXT = ("file", "sha256", "serialization", "state_dict_key")
+_SOURCE_TEXT = ("file", "sha256", "serialization", "state_dict_key", "pickled_model")
+_SOURCE_LISTS = ("stripped_prefixes", "read_as_plain")
+_IDENTIFIED_TEXT = ("chosen", "probe")
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def check_provenance(provenance: dict[str, Any], *, path: str | os.PathLike | None, document: str = "ckptfmt.provenance") -> dict[str, Any]:
-    """When and by what a file was written; for a conversion, its source and cast."""
+    """When and by what a file was written; for a conversion, its source, cast, and the config
+    identified among twins."""
     for key in ("created_at", "ckptfmt", "torch"):
         if key in provenance and not isinstance(provenance[key], str):
             raise _fail(document, key, "a string", provenance[key], path)
@@ -87,9 +94,19 @@ def check_provenance(provenance: dict[str, Any], *, path: str | os.PathLike | No
         for key in _SOURCE_TEXT:
             if key in source and source[key] is not None and not isinstance(source[key], str):
                 raise _fail(document, f"source.{key}", "a string", source[key], path)
-        prefixes = source.get("stripped_prefixes")
-        if prefixes is not None and (not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes)):
-            raise _fail(document, "source.stripped_prefixes", "a list of strings", prefixes, path)
+        for key in _SOURCE_LISTS:
+            if source.get(key) is not None and not _strings(source[key]):
+                raise _fail(document, f"source.{key}", "a list of strings", source[key], path)
+    identified = provenance.get("identified")
+    if identified is not None:
+        if not isinstance(identified, dict):
+            raise _fail(document, "identified", 'an object {"chosen": ..., "twins": [...], "probe": ...}', identified,
+                        path)
+        for key in _IDENTIFIED_TEXT:
+            if key in identified and not isinstance(identified[key], str):
+                raise _fail(document, f"identified.{key}", "a string", identified[key], path)
+        if "twins" in identified and not _strings(identified["twins"]):
+            raise _fail(document, "identified.twins", "a list of strings", identified["twins"], path)
     cast = provenance.get("cast")
     if cast is not None:
         if not isinstance(cast, dict) or not isinstance(cast.get("to"), str):

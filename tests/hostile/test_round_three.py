@@ -83,3 +83,57 @@ def test_class_9_an_unexpected_exception_fails_its_file_alone(tmp_path, monkeypa
         "sizes. Please file an issue."]
     assert result.stdout.splitlines()[-1] == "2 converted, 0 skipped, 1 failed"
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["a.safetensors", "c.safetensors"]
+
+
+# -- class 6: documents of the right syntax and the wrong shape ------------------------------
+
+
+def _checkpoint_with(tmp_path, key: str, document) -> object:
+    model, config = small_model()
+    metadata = build_metadata(config, training={}, provenance={})
+    metadata[key] = json.dumps(document)
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, model.state_dict(), metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ({"identified": "multitask(depth=2)"},
+         "identified must be an object {\"chosen\": ..., \"twins\": [...], \"probe\": ...}, not 'multitask(depth=2)'"),
+        ({"identified": {"chosen": "multitask(depth=2)", "twins": "multitask(depth=3)", "probe": "equal"}},
+         "identified.twins must be a list of strings, not 'multitask(depth=3)'"),
+        ({"identified": {"chosen": ["multitask(depth=2)"], "twins": [], "probe": "equal"}},
+         "identified.chosen must be a string, not ['multitask(depth=2)']"),
+        ({"source": {"file": "m.pth", "read_as_plain": "args: argparse.Namespace"}},
+         "source.read_as_plain must be a list of strings, not 'args: argparse.Namespace'"),
+        ({"source": {"file": "m.pth", "read_as_plain": [3]}},
+         "source.read_as_plain must be a list of strings, not [3]"),
+        ({"source": {"file": "m.pth", "pickled_model": 3}},
+         "source.pickled_model must be a string, not 3"),
+    ],
+    ids=["identified a string", "twins a string", "chosen a list", "read_as_plain a string",
+         "read_as_plain of numbers", "pickled_model a number"],
+)
+def test_class_6_provenance_of_the_wrong_shape_is_our_error_everywhere(tmp_path, document, message):
+    """A plain string where ckptfmt writes an object or a list of strings passed inspect and
+    verify."""
+    path = _checkpoint_with(tmp_path, "ckptfmt.provenance", document)
+    message = (f"metadata 'ckptfmt.provenance': {message}; the file is damaged or was not written by ckptfmt")
+    for use in (ckptfmt.inspect_checkpoint, ckptfmt.load_model_with_config):
+        with pytest.raises(HeaderError) as excinfo:
+            use(path)
+        assert str(excinfo.value) == f"{path}: {message}"
+    assert ckptfmt.verify(path).failures == [f"{path}: {message}"]
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: {path}: {message}"
+
+
+def test_class_6_provenance_as_ckptfmt_writes_it_still_passes(tmp_path):
+    document = {"identified": {"chosen": "a", "twins": ["b"], "probe": "equal"},
+                "source": {"file": "m.pth", "read_as_plain": ["args: argparse.Namespace"], "pickled_model": "Net"}}
+    path = _checkpoint_with(tmp_path, "ckptfmt.provenance", document)
+    assert ckptfmt.verify(path).ok
+    assert ckptfmt.inspect_checkpoint(path)["provenance"] == document
