@@ -29,13 +29,34 @@ def _kind(dtype: str) -> str:
     return "bool" if dtype == "BOOL" else _KINDS.get(dtype[0], dtype)
 
 
+def _mixed_floats(expected: Mapping[str, tuple[tuple[int, ...], str]], dtypes: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """`(tensor, its dtype, the file's other dtype)` when the file holds the architecture's
+    floating-point tensors in more than one dtype where the architecture has them in one; else
+    None. A whole-file cast keeps them in one: a model loaded with `assign=True` keeps each
+    tensor's dtype, and one F64 among F32s fails in the forward pass, not at loading."""
+    wanted = {dtype for _, dtype in expected.values() if _kind(dtype) == "floating point"}
+    if len(wanted) != 1:
+        return None  # no floats, or an architecture that mixes them itself
+    names = [name for name, (_, dtype) in expected.items()
+             if _kind(dtype) == "floating point" and name in dtypes and _kind(dtypes[name]) == "floating point"]
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[dtypes[name]] = counts.get(dtypes[name], 0) + 1
+    if len(counts) < 2:
+        return None
+    common = max(counts, key=counts.get)  # the first of the most frequent, in the architecture's order
+    odd = next(name for name in names if dtypes[name] != common)
+    return odd, dtypes[odd], common
+
+
 def check_state(
     expected: Mapping[str, tuple[tuple[int, ...], str]], shapes: Shapes, dtypes: Mapping[str, str] | None = None,
     *, strict: bool = True,
 ) -> list[str]:
     """The mismatches between what a model holds (`{name: (shape, dtype)}`) and what a file
-    holds: missing, unexpected, of another shape, or of another kind of dtype (an integer where
-    the model has a float). Empty when they fit."""
+    holds: missing, unexpected, of another shape, of another kind of dtype (an integer where
+    the model has a float), or floats of mixed dtypes where the model has one. Empty when they
+    fit."""
     problems = []
     for name, (want, want_dtype) in expected.items():
         have = shapes.get(name)
@@ -50,6 +71,9 @@ def check_state(
         problems += [
             f"no tensor {name}; the file has {name} {list(shapes[name])}" for name in shapes if name not in expected
         ]
+    if dtypes is not None and (mixed := _mixed_floats(expected, dtypes)) is not None:
+        name, dtype, common = mixed
+        problems.append(f"{name} as {common}, like the file's other floating-point tensors; the file has it as {dtype}")
     return problems
 
 
@@ -66,9 +90,19 @@ def check_shapes(
     """
     config = config.checked(path=path)
     entry = get_model_entry(config.model_type)
-    problems = check_state(entry.expected_state(config.params), shapes, dtypes, strict=strict)
+    expected = entry.expected_state(config.params)
+    problems = check_state(expected, shapes, dtypes, strict=strict)
     if not problems:
         return
+    if len(problems) == 1 and dtypes is not None and (mixed := _mixed_floats(expected, dtypes)) is not None:
+        # The config is not to blame: the file's dtypes are, whatever the config says.
+        name, dtype, common = mixed
+        raise ShapeMismatchError(
+            f"tensor {name} is {dtype} where the file's other floating-point tensors are {common}; "
+            f"{config.model_type} holds its floating-point tensors in one dtype and cannot run them mixed. "
+            "Save the weights with all of them in one dtype",
+            path=path,
+        )
     fields, inferred = _fields_the_weights_contradict(entry, config, shapes, overridden)
     params = config.params
     culprit = f"{fields[0]}={params[fields[0]]!r}" if fields else "the config"

@@ -137,3 +137,53 @@ def test_class_6_provenance_as_ckptfmt_writes_it_still_passes(tmp_path):
     path = _checkpoint_with(tmp_path, "ckptfmt.provenance", document)
     assert ckptfmt.verify(path).ok
     assert ckptfmt.inspect_checkpoint(path)["provenance"] == document
+
+
+MIXED = ("tensor cls_head.weight is F64 where the file's other floating-point tensors are F32; multitask holds its "
+         "floating-point tensors in one dtype and cannot run them mixed. Save the weights with all of them in one "
+         "dtype")
+
+
+def test_class_6_one_float_of_another_dtype_is_caught_before_torch(tmp_path):
+    """One F64 tensor in an F32 file passed verify; load_model loaded it, and the model's
+    forward raised `expected scalar type Float but found Double`."""
+    model, config = small_model()
+    state_dict = dict(model.state_dict())
+    state_dict["cls_head.weight"] = state_dict["cls_head.weight"].double()
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, state_dict, build_metadata(config, training={}, provenance={}))
+    assert ckptfmt.verify(path).failures == [f"{path}: config does not match the tensors: {MIXED}"]
+    with pytest.raises(ShapeMismatchError) as excinfo:
+        ckptfmt.load_model(path)
+    assert str(excinfo.value) == f"{path}: {MIXED}"
+    with pytest.raises(ShapeMismatchError) as excinfo:
+        ckptfmt.load_model(path, builder=lambda **arguments: small_model()[0])
+    assert str(excinfo.value) == (f"{path}: the builder's model does not fit the file: it expects cls_head.weight as "
+                                  "F32, like the file's other floating-point tensors; the file has it as F64")
+
+
+def test_class_6_one_float_of_another_dtype_is_not_converted(tmp_path):
+    """convert writes nothing that verify refuses."""
+    model, _ = small_model()
+    state_dict = dict(model.state_dict())
+    state_dict["cls_head.weight"] = state_dict["cls_head.weight"].double()
+    source = tmp_path / "m.pth"
+    torch.save(state_dict, source)
+    with pytest.raises(ShapeMismatchError) as excinfo:
+        ckptfmt.convert(source, model_type="multitask")
+    assert str(excinfo.value) == f"{source}: {MIXED}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["fp16", "bf16", "fp64"])
+def test_class_6_a_whole_file_cast_still_verifies_loads_and_runs(tmp_path, dtype):
+    model, config = small_model()
+    state_dict = {n: t.to(dtype) if t.is_floating_point() else t for n, t in model.state_dict().items()}
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, state_dict, build_metadata(config, training={}, provenance={}))
+    assert ckptfmt.verify(path).ok
+    loaded = ckptfmt.load_model(path)
+    assert loaded.cls_head.weight.dtype == dtype
+    if dtype == torch.float64:  # the CPU runs every op of this model in F64; F16 and BF16 are the predictor's
+        seg, cls = loaded(torch.zeros(1, 1, 16, 16, dtype=dtype))
+        assert cls.dtype == dtype
