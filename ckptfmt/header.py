@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import HeaderError
 from .files import check_plain_name, open_regular, read_capped
-from .jsondoc import loads_strict
+from .jsondoc import has_surrogate, loads_strict, shown_text
 
 __all__ = [
     "DTYPE_SIZES",
@@ -278,7 +278,7 @@ def read_header(path: str | os.PathLike) -> Header:
 
 def check_metadata(metadata: Any, path: Path | None) -> dict[str, str]:
     """The header's metadata rules, for the reader and the writer alike: string values, no NUL,
-    at most 1 MiB in all."""
+    valid Unicode (no lone surrogate), at most 1 MiB in all."""
     if not isinstance(metadata, dict):
         raise HeaderError("__metadata__ is not a JSON object", path=path)
     total = 0
@@ -291,6 +291,14 @@ def check_metadata(metadata: Any, path: Path | None) -> dict[str, str]:
             )
         if "\x00" in key or "\x00" in value:
             raise HeaderError(f"metadata {key!r} contains a NUL character", path=path)
+        if has_surrogate(key) or has_surrogate(value):
+            # Python's json reads and writes "\udc80"; safetensors refuses the whole header for it.
+            part = "its key" if has_surrogate(key) else f"its value {shown_text(value)}"
+            raise HeaderError(
+                f"metadata {shown_text(key)}: {part} is not valid Unicode (a lone surrogate), which safetensors "
+                "refuses to read",
+                path=path,
+            )
         total += len(key.encode()) + len(value.encode())
     if total > MAX_METADATA_BYTES:
         raise HeaderError(
@@ -376,6 +384,13 @@ def check_tensor_name(name: str, path: Path | None) -> None:
     """The tensor-name rule, for the reader and the writer alike."""
     if not name or "\x00" in name:
         raise HeaderError(f"tensor {name!r}: tensor names must be non-empty and free of NUL", path=path)
+    if has_surrogate(name):
+        # Python's json reads and writes "\udc80"; safetensors refuses the whole header for it.
+        raise HeaderError(
+            f"tensor {shown_text(name)}: tensor names must be valid Unicode, and this one holds a lone surrogate, "
+            "which safetensors refuses to read",
+            path=path,
+        )
     if name == "__metadata__":
         raise HeaderError("tensor '__metadata__': safetensors reserves that name for the metadata", path=path)
 

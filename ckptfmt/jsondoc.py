@@ -20,11 +20,35 @@ from typing import Any
 
 from .errors import CkptfmtError, ConfigError, HeaderError
 
-__all__ = ["MAX_DEPTH", "MAX_INT_DIGITS", "describe", "dumps_strict", "loads_strict", "plain_json"]
+__all__ = [
+    "MAX_DEPTH", "MAX_INT_DIGITS", "describe", "dumps_strict", "has_surrogate", "loads_strict", "plain_json", "shown_text",
+]
 
 MAX_DEPTH = 32
 # 2**63 has 19 digits; anything longer is not a tensor size, a count or an epoch.
 MAX_INT_DIGITS = 19
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether `text` holds a surrogate code point, and so is not valid Unicode (one that came
+    from a lone `\\udc80` escape, or from a file name Python read with surrogateescape).
+
+    Python's json writes such a string as a "\\udc80" escape and reads it back, but safetensors
+    (Rust's serde_json) and every strict reader refuse it. Even a high and a low one side by side
+    are two code points in a str, not the one character they encode in UTF-16, so any is refused.
+    """
+    if text.isascii():  # O(1) in CPython
+        return False
+    try:
+        text.encode("utf-8")  # UTF-8 cannot encode a surrogate; a C-speed scan, faster than a regex
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def shown_text(text: str, limit: int = 60) -> str:
+    """`text` quoted for a message, cut short when long."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def loads_strict(
@@ -33,7 +57,8 @@ def loads_strict(
     """Parse JSON from an untrusted file, refusing what the json module lets through.
 
     Refused: a byte-order mark, duplicate keys, NaN and Infinity (also by overflow, as 1e999),
-    integers of more than 19 digits, and nesting deeper than 32.
+    integers of more than 19 digits, nesting deeper than 32, and strings that are not valid
+    Unicode (a lone surrogate, as the escape "\\udc80" gives).
 
     Example:
         >>> loads_strict('{"depth": 4}', what="config")
@@ -90,9 +115,35 @@ def _loads_hooked(text: str, what: str, path, error: type[CkptfmtError]) -> Any:
     if _depth(text) > MAX_DEPTH:  # before the parser recurses into it
         raise error(f"{what} nests deeper than {MAX_DEPTH} levels", path=path)
     try:
-        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant, parse_float=real, parse_int=integer)
+        value = json.loads(text, object_pairs_hook=pairs, parse_constant=constant, parse_float=real, parse_int=integer)
     except json.JSONDecodeError as exc:
         raise error(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}", path=path) from None
+    # The json module has no hook for strings; the value is at most MAX_DEPTH deep by now.
+    bad = _surrogate_string(value)
+    if bad is not None:
+        raise error(
+            f"{what} holds the string {shown_text(bad)}, which is not valid Unicode (a lone surrogate); "
+            "safetensors and other strict JSON readers refuse it",
+            path=path,
+        )
+    return value
+
+
+def _surrogate_string(value: Any) -> str | None:
+    """The first string in `value` (a key or a value) that holds a surrogate, or None."""
+    if type(value) is str:
+        return value if has_surrogate(value) else None
+    if type(value) is dict:
+        for key, item in value.items():
+            if has_surrogate(key):
+                return key
+            if (found := _surrogate_string(item)) is not None:
+                return found
+    elif type(value) is list:
+        for item in value:
+            if (found := _surrogate_string(item)) is not None:
+                return found
+    return None
 
 
 def _keeps_the_rules(text: str, value: Any) -> bool:
@@ -118,7 +169,13 @@ def _keeps_the_rules(text: str, value: Any) -> bool:
                 if type(inner) in _CONTAINERS:
                     below.append(inner)
         if not below:
-            return keys == between_strings.count(":")
+            if keys != between_strings.count(":"):
+                return False
+            # Last, once the depth is known to be small: a string that is not valid Unicode. A
+            # surrogate pair escape ("\\ud83d\\ude00", one emoji) is read as one character, and fine.
+            if has_surrogate(text):
+                return False
+            return not (_SURROGATE_ESCAPE.search(text) and has_surrogate(json.dumps(value, ensure_ascii=False)))
         level = below
     return False  # deeper than MAX_DEPTH
 
@@ -128,6 +185,10 @@ _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 _LONG_DIGITS = re.compile("[0-9]{%d}" % (MAX_INT_DIGITS + 1))  # JSON's digits are ASCII
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+# Besides a raw one, a surrogate reaches a parsed string only from a \\uD800-\\uDFFF escape. Not
+# every such escape leaves one (a pair is one character; an escaped backslash may come before
+# "ud8.."), so the value settles it.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _depth(text: str) -> int:
@@ -153,7 +214,12 @@ def plain_json(
 
 
 def _plain(value: Any, where: str, depth: int, path, error) -> Any:
-    if value is None or isinstance(value, (bool, str)):
+    if isinstance(value, str):
+        if has_surrogate(value):
+            raise error(f"{where} is the string {shown_text(value)}, which is not valid Unicode (a lone surrogate); "
+                        "JSON cannot hold it for safetensors and other strict readers", path=path)
+        return value
+    if value is None or isinstance(value, bool):
         return value
     if isinstance(value, numbers.Integral):
         value = int(value)
@@ -174,6 +240,9 @@ def _plain(value: Any, where: str, depth: int, path, error) -> Any:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise error(f"{where} has the key {key!r} ({type(key).__name__}); JSON keys are strings", path=path)
+            if has_surrogate(key):
+                raise error(f"{where} has the key {shown_text(key)}, which is not valid Unicode (a lone surrogate); "
+                            "JSON cannot hold it for safetensors and other strict readers", path=path)
             result[key] = _plain(item, f"{where}[{key!r}]", depth + 1, path, error)
         return result
     raise error(
