@@ -16,7 +16,8 @@ from pathlib import Path
 from .errors import CheckpointNotFoundError, CkptfmtError, InputError
 
 __all__ = [
-    "CACHE_ENV", "cache_folder", "check_plain_name", "files_sha256", "is_regular_file", "open_regular", "read_capped", "walk_files",
+    "CACHE_ENV", "cache_folder", "check_plain_name", "file_in_folder", "files_sha256", "is_regular_file", "open_regular",
+    "read_capped", "walk_files",
 ]
 
 
@@ -112,6 +113,33 @@ def check_plain_name(name: object, *, key: str, path: str | os.PathLike | None, 
     return name
 
 
+def file_in_folder(
+    folder: str | os.PathLike, name: object, *, key: str, path: str | os.PathLike | None, error: type[CkptfmtError],
+) -> Path:
+    """`folder / name`, for a file that a header or a sidecar names: every place that opens such a
+    file gets it here. `name` must be a plain name (`check_plain_name`), and the file, links
+    followed, must lie inside `folder` too: a plain name can still be a link to ../elsewhere. A
+    link that stays inside the folder is fine.
+
+    Raises:
+        `error`, naming `key`: a name that is not plain, or that leads outside the folder.
+    """
+    name = check_plain_name(name, key=key, path=path, error=error)
+    target = Path(folder) / name
+    if not _inside(target, folder):
+        raise error(
+            f"{key} names {name!r}, a link that leads outside the checkpoint's folder; refused: a file that a "
+            "checkpoint names must lie in its folder",
+            path=path,
+        )
+    return target
+
+
+def _inside(path: Path, root: str | os.PathLike) -> bool:
+    """Whether `path`, every link on the way resolved, lies in `root` (resolved alike)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
 def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...]) -> list[Path]:
     """The regular files under `root` whose names end in one of `suffixes`, sorted.
 
@@ -120,14 +148,13 @@ def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...]) -> list[Path]
     downloads cannot make `convert` or `inspect` read /etc or someone else's files).
     """
     root = Path(root)
-    inside = root.resolve()
     found = []
     for folder, _, names in os.walk(root, followlinks=False):
         for name in names:
             path = Path(folder) / name
             if not name.endswith(suffixes) or not is_regular_file(path):
                 continue
-            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+            if path.is_symlink() and not _inside(path, root):
                 continue
             found.append(path)
     return sorted(found)

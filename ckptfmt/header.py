@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HeaderError
-from .files import check_plain_name, open_regular, read_capped
+from .files import file_in_folder, open_regular, read_capped
 from .jsondoc import has_surrogate, loads_strict, shown_text
 
 __all__ = [
@@ -437,14 +437,17 @@ def read_index(path: str | os.PathLike) -> Header:
     metadata = check_metadata(metadata, path)
     check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
     by_shard: dict[str, list[str]] = {}
+    shard_paths: dict[str, Path] = {}
     for name, shard in document["weight_map"].items():
         check_tensor_name(name, path)
-        check_plain_name(shard, key=f"weight_map[{name!r}]", path=path, error=HeaderError)
+        if shard not in shard_paths:
+            shard_paths[shard] = file_in_folder(path.parent, shard, key=f"weight_map[{name!r}]", path=path,
+                                                error=HeaderError)
         by_shard.setdefault(shard, []).append(name)
     tensors = {}
     files, size = [], 0
     for shard in sorted(by_shard):
-        shard_path = path.parent / shard
+        shard_path = shard_paths[shard]
         header = read_header(shard_path)
         belongs = header.metadata.get(KEY_SHARD)
         if belongs is not None:

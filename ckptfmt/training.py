@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from .digest import digest_file
 from .errors import CheckpointNotFoundError, ConfigError, HeaderError, IntegrityError
-from .files import check_plain_name
+from .files import file_in_folder
 from .header import FORMAT_VERSION, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_OPTIMIZER, Header, read_header
 from .sharding import resolve_checkpoint_path
 from .jsondoc import dumps_strict, loads_strict
@@ -167,12 +167,11 @@ def write_training_state(
 
 
 def companion_path(checkpoint: str | os.PathLike, binding: Mapping[str, Any]) -> Path:
-    """The companion a checkpoint's binding names: a plain file name in the checkpoint's folder,
-    refused otherwise, naming the key."""
+    """The companion a checkpoint's binding names: a file in the checkpoint's folder (a plain
+    name, not a link out of it), refused otherwise, naming the key."""
     checkpoint = Path(checkpoint)
-    name = check_plain_name(binding.get("file"), key="metadata 'ckptfmt.training': optimizer.file", path=checkpoint,
-                            error=HeaderError)
-    return checkpoint.parent / name
+    return file_in_folder(checkpoint.parent, binding.get("file"), key="metadata 'ckptfmt.training': optimizer.file",
+                          path=checkpoint, error=HeaderError)
 
 
 def _open(path: Path, sha256: str | None) -> tuple[Header, Any, str]:

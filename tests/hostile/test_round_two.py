@@ -363,3 +363,48 @@ def test_class_5_convert_refuses_a_lone_surrogate_and_writes_nothing_verify_reje
     with safe_open(converted.output, "pt") as stored:
         assert list(stored.keys()) == ["w"]
     assert run_cli("diff", str(converted.output), str(converted.output)).returncode == 0
+
+
+def _moved_out(link, target):
+    """Move `link`'s file to `target` and leave at `link` a symlink to it, relative."""
+    target.parent.mkdir(exist_ok=True)
+    os.rename(link, target)
+    link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def test_class_1_a_named_file_that_links_out_of_the_folder_is_not_followed(tmp_path):
+    """A plain name can still be a link to ../elsewhere: the optimizer companion a training
+    record binds, and the shards an index lists, are refused when they lead out of the folder."""
+    model, config = small_model()
+    path = ckptfmt.save_model_with_config(model, tmp_path / "run" / "best_model.safetensors", config,
+                                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), epoch=2)
+    companion = path.parent / "best_model.optimizer.safetensors"
+    _moved_out(companion, tmp_path / "elsewhere" / "x.optimizer.safetensors")
+    message = ("metadata 'ckptfmt.training': optimizer.file names 'best_model.optimizer.safetensors', a link that "
+               "leads outside the checkpoint's folder; refused: a file that a checkpoint names must lie in its folder")
+    assert ckptfmt.verify(path).failures == [f"{path}: training state best_model.optimizer.safetensors: {message}"]
+    with pytest.raises(HeaderError) as excinfo:
+        ckptfmt.load_training_state(path, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    assert str(excinfo.value) == f"{path}: {message}"
+    result = run_cli("verify", str(path))
+    assert result.returncode == 1 and message in result.stdout + result.stderr
+
+    (path.parent / "kept").mkdir()  # a link that stays in the folder is followed as ever
+    os.rename(tmp_path / "elsewhere" / "x.optimizer.safetensors", path.parent / "kept" / "x.optimizer.safetensors")
+    companion.unlink()
+    companion.symlink_to("kept/x.optimizer.safetensors")
+    assert ckptfmt.verify(path).ok
+    assert ckptfmt.load_training_state(path, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))["epoch"] == 2
+
+    model, config = small_model(base_filters=8, depth=3)
+    index = ckptfmt.save_model_with_config(model, tmp_path / "sharded" / "model.safetensors", config,
+                                           max_shard_size="60KB")
+    tensor, shard = next(iter(json.loads(index.read_text())["weight_map"].items()))
+    _moved_out(index.parent / shard, tmp_path / "elsewhere" / shard)
+    message = (f"weight_map[{tensor!r}] names {shard!r}, a link that leads outside the checkpoint's folder; refused: a "
+               "file that a checkpoint names must lie in its folder")
+    for read in (read_header, ckptfmt.load_model):
+        with pytest.raises(HeaderError) as excinfo:
+            read(index)
+        assert str(excinfo.value) == f"{index}: {message}"
+    assert ckptfmt.verify(index).failures == [f"{index}: {message}"]
