@@ -146,5 +146,5 @@ def test_reading_a_config_does_not_import_torch(tmp_path):
         f"config = ModelConfig.load({str(tmp_path / 'model_config.json')!r})\n"
         "print(config.depth, config.model_type, 'torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.split() == ["3", "multitask", "False"]

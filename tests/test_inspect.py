@@ -296,15 +296,26 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
     """Regression: `ckptfmt inspect X --tensors | head -1` printed `Error: Broken pipe`."""
     import subprocess
     import sys
+    import threading
 
     path, _, _ = save_small(tmp_path, depth=4)
     for _ in range(5):
         process = subprocess.Popen([sys.executable, "-m", "ckptfmt", "inspect", str(path), "--tensors"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert process.stdout.readline().startswith(b"file ")
-        process.stdout.close()
-        assert process.wait(timeout=60) in (0, 1)
-        assert process.stderr.read() == b""
+        try:
+            # readline() waits as long as the command does; read in a thread, the wait has an end.
+            first: list[bytes] = []
+            reader = threading.Thread(target=lambda: first.append(process.stdout.readline()), daemon=True)
+            reader.start()
+            reader.join(timeout=60)
+            assert first and first[0].startswith(b"file "), f"no first line within 60 s: {first}"
+            process.stdout.close()
+            assert process.wait(timeout=60) in (0, 1)
+            assert process.stderr.read() == b""
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def test_a_second_verify_of_an_architecture_needs_no_torch(tmp_path, cache_folder):
