@@ -47,10 +47,13 @@ def check_writable(path: Path, *, overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, *, overwrite: bool = False, sync_folder: bool = True) -> Iterator[int]:
+def atomic_write(
+    path: str | os.PathLike, *, overwrite: bool = False, sync_folder: bool = True, durable: bool = True,
+) -> Iterator[int]:
     """Write `path` atomically, creating its folder if needed; the body writes to the yielded
     file descriptor. With `sync_folder=False` the caller fsyncs the folder itself
-    (`fsync_folder`), once for many files written into it.
+    (`fsync_folder`), once for many files written into it. With `durable=False` nothing is
+    fsynced: for a cache, which a crash may lose but never leaves half written.
 
     Example:
         >>> with atomic_write("model_config.json") as fd:
@@ -71,7 +74,8 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False, sync_folde
     try:
         try:
             yield fd
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         _commit(tmp, path, overwrite=overwrite)
@@ -83,7 +87,7 @@ def atomic_write(path: str | os.PathLike, *, overwrite: bool = False, sync_folde
         if isinstance(exc, OSError) and not isinstance(exc, (WriteError, OutputExistsError)):
             raise _write_error(exc, path, "writing failed") from exc
         raise
-    if sync_folder:
+    if sync_folder and durable:
         fsync_folder(path.parent)
 
 

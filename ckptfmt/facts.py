@@ -83,7 +83,7 @@ def remember(document: dict[str, Any], checked: dict[str, Any], state: dict[str,
         return
     facts = {"checked": checked, "state": {name: [list(shape), dtype] for name, (shape, dtype) in state.items()}}
     try:
-        with atomic_write(cache_folder() / "facts" / f"{key}.json", overwrite=True) as fd:
+        with atomic_write(cache_folder() / "facts" / f"{key}.json", overwrite=True, durable=False) as fd:
             write_all(fd, json.dumps(facts, sort_keys=True).encode())
     except Exception:  # a read-only home, a full disk: the next verify learns it again
         pass

@@ -247,7 +247,7 @@ class _SummaryCache:
         try:
             from .atomic import atomic_write, write_all
 
-            with atomic_write(self._file, overwrite=True, sync_folder=False) as fd:
+            with atomic_write(self._file, overwrite=True, durable=False) as fd:
                 write_all(fd, json.dumps({"ckptfmt": self._version, "rows": self._kept}).encode())
         except Exception:  # a read-only home, a full disk: summarised again next time
             pass

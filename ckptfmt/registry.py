@@ -452,7 +452,7 @@ def _entry_points() -> tuple:
     try:
         from .atomic import atomic_write, write_all
 
-        with atomic_write(cache, overwrite=True, sync_folder=False) as fd:
+        with atomic_write(cache, overwrite=True, durable=False) as fd:
             write_all(fd, json.dumps({"stamp": stamp, "points": [list(p) for p in points]}).encode())
     except Exception:  # a read-only home, a full disk: listed again next time
         pass

@@ -341,7 +341,7 @@ class SignatureIndex:
         document = {"format": INDEX_FORMAT, "library": self.library, "version": self.version,
                     "torch": torch.__version__, "entries": entries}
         try:
-            with atomic_write(self.path, overwrite=True) as fd:
+            with atomic_write(self.path, overwrite=True, durable=False) as fd:
                 write_all(fd, json.dumps(document, sort_keys=True, separators=(",", ":")).encode())
         except WriteError as exc:  # a read-only cache: identification still works, just not cached
             print(f"ckptfmt: could not cache the {self.library} index ({exc}); set {CACHE_ENV} to a "
