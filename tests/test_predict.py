@@ -191,11 +191,11 @@ def test_decompression_bombs_are_refused_before_decoding(demo_model, tmp_path):
 
 def test_an_input_the_model_runs_out_of_memory_on_fails_alone(demo_model, held_out, tmp_path):
     """Under a raised --max-pixels, a 16-megapixel image needs some 2.2 GB in the demo model; with
-    1 GiB to spare it fails, naming the file, its size and the option, and the next input runs."""
+    768 MiB to spare it fails, naming the file, its size and the option, and the next input runs."""
     _png_of_zeros(tmp_path / "large.png", 4_000, 4_000)
     np.save(tmp_path / "small.npy", held_out[0][1, 0])
     result = _cli_in_bounded_memory("predict", str(demo_model), str(tmp_path / "large.png"), str(tmp_path / "small.npy"),
-                                    "--out", str(tmp_path / "out"), "--max-pixels", "20000000", memory_bytes=1 << 30)
+                                    "--out", str(tmp_path / "out"), "--max-pixels", "20000000", memory_bytes=768 << 20)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith(("[FAIL]", "Error"))] == [
         f"[FAIL] {tmp_path}/large.png: ran out of memory in the model on a 4000 x 4000 image (16,000,000 pixels); "
