@@ -268,6 +268,7 @@ def open_checkpoint(
     config = source = None
     if looks_like_safetensors(path):
         header = read_header(path)
+        header.training(), header.provenance()  # their schemas, as inspect and verify check them
         shapes = header.shapes()
         dtypes = header.dtypes()
         embedded = header.config_dict()

@@ -35,7 +35,9 @@ class _StderrHandler(logging.Handler):
         out(f"{prefix}{record.getMessage()}", err=True)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, and surrogates (a file name that is not valid UTF-8, as Python reads it):
+# printed raw, a surrogate becomes a stray byte, a C1 control on an 8-bit terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 
 
@@ -43,7 +45,16 @@ def shown(text: Any) -> str:
     """`text` with control characters escaped (\\n, \\e, \\x07, ...), as ls and git show
     names: file names, tensor names and strings from files are untrusted, and a raw escape
     sequence or newline in them could rewrite the terminal or forge a report line."""
-    return _CONTROL.sub(lambda m: _NAMED.get(m.group(), f"\\x{ord(m.group()):02x}"), str(text))
+    return _CONTROL.sub(_escaped, str(text))
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a file name that is not UTF-8: shown as that byte
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return _NAMED.get(match.group(), f"\\x{code:02x}")
 
 
 # The library's messages name its arguments, as Python spells them (`force=True`,

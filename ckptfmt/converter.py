@@ -38,6 +38,7 @@ from .errors import (
 from .files import files_sha256, open_regular, walk_files
 from .header import INDEX_SUFFIX, read_header
 from .identify import identify
+from .jsondoc import has_surrogate
 from .dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
 from .layouts import read_foreign_index
 from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
@@ -233,6 +234,9 @@ def convert(
         raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(CAST_DTYPES)}", path=source)
     if output.suffix != ".safetensors":
         raise WriteError("the output must end in .safetensors", path=output)
+    if has_surrogate(output.name):
+        raise WriteError("the output's name is not valid UTF-8, and model_config.json binds weights by name in "
+                         "JSON; choose another output (-o)", path=output)
     if output.exists() and os.path.samefile(source, output):
         raise WriteError("is both the source and the output; choose another output (-o)", path=output)
 
@@ -266,7 +270,7 @@ def convert(
     identified: list = []
     resolved, result.config_source = _resolve_config(
         source, legacy, config, overrides, model_type=model_type, force=force, warnings=result.warnings,
-        identified=identified, batch=_batch,
+        identified=identified, batch=_batch, cast_to=CAST_DTYPES[dtype] if dtype is not None else None,
     )
     result.config = resolved
     if resolved is not None:
@@ -295,7 +299,10 @@ def convert(
 
     # The source's sha256 is computed while the output is written, and filled in after.
     sha_stand_in = placeholder()
-    source_record: dict[str, Any] = {"file": source.name, "sha256": sha_stand_in, "serialization": legacy.serialization}
+    # A name that is not valid UTF-8 (read by Python with surrogateescape) is recorded with its
+    # bad bytes escaped: the provenance is JSON that every reader must accept.
+    shown_name = source.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    source_record: dict[str, Any] = {"file": shown_name, "sha256": sha_stand_in, "serialization": legacy.serialization}
     if legacy.wrapper_key is not None:
         source_record["state_dict_key"] = str(legacy.wrapper_key)
     if legacy.stripped_prefixes:
@@ -345,10 +352,13 @@ def _recorded_source_sha256(output: Path) -> str | None:
 def _resolve_config(
     source: Path, legacy: LegacyCheckpoint, config: Any, overrides: dict[str, Any], *,
     model_type: str | None, force: bool, warnings: list[str], identified: list, batch: _Batch,
+    cast_to: torch.dtype | None = None,
 ) -> tuple[ModelConfig | None, str | None]:
     state_dict = legacy.state_dict
     shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
-    dtypes = {name: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for name, t in state_dict.items()}
+    # The dtypes checked are those written: with a cast, every floating-point tensor's is its target.
+    dtypes = {name: DTYPE_NAMES.get(cast_to if cast_to is not None and t.is_floating_point() else t.dtype, str(t.dtype))
+              for name, t in state_dict.items()}
     if config is not None:
         resolved = config if isinstance(config, ModelConfig) else ModelConfig.load(config)
         resolved, origin = resolved.checked(path=config if not isinstance(config, ModelConfig) else source), "--config"

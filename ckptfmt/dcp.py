@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CkptfmtError, LegacyCheckpointError, UnsafePickleError
-from .files import check_plain_name, files_sha256, open_regular, read_capped
+from .files import file_in_folder, files_sha256, open_regular, read_capped
 
 __all__ = [
     "DCP_METADATA",
@@ -184,8 +184,8 @@ def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
     for index, info in storage.items():
         if type(index) is not MetadataIndex or type(info) is not _StorageInfo:
             raise fail(f"storage_data maps a {type(index).__name__} to a {type(info).__name__}")
-        name = check_plain_name(info.relative_path, key=f"the file of {index.fqn!r}", path=path,
-                                error=LegacyCheckpointError)
+        name = file_in_folder(folder, info.relative_path, key=f"the file of {index.fqn!r}", path=path,
+                              error=LegacyCheckpointError).name
         if name not in files:
             fd = open_regular(folder / name, error=LegacyCheckpointError)
             files[name] = os.fstat(fd).st_size
@@ -339,6 +339,10 @@ def _load_blob(data: bytes, fqn: str, path: Path, *, tensor: bool) -> Any:
         ) from None
     if tensor and not isinstance(value, torch.Tensor):
         raise LegacyCheckpointError(f"the stored chunk of {fqn!r} is a {type(value).__name__}, not a tensor", path=path)
+    if not tensor:
+        from .legacy import check_bounds  # the bounds of a legacy file's object graph, for each value
+
+        check_bounds(value, path)
     return value
 
 

@@ -43,7 +43,7 @@ from .errors import CkptfmtError, HeaderError, LegacyCheckpointError
 from .files import files_sha256
 from .header import read_header
 from .identify import candidate_configs
-from .jsondoc import MAX_INT_DIGITS, plain_json
+from .jsondoc import MAX_INT_DIGITS, has_surrogate, plain_json
 from .registry import get_model_entry, registered_model_types
 from .shapes import check_state
 from .tensors import DTYPE_NAMES, load_tensors
@@ -373,6 +373,8 @@ def _record_value(value: Any) -> Any:
         if value.dim() != 0 or unstorable_tensor(value) is not None:
             return _NOT_PLAIN
         return _record_value(value.item())
+    if isinstance(value, str) and has_surrogate(value):
+        return _NOT_PLAIN  # not valid Unicode: no strict JSON reader takes it
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, (torch.dtype, torch.device)):

@@ -38,7 +38,8 @@ from .files import open_regular
 from .layouts import LegacyCheckpoint, unwrap
 from .standins import Refused, contents, globals_in_legacy_pickles, python3_name, stand_ins_for, thaw
 
-__all__ = ["LEGACY_SUFFIXES", "LegacyCheckpoint", "file_identity", "read_legacy_checkpoint", "sha256_file"]
+__all__ = [
+    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "file_identity", "read_legacy_checkpoint", "sha256_file"]
 
 logger = logging.getLogger("ckptfmt")
 
@@ -235,7 +236,7 @@ def _load(
                 raise
             with _STAND_INS_IN_USE, torch.serialization.safe_globals(stand_ins):
                 obj = _torch_load(source, path, unsafe_pickle=False)
-    _check_bounds(obj, path)
+    check_bounds(obj, path)
     # mmap=True skips torch's check that each storage fits its zip record; this is that check,
     # made before anything reads a tensor's data.
     mapped = _check_records(obj, records or {}, path) if mapped_from else {}
@@ -252,7 +253,7 @@ def _check_records(obj: Any, records: dict[int, int], path: Path) -> dict[int, i
     when a storage is not exactly one stored record (a truncated or lying file)."""
     storages: dict[int, int] = {}
     pending = [obj]
-    while pending:  # bounded: _check_bounds has walked this graph already
+    while pending:  # bounded: check_bounds has walked this graph already
         value = pending.pop()
         if isinstance(value, torch.Tensor):
             if value.is_meta or value.layout != torch.strided:
@@ -362,7 +363,7 @@ def _needs_global(name: str, path: Path) -> UnsafePickleError:
     )
 
 
-def _check_bounds(obj: Any, path: Path) -> None:
+def check_bounds(obj: Any, path: Path) -> None:
     """Refuse a graph with more than MAX_ELEMENTS elements, more than MAX_TEXT_BYTES of strings
     and bytes, or deeper than MAX_NESTING, walking it as the code after will (a shared reference
     counts at every place it is used), and stopping as soon as a bound is passed: time and

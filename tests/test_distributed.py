@@ -291,3 +291,24 @@ def test_a_dcp_metadata_that_reads_outside_its_folder_or_its_bytes_is_refused(tm
     with pytest.raises(LegacyCheckpointError) as excinfo:
         read_dcp_state_dict(folder)
     assert message in str(excinfo.value) and str(excinfo.value).startswith(f"{folder / '.metadata'}: ")
+
+
+def test_a_dcp_data_file_that_links_out_of_its_folder_is_not_followed(tmp_path):
+    """A plain name in .metadata can still be a link to ../elsewhere: refused as a traversal is."""
+    folder = write_dcp_folder(tmp_path / "dcp", {"w": torch.ones(3)})
+    (tmp_path / "elsewhere").mkdir()
+    data = next(folder.glob("*.distcp"))
+    data.rename(tmp_path / "elsewhere" / data.name)
+    data.symlink_to(tmp_path / "elsewhere" / data.name)
+    with pytest.raises(LegacyCheckpointError) as excinfo:
+        read_dcp_state_dict(folder)
+    assert str(excinfo.value).startswith(f"{folder / '.metadata'}: ")
+    assert "a link that leads outside the checkpoint's folder" in str(excinfo.value)
+
+
+def test_a_dcp_value_that_multiplies_a_string_is_refused_before_it_is_used(tmp_path):
+    """The bounds of a legacy file's object graph hold for each value of a DCP folder too."""
+    text = "x" * (1 << 20)
+    folder = write_dcp_folder(tmp_path / "dcp", {"w": torch.ones(3), "notes": [text] * 100})
+    with pytest.raises(LegacyCheckpointError, match="holds more than 64 MiB of strings and bytes"):
+        read_dcp_state_dict(folder)

@@ -121,7 +121,7 @@ def test_class_6_provenance_of_the_wrong_shape_is_our_error_everywhere(tmp_path,
     verify."""
     path = _checkpoint_with(tmp_path, "ckptfmt.provenance", document)
     message = (f"metadata 'ckptfmt.provenance': {message}; the file is damaged or was not written by ckptfmt")
-    for use in (ckptfmt.inspect_checkpoint, ckptfmt.load_model_with_config):
+    for use in (ckptfmt.inspect_checkpoint, ckptfmt.load_model_with_config, ckptfmt.load_model):
         with pytest.raises(HeaderError) as excinfo:
             use(path)
         assert str(excinfo.value) == f"{path}: {message}"
@@ -187,3 +187,14 @@ def test_class_6_a_whole_file_cast_still_verifies_loads_and_runs(tmp_path, dtype
     if dtype == torch.float64:  # the CPU runs every op of this model in F64; F16 and BF16 are the predictor's
         seg, cls = loaded(torch.zeros(1, 1, 16, 16, dtype=dtype))
         assert cls.dtype == dtype
+
+
+def test_class_6_a_mixed_file_cast_as_a_whole_converts(tmp_path):
+    """--dtype casts every floating-point tensor, so what is checked is what will be written."""
+    model, _ = small_model()
+    state_dict = dict(model.state_dict())
+    state_dict["cls_head.weight"] = state_dict["cls_head.weight"].double()
+    torch.save(state_dict, tmp_path / "m.pth")
+    result = ckptfmt.convert(tmp_path / "m.pth", model_type="multitask", dtype="fp32")
+    assert ckptfmt.verify(result.output).ok
+    assert ckptfmt.read_header(result.output).provenance()["cast"] == {"to": "F32", "from": {"F64": 1}}

@@ -408,3 +408,23 @@ def test_class_1_a_named_file_that_links_out_of_the_folder_is_not_followed(tmp_p
             read(index)
         assert str(excinfo.value) == f"{index}: {message}"
     assert ckptfmt.verify(index).failures == [f"{index}: {message}"]
+
+
+def test_class_4_a_file_name_that_is_not_utf8_is_shown_escaped_and_recorded_escaped(tmp_path):
+    """Python reads such a name with surrogateescape: the report shows the bad byte as \\x80,
+    never raw; an output of such a name is refused (the sidecar binds weights by name, in
+    JSON), and with -o the provenance records the source's name with the byte escaped."""
+    model, _ = small_model()
+    source = tmp_path / os.fsdecode(b"run\x80.pth")
+    torch.save(model.state_dict(), source)
+    refused = run_cli("convert", str(tmp_path))
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == (
+        f"[FAIL] {tmp_path}/run\\x80.pth: {tmp_path}/run\\x80.safetensors: the output's name is not valid UTF-8, "
+        "and model_config.json binds weights by name in JSON; choose another output (-o)")
+    result = run_cli("convert", str(source), "-o", str(tmp_path / "out/run.safetensors"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith(f"[OK]   {tmp_path}/run\\x80.pth -> {tmp_path}/out/run.safetensors  ")
+    output = tmp_path / "out/run.safetensors"
+    assert ckptfmt.read_header(output).provenance()["source"]["file"] == "run\\x80.pth"
+    assert ckptfmt.verify(output).ok
