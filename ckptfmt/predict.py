@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -334,13 +335,12 @@ def _previous_rows(table: Path, table_format: str, checkpoint_sha256: str) -> di
             rows, recorded = [], checkpoint_sha256
             # Row by row, each checked before the next is read: a short row would otherwise cost a
             # dict of every column for a couple of bytes of text.
-            for row in csv.DictReader(io.StringIO(text)):
-                row["index"] = int(row["index"]) if row.get("index") else None
-                row["outputs"] = row["outputs"].split(";") if row.get("outputs") else []
+            for line in csv.DictReader(io.StringIO(text)):
+                row = _row_of_csv(line)
                 if not _is_row(row):
                     raise ValueError(row)
                 if not rows:
-                    recorded = row.get("checkpoint_sha256")
+                    recorded = line.get("checkpoint_sha256")
                 rows.append(row)
         if not isinstance(rows, list) or not all(map(_is_row, rows)):
             raise ValueError(rows)
@@ -352,6 +352,20 @@ def _previous_rows(table: Path, table_format: str, checkpoint_sha256: str) -> di
     if recorded != checkpoint_sha256:
         raise InputError(f"holds the predictions of another checkpoint; {redo}", path=table)
     return previous
+
+
+def _row_of_csv(line: dict) -> dict[str, Any]:
+    """A CSV table's row in the shape of a JSON table's, the one a rerun writes the rows it skips
+    from: label, class_name and class_probabilities (the p_ columns, in order), mask_pixels."""
+    row = {"input": line.get("input"), "index": int(line["index"]) if line.get("index") else None,
+           "input_sha256": line.get("input_sha256"),
+           "outputs": line["outputs"].split(";") if line.get("outputs") else []}
+    if "label" in line:
+        row.update(label=int(line["label"]), class_name=line["class_name"],
+                   class_probabilities=[float(line[key]) for key in line if key.startswith("p_")])
+    if "mask_pixels" in line:
+        row["mask_pixels"] = int(line["mask_pixels"])
+    return row
 
 
 def _is_row(row: Any) -> bool:
@@ -377,10 +391,10 @@ def _predict_file(
         sha256 = sha256_file(path)
         batch = array.ndim == 4
         indices = list(range(len(array))) if batch else [None]
-        earlier = [previous.get((str(path), index)) for index in indices]
-        if all(row is not None and row.get("input_sha256") == sha256 and all(Path(o).exists() for o in row["outputs"])
+        earlier = [previous.get((_as_text(path), index)) for index in indices]
+        if all(row is not None and row.get("input_sha256") == sha256 and all(_as_path(o).exists() for o in row["outputs"])
                for row in earlier):
-            return [FileResult(path, index, outputs=tuple(map(Path, row["outputs"])), row=row, skipped=True)
+            return [FileResult(path, index, outputs=tuple(map(_as_path, row["outputs"])), row=row, skipped=True)
                     for index, row in zip(indices, earlier)]
         try:
             predictions = predictor.predict(array, threshold=threshold)
@@ -406,8 +420,8 @@ def _predict_file(
                 )
         for result in results:
             _write_mask(result)
-            result.row = {"input": str(path), "index": result.index, "input_sha256": sha256,
-                          "outputs": [str(o) for o in result.outputs], **result.prediction.to_dict()}
+            result.row = {"input": _as_text(path), "index": result.index, "input_sha256": sha256,
+                          "outputs": [_as_text(o) for o in result.outputs], **result.prediction.to_dict()}
         return results
     except CkptfmtError as exc:  # the predictor's own messages are about an array; this one has a file
         return [FileResult(path, error=str(exc) if exc.path else f"{path}: {exc.message}")]
@@ -429,6 +443,21 @@ def _size(array: np.ndarray, in_channels: int) -> str:
     pixels = array.size // max(in_channels, 1)
     images = "a" if array.ndim < 4 else f"{array.shape[0]}"
     return f"{images} {width} x {height} image{'s' if array.ndim == 4 else ''} ({pixels:,} pixels)"
+
+
+def _as_text(path: Path) -> str:
+    """A path as the table holds it: Unicode text, which strict JSON readers (a rerun's among them)
+    and a UTF-8 CSV can hold. A file name's byte that is not UTF-8 (a surrogate in Python's str)
+    is written escaped, as \\xff."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")  # only bytes over 0x7f fail to decode
+
+
+def _as_path(text: str) -> Path:
+    """The path that `_as_text` wrote as `text`."""
+    return Path(_ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text))
 
 
 def _output_paths(out_dir: Path, result: FileResult) -> tuple[Path, ...]:
@@ -460,7 +489,7 @@ def _table_text(rows: list[dict], names: list[str], table_format: str, predictor
     import json
 
     if table_format == "json":
-        document = {"checkpoint": str(predictor.checkpoint_path), "checkpoint_sha256": checkpoint_sha256,
+        document = {"checkpoint": _as_text(predictor.checkpoint_path), "checkpoint_sha256": checkpoint_sha256,
                     "class_names": names, "predictions": rows}
         return json.dumps(document, indent=2, sort_keys=True) + "\n"
     buffer = io.StringIO()

@@ -266,6 +266,30 @@ def test_an_earlier_table_at_the_size_cap_is_read_in_bounded_memory(demo_model, 
     )
 
 
+def test_a_file_name_that_is_not_utf8_is_in_the_table_and_skipped_by_a_rerun(demo_model, tmp_path):
+    """Regressions: a name with a byte that is not UTF-8 made writing the CSV table raise
+    UnicodeEncodeError, and made the JSON table one that the rerun's strict reader refused; a
+    rerun that skipped a CSV row raised KeyError writing it again. The rerun's table is the first's."""
+    import os
+
+    from ckptfmt.predict import predict_files
+
+    predictor = MultiTaskPredictor(demo_model)
+    image = tmp_path / os.fsdecode(b"scan\xff.npy")
+    np.save(image, np.zeros((16, 16), np.float32))
+    for table_format in ("json", "csv"):
+        first, table = predict_files(predictor, [image], tmp_path / table_format, table_format=table_format)
+        assert first[0].error is None
+        text = table.read_bytes().decode("utf-8")
+        if table_format == "json":
+            assert json.loads(text)["predictions"][0]["input"] == f"{tmp_path}/scan\\xff.npy"
+        else:
+            assert text.splitlines()[1].startswith(f"{tmp_path}/scan\\xff.npy,,")
+        again, _ = predict_files(predictor, [image], tmp_path / table_format, table_format=table_format)
+        assert again[0].skipped and again[0].outputs == first[0].outputs
+        assert table.read_bytes().decode("utf-8") == text
+
+
 def test_a_checkpoint_converted_to_fp16_predicts_on_the_cpu(tmp_path, held_out):
     """Regression: the model stayed in fp16 while its inputs were fp32 on the CPU."""
     from .helpers import DEMO
