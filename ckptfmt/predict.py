@@ -388,6 +388,8 @@ def _predict_file(
             raise InputError("has the same name as an earlier input; its outputs would collide", path=path)
         stems.add(path.stem)
         array = read_image(path, in_channels=predictor.task.in_channels, max_pixels=max_pixels)
+        if not np.isfinite(array).all():
+            raise InputError("holds NaN or infinite values; the model cannot predict from them", path=path)
         sha256 = sha256_file(path)
         batch = array.ndim == 4
         indices = list(range(len(array))) if batch else [None]
@@ -409,6 +411,12 @@ def _predict_file(
                 "decoding them", path=path,
             ) from None
         predictions = predictions if batch else [predictions]
+        if not all(map(_finite, predictions)):
+            # Reported as [OK] with NaN, it also made a table that the rerun's strict reader refuses.
+            raise InputError(
+                f"the model's outputs for it are not finite (NaN or infinity): its values, from {array.min():g} to "
+                f"{array.max():g}, lie beyond what the model and its normalisation can take", path=path,
+            )
         results = [FileResult(path, index, prediction) for index, prediction in zip(indices, predictions)]
         for result in results:
             result.outputs = _output_paths(out_dir, result)
@@ -425,6 +433,11 @@ def _predict_file(
         return results
     except CkptfmtError as exc:  # the predictor's own messages are about an array; this one has a file
         return [FileResult(path, error=str(exc) if exc.path else f"{path}: {exc.message}")]
+
+
+def _finite(prediction: Prediction) -> bool:
+    return all(np.isfinite(values).all() for values in (prediction.probabilities, prediction.class_probabilities)
+               if values is not None)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

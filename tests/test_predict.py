@@ -113,14 +113,21 @@ def test_an_array_of_several_images_gives_one_output_each(demo_model, held_out, 
 
 
 def test_each_failed_input_names_its_file(demo_model, tmp_path):
-    """The predictor's own checks (channels, emptiness) fail per file, each [FAIL] line naming it."""
+    """The predictor's own checks (channels, emptiness, finite values in and out) fail per file,
+    each [FAIL] line naming it. Regression: NaN in or out was an [OK] line with probabilities of
+    nan, and a table that the rerun's strict reader refused."""
     images = tmp_path / "scans"
     images.mkdir()
+    np.save(images / "huge.npy", np.array([[3e38, -3e38] * 8] * 16, np.float32))
+    np.save(images / "nan.npy", np.full((16, 16), np.nan, np.float32))
     np.save(images / "rgb.npy", np.zeros((3, 64, 64), np.float32))
     np.save(images / "void.npy", np.zeros((0, 0), np.float32))
     result = run_cli("predict", str(demo_model), str(images), "--out", str(tmp_path / "out"))
     assert result.returncode == 1
     assert [line for line in result.stderr.splitlines() if line.startswith("[FAIL]")] == [
+        f"[FAIL] {images}/huge.npy: the model's outputs for it are not finite (NaN or infinity): its values, from "
+        "-3e+38 to 3e+38, lie beyond what the model and its normalisation can take",
+        f"[FAIL] {images}/nan.npy: holds NaN or infinite values; the model cannot predict from them",
         f"[FAIL] {images}/rgb.npy: the model takes 1-channel images (C x H x W or H x W), not shape (3, 64, 64)",
         f"[FAIL] {images}/void.npy: image of shape (1, 0, 0) is empty",
     ]
