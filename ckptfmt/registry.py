@@ -427,9 +427,9 @@ def _entry_points() -> tuple:
 
     Finding them costs 30 to 90 ms (importing importlib.metadata, then reading every installed
     distribution), a third of what `inspect` costs. So the listing is remembered in the cache
-    folder, one file per sys.path, with a stamp of what is installed: each path folder's
-    modification time (installing or removing a package changes it) and each distribution's
-    entry_points.txt (an edit in place). Reading the stamp costs a folder listing per path entry.
+    folder, one file per sys.path (the working folder aside, which `python -m` puts first), with
+    a stamp of what is installed (see `_installation_stamp`). Reading the stamp costs a folder
+    listing per path entry.
     """
     import zlib
 
@@ -460,27 +460,35 @@ def _entry_points() -> tuple:
 
 
 def _installation_stamp() -> list:
-    """[sys.path], then for each path folder its mtime and its distributions' entry_points.txt
-    (name, size, mtime), as plain JSON."""
+    """[sys.path less the working folder], then each path folder's distributions (`*.dist-info`,
+    `*.egg-info`) by name, each with its entry_points.txt's size and mtime, as plain JSON; a zip
+    file on the path by its mtime. Installing, removing or upgrading a package changes the names; an edit in place, the
+    file's stat. A folder's own mtime is not used: it changes whenever any file is written in it
+    (the working folder is on the path, and is where checkpoints get converted)."""
     import os
     import sys
 
-    stamp: list = [list(sys.path)]
+    # The working folder (`python -m` puts it first) counts by the distributions in it, if any,
+    # so that a command run from any folder finds the same listing.
+    stamp: list = [[entry for entry in sys.path if entry not in ("", os.getcwd())]]
     for folder in sys.path:
         folder = folder or "."
         try:
-            stamp.append(os.stat(folder).st_mtime_ns)
             entries = os.scandir(folder)
-        except OSError:  # gone, or a zip file (its mtime is above)
+        except NotADirectoryError:
+            stamp.append([folder, os.stat(folder).st_mtime_ns])
+            continue
+        except OSError:  # gone
             continue
         with entries:
-            for entry in entries:
-                if entry.name.endswith((".dist-info", ".egg-info")):
-                    try:
-                        found = os.stat(os.path.join(entry.path, "entry_points.txt"))
-                    except OSError:
-                        continue
-                    stamp.append([entry.name, found.st_size, found.st_mtime_ns])
+            names = sorted(entry.name for entry in entries if entry.name.endswith((".dist-info", ".egg-info")))
+        for name in names:
+            try:
+                found = os.stat(os.path.join(folder, name, "entry_points.txt"))
+            except OSError:
+                stamp.append([name])
+                continue
+            stamp.append([name, found.st_size, found.st_mtime_ns])
     return stamp
 
 
