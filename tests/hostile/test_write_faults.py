@@ -80,12 +80,14 @@ def test_sigkill_mid_write_leaves_a_recognisable_temp_that_the_next_run_removes(
         "main(['convert', sys.argv[1], '--force'])\n"
     )
     process = subprocess.Popen([sys.executable, "-c", code, str(converted / "m.pth")])
-    deadline = time.monotonic() + 120
-    while not stalled.exists():
-        assert process.poll() is None and time.monotonic() < deadline, "the converter never reached fsync"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while not stalled.exists():
+            assert process.poll() is None and time.monotonic() < deadline, "the converter never reached fsync"
+            time.sleep(0.05)
+    finally:  # killed whatever happened: a stalled converter never outlives the test
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
     stalled.unlink()
     temps = [p.name for p in converted.iterdir() if ".ckptfmt-tmp-" in p.name]
     assert len(temps) == 1 and temps[0].startswith(".m.safetensors.ckptfmt-tmp-")
