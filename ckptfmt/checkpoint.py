@@ -232,7 +232,8 @@ class OpenedCheckpoint:
 
     path: Path
     config: ModelConfig | None  # None: weights only, and a builder was given
-    config_source: str | None  # "embedded", "sidecar" or "inferred", "+overrides" when overridden
+    # "embedded", "sidecar", "hyper_parameters", "pickled model" or "inferred"; "+overrides" when overridden
+    config_source: str | None
     header: Header | None
     legacy: LegacyCheckpoint | None
     shapes: dict[str, tuple[int, ...]]
@@ -293,6 +294,9 @@ def open_checkpoint(
     if config is None and sidecar is not None:
         config, source = sidecar.config, "sidecar"
         logger.info("Loaded model config from: %s", sidecar.path)
+    if config is None and legacy is not None and legacy.config is not None:
+        # What the file itself records: a Lightning module's hyper-parameters, a pickled model's arguments.
+        config, source = legacy.config, legacy.config_origin
     if config is None and builder is None:
         try:
             state_dict = load_tensors(header) if header is not None else legacy.state_dict

@@ -189,6 +189,19 @@ def test_lightning_checkpoints_convert_and_rebuild_from_the_file_alone(tmp_path,
             "other tensors (criterion.weight) go to the companion") in result.stderr.splitlines()
 
 
+def test_load_model_of_a_lightning_checkpoint_takes_its_hyper_parameters(lightning_run):
+    """As convert does: the config comes from the file's own record, not from the shapes, and no
+    warning says it was inferred."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ckptfmt.CkptfmtWarning)
+        model, config, checkpoint = ckptfmt.load_model_with_config(lightning_run["seg"])
+    assert checkpoint["config_source"] == "hyper_parameters"
+    assert (config.base_filters, config.depth) == (4, 2)
+    with torch.no_grad():
+        seg, cls = model(lightning_run["x"])
+    assert torch.equal(seg, lightning_run["expected"][0]) and torch.equal(cls, lightning_run["expected"][1])
+
+
 def test_reading_a_lightning_checkpoint_imports_neither_lightning_nor_the_users_code(lightning_run):
     """Regression guard: the stand-ins are ours; no class named in the file is imported."""
     code = (
