@@ -202,12 +202,14 @@ class _SummaryCache:
         self._folder = folder
         name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
         self._file = cache_folder() / "inspect" / f"{name}.json"
-        self._version = __version__
+        # The code that made a summary: its version, and its modules' stat (an edited checkout).
+        modules = sorted(Path(__file__).parent.glob("*.py"))
+        self._version = [__version__, *([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in modules)]
         self._rows: dict[str, list] = {}
         self._kept: dict[str, list] = {}
         try:
             saved = json.loads(read_capped(self._file, limit=_MAX_CACHE_BYTES, what="the inspect cache"))
-            if saved.get("ckptfmt") == __version__ and isinstance(saved.get("rows"), dict):
+            if saved.get("ckptfmt") == self._version and isinstance(saved.get("rows"), dict):
                 self._rows = saved["rows"]
         except Exception:  # missing, damaged, too large: summarised again
             pass
