@@ -242,6 +242,11 @@ class ModelConfig:
         captured = captured_arguments(model) or recognised_arguments(model)
         inner = unwrap_model(model)
         name = type(inner).__name__
+        loaded = getattr(inner, "__dict__", {}).get(_FILE_CONFIG)
+        if captured is None and loaded is not None:
+            # Built by load_model from a file whose model records nothing of itself (torchvision's,
+            # MONAI's, a factory's): the file's config is how it was built.
+            captured = (loaded.model_type, loaded.params)
         if captured is None:
             suggested = re.sub(r"(?<!^)(?=[A-Z])", "_", type(inner).__name__).lower()
             raise ConfigError(
@@ -252,7 +257,6 @@ class ModelConfig:
         model_type, arguments = captured
         if isinstance(arguments, str):
             raise ConfigError(f"{name} was built by the registered {model_type!r}, but {arguments}")
-        loaded = getattr(inner, "__dict__", {}).get(_FILE_CONFIG)
         if loaded is not None and loaded.model_type == model_type:
             # A model load_model built: what its file said of it (class names, normalization, ...)
             # is kept, unless `fields` says otherwise.

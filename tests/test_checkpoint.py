@@ -373,3 +373,21 @@ def test_modules_that_need_their_state_dict_version_load(tmp_path, monkeypatch):
     with pytest.raises(ckptfmt.ConfigError) as excinfo:
         load_model(path)
     assert str(excinfo.value) == f"{path}: versioned did not take the file's weights (ValueError: version should be 2, not 3)"
+
+
+def test_a_loaded_model_of_a_factory_saves_again(tmp_path, monkeypatch):
+    """A factory's model records nothing of itself (as torchvision's and MONAI's): built by
+    load_model, it is described by its file's config, so saving it again needs none."""
+    from ckptfmt import registry
+
+    monkeypatch.setattr(registry, "_registry", dict(registry._registry))
+
+    def head(width: int = 3, classes: int = 2) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(width, classes))
+
+    ckptfmt.register_model("head")(head)
+    first = ckptfmt.save(ckptfmt.create_model("head", width=5), tmp_path / "a/head.safetensors", description="probe")
+    loaded = load_model(first)
+    again = ckptfmt.save(loaded, tmp_path / "b/head.safetensors")
+    assert ModelConfig.from_checkpoint(again).checked() == ModelConfig.from_checkpoint(first).checked()
+    assert ModelConfig.from_checkpoint(again).description == "probe"
