@@ -49,6 +49,7 @@ __all__ = [
     "build_for_shapes",
     "check_model_name",
     "first_difference",
+    "identified",
     "import_library",
     "index_worker",
     "json_defaults",
@@ -56,6 +57,7 @@ __all__ = [
     "library_missing",
     "library_version",
     "refuse_downloads",
+    "require_installed",
     "shapes_digest",
     "shapes_of",
 ]
@@ -75,6 +77,25 @@ Shapes = Mapping[str, tuple[int, ...]]
 def library_missing(module: str) -> bool:
     """Whether `module` cannot be imported here, found without importing it."""
     return importlib.util.find_spec(module) is None
+
+
+def require_installed(module: str, *, extra: str) -> None:
+    """For an adapter's infer_config: a library that is not installed recognises nothing, said
+    without importing anything."""
+    if library_missing(module):
+        raise ArchitectureNotRecognisedError(f"{module} is not installed here, so its models were not considered "
+                                             f"(pip install 'ckptfmt[{extra}]')")
+
+
+def identified(identify: Callable[[str, tuple], list[dict[str, Any]] | str],
+               shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list[dict[str, Any]]:
+    """An adapter's infer_config answer from its `identify(digest, items)` (cached per state
+    dict: convert asks once to strip a prefix and once to identify), which gives the candidates
+    or why there are none: one config, several (twins), or ArchitectureNotRecognisedError."""
+    found = identify(shapes_digest(shapes), tuple(shapes.items()))
+    if isinstance(found, str):
+        raise ArchitectureNotRecognisedError(found)
+    return found[0] if len(found) == 1 else list(found)
 
 
 def import_library(module: str, *, model_type: str, extra: str) -> Any:

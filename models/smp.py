@@ -30,8 +30,8 @@ from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
 from ckptfmt.registry import Task, register_model
 
 from ._zoo import (
-    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, import_library, json_defaults,
-    keys_digest, library_missing, refuse_downloads, shapes_digest, shapes_of,
+    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, identified, import_library,
+    json_defaults, keys_digest, refuse_downloads, require_installed, shapes_digest, shapes_of,
 )
 
 __all__ = ["index_entries", "infer_config", "smp_model"]
@@ -145,16 +145,11 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
         >>> infer_config(shapes_of(smp.Unet("resnet18", encoder_weights=None, classes=2, aux_params={"classes": 3})))
         {'arch': 'unet', 'encoder_name': 'resnet18', 'encoder_depth': 5, 'in_channels': 3, 'classes': 2, ...}
     """
-    if library_missing("segmentation_models_pytorch"):
-        raise ArchitectureNotRecognisedError("segmentation_models_pytorch is not installed here, so its models were "
-                                             "not considered (pip install 'ckptfmt[smp]')")
+    require_installed("segmentation_models_pytorch", extra="smp")
     shapes = {name: tuple(shape) for name, shape in shapes.items()}
     if not any(name.startswith("encoder.") for name in shapes) or not any(n.startswith("segmentation_head.") for n in shapes):
         raise ArchitectureNotRecognisedError("not an smp model: it has no encoder.* and segmentation_head.* tensors")
-    found = _identify(shapes_digest(shapes), tuple(shapes.items()))
-    if isinstance(found, str):
-        raise ArchitectureNotRecognisedError(found)
-    return found[0] if len(found) == 1 else list(found)
+    return identified(_identify, shapes)
 
 
 @functools.lru_cache(maxsize=16)

@@ -25,12 +25,12 @@ from typing import Any
 
 from torch import nn
 
-from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
+from ckptfmt.errors import ConfigError
 from ckptfmt.registry import Task, register_model
 
 from ._zoo import (
-    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, import_library, keys_digest,
-    library_missing, refuse_downloads, shapes_digest, shapes_of,
+    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, identified, import_library,
+    keys_digest, refuse_downloads, require_installed, shapes_digest, shapes_of,
 )
 
 __all__ = ["index_entries", "infer_config", "timm_model"]
@@ -150,14 +150,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
         >>> infer_config(shapes_of(timm.create_model("convnext_atto", num_classes=7)))
         {'model_name': 'convnext_atto', 'num_classes': 7, 'in_chans': 3}
     """
-    if library_missing("timm"):
-        raise ArchitectureNotRecognisedError("timm is not installed here, so its models were not considered "
-                                             "(pip install 'ckptfmt[timm]')")
+    require_installed("timm", extra="timm")
     shapes = {name: tuple(shape) for name, shape in shapes.items()}
-    found = _identify(shapes_digest(shapes), tuple(shapes.items()))
-    if isinstance(found, str):
-        raise ArchitectureNotRecognisedError(found)
-    return found[0] if len(found) == 1 else list(found)
+    return identified(_identify, shapes)
 
 
 @functools.lru_cache(maxsize=16)

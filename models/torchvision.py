@@ -26,12 +26,11 @@ from typing import Any
 
 from torch import nn
 
-from ckptfmt.errors import ArchitectureNotRecognisedError
 from ckptfmt.registry import Task, register_model
 
 from ._zoo import (
-    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, import_library, keys_digest,
-    library_missing, refuse_downloads, shapes_digest, shapes_of,
+    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, identified, import_library,
+    keys_digest, refuse_downloads, require_installed, shapes_digest, shapes_of,
 )
 
 __all__ = ["index_entries", "infer_config", "torchvision_model"]
@@ -156,14 +155,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
         >>> infer_config(shapes_of(torchvision.models.resnet18(num_classes=10)))
         {'model_name': 'resnet18', 'num_classes': 10}
     """
-    if library_missing("torchvision"):
-        raise ArchitectureNotRecognisedError("torchvision is not installed here, so its models were not considered "
-                                             "(pip install 'ckptfmt[torchvision]')")
+    require_installed("torchvision", extra="torchvision")
     shapes = {name: tuple(shape) for name, shape in shapes.items()}
-    found = _identify(shapes_digest(shapes), tuple(shapes.items()))
-    if isinstance(found, str):
-        raise ArchitectureNotRecognisedError(found)
-    return found[0] if len(found) == 1 else list(found)
+    return identified(_identify, shapes)
 
 
 @functools.lru_cache(maxsize=16)
