@@ -27,7 +27,6 @@ and companion exactly as a legacy `.pth` is (see `layouts`).
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import pathlib
