@@ -13,25 +13,25 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from .version import __version__
 
 _EXPORTS = {
-    "ModelConfig": "config",
-    "read_sidecar": "config",
-    "read_header": "header",
-    "register_model": "registry",
-    "registered_model_types": "registry",
+    "ModelConfig": "config.model_config",
+    "read_sidecar": "config.model_config",
+    "read_header": "format.header",
+    "register_model": "config.registry",
+    "registered_model_types": "config.registry",
     "save": "checkpoint",
     "save_model_with_config": "checkpoint",
     "load_model": "checkpoint",
     "load_model_with_config": "checkpoint",
-    "load_training_state": "training",
-    "infer_model_config": "identify",
-    "identify": "identify",
+    "load_training_state": "format.companion",
+    "infer_model_config": "sources.identify",
+    "identify": "sources.identify",
     "AmbiguousArchitectureError": "errors",
-    "Task": "registry",
-    "weights_digest": "tensors",
-    "read_state_dict": "tensors",
+    "Task": "config.registry",
+    "weights_digest": "format.writer",
+    "read_state_dict": "format.writer",
     "convert": "converter",
     "convert_all": "converter",
     "ConvertResult": "converter",
@@ -56,7 +56,7 @@ _EXPORTS = {
     "DeviceError": "errors",
     "PluginError": "errors",
     "MissingDependencyError": "errors",
-    "create_model": "registry",
+    "create_model": "config.registry",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -77,18 +77,33 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .checkpoint import load_model, load_model_with_config, save, save_model_with_config
-    from .config import ModelConfig, read_sidecar
+    from .compare import diff
+    from .config.model_config import ModelConfig, read_sidecar
+    from .config.registry import Task, create_model, register_model, registered_model_types
     from .converter import ConvertResult, convert, convert_all
     from .errors import (
-        AmbiguousArchitectureError, ArchitectureNotRecognisedError, CheckpointNotFoundError, CkptfmtError, CkptfmtWarning, ConfigError,
-        DeviceError, HeaderError, InputError, IntegrityError, LegacyCheckpointError, MissingDependencyError,
-        OutputExistsError, PluginError, ShapeMismatchError, UnknownModelTypeError, UnsafePickleError, WriteError,
+        AmbiguousArchitectureError,
+        ArchitectureNotRecognisedError,
+        CheckpointNotFoundError,
+        CkptfmtError,
+        CkptfmtWarning,
+        ConfigError,
+        DeviceError,
+        HeaderError,
+        InputError,
+        IntegrityError,
+        LegacyCheckpointError,
+        MissingDependencyError,
+        OutputExistsError,
+        PluginError,
+        ShapeMismatchError,
+        UnknownModelTypeError,
+        UnsafePickleError,
+        WriteError,
     )
-    from .header import read_header
-    from .compare import diff
+    from .format.companion import load_training_state
+    from .format.header import read_header
+    from .format.writer import read_state_dict, weights_digest
     from .inspect import inspect_checkpoint, verify
     from .predict import MultiTaskPredictor
-    from .registry import Task, create_model, register_model, registered_model_types
-    from .identify import identify, infer_model_config
-    from .tensors import read_state_dict, weights_digest
-    from .training import load_training_state
+    from .sources.identify import identify, infer_model_config

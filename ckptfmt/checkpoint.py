@@ -21,11 +21,16 @@ from typing import Any
 
 import torch
 
-from .atomic import check_writable
-from .config import (
-    ModelConfig, check_sidecar_accepts, config_differences, read_sidecar, remember_file_config, write_sidecar,
+from .config.model_config import (
+    ModelConfig,
+    check_sidecar_accepts,
+    config_differences,
+    read_sidecar,
+    remember_file_config,
+    write_sidecar,
 )
-from .digest import check_digest
+from .config.registry import get_model_entry, unwrap_model
+from .config.shapes import check_shapes, check_state, module_state
 from .errors import (
     AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
@@ -34,15 +39,15 @@ from .errors import (
     DeviceError,
     ShapeMismatchError,
 )
-from .header import Header, looks_like_safetensors, read_header
-from .legacy import LegacyCheckpoint, read_legacy_checkpoint
-from .metadata import build_metadata, provenance_record, training_record
-from .registry import get_model_entry, unwrap_model
-from .identify import identify
-from .shapes import check_shapes, check_state, module_state
-from .sharding import is_index, parse_size, resolve_checkpoint_path, write_sharded
-from .tensors import DTYPE_NAMES, load_tensors, write_safetensors
-from .training import OPTIMIZER_SUFFIX, write_training_state
+from .format.companion import OPTIMIZER_SUFFIX, write_training_state
+from .format.digest import check_digest
+from .format.header import Header, looks_like_safetensors, read_header
+from .format.index import is_index, parse_size, resolve_checkpoint_path, write_sharded
+from .format.metadata import build_metadata, provenance_record, training_record
+from .format.writer import DTYPE_NAMES, load_tensors, write_safetensors
+from .io.atomic import check_writable
+from .sources.identify import identify
+from .sources.legacy import LegacyCheckpoint, read_legacy_checkpoint
 
 __all__ = [
     "OpenedCheckpoint",

@@ -22,9 +22,9 @@ from typing import Any
 
 import click
 
-from . import __version__
 from .errors import CkptfmtError
-from .images import MAX_PIXELS
+from .io.images import MAX_PIXELS
+from .version import __version__
 
 logger = logging.getLogger("ckptfmt")
 
@@ -181,7 +181,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
-    from .jsondoc import loads_strict
+    from .io.jsondoc import loads_strict
 
     overrides = {}
     for item in values:
@@ -313,7 +313,7 @@ def _summary_line(info: dict[str, Any]) -> str:
 
 
 def _config_summary(config: dict[str, Any]) -> str:
-    from .arguments import RESERVED_NAMES
+    from .config.arguments import RESERVED_NAMES
 
     arguments = ", ".join(f"{k}={json.dumps(config[k])}" for k in sorted(config) if k not in RESERVED_NAMES)
     return f"{config['model_type']}({arguments})"
@@ -434,10 +434,10 @@ def verify_command(paths, as_json):
         ckptfmt verify converted/multitask_joint/best_model.safetensors
         ckptfmt verify converted/
     """
-    from .files import walk_files
-    from .header import INDEX_SUFFIX
+    from .format.header import INDEX_SUFFIX
+    from .format.index import without_shards
     from .inspect import verify
-    from .sharding import without_shards
+    from .io.files import walk_files
 
     files = [found for path in paths
              for found in (without_shards(walk_files(path, (".safetensors", INDEX_SUFFIX))) if path.is_dir() else [path])]
@@ -566,7 +566,7 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
     Example:
         ckptfmt predict converted/multitask_joint/best_model.safetensors checkpoints/scans/ --out masks/
     """
-    from .images import find_inputs
+    from .io.images import find_inputs
     from .predict import MultiTaskPredictor, predict_files
 
     predictor = MultiTaskPredictor(checkpoint, device=device, precision=precision, batch_size=batch_size)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig, config_differences, read_sidecar
+from .config.model_config import ModelConfig, config_differences, read_sidecar
 from .errors import CheckpointNotFoundError
-from .header import looks_like_safetensors, read_header
-from .sharding import find_checkpoint
+from .format.header import looks_like_safetensors, read_header
+from .format.index import find_checkpoint
 
 __all__ = ["diff"]
 
@@ -37,13 +37,13 @@ def _read(path: Path) -> _Side:
     if path.is_dir():  # the checkpoint it holds: one file, or a sharded one's index
         path = find_checkpoint(path)
     if looks_like_safetensors(path):
-        from .tensors import read_state_dict
+        from .format.writer import read_state_dict
 
         header = read_header(path)
         document = header.config_dict()
         config = ModelConfig.from_dict(document, path=path) if document is not None else None
         return _Side(config, header.training(), header.provenance(), read_state_dict(path))
-    from .legacy import read_legacy_checkpoint
+    from .sources.legacy import read_legacy_checkpoint
 
     legacy = read_legacy_checkpoint(path)
     sidecar = read_sidecar(path.parent)
@@ -93,7 +93,7 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) ->
     import numpy as np
     import torch
 
-    from .tensors import DTYPE_NAMES, tensor_bytes
+    from .format.writer import DTYPE_NAMES, tensor_bytes
 
     side_a, side_b = _read(Path(a)), _read(Path(b))
     if side_a.config is not None and side_b.config is not None:

@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import check_writable, fsync_folder
-from .background import helpers
-from .config import (
-    SIDECAR_NAME, ModelConfig, check_sidecar_accepts, config_differences, read_sidecar, write_sidecar,
+from .config.model_config import (
+    SIDECAR_NAME,
+    ModelConfig,
+    check_sidecar_accepts,
+    config_differences,
+    read_sidecar,
+    write_sidecar,
 )
+from .config.registry import get_model_entry
+from .config.shapes import check_shapes
 from .errors import (
     AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
@@ -35,19 +40,19 @@ from .errors import (
     ShapeMismatchError,
     WriteError,
 )
-from .files import files_sha256, open_regular, walk_files
-from .header import INDEX_SUFFIX, read_header
-from .identify import identify
-from .jsondoc import has_surrogate
-from .dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
-from .layouts import read_foreign_index
-from .legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
-from .metadata import build_metadata, provenance_record
-from .registry import get_model_entry
-from .shapes import check_shapes
-from .sharding import is_foreign_index, is_index, parse_size, write_sharded
-from .tensors import DTYPE_NAMES, placeholder, write_safetensors
-from .training import OPTIMIZER_SUFFIX, write_training_state
+from .format.companion import OPTIMIZER_SUFFIX, write_training_state
+from .format.header import INDEX_SUFFIX, read_header
+from .format.index import is_foreign_index, is_index, parse_size, write_sharded
+from .format.metadata import build_metadata, provenance_record
+from .format.writer import DTYPE_NAMES, placeholder, write_safetensors
+from .io.atomic import check_writable, fsync_folder
+from .io.background import helpers
+from .io.files import files_sha256, open_regular, walk_files
+from .io.jsondoc import has_surrogate
+from .sources.dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
+from .sources.identify import identify
+from .sources.layouts import read_foreign_index
+from .sources.legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
 

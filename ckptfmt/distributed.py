@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError, ShapeMismatchError
-from .files import open_regular
-from .header import Header, TensorInfo, looks_like_safetensors, read_header
-from .sharding import resolve_checkpoint_path
+from .format.header import Header, TensorInfo, looks_like_safetensors, read_header
+from .format.index import resolve_checkpoint_path
+from .io.files import open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -111,8 +111,8 @@ def load_model(
     import torch
 
     from .checkpoint import open_checkpoint
+    from .config.registry import get_model_entry
     from .errors import LegacyCheckpointError
-    from .registry import get_model_entry
 
     path = resolve_checkpoint_path(checkpoint_path)
     if not looks_like_safetensors(path):  # refused before it is read: every rank would read all of it
@@ -123,7 +123,7 @@ def load_model(
         )
     opened = open_checkpoint(path, overrides=overrides)
     if verify:
-        from .digest import check_digest
+        from .format.digest import check_digest
 
         check_digest(opened.header)
     model = get_model_entry(opened.config.model_type).build_on_meta(opened.config.params)
@@ -177,13 +177,13 @@ def load_into(model: torch.nn.Module, checkpoint_path: str | os.PathLike, *, str
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     from torch.distributed.tensor import DTensor
 
-    from .shapes import check_state
-    from .tensors import DTYPE_NAMES
+    from .config.shapes import check_state
+    from .format.writer import DTYPE_NAMES
 
     path = resolve_checkpoint_path(checkpoint_path)
     header = read_header(path)
     if verify:
-        from .digest import check_digest
+        from .format.digest import check_digest
 
         check_digest(header)
     targets = get_model_state_dict(model)
@@ -240,7 +240,7 @@ class _SliceReader:
         """Fill `out` with the box `offsets`, `sizes` of the tensor `info` describes."""
         import torch
 
-        from .tensors import TORCH_DTYPES
+        from .format.writer import TORCH_DTYPES
 
         count = math.prod(sizes)
         if count == 0:
@@ -308,7 +308,7 @@ def _take_file_dtypes(model: torch.nn.Module, header: Header) -> None:
     `ckptfmt.load_model` does by taking the file's tensors."""
     import torch
 
-    from .tensors import TORCH_DTYPES
+    from .format.writer import TORCH_DTYPES
 
     dtypes = header.dtypes()
     for module_name, module in model.named_modules():
@@ -434,7 +434,7 @@ def load_training_state(
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    from .training import companion_path, read_training_state
+    from .format.companion import companion_path, read_training_state
 
     path = resolve_checkpoint_path(checkpoint_path)
     training = read_header(path).training()
@@ -497,7 +497,7 @@ def _keyed_by_name(state: Any, model: torch.nn.Module, optimizer: torch.optim.Op
         )
     if all(isinstance(key, str) for group in groups for key in group["params"]):
         return state
-    from .registry import unwrap_model
+    from .config.registry import unwrap_model
 
     # The names torch's optimizer state dict gives: no torch.compile or DDP wrapper, and no
     # activation-checkpoint wrapper, in them.

@@ -15,15 +15,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .facts import recall, remember
-from .config import ModelConfig, config_differences, read_sidecar
-from .digest import check_digest
+from .config.facts import recall, remember
+from .config.model_config import ModelConfig, config_differences, read_sidecar
+from .config.registry import registered_model_types
+from .config.shapes import check_state
 from .errors import CheckpointNotFoundError, CkptfmtError
-from .header import DTYPE_SIZES, KEY_CONFIG, KEY_OPTIMIZER, KEY_SHARD, Header, looks_like_safetensors, read_header
-from .shapes import check_state
-from .sharding import without_shards
-from .files import read_capped, walk_files
-from .registry import registered_model_types
+from .format.digest import check_digest
+from .format.header import (
+    DTYPE_SIZES,
+    KEY_CONFIG,
+    KEY_OPTIMIZER,
+    KEY_SHARD,
+    Header,
+    looks_like_safetensors,
+    read_header,
+)
+from .format.index import without_shards
+from .io.files import read_capped, walk_files
 
 __all__ = ["VerifyReport", "inspect_checkpoint", "inspect_folder", "sidecar_status", "verify"]
 
@@ -91,9 +99,9 @@ def _tensor_summary(infos: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, 
 
 
 def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
-    from .legacy import read_legacy_checkpoint
-    from .identify import identify
-    from .tensors import DTYPE_NAMES
+    from .format.writer import DTYPE_NAMES
+    from .sources.identify import identify
+    from .sources.legacy import read_legacy_checkpoint
 
     legacy = read_legacy_checkpoint(path)
     infos = [(n, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in legacy.state_dict.items()]
@@ -196,14 +204,14 @@ class _SummaryCache:
     def __init__(self, folder: Path) -> None:
         import hashlib
 
-        from . import __version__
-        from .files import cache_folder
+        from .io.files import cache_folder
+        from .version import __version__
 
         self._folder = folder
         name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
         self._file = cache_folder() / "inspect" / f"{name}.json"
         # The code that made a summary: its version, and its modules' stat (an edited checkout).
-        modules = sorted(Path(__file__).parent.glob("*.py"))
+        modules = sorted(Path(__file__).parent.rglob("*.py"))
         self._version = [__version__, *([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in modules)]
         self._rows: dict[str, list] = {}
         self._kept: dict[str, list] = {}
@@ -247,7 +255,7 @@ class _SummaryCache:
         if self._kept == self._rows:
             return
         try:
-            from .atomic import atomic_write, write_all
+            from .io.atomic import atomic_write, write_all
 
             with atomic_write(self._file, overwrite=True, durable=False) as fd:
                 write_all(fd, json.dumps({"ckptfmt": self._version, "rows": self._kept}).encode())
@@ -378,7 +386,7 @@ def verify(path: str | os.PathLike) -> VerifyReport:
 
     # The digest streams the file on a second core while the shape check imports torch and
     # builds the model: the whole command costs about the larger of the two, not their sum.
-    from .background import helpers  # here: its thread pool costs inspect an import
+    from .io.background import helpers  # here: its thread pool costs inspect an import
 
     digest = helpers().submit(_timed_digest, header)
     _verify_config_and_sidecar(header, report)
@@ -468,8 +476,8 @@ def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) ->
     except CkptfmtError as exc:
         report.checks[-1] = {**report.checks[-1], "ok": False, "message": f"invalid embedded config: {exc.message}"}
         return None
-    from .registry import get_model_entry
-    from .shapes import check_shapes
+    from .config.registry import get_model_entry
+    from .config.shapes import check_shapes
 
     try:
         check_shapes(config, shapes, dtypes=dtypes)
@@ -484,7 +492,7 @@ def _verify_companion(header: Header, report: VerifyReport) -> None:
     """The training-state companion the checkpoint binds: named inside its folder, a regular
     file, its JSON and tensors matching the binding's digest, and every tensor its JSON names
     held (see `training`)."""
-    from .training import companion_path, verify_training_state
+    from .format.companion import companion_path, verify_training_state
 
     try:
         binding = header.training().get("optimizer")

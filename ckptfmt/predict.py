@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write, write_all
 from .checkpoint import load_model_with_config, resolve_device
+from .config.registry import Task, get_model_entry
 from .errors import CkptfmtError, ConfigError, DeviceError, InputError
-from .files import read_capped
-from .images import MAX_PIXELS, read_image
-from .jsondoc import loads_strict
-from .registry import Task, get_model_entry
+from .io.atomic import atomic_write, write_all
+from .io.files import read_capped
+from .io.images import MAX_PIXELS, read_image
+from .io.jsondoc import loads_strict
 
 __all__ = ["FileResult", "MultiTaskPredictor", "Prediction", "normalize", "predict_files"]
 
@@ -381,7 +381,7 @@ def _predict_file(
     predictor: MultiTaskPredictor, path: Path, out_dir: Path, previous: dict, stems: set[str], *,
     threshold: float | None, overwrite: bool, max_pixels: int,
 ) -> list[FileResult]:
-    from .legacy import sha256_file
+    from .sources.legacy import sha256_file
 
     try:
         if path.stem in stems:

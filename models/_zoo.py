@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError, MissingDependencyError
-from ckptfmt.files import CACHE_ENV, cache_folder
-from ckptfmt.jsondoc import plain_json
+from ckptfmt.io.files import CACHE_ENV, cache_folder
+from ckptfmt.io.jsondoc import plain_json
 
 __all__ = [
     "SignatureIndex",
@@ -356,8 +356,8 @@ class SignatureIndex:
         return document["entries"]
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
-        from ckptfmt.atomic import atomic_write, write_all
         from ckptfmt.errors import WriteError
+        from ckptfmt.io.atomic import atomic_write, write_all
 
         document = {"format": INDEX_FORMAT, "library": self.library, "version": self.version,
                     "torch": torch.__version__, "entries": entries}

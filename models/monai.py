@@ -28,11 +28,17 @@ from typing import Any
 
 from torch import nn
 
+from ckptfmt.config.registry import Task, register_model
 from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
-from ckptfmt.registry import Task, register_model
 
 from ._zoo import (
-    build_empty, build_for_shapes, first_difference, import_library, json_defaults, library_missing, shapes_of,
+    build_empty,
+    build_for_shapes,
+    first_difference,
+    import_library,
+    json_defaults,
+    library_missing,
+    shapes_of,
 )
 
 __all__ = ["NETWORKS", "infer_config", "monai_model"]

@@ -13,8 +13,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ckptfmt.config.registry import Task, get_model_entry, register_model
 from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
-from ckptfmt.registry import Task, get_model_entry, register_model
 
 __all__ = ["MultiTaskUNet", "create_multi_task_model", "infer_config"]
 

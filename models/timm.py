@@ -25,12 +25,22 @@ from typing import Any
 
 from torch import nn
 
+from ckptfmt.config.registry import Task, register_model
 from ckptfmt.errors import ConfigError
-from ckptfmt.registry import Task, register_model
 
 from ._zoo import (
-    SignatureIndex, build_empty, build_for_shapes, check_model_name, first_difference, identified, import_library,
-    keys_digest, refuse_downloads, require_installed, shapes_digest, shapes_of,
+    SignatureIndex,
+    build_empty,
+    build_for_shapes,
+    check_model_name,
+    first_difference,
+    identified,
+    import_library,
+    keys_digest,
+    refuse_downloads,
+    require_installed,
+    shapes_digest,
+    shapes_of,
 )
 
 __all__ = ["index_entries", "infer_config", "timm_model"]

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -25,7 +26,6 @@ from torch.distributed.tensor import Shard
 
 import ckptfmt
 import ckptfmt.distributed
-from ckptfmt.models.multitask_unet import MultiTaskUNet
 
 STEPS, STOP = 6, 3
 SMALL = {"base_filters": 4, "depth": 2}

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 
 from ckptfmt import ModelConfig, save_model_with_config
-from ckptfmt.models.multitask_unet import MultiTaskUNet
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints"
@@ -65,7 +65,7 @@ def dice(a, b) -> float:
 
 
 def state_dicts_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    from ckptfmt.tensors import tensor_bytes
+    from ckptfmt.format.writer import tensor_bytes
 
     return a.keys() == b.keys() and all(
         a[k].dtype == b[k].dtype and a[k].shape == b[k].shape

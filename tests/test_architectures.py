@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import ckptfmt
 from ckptfmt import MissingDependencyError, ModelConfig, PluginError, Task, registered_model_types
-from ckptfmt.registry import ModelEntry, get_model_entry
+from ckptfmt.config.registry import ModelEntry, get_model_entry
 
 from .helpers import run, state_dicts_bit_identical
 

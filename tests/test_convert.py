@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ckptfmt
 from ckptfmt import ModelConfig, convert, load_model, read_header
 from ckptfmt.cli import main
-from ckptfmt.legacy import read_legacy_checkpoint
-from ckptfmt.models.multitask_unet import MultiTaskUNet
+from ckptfmt.sources.legacy import read_legacy_checkpoint
 
 from .helpers import DEMO_ARCHITECTURE, copy_demo, run_cli, small_model, state_dicts_bit_identical
 
@@ -143,7 +143,7 @@ def test_unrecognised_weights_convert_as_weights_only(tmp_path):
 
 
 def test_model_type_with_config_attaches_a_config(tmp_path, monkeypatch):
-    from ckptfmt import registry
+    from ckptfmt.config import registry
 
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
 
@@ -327,7 +327,7 @@ def test_ties_views_scalars_and_empty_tensors_survive_conversion(tmp_path):
 
 
 def test_model_type_and_set_attach_a_config_to_weights_no_architecture_recognises(tmp_path, monkeypatch):
-    from ckptfmt import registry
+    from ckptfmt.config import registry
 
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
 
@@ -375,7 +375,7 @@ def _register_linear(registry, name: str, *, scale: float = 1.0, preference: int
 
 
 def test_twins_that_compute_the_same_function_are_recorded_and_the_preferred_one_chosen(tmp_path, monkeypatch):
-    from ckptfmt import registry
+    from ckptfmt.config import registry
 
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
     _register_linear(registry, "twin_b", preference=1)
@@ -390,7 +390,7 @@ def test_twins_that_compute_the_same_function_are_recorded_and_the_preferred_one
 
 
 def test_twins_that_compute_different_functions_are_refused_with_the_candidates(tmp_path, monkeypatch):
-    from ckptfmt import registry
+    from ckptfmt.config import registry
 
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
     _register_linear(registry, "plain")

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 from safetensors.torch import load_file
 
 import ckptfmt
 from ckptfmt import LegacyCheckpointError, ModelConfig, UnsafePickleError, read_header
-from ckptfmt.dcp import read_dcp_metadata, read_dcp_state_dict
-from ckptfmt.models.multitask_unet import MultiTaskUNet
-from ckptfmt.training import read_training_state
+from ckptfmt.format.companion import read_training_state
+from ckptfmt.sources.dcp import read_dcp_metadata, read_dcp_state_dict
 
 from .helpers import ROOT, run_cli, state_dicts_bit_identical
 

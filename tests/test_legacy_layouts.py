@@ -14,15 +14,15 @@ import warnings
 
 import pytest
 import torch
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ckptfmt
 from ckptfmt import ModelConfig, convert, load_model, load_training_state, read_header
 from ckptfmt.cli import main
-from ckptfmt.legacy import read_legacy_checkpoint
-from ckptfmt.models.multitask_unet import MultiTaskUNet
-from ckptfmt.training import read_training_state
+from ckptfmt.format.companion import read_training_state
+from ckptfmt.sources.legacy import read_legacy_checkpoint
 
 from .helpers import run, run_cli, small_model, state_dicts_bit_identical
 
@@ -208,7 +208,7 @@ def test_reading_a_lightning_checkpoint_imports_neither_lightning_nor_the_users_
         "import sys, json\n"
         "for name in ('lightning', 'pytorch_lightning', 'lightning_fabric', 'omegaconf', 'tests'):\n"
         "    sys.modules[name] = None  # importing any of them now raises\n"
-        "from ckptfmt.legacy import read_legacy_checkpoint\n"
+        "from ckptfmt.sources.legacy import read_legacy_checkpoint\n"
         f"legacy = read_legacy_checkpoint({str(lightning_run['seg'])!r})\n"
         "print(json.dumps(legacy.training['hyper_parameters']))\n"
     )
@@ -218,7 +218,7 @@ def test_reading_a_lightning_checkpoint_imports_neither_lightning_nor_the_users_
 
 
 def test_a_registered_lightning_module_is_its_own_config(tmp_path, lightning_run, monkeypatch):
-    from ckptfmt import registry
+    from ckptfmt.config import registry
 
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
     registry.register_model("lit_mlp")(lightning_run["LitMLP"])
@@ -445,7 +445,7 @@ def test_omegaconf_attributedict_defaultdict_and_enums_are_read_without_their_li
         "import sys, json\n"
         "for name in ('lightning', 'lightning_fabric', 'omegaconf', 'tests'):\n"
         "    sys.modules[name] = None\n"
-        "from ckptfmt.legacy import read_legacy_checkpoint\n"
+        "from ckptfmt.sources.legacy import read_legacy_checkpoint\n"
         f"legacy = read_legacy_checkpoint({str(tmp_path / 'm.ckpt')!r})\n"
         "print(json.dumps([legacy.training, legacy.conversions]))\n"
     )

@@ -181,8 +181,9 @@ def test_without_the_plugin_load_model_says_what_to_do(saved):
 def test_the_builtin_unet_loads_in_a_project_with_its_own_models_package(tmp_path):
     """Regression: the U-Net was installed as a top-level `models` package, which a user's own
     `models/` (the original system had src/models/) shadowed: ModuleNotFoundError."""
-    import ckptfmt
     from ckptfmt.models.multitask_unet import MultiTaskUNet
+
+    import ckptfmt
 
     site = _install_wheel(ROOT, tmp_path / "site")
     project = tmp_path / "project"

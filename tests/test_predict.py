@@ -13,6 +13,7 @@ from PIL import Image
 import ckptfmt
 from ckptfmt import ModelConfig, MultiTaskPredictor, ShapeMismatchError
 from ckptfmt.predict import normalize
+
 from .helpers import dice, run, run_cli, save_small, small_model
 
 
@@ -219,8 +220,8 @@ def test_an_earlier_table_that_predict_did_not_write_is_our_error(demo_model, tm
     RecursionError, a csv.Error or a TypeError from deep inside."""
     import os
 
-    from ckptfmt.legacy import sha256_file
     from ckptfmt.predict import _checkpoint_identity, predict_files
+    from ckptfmt.sources.legacy import sha256_file
 
     predictor = MultiTaskPredictor(demo_model)
     np.save(tmp_path / "a.npy", np.zeros((16, 16), np.float32))

@@ -12,11 +12,10 @@ import torch
 
 import ckptfmt
 from ckptfmt import ConfigError, ModelConfig, UnknownModelTypeError, registered_model_types
-from ckptfmt import registry
-from ckptfmt.registry import get_model_entry, register_model
+from ckptfmt.config import registry
+from ckptfmt.config.registry import get_model_entry, register_model
 
 from .helpers import run
-
 
 
 def test_builtin_multitask_is_registered_with_infer_config():
@@ -103,7 +102,7 @@ def test_the_installed_architectures_are_remembered_until_what_is_installed_chan
 
 
 def test_the_cache_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
-    from ckptfmt.files import CACHE_ENV, cache_folder
+    from ckptfmt.io.files import CACHE_ENV, cache_folder
 
     monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -150,7 +149,7 @@ def test_arguments_are_checked_against_the_signature_and_its_annotations(registr
 
 
 def test_instances_of_a_registered_class_remember_their_arguments(registry_copy):
-    from ckptfmt.registry import captured_arguments
+    from ckptfmt.config.registry import captured_arguments
 
     @register_model("remembering")
     class Remembering(torch.nn.Module):
@@ -172,7 +171,7 @@ def test_instances_of_a_registered_class_remember_their_arguments(registry_copy)
 
 
 def test_a_registered_factory_records_the_arguments_on_what_it_returns(registry_copy):
-    from ckptfmt.registry import captured_arguments
+    from ckptfmt.config.registry import captured_arguments
 
     def make_head(classes: int = 2):
         return torch.nn.Linear(4, classes)

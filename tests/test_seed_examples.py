@@ -15,8 +15,9 @@ from .helpers import ROOT, run
 def test_training_then_inference_examples(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     # --- 2. During Training --------------------------------------------------------------
-    from ckptfmt import ModelConfig, save_model_with_config
     from ckptfmt.models.multitask_unet import create_multi_task_model
+
+    from ckptfmt import ModelConfig, save_model_with_config
 
     config = ModelConfig(
         base_filters=8,

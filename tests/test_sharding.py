@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 from huggingface_hub import load_torch_model
 from safetensors.torch import load_file
 
 import ckptfmt
 from ckptfmt import HeaderError, read_header
-from ckptfmt.models.multitask_unet import MultiTaskUNet
 
 from .helpers import flip_byte, run_cli, small_model, state_dicts_bit_identical
 
@@ -110,7 +110,7 @@ def test_saving_again_with_fewer_shards_leaves_none_of_the_old_ones(sharded, tmp
 
 
 def test_ties_across_shards_are_stored_once_and_stay_tied(tmp_path):
-    from ckptfmt import registry
+    from ckptfmt.config import registry
 
     @registry.register_model("tied_lm_for_sharding")
     class TiedLM(torch.nn.Module):
@@ -177,7 +177,7 @@ def test_convert_writes_shards_from_a_mapped_pth(tmp_path):
     assert state_dicts_bit_identical(ckptfmt.load_model(index).state_dict(), model.state_dict())
     assert ckptfmt.verify(index).ok
     source = ckptfmt.read_header(index).provenance()["source"]
-    from ckptfmt.legacy import sha256_file
+    from ckptfmt.sources.legacy import sha256_file
 
     assert source["sha256"] == sha256_file(tmp_path / "big.pth")
     again = run_cli("convert", str(tmp_path / "big.pth"), "--max-shard-size", "60KB")

@@ -89,11 +89,11 @@ def python_child(code: str) -> list[str]:
 def make_unet_files(folder: Path, base_filters: int, depth: int) -> tuple[Path, Path]:
     """The same random U-Net weights as a legacy .pth and as a ckptfmt .safetensors."""
     import torch
+    from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     from ckptfmt import ModelConfig
-    from ckptfmt.metadata import build_metadata
-    from ckptfmt.tensors import write_safetensors
-    from ckptfmt.models.multitask_unet import MultiTaskUNet
+    from ckptfmt.format.metadata import build_metadata
+    from ckptfmt.format.writer import write_safetensors
 
     pth = folder / f"unet_{base_filters}_{depth}.pth"
     safetensors = folder / f"unet_{base_filters}_{depth}.safetensors"
@@ -227,7 +227,6 @@ def bench_many(work: Path, repeats: int, count: int) -> list[dict]:
     """The per-file cost of converting a folder of small checkpoints, against a minimal loop in
     one process; each side's start-up (an empty folder) is taken off before dividing."""
     import torch
-
     from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     folder, empty = work / "many", work / "many_empty"
@@ -264,9 +263,9 @@ def bench_inspect_folder(work: Path, repeats: int, counts: tuple[int, ...]) -> l
     """inspect of folders of 500, 1,000 and 2,000 .safetensors: linear in the file count, and
     against reading the same headers in a plain loop."""
     import torch
+    from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     import ckptfmt
-    from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     model = MultiTaskUNet(base_filters=4, depth=2)
     plain = """
@@ -482,9 +481,9 @@ print(json.dumps({"in_process_s": max(r["s"] for r in reports), "rank_peaks": [r
 
 def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -> list[dict]:
     import torch
+    from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     import ckptfmt
-    from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     path = work / f"distributed_{architecture[0]}_{architecture[1]}/model.safetensors"
     if not path.exists():

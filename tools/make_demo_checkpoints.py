@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ckptfmt.models.multitask_unet import MultiTaskUNet  # noqa: E402
+
 from tools.phantoms import make_phantoms  # noqa: E402
 
 ARCHITECTURE = {"base_filters": 4, "depth": 3, "in_channels": 1, "seg_out_channels": 1, "cls_num_classes": 2}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckptfmt import CkptfmtError, LegacyCheckpointError, convert
-from ckptfmt.legacy import read_legacy_checkpoint
+from ckptfmt.sources.legacy import read_legacy_checkpoint
 
 from ..helpers import small_model
 

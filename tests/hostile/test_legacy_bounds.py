@@ -24,9 +24,9 @@ import ckptfmt
 from ckptfmt import HeaderError, IntegrityError, LegacyCheckpointError, load_training_state, read_header
 from ckptfmt.cli import main
 from ckptfmt.compare import diff
-from ckptfmt.header import FORMAT_VERSION
-from ckptfmt.tensors import write_safetensors
-from ckptfmt.training import companion_digest
+from ckptfmt.format.companion import companion_digest
+from ckptfmt.format.header import FORMAT_VERSION
+from ckptfmt.format.writer import write_safetensors
 
 from ..helpers import ROOT, small_model
 

@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 import ckptfmt
 from ckptfmt import ConfigError, HeaderError, ModelConfig, read_header
 from ckptfmt.checkpoint import build_metadata
-from ckptfmt.tensors import write_safetensors
+from ckptfmt.format.writer import write_safetensors
 
 from ..helpers import craft_safetensors, run_cli, save_small, small_model
 
@@ -92,7 +92,7 @@ def _with_config_text(tmp_path, config_text: str):
     safetensors itself: ckptfmt's writer refuses what its reader would."""
     from safetensors.torch import save_file
 
-    from ckptfmt.tensors import weights_digest
+    from ckptfmt.format.writer import weights_digest
 
     model, config = small_model()
     metadata = build_metadata(config, training={}, provenance={})

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -14,11 +15,9 @@ from safetensors.torch import load_file
 import ckptfmt
 from ckptfmt import CkptfmtError, ModelConfig
 from ckptfmt.checkpoint import build_metadata
-from ckptfmt.digest import digest_file
-from ckptfmt.header import read_header
-from ckptfmt.tensors import read_state_dict, weights_digest, write_safetensors
-
-from ckptfmt.models.multitask_unet import MultiTaskUNet
+from ckptfmt.format.digest import digest_file
+from ckptfmt.format.header import read_header
+from ckptfmt.format.writer import read_state_dict, weights_digest, write_safetensors
 
 from ..helpers import state_dicts_bit_identical
 
@@ -152,7 +151,7 @@ def outcome(read, text):
 def test_the_fast_json_reading_agrees_with_the_exact_one(text):
     """loads_strict reads nearly every document unhooked, checking the rules after the fact; it
     must accept and refuse exactly what the hooked parse does, with the same message."""
-    from ckptfmt.jsondoc import _loads_hooked, loads_strict
+    from ckptfmt.io.jsondoc import _loads_hooked, loads_strict
 
     assert outcome(lambda t: loads_strict(t, what="header"), text) == outcome(
         lambda t: _loads_hooked(t, "header", None, ckptfmt.errors.HeaderError), text)

@@ -15,8 +15,8 @@ import ckptfmt
 from ckptfmt import HeaderError, LegacyCheckpointError, ShapeMismatchError
 from ckptfmt.cli import main
 from ckptfmt.compare import diff
-from ckptfmt.metadata import build_metadata
-from ckptfmt.tensors import write_safetensors
+from ckptfmt.format.metadata import build_metadata
+from ckptfmt.format.writer import write_safetensors
 
 from ..helpers import run_cli, small_model
 
@@ -61,12 +61,12 @@ def test_class_9_a_nested_tensor_fails_alone_in_a_folder(tmp_path):
 def test_class_9_an_unexpected_exception_fails_its_file_alone(tmp_path, monkeypatch):
     """A bug met by one file (here torch's, as the nested tensor raised it) stopped the whole
     batch; now that file fails with one line naming it, and the rest are converted."""
-    import ckptfmt.legacy
+    import ckptfmt.sources.legacy
 
     model, _ = small_model()
     for name in ("a.pth", "b.pth", "c.pth"):
         torch.save(model.state_dict(), tmp_path / name)
-    unwrap = ckptfmt.legacy.unwrap
+    unwrap = ckptfmt.sources.legacy.unwrap
 
     def failing_on_b(obj, path, **kwargs):
         if path.name == "b.pth":
@@ -74,7 +74,7 @@ def test_class_9_an_unexpected_exception_fails_its_file_alone(tmp_path, monkeypa
                                "Exception raised from sizes_custom at NestedTensorImpl.cpp:1")
         return unwrap(obj, path, **kwargs)
 
-    monkeypatch.setattr(ckptfmt.legacy, "unwrap", failing_on_b)
+    monkeypatch.setattr(ckptfmt.sources.legacy, "unwrap", failing_on_b)
     monkeypatch.delenv("CKPTFMT_TRACEBACK", raising=False)
     result = CliRunner().invoke(main, ["convert", str(tmp_path)])
     assert result.exit_code == 1

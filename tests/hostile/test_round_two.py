@@ -12,9 +12,9 @@ import torch
 
 import ckptfmt
 from ckptfmt import HeaderError, IntegrityError, read_header
-from ckptfmt.digest import WeightsHasher, digest_file
-from ckptfmt.metadata import build_metadata
-from ckptfmt.tensors import tensor_bytes, write_safetensors
+from ckptfmt.format.digest import WeightsHasher, digest_file
+from ckptfmt.format.metadata import build_metadata
+from ckptfmt.format.writer import tensor_bytes, write_safetensors
 
 from ..helpers import run_cli, save_small, small_model
 
@@ -132,7 +132,7 @@ def test_class_5_the_writer_refuses_what_the_reader_would(tmp_path, tensors, met
 
 
 def test_class_5_json_the_reader_refuses_is_not_written(tmp_path):
-    from ckptfmt.jsondoc import dumps_strict, loads_strict
+    from ckptfmt.io.jsondoc import dumps_strict, loads_strict
 
     deep: list = []
     for _ in range(40):
@@ -292,7 +292,8 @@ def test_class_6_an_integer_tensor_where_the_architecture_has_a_float_is_caught_
 def test_class_5_a_lone_surrogate_is_refused_wherever_a_string_is_read(tmp_path):
     """Python's json reads "\\udc80" back, safetensors does not: the reader refuses it too, in a
     tensor name and in the JSON documents the metadata holds, as our error."""
-    from ckptfmt.jsondoc import loads_strict
+    from ckptfmt.io.jsondoc import loads_strict
+
     from ..helpers import craft_safetensors
 
     crafted = craft_safetensors(

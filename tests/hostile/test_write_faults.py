@@ -44,7 +44,7 @@ def _fail_with(code: int):
 @pytest.mark.parametrize("call", ["write", "fsync", "replace"])
 def test_disk_full_leaves_the_previous_pair_intact(converted, monkeypatch, call):
     before = snapshot(converted)
-    monkeypatch.setattr(f"ckptfmt.atomic.os.{call}", _fail_with(errno.ENOSPC))
+    monkeypatch.setattr(f"ckptfmt.io.atomic.os.{call}", _fail_with(errno.ENOSPC))
     with pytest.raises(WriteError) as excinfo:
         convert(converted / "m.pth", force=True)
     assert str(excinfo.value) == (
@@ -59,7 +59,7 @@ def test_disk_full_leaves_the_previous_pair_intact(converted, monkeypatch, call)
 def test_disk_full_on_first_write_leaves_nothing(tmp_path, monkeypatch):
     model, _ = small_model()
     torch.save(model.state_dict(), tmp_path / "m.pth")
-    monkeypatch.setattr("ckptfmt.atomic.os.link", _fail_with(errno.ENOSPC))
+    monkeypatch.setattr("ckptfmt.io.atomic.os.link", _fail_with(errno.ENOSPC))
     with pytest.raises(WriteError, match="no space left on device"):
         convert(tmp_path / "m.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
@@ -111,7 +111,7 @@ def test_unwritable_folder_is_one_clear_error(tmp_path, monkeypatch, code):
             raise OSError(code, os.strerror(code), str(path))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr("ckptfmt.atomic.os.open", refuse_new_files)
+    monkeypatch.setattr("ckptfmt.io.atomic.os.open", refuse_new_files)
     with pytest.raises(WriteError) as excinfo:
         convert(tmp_path / "m.pth")
     reason = {errno.EACCES: f"permission denied in {tmp_path}", errno.EROFS: f"{tmp_path} is on a read-only file system"}[code]
@@ -200,7 +200,7 @@ def test_data_read_back_wrong_replaces_nothing(converted, monkeypatch):
             buffers[0][0] ^= 0xFF
         return got
 
-    monkeypatch.setattr("ckptfmt.tensors.os.preadv", corrupting_preadv)
+    monkeypatch.setattr("ckptfmt.format.writer.os.preadv", corrupting_preadv)
     with pytest.raises(ckptfmt.IntegrityError, match="reading back the written data of tensor .* gave other bytes than were written; nothing was replaced"):
         convert(converted / "m.pth", force=True)
     monkeypatch.undo()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptfmt.files import cache_folder
+from ckptfmt.io.files import cache_folder
 
 # A folder of signature indexes (cache_folder()/signatures/*.json) to start the session with, so that a
 # developer's rerun does not rebuild timm's (minutes); CI leaves it unset and builds each once.

@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 import torch
+from ckptfmt.models._zoo import SignatureIndex, keys_digest
 
 import ckptfmt
-from ckptfmt.files import CACHE_ENV
-from ckptfmt.models._zoo import SignatureIndex, keys_digest
+from ckptfmt.io.files import CACHE_ENV
 
 from ..helpers import DEMO, run, run_cli
 
@@ -105,7 +105,7 @@ AUDIT = textwrap.dedent("""
                 seen["files"].append(path)
 
     import torch, ckptfmt, ckptfmt.models, timm, torchvision, segmentation_models_pytorch, monai.networks.nets
-    from ckptfmt.files import cache_folder
+    from ckptfmt.io.files import cache_folder
     # Python code is read where it lies: ckptfmt's own modules are imported as they are needed;
     # and ckptfmt keeps its listing of the installed architectures in its own cache folder.
     allowed += tuple(os.path.realpath(p) for p in (*ckptfmt.__path__, *ckptfmt.models.__path__))

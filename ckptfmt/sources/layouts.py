@@ -38,16 +38,16 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
-from .errors import CkptfmtError, HeaderError, LegacyCheckpointError
-from .files import files_sha256
-from .header import read_header
+from ..config.model_config import ModelConfig
+from ..config.registry import get_model_entry, registered_model_types
+from ..config.shapes import check_state
+from ..errors import CkptfmtError, HeaderError, LegacyCheckpointError
+from ..format.companion import check_storable, unstorable_tensor
+from ..format.header import read_header
+from ..format.writer import DTYPE_NAMES, load_tensors
+from ..io.files import files_sha256
+from ..io.jsondoc import MAX_INT_DIGITS, has_surrogate, plain_json
 from .identify import candidate_configs
-from .jsondoc import MAX_INT_DIGITS, has_surrogate, plain_json
-from .registry import get_model_entry, registered_model_types
-from .shapes import check_state
-from .tensors import DTYPE_NAMES, load_tensors
-from .training import check_storable, unstorable_tensor
 
 __all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "read_foreign_index", "unwrap"]
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputExistsError, WriteError
+from ..errors import OutputExistsError, WriteError
 
 __all__ = ["atomic_write", "check_writable", "fsync_folder", "write_all"]
 

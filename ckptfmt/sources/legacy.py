@@ -32,9 +32,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .background import helpers
-from .errors import LegacyCheckpointError, UnsafePickleError
-from .files import open_regular
+from ..errors import LegacyCheckpointError, UnsafePickleError
+from ..io.background import helpers
+from ..io.files import open_regular
 from .layouts import LegacyCheckpoint, unwrap
 from .standins import Refused, contents, globals_in_legacy_pickles, python3_name, stand_ins_for, thaw
 

@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any
 
-from .files import cache_folder
+from ..io.files import cache_folder
 
 __all__ = ["recall", "remember"]
 
@@ -60,7 +60,7 @@ def _key(document: dict[str, Any]) -> str | None:
 def recall(document: dict[str, Any]) -> dict[str, Any] | None:
     """What was learned of this config document (as `ModelConfig.to_dict` gives it): `checked`,
     the complete config, and `state`, `{name: [shape, dtype]}`; or None."""
-    from .jsondoc import loads_strict
+    from ..io.jsondoc import loads_strict
 
     key = _key(document)
     if key is None:
@@ -76,7 +76,7 @@ def recall(document: dict[str, Any]) -> dict[str, Any] | None:
 
 def remember(document: dict[str, Any], checked: dict[str, Any], state: dict[str, tuple[tuple[int, ...], str]]) -> None:
     """Keep what was learned of `document` for later processes; never fails."""
-    from .atomic import atomic_write, write_all
+    from ..io.atomic import atomic_write, write_all
 
     key = _key(document)
     if key is None:

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_write, write_all
-from .background import helpers
+from ..errors import HeaderError, IntegrityError
+from ..io.atomic import atomic_write, write_all
+from ..io.background import helpers
 from .digest import WeightsHasher
-from .errors import HeaderError, IntegrityError
 from .header import DTYPE_SIZES, KEY_ALIASES, KEY_WEIGHTS_SHA256, Header, check_metadata, check_tensor_name, read_header
 
 __all__ = [

@@ -25,12 +25,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import CheckpointNotFoundError, ConfigError, HeaderError, IntegrityError
+from ..io.files import file_in_folder
+from ..io.jsondoc import dumps_strict, loads_strict
 from .digest import digest_file
-from .errors import CheckpointNotFoundError, ConfigError, HeaderError, IntegrityError
-from .files import file_in_folder
 from .header import FORMAT_VERSION, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_OPTIMIZER, Header, read_header
-from .sharding import resolve_checkpoint_path
-from .jsondoc import dumps_strict, loads_strict
+from .index import resolve_checkpoint_path
 
 if TYPE_CHECKING:  # verify checks a companion without torch; reading and writing one import it
     import torch
@@ -74,7 +74,7 @@ def unstorable_tensor(tensor: torch.Tensor, *, dtype: bool = True) -> str | None
     leaves its dtype to the writer, which names the cast that fixes it."""
     import torch
 
-    from .tensors import DTYPE_NAMES
+    from .writer import DTYPE_NAMES
 
     # Before the layout: a nested tensor of the old kind reports torch.strided, of the new torch.jagged.
     if tensor.is_nested:
@@ -155,7 +155,7 @@ def write_training_state(
         ...                      {"optimizer": optimizer, "scheduler": scheduler})
         {'file': 'best_model.optimizer.safetensors', 'sha256': '...'}
     """
-    from .tensors import write_safetensors
+    from .writer import write_safetensors
 
     path = Path(path)
     sections = {name: value.state_dict() if hasattr(value, "state_dict") else value for name, value in sections.items()}
@@ -227,7 +227,7 @@ def read_training_state(path: str | os.PathLike, *, sha256: str | None = None) -
         >>> read_training_state("runs/best_model.optimizer.safetensors")["scheduler"]["last_epoch"]
         12
     """
-    from .tensors import load_tensors
+    from .writer import load_tensors
 
     path = Path(path)
     header, document, _ = _open(path, sha256)

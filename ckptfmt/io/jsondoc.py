@@ -18,7 +18,7 @@ import re
 import types
 from typing import Any
 
-from .errors import CkptfmtError, ConfigError, HeaderError
+from ..errors import CkptfmtError, ConfigError, HeaderError
 
 __all__ = [
     "MAX_DEPTH", "MAX_INT_DIGITS", "describe", "dumps_strict", "has_surrogate", "loads_strict", "plain_json", "shown_text",

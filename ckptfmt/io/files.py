@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import CheckpointNotFoundError, CkptfmtError, InputError
+from ..errors import CheckpointNotFoundError, CkptfmtError, InputError
 
 __all__ = [
     "CACHE_ENV", "cache_folder", "check_plain_name", "file_in_folder", "files_sha256", "is_regular_file", "open_regular",

@@ -18,8 +18,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import HeaderError, IntegrityError
-from .files import open_regular
+from ..errors import HeaderError, IntegrityError
+from ..io.files import open_regular
 from .header import Header
 
 __all__ = ["WeightsHasher", "check_digest", "digest_file"]
@@ -64,7 +64,7 @@ def digest_file(header: Header) -> str:
     the file size.
 
     Example:
-        >>> from ckptfmt.header import read_header
+        >>> from ckptfmt.format.header import read_header
         >>> header = read_header("model.safetensors")
         >>> digest_file(header) == header.weights_sha256
         True

@@ -35,8 +35,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from .errors import CkptfmtError, LegacyCheckpointError, UnsafePickleError
-from .files import file_in_folder, files_sha256, open_regular, read_capped
+from ..errors import CkptfmtError, LegacyCheckpointError, UnsafePickleError
+from ..io.files import file_in_folder, files_sha256, open_regular, read_capped
 
 __all__ = [
     "DCP_METADATA",
@@ -157,10 +157,15 @@ def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
     )
 
-    from .tensors import DTYPE_NAMES
+    from ..format.writer import DTYPE_NAMES
 
     def fail(problem: str) -> LegacyCheckpointError:
         return LegacyCheckpointError(f"{problem}; the folder is damaged or was crafted", path=path)

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ModelConfig
-from .errors import AmbiguousArchitectureError, ArchitectureNotRecognisedError, CkptfmtError
-from .registry import ModelEntry, get_model_entry, registered_model_types
+from ..config.model_config import ModelConfig
+from ..config.registry import ModelEntry, get_model_entry, registered_model_types
+from ..errors import AmbiguousArchitectureError, ArchitectureNotRecognisedError, CkptfmtError
 
 __all__ = ["Identification", "candidate_configs", "identify", "infer_model_config"]
 

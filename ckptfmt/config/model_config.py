@@ -37,14 +37,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointNotFoundError, CkptfmtError, ConfigError, MissingDependencyError
+from ..format.header import read_header
+from ..io.atomic import atomic_write, write_all
+from ..io.files import read_capped
+from ..io.jsondoc import loads_strict, plain_json
 from .arguments import RESERVED_NAMES
-from .atomic import atomic_write, write_all
-from .errors import CheckpointNotFoundError, CkptfmtError, ConfigError, MissingDependencyError
-from .files import read_capped
-from .header import read_header
-from .jsondoc import loads_strict, plain_json
 from .registry import (
-    TASKS, Task, captured_arguments, check_model_type_name, get_model_entry, recognised_arguments, unwrap_model,
+    TASKS,
+    Task,
+    captured_arguments,
+    check_model_type_name,
+    get_model_entry,
+    recognised_arguments,
+    unwrap_model,
 )
 
 __all__ = [

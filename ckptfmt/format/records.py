@@ -15,8 +15,8 @@ import os
 import re
 from typing import Any
 
-from .errors import HeaderError
-from .files import check_plain_name
+from ..errors import HeaderError
+from ..io.files import check_plain_name
 
 __all__ = ["check_binding", "check_provenance", "check_training"]
 

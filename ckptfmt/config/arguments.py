@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
-from .jsondoc import describe, plain_json
+from ..errors import ConfigError
+from ..io.jsondoc import describe, plain_json
 
 __all__ = ["RESERVED_NAMES", "Signature"]
 

@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import CkptfmtError, ConfigError, PluginError, UnknownModelTypeError
 from .arguments import RESERVED_NAMES, Signature
-from .errors import CkptfmtError, ConfigError, PluginError, UnknownModelTypeError
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -186,7 +186,7 @@ class ModelEntry:
 
 @functools.lru_cache(maxsize=64)
 def _expected_state(entry: ModelEntry, params_json: str) -> tuple:
-    from .tensors import DTYPE_NAMES
+    from ..format.writer import DTYPE_NAMES
 
     model = entry.build_on_meta(json.loads(params_json))
     return tuple(
@@ -433,7 +433,7 @@ def _entry_points() -> tuple:
     """
     import zlib
 
-    from .files import cache_folder
+    from ..io.files import cache_folder
 
     stamp = _installation_stamp()
     cache = cache_folder() / "entry_points" / f"{zlib.crc32(json.dumps(stamp[0]).encode()):08x}.json"
@@ -450,7 +450,7 @@ def _entry_points() -> tuple:
         for point in entry_points(group=ENTRY_POINT_GROUP)
     )
     try:
-        from .atomic import atomic_write, write_all
+        from ..io.atomic import atomic_write, write_all
 
         with atomic_write(cache, overwrite=True, durable=False) as fd:
             write_all(fd, json.dumps({"stamp": stamp, "points": [list(p) for p in points]}).encode())

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import HeaderError
-from .files import file_in_folder, open_regular, read_capped
-from .jsondoc import has_surrogate, loads_strict, shown_text
+from ..errors import HeaderError
+from ..io.files import file_in_folder, open_regular, read_capped
+from ..io.jsondoc import has_surrogate, loads_strict, shown_text
 
 __all__ = [
     "DTYPE_SIZES",
@@ -141,13 +141,13 @@ class Header:
 
     def training(self) -> dict[str, Any]:
         """The training record, checked against its schema (see `documents`)."""
-        from .documents import check_training
+        from .records import check_training
 
         return check_training(self._json(KEY_TRAINING) or {}, path=self.path)
 
     def provenance(self) -> dict[str, Any]:
         """The provenance record, checked against its schema (see `documents`)."""
-        from .documents import check_provenance
+        from .records import check_provenance
 
         return check_provenance(self._json(KEY_PROVENANCE) or {}, path=self.path)
 

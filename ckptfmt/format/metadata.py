@@ -7,12 +7,14 @@ import datetime
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import ModelConfig
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..io.jsondoc import dumps_strict
 from .header import FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_PROVENANCE, KEY_TRAINING
-from .jsondoc import dumps_strict
+
+if TYPE_CHECKING:
+    from ..config.model_config import ModelConfig
 
 __all__ = ["build_metadata", "provenance_record", "training_record"]
 
@@ -38,7 +40,7 @@ def provenance_record(**extra: Any) -> dict[str, Any]:
     """When and by what a file was written, plus `extra` (the source of a conversion, a cast)."""
     import torch
 
-    from . import __version__
+    from ..version import __version__
 
     return {
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -11,8 +11,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .config import ModelConfig
-from .errors import ShapeMismatchError
+from ..errors import ShapeMismatchError
+from .model_config import ModelConfig
 from .registry import get_model_entry
 
 __all__ = ["check_shapes", "check_state", "module_state"]
@@ -130,6 +130,6 @@ def _fields_the_weights_contradict(
 
 def module_state(model: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """`{name: (shape, dtype)}` of a built model's state dict."""
-    from .tensors import DTYPE_NAMES
+    from ..format.writer import DTYPE_NAMES
 
     return {name: (tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype))) for name, t in model.state_dict().items()}

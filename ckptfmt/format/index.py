@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointNotFoundError, ConfigError, HeaderError
-from .files import read_capped
+from ..errors import CheckpointNotFoundError, ConfigError, HeaderError
+from ..io.files import read_capped
 from .header import (
     INDEX_SUFFIX,
     KEY_ALIASES,
@@ -38,6 +38,7 @@ from .header import (
     check_metadata,
     read_header,
 )
+
 __all__ = [
     "find_checkpoint",
     "is_foreign_index",
@@ -160,9 +161,9 @@ def write_sharded(
     Returns:
         The canonical digest of the whole state dict (in the index's metadata).
     """
-    from .atomic import atomic_write, check_writable, write_all
+    from ..io.atomic import atomic_write, check_writable, write_all
     from .digest import digest_file
-    from .tensors import split_aliases, write_safetensors
+    from .writer import split_aliases, write_safetensors
 
     stem = path.name[: -len(INDEX_SUFFIX)]
     stored, aliases = split_aliases(state_dict)
