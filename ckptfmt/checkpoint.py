@@ -38,6 +38,8 @@ from .errors import (
     ConfigError,
     DeviceError,
     ShapeMismatchError,
+    UnregisteredModelError,
+    Words,
 )
 from .format.companion import OPTIMIZER_SUFFIX, write_training_state
 from .format.digest import check_digest
@@ -61,6 +63,13 @@ __all__ = [
 ]
 
 logger = logging.getLogger("ckptfmt")
+
+WEIGHTS_ONLY_FIX = Words(
+    "Rebuild it with load_model(path, builder=...) (a function that returns the model), or attach a config with "
+    "`convert(SOURCE, model_type='NAME', overrides={'ARGUMENT': 'VALUE'})`",
+    "Rebuild it with load_model(path, builder=...) (a function that returns the model), or attach a config with "
+    "`ckptfmt convert SOURCE --model-type NAME --set ARGUMENT=VALUE`",
+)
 
 _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -203,14 +212,12 @@ def _config_to_save(model: torch.nn.Module, config: ModelConfig | None, fields: 
             config = config.replace(**fields)
         try:
             built = ModelConfig.from_model(model)
-        except ConfigError as exc:
-            if "is not a registered architecture" in exc.message:
-                return config  # built some other way: the shape check is all there is to go on
-            raise
+        except UnregisteredModelError:
+            return config  # built some other way: the shape check is all there is to go on
         if built.model_type != config.model_type:
             raise ConfigError(
                 f"the config is for model_type {config.model_type!r} but the model was built as "
-                f"{built.model_type!r}; save without config= to record the model as built"
+                f"{built.model_type!r}", fix="save without config= to record the model as built",
             )
         differing = sorted(
             name for name in {*built.params, *config.params} if built.params.get(name) != config.params.get(name)
@@ -220,12 +227,12 @@ def _config_to_save(model: torch.nn.Module, config: ModelConfig | None, fields: 
                 f"{name}: config {config.params.get(name)!r}, model {built.params.get(name)!r}" for name in differing
             )
             raise ConfigError(
-                f"the config disagrees with the arguments the model was built with ({shown}); save "
-                "without config= to record the model as built, or build the model from the config"
+                f"the config disagrees with the arguments the model was built with ({shown})",
+                fix="save without config= to record the model as built, or build the model from the config",
             )
         return config
     except ConfigError as exc:
-        raise type(exc)(exc.message, path=path) from None
+        raise exc.at(path) from None
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -309,12 +316,8 @@ def open_checkpoint(
         except AmbiguousArchitectureError:
             raise
         except ArchitectureNotRecognisedError as exc:
-            raise ArchitectureNotRecognisedError(
-                f"has no config (weights only), and {exc.message[0].lower()}{exc.message[1:]}. Rebuild it "
-                "with load_model(path, builder=...) (a function that returns the model), or attach a "
-                "config with `convert(SOURCE, model_type='NAME', overrides={'ARGUMENT': 'VALUE'})`",
-                path=path,
-            ) from None
+            raise exc.at(path, problem=f"has no config (weights only), and {exc.message[0].lower()}{exc.message[1:]}.",
+                         fix=WEIGHTS_ONLY_FIX) from None
         warnings.warn(
             f"{path}: no config embedded and no model_config.json beside it; architecture inferred "
             f"from the weights: {config.summary()}. Convert it (`ckptfmt convert`) to record it",
@@ -327,7 +330,7 @@ def open_checkpoint(
             try:
                 config = config.replace(**overrides)
             except ConfigError as exc:
-                raise type(exc)(f"override rejected: {exc.message}", path=path) from None
+                raise exc.at(path, problem="override rejected: " + exc.problem) from None
             source += "+overrides"
         if builder is None:
             check_shapes(config, shapes, dtypes=dtypes, path=path, overridden=tuple(overrides))
@@ -345,7 +348,8 @@ def resolve_device(device: str | torch.device, path: str | os.PathLike | None) -
     except (RuntimeError, TypeError) as exc:
         raise DeviceError(f"invalid device {device!r}: {exc}", path=path) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device 'cuda' was asked for but CUDA is not available here; use device='cpu'", path=path)
+        raise DeviceError("device 'cuda' was asked for but CUDA is not available here", path=path,
+                          fix=Words("use device='cpu'", "use --device cpu"))
     return device
 
 

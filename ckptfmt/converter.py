@@ -39,6 +39,9 @@ from .errors import (
     LegacyCheckpointError,
     ShapeMismatchError,
     WriteError,
+    Words,
+    cli_value,
+    overrides_words,
 )
 from .format.companion import OPTIMIZER_SUFFIX, write_training_state
 from .format.header import INDEX_SUFFIX, read_header
@@ -133,9 +136,9 @@ class _Batch:
             if differences:
                 raise ConfigError(
                     f"is about to hold another config, of a file converted before this one "
-                    f"({'; '.join(differences)}); pass force=True to replace it, or give this file "
-                    "another output folder",
-                    path=folder / SIDECAR_NAME,
+                    f"({'; '.join(differences)})", path=folder / SIDECAR_NAME,
+                    fix=Words("pass force=True to replace it, or give this file another output folder",
+                              "pass --force to replace it, or give this file another output folder"),
                 )
         elif folder not in self.pending:
             check_sidecar_accepts(folder, config, overwrite=self.force)
@@ -236,7 +239,8 @@ def convert(
     output = Path(output) if output is not None else default_output(source)
     result = ConvertResult(source=source, status="converted", output=output)
     if dtype is not None and dtype not in CAST_DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not one of {', '.join(CAST_DTYPES)}", path=source)
+        raise ConfigError(Words(f"dtype={dtype!r} is not one of {', '.join(CAST_DTYPES)}",
+                                f"--dtype {cli_value(dtype)} is not one of {', '.join(CAST_DTYPES)}"), path=source)
     if output.suffix != ".safetensors":
         raise WriteError("the output must end in .safetensors", path=output)
     if has_surrogate(output.name):
@@ -375,11 +379,12 @@ def _resolve_config(
                 check_shapes(resolved, shapes, dtypes=dtypes, path=source)
             except ShapeMismatchError as exc:
                 if not force:
-                    raise ShapeMismatchError(
-                        f"its sidecar {sidecar.path.name} does not fit the weights: {exc.message}. "
-                        "Fix or remove the sidecar, pass config=, or pass force=True to replace it "
-                        "with the config inferred from the weights",
-                        path=source,
+                    raise exc.at(
+                        source, problem=f"its sidecar {sidecar.path.name} does not fit the weights: " + exc.message_words + ".",
+                        fix=Words("Fix or remove the sidecar, pass config=, or pass force=True to replace it with the "
+                                  "config inferred from the weights",
+                                  "Fix or remove the sidecar, pass --config, or pass --force to replace it with the "
+                                  "config inferred from the weights"),
                     ) from None
                 warnings.append(f"the sidecar did not fit the weights ({exc.message}); inferred the config instead")
                 resolved = None
@@ -403,7 +408,7 @@ def _resolve_config(
                     try:
                         resolved = ModelConfig(model_type, **arguments)
                     except ConfigError as error:
-                        raise type(error)(f"overrides={arguments!r} rejected: {error.message}", path=source) from None
+                        raise error.at(source, problem=overrides_words(arguments) + " rejected: " + error.problem) from None
                     check_shapes(resolved, shapes, dtypes=dtypes, path=source, overridden=tuple(arguments))
                     return resolved, "--model-type and --set"
                 if overrides:
@@ -414,7 +419,7 @@ def _resolve_config(
         try:
             resolved = resolved.replace(**overrides)
         except ConfigError as exc:
-            raise type(exc)(f"overrides={overrides!r} rejected: {exc.message}", path=source) from None
+            raise exc.at(source, problem=overrides_words(overrides) + " rejected: " + exc.problem) from None
     check_shapes(resolved, shapes, dtypes=dtypes, path=source, overridden=tuple(overrides))
     return resolved, origin
 

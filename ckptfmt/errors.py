@@ -9,7 +9,8 @@ what to do. Classes also inherit the matching builtin, so callers may catch eith
     ├── WriteError(OSError)                          disk full, read-only folder, ...
     ├── HeaderError(ValueError)                      malformed .safetensors header or metadata
     ├── ConfigError(ValueError)                      invalid config: value, unknown key, schema
-    │   └── UnknownModelTypeError(LookupError)       model_type not registered
+    │   ├── UnknownModelTypeError(LookupError)       model_type not registered
+    │   └── UnregisteredModelError                   a model no registered architecture built
     ├── ShapeMismatchError(ValueError)               config disagrees with the tensor shapes
     ├── ArchitectureNotRecognisedError(ValueError)   no architecture recognises these weights
     │   └── AmbiguousArchitectureError               several do, and a probe cannot tell them apart
@@ -24,21 +25,25 @@ what to do. Classes also inherit the matching builtin, so callers may catch eith
 Warnings that ask the user to act (a config inferred from the weights, a sidecar that disagrees,
 a `.pth` name written as `.safetensors`) are `CkptfmtWarning`s, issued with `warnings.warn`.
 
-Errors are data. Each carries the path it is about and, where there is one, the fix, held as a
-`Fix` in both spellings: Python's arguments (`overwrite=True`, `model_type='timm'`) and the
-command line's options (`--force`, `--model-type timm`). `str(error)` says it in Python's words;
-the CLI asks `error.describe(cli=True)`. Nothing reads a message's text to learn what happened:
+Errors are data. Each carries the path it is about, the problem and, where there is one, the
+fix. A text that names an argument is held as `Words` in both spellings: Python's arguments
+(`overwrite=True`, `model_type='timm'`) and the command line's options (`--force`,
+`--model-type timm`). `str(error)` says it in Python's words; the CLI asks
+`error.describe(cli=True)`. Nothing reads a message's text to learn what happened:
 the class and its fields say it, and re-raising keeps both (`error.at(path)`).
 """
 
 from __future__ import annotations
 
 import copy as copy_module
+import json
 import os
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
-    "Fix",
     "AmbiguousArchitectureError",
     "ArchitectureNotRecognisedError",
     "CheckpointNotFoundError",
@@ -55,17 +60,19 @@ __all__ = [
     "PluginError",
     "ShapeMismatchError",
     "UnknownModelTypeError",
+    "UnregisteredModelError",
     "UnsafePickleError",
+    "Words",
     "WriteError",
 ]
 
 
 @dataclass(frozen=True)
-class Fix:
-    """What the user can do about an error, in the words of each place it reaches them.
+class Words:
+    """A text that names what the user can pass, in the words of each place it reaches them.
 
     Example:
-        >>> Fix("pass overwrite=True to replace it", "pass --force to replace it")
+        >>> Words("pass overwrite=True to replace it", "pass --force to replace it")
     """
 
     python: str
@@ -74,6 +81,28 @@ class Fix:
     def __str__(self) -> str:
         return self.python
 
+    # Joined with plain text, both spellings get it: "override rejected: " + error.problem.
+    def __add__(self, other: "str | Words") -> "Words":
+        other = Words(other, other) if isinstance(other, str) else other
+        return Words(self.python + other.python, self.cli + other.cli)
+
+    def __radd__(self, other: str) -> "Words":
+        return Words(other + self.python, other + self.cli)
+
+
+def cli_value(value: Any) -> str:
+    """A value as `--set` and the other options read it: a plain word as itself, anything else
+    as JSON, quoted for the shell."""
+    if isinstance(value, str) and value.replace("-", "_").replace(".", "_").isidentifier():
+        return value
+    return shlex.quote(value if isinstance(value, str) else json.dumps(value))
+
+
+def overrides_words(overrides: Mapping[str, Any]) -> Words:
+    """`overrides={...}` as Python passes it, and as the `--set KEY=VALUE` options that say it."""
+    return Words(f"overrides={dict(overrides)!r}",
+                 " ".join(f"--set {name}={cli_value(value)}" for name, value in overrides.items()) or "--set")
+
 
 class CkptfmtError(Exception):
     """Base of every ckptfmt error.
@@ -81,13 +110,15 @@ class CkptfmtError(Exception):
     Args:
         message: what is wrong, and where (a key, a tensor, an argument).
         path: the file the error is about (or None).
-        fix: what to do about it, said after the message (`"; "` between them); a plain
-            string where the fix names no argument or option.
+        fix: what to do about it, said after the message (`"; "` between them).
+
+    `message` and `fix` are plain strings, or `Words` where they name an argument.
     """
 
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None, fix: Fix | str | None = None):
-        self.problem = message
-        self.fix = Fix(fix, fix) if isinstance(fix, str) else fix
+    def __init__(self, message: str | Words, *, path: str | os.PathLike | None = None,
+                 fix: str | Words | None = None):
+        self.problem = Words(message, message) if isinstance(message, str) else message
+        self.fix = Words(fix, fix) if isinstance(fix, str) else fix
         self.path = os.fspath(path) if path is not None else None
         super().__init__(self.describe())
 
@@ -96,24 +127,34 @@ class CkptfmtError(Exception):
         """The problem and its fix, in Python's words, without the path."""
         return self._joined(cli=False)
 
+    @property
+    def message_words(self) -> Words:
+        """The problem and its fix in both spellings, without the path: to quote it in another."""
+        return Words(self._joined(cli=False), self._joined(cli=True))
+
     def _joined(self, *, cli: bool) -> str:
+        problem = self.problem.cli if cli else self.problem.python
         if self.fix is None:
-            return self.problem
-        return f"{self.problem}; {self.fix.cli if cli else self.fix.python}"
+            return problem
+        # A problem said as a whole sentence is followed by its fix as a sentence of its own.
+        return f"{problem}{' ' if problem.endswith('.') else '; '}{self.fix.cli if cli else self.fix.python}"
 
     def describe(self, *, cli: bool = False) -> str:
         """The whole message, the path first; with `cli`, the fix in the command line's options."""
         text = self._joined(cli=cli)
         return f"{self.path}: {text}" if self.path else text
 
-    def at(self, path: str | os.PathLike | None = None, *, problem: str | None = None) -> "CkptfmtError":
+    def at(self, path: str | os.PathLike | None = None, *, problem: str | Words | None = None,
+           fix: str | Words | None = None) -> "CkptfmtError":
         """This error, of the same class and with the same fields, about `path` (and, given
-        `problem`, said with that text): for re-raising where the path is known."""
+        `problem` or `fix`, said with those): for re-raising where more is known."""
         copy = copy_module.copy(self)
         if path is not None:
             copy.path = os.fspath(path)
         if problem is not None:
-            copy.problem = problem
+            copy.problem = Words(problem, problem) if isinstance(problem, str) else problem
+        if fix is not None:
+            copy.fix = Words(fix, fix) if isinstance(fix, str) else fix
         copy.args = (copy.describe(),)
         copy.__traceback__ = None
         return copy
@@ -147,6 +188,15 @@ class UnknownModelTypeError(ConfigError, LookupError):
     pass
 
 
+class UnregisteredModelError(ConfigError):
+    """A model whose arguments nothing recorded: its class is not a registered architecture.
+    `model_class` is its class's name."""
+
+    def __init__(self, message: str | Words, *, path=None, fix: str | Words | None = None, model_class: str = ""):
+        self.model_class = model_class
+        super().__init__(message, path=path, fix=fix)
+
+
 class ShapeMismatchError(CkptfmtError, ValueError):
     pass
 
@@ -158,7 +208,7 @@ class ArchitectureNotRecognisedError(CkptfmtError, ValueError):
 class AmbiguousArchitectureError(ArchitectureNotRecognisedError):
     """`candidates`: the configs (as dicts) that fit the weights equally well."""
 
-    def __init__(self, message: str, *, path=None, fix: Fix | str | None = None, candidates: list | None = None):
+    def __init__(self, message: str, *, path=None, fix: str | Words | None = None, candidates: list | None = None):
         self.candidates = candidates or []
         super().__init__(message, path=path, fix=fix)
 
@@ -188,7 +238,23 @@ class PluginError(CkptfmtError, RuntimeError):
 
 
 class CkptfmtWarning(UserWarning):
-    """Something the user should act on, though the operation went ahead."""
+    """Something the user should act on, though the operation went ahead. Issued as
+    `warnings.warn(CkptfmtWarning(message, path=..., fix=...))`, it carries its parts as an
+    error does (`describe(cli=True)`); issued with a plain string, it is that string."""
+
+    def __init__(self, message: str | Words = "", *, path: str | os.PathLike | None = None,
+                 fix: str | Words | None = None):
+        self.problem = Words(message, message) if isinstance(message, str) else message
+        self.fix = Words(fix, fix) if isinstance(fix, str) else fix
+        self.path = os.fspath(path) if path is not None else None
+        super().__init__(self.describe())
+
+    message = CkptfmtError.message
+    _joined = CkptfmtError._joined
+    describe = CkptfmtError.describe
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class MissingDependencyError(CkptfmtError, ImportError):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, CkptfmtError, ConfigError, MissingDependencyError
+from ..errors import CheckpointNotFoundError, CkptfmtError, ConfigError, MissingDependencyError, UnregisteredModelError
 from ..format.header import read_header
 from ..io.atomic import atomic_write, write_all
 from ..io.files import read_capped
@@ -255,10 +255,11 @@ class ModelConfig:
             captured = (loaded.model_type, loaded.params)
         if captured is None:
             suggested = re.sub(r"(?<!^)(?=[A-Z])", "_", type(inner).__name__).lower()
-            raise ConfigError(
+            raise UnregisteredModelError(
                 f"{name} is not a registered architecture, so nothing records how to rebuild it. "
                 f"Register it: put @ckptfmt.register_model({suggested!r}) above `class {name}`, or "
-                "pass config= with the config of a registered architecture"
+                "pass config= with the config of a registered architecture",
+                model_class=name,
             )
         model_type, arguments = captured
         if isinstance(arguments, str):

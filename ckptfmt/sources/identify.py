@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config.model_config import ModelConfig
 from ..config.registry import ModelEntry, get_model_entry, registered_model_types
-from ..errors import AmbiguousArchitectureError, ArchitectureNotRecognisedError, CkptfmtError
+from ..errors import AmbiguousArchitectureError, ArchitectureNotRecognisedError, CkptfmtError, Words, overrides_words
 
 __all__ = ["Identification", "candidate_configs", "identify", "infer_model_config"]
 
@@ -165,10 +165,14 @@ def _ambiguous(candidates: list[ModelConfig], reason: str, path) -> AmbiguousArc
     shown = "; ".join(config.summary() for config in candidates)
     first = candidates[0]
     return AmbiguousArchitectureError(
-        f"fits {len(candidates)} architectures with the same tensor names and shapes ({shown}), and "
-        f"{reason}; say which with model_type= and overrides=, e.g. "
-        f"`model_type={first.model_type!r}, overrides={dict(sorted(first.params.items()))!r}`",
+        f"fits {len(candidates)} architectures with the same tensor names and shapes ({shown}), and {reason}",
         path=path, candidates=[config.to_dict() for config in candidates],
+        fix=Words(
+            f"say which with model_type= and overrides=, e.g. "
+            f"`model_type={first.model_type!r}, overrides={dict(sorted(first.params.items()))!r}`",
+            f"say which with --model-type and --set, e.g. `--model-type {first.model_type} "
+            f"{overrides_words(dict(sorted(first.params.items()))).cli}`",
+        ),
     )
 
 

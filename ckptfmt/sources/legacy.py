@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ..errors import LegacyCheckpointError, UnsafePickleError
+from ..errors import LegacyCheckpointError, UnsafePickleError, Words
 from ..io.background import helpers
 from ..io.files import open_regular
 from .layouts import LegacyCheckpoint, unwrap
@@ -61,7 +61,8 @@ MAX_TEXT_BYTES = 64 << 20
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 # Only `convert` takes --unsafe-pickle on the command line: a trusted pickle is converted once,
 # and everything after works on the safe file.
-_UNSAFE_FIX = "convert it with `convert(SOURCE, unsafe_pickle=True)`"
+_UNSAFE_FIX = Words("If you trust this file, convert it with `convert(SOURCE, unsafe_pickle=True)`",
+                    "If you trust this file, convert it with `ckptfmt convert SOURCE --unsafe-pickle`")
 # torch's allowlist of extra globals is one set for the whole process: one load with stand-ins
 # at a time, so that one load's exit does not remove the stand-ins another is using.
 _STAND_INS_IN_USE = threading.Lock()
@@ -327,8 +328,8 @@ def _torch_load(source: BinaryIO | str, path: Path, *, unsafe_pickle: bool) -> A
             raise UnsafePickleError(
                 "refused to unpickle: the safe (weights-only) loader cannot read it"
                 f"{f' ({detail.group(0)})' if detail else ''}; it may be a plain pickle rather "
-                f"than a torch.save file. If you trust this file, {_UNSAFE_FIX}",
-                path=path,
+                "than a torch.save file.",
+                path=path, fix=_UNSAFE_FIX,
             ) from None
         missing = _MISSING_CLASS.search(text) if unsafe_pickle else None
         if missing:  # the full unpickler needs the saving program's own classes, importable here
@@ -358,8 +359,8 @@ _MISSING_CLASS = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'
 def _needs_global(name: str, path: Path) -> UnsafePickleError:
     return UnsafePickleError(
         f"refused to unpickle: it needs the global {name}, which the safe (weights-only) loader "
-        f"does not allow because unpickling it can run code. If you trust this file, {_UNSAFE_FIX}",
-        path=path,
+        "does not allow because unpickling it can run code.",
+        path=path, fix=_UNSAFE_FIX,
     )
 
 
