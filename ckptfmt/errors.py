@@ -40,7 +40,6 @@ import json
 import os
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -67,27 +66,43 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Words:
-    """A text that names what the user can pass, in the words of each place it reaches them.
+class Words(str):
+    """A text that names what the user can pass, in the words of each place it reaches them: as
+    a string it is Python's words; `.cli` is the command line's.
 
     Example:
-        >>> Words("pass overwrite=True to replace it", "pass --force to replace it")
+        >>> fix = Words("pass overwrite=True to replace it", "pass --force to replace it")
+        >>> str(fix), fix.cli
+        ('pass overwrite=True to replace it', 'pass --force to replace it')
     """
 
-    python: str
     cli: str
 
+    def __new__(cls, python: str, cli: str | None = None) -> "Words":
+        words = super().__new__(cls, python)
+        words.cli = str(python) if cli is None else str(cli)
+        return words
+
+    @property
+    def python(self) -> str:
+        return str.__str__(self)
+
     def __str__(self) -> str:
-        return self.python
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Words({self.python!r}, {self.cli!r})"
+
+    def __reduce__(self):
+        return Words, (self.python, self.cli)
 
     # Joined with plain text, both spellings get it: "override rejected: " + error.problem.
-    def __add__(self, other: "str | Words") -> "Words":
-        other = Words(other, other) if isinstance(other, str) else other
-        return Words(self.python + other.python, self.cli + other.cli)
+    # (Python asks a str subclass's __radd__ before str's own __add__.)
+    def __add__(self, other: str) -> "Words":
+        return Words(self.python + str(other), self.cli + getattr(other, "cli", str(other)))
 
     def __radd__(self, other: str) -> "Words":
-        return Words(other + self.python, other + self.cli)
+        return Words(str(other) + self.python, getattr(other, "cli", str(other)) + self.cli)
 
 
 def cli_value(value: Any) -> str:
@@ -117,8 +132,8 @@ class CkptfmtError(Exception):
 
     def __init__(self, message: str | Words, *, path: str | os.PathLike | None = None,
                  fix: str | Words | None = None):
-        self.problem = Words(message, message) if isinstance(message, str) else message
-        self.fix = Words(fix, fix) if isinstance(fix, str) else fix
+        self.problem = message if isinstance(message, Words) else Words(message)
+        self.fix = fix if isinstance(fix, Words) else Words(fix)
         self.path = os.fspath(path) if path is not None else None
         super().__init__(self.describe())
 
@@ -152,9 +167,9 @@ class CkptfmtError(Exception):
         if path is not None:
             copy.path = os.fspath(path)
         if problem is not None:
-            copy.problem = Words(problem, problem) if isinstance(problem, str) else problem
+            copy.problem = problem if isinstance(problem, Words) else Words(problem)
         if fix is not None:
-            copy.fix = Words(fix, fix) if isinstance(fix, str) else fix
+            copy.fix = fix if isinstance(fix, Words) else Words(fix)
         copy.args = (copy.describe(),)
         copy.__traceback__ = None
         return copy
@@ -244,8 +259,8 @@ class CkptfmtWarning(UserWarning):
 
     def __init__(self, message: str | Words = "", *, path: str | os.PathLike | None = None,
                  fix: str | Words | None = None):
-        self.problem = Words(message, message) if isinstance(message, str) else message
-        self.fix = Words(fix, fix) if isinstance(fix, str) else fix
+        self.problem = message if isinstance(message, Words) else Words(message)
+        self.fix = fix if isinstance(fix, Words) else Words(fix)
         self.path = os.fspath(path) if path is not None else None
         super().__init__(self.describe())
 

@@ -13,7 +13,7 @@ probe cannot run, the file is refused with the candidates listed. Never a guess.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,10 +28,12 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 @dataclass
 class Identification:
-    """The identified config, and the twins it was chosen over (same function, by the probe)."""
+    """The identified config, the twins it was chosen over (same function, by the probe), and
+    the prefix under which the network sits in the state dict ("" for the whole)."""
 
     config: ModelConfig
     twins: list[ModelConfig] = field(default_factory=list)
+    prefix: str = ""
 
     def record(self) -> dict[str, Any] | None:
         """What provenance keeps of the choice, or None when there was no choice to make."""
@@ -142,23 +144,45 @@ def infer_model_config(
 
 def identify(
     state_dict: Mapping[str, Any], *, model_type: str | None = None, path: str | os.PathLike | None = None,
-    failures: list[str] | None = None,
+    failures: list[str] | None = None, prefixes: Sequence[str] = ("",),
 ) -> Identification:
     """The architecture of a state dict: its candidates by shape, then, for twins, the probe.
 
+    Args:
+        prefixes: where the network may sit, most likely first (see
+            `layouts.candidate_prefixes`): the first whose tensors an architecture recognises
+            holds the network, and `Identification.prefix` says which. Every architecture is
+            asked about the whole first, so a network is never taken for a part of itself.
+
     Raises:
-        ArchitectureNotRecognisedError: nothing recognises it.
+        ArchitectureNotRecognisedError: nothing recognises it (the reasons are the whole's).
         AmbiguousArchitectureError: twins that compute different functions, or that cannot be
             run; the message lists them and the option that settles it.
+
+    Example:
+        >>> identify(torch.load("unet.pth", weights_only=True)).config.summary()
+        'multitask(base_filters=4, cls_num_classes=2, depth=2, in_channels=1, seg_out_channels=1)'
     """
-    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
-    candidates = candidate_configs(shapes, model_type=model_type, path=path, failures=failures)
-    if len(candidates) == 1:
-        return Identification(candidates[0])
-    same, reason = _probe(candidates, state_dict)
-    if not same:
-        raise _ambiguous(candidates, reason, path)
-    return Identification(candidates[0], candidates[1:])
+    first_error = None
+    for prefix in prefixes:
+        network = {name[len(prefix):]: t for name, t in state_dict.items() if name.startswith(prefix)}
+        if not network:
+            continue
+        shapes = {name: tuple(t.shape) for name, t in network.items()}
+        try:
+            # A plugin that fails is reported once, for the whole, not again for each part.
+            candidates = candidate_configs(shapes, model_type=model_type, path=path,
+                                           failures=failures if first_error is None else None)
+        except ArchitectureNotRecognisedError as exc:
+            first_error = first_error or exc
+            continue
+        if len(candidates) == 1:
+            return Identification(candidates[0], prefix=prefix)
+        same, reason = _probe(candidates, network)
+        if not same:
+            raise _ambiguous(candidates, reason, path)
+        return Identification(candidates[0], candidates[1:], prefix=prefix)
+    raise first_error or ArchitectureNotRecognisedError("holds no tensors to recognise", path=path)
 
 
 def _ambiguous(candidates: list[ModelConfig], reason: str, path) -> AmbiguousArchitectureError:

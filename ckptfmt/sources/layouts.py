@@ -16,22 +16,25 @@ Every other key goes to one place, and `destinations` says which:
   (0-d tensors read as numbers) under `extra`;
 - the companion (`NAME.optimizer.safetensors`): optimizer, scheduler and scaler states, and
   any other value that holds tensors, inf or non-string keys, exactly as it was;
-- the config, besides: `hyper_parameters` when they hold an architecture's arguments, or the
-  arguments a pickled model of a registered architecture was built with;
 - dropped, with the reason: what neither can hold (a set, bytes, an object of a class).
 
-Prefixes are stripped by one rule. `module.` (DataParallel, DDP) and `_orig_mod.`
-(torch.compile) wrap a model without changing it, and are stripped whenever every key carries
-them. `model.` and `net.` are the attribute a LightningModule (or a wrapper of the user's) keeps
-its network in: they are stripped when every key carries them and the rest is an architecture
-that is registered or identified, and the whole is not.
+Besides, what the file records of its model is kept for the resolution (`resolve`) to use as a
+config: `hyper_parameters` as plain data, and the arguments a pickled model of a registered
+architecture was built with.
+
+Reading never identifies. `module.` (DataParallel, DDP) and `_orig_mod.` (torch.compile) wrap a
+model without changing it, and are stripped whenever every key carries them. Where else the
+network sits (the whole, or a LightningModule's attribute of any name, or a wrapper inside one)
+is not decided here: `candidate_prefixes` lists the places, identification chooses among them
+once, and `LegacyCheckpoint.take_network` then moves the tensors outside the chosen one to the
+companion, by name.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,17 +42,14 @@ from typing import Any
 import torch
 
 from ..config.model_config import ModelConfig
-from ..config.registry import get_model_entry, registered_model_types
-from ..config.shapes import check_state
 from ..errors import CkptfmtError, HeaderError, LegacyCheckpointError
 from ..format.companion import check_storable, unstorable_tensor
 from ..format.header import read_header
 from ..format.writer import DTYPE_NAMES, load_tensors
 from ..io.files import files_sha256
 from ..io.jsondoc import MAX_INT_DIGITS, has_surrogate, plain_json
-from .identify import candidate_configs
 
-__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "read_foreign_index", "unwrap"]
+__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "candidate_prefixes", "read_foreign_index", "unwrap"]
 
 STATE_DICT_KEYS = (
     "state_dict", "model_state_dict", "model", "net", "network", "model_state", "weights",
@@ -65,7 +65,6 @@ SCALER_KEYS = ("scaler", "grad_scaler", "amp_scaler", "scaler_state_dict", "Mixe
                "NativeMixedPrecisionPlugin", "native_amp_scaling_state")
 HYPER_PARAMETERS = "hyper_parameters"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-ATTRIBUTE_PREFIXES = ("model.", "net.")
 # A value whose JSON is larger goes to the companion: the header's metadata holds 1 MiB in all.
 MAX_RECORD_VALUE_BYTES = 256 << 10
 BARE = "(the whole file: a bare state dict)"
@@ -89,9 +88,10 @@ class LegacyCheckpoint:
     destinations: dict[str, list[str]] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)  # key -> why it was not carried over
     conversions: list[str] = field(default_factory=list)  # what stand-ins turned into plain values
-    # The config the file itself gives, and from where: "hyper_parameters" or "pickled model".
+    # What the file records of its model: a pickled model's arguments (as its config), and the
+    # hyper-parameters as plain data (whose arguments of an architecture may be the config).
     config: ModelConfig | None = None
-    config_origin: str | None = None
+    hyper_parameters: dict[str, Any] | None = None
     pickled_model: str | None = None  # the class of a whole pickled model
     notes: list[str] = field(default_factory=list)  # what the user should know
     # For a zip file read memory-mapped: each storage's data pointer -> its bytes' offset in the
@@ -111,6 +111,23 @@ class LegacyCheckpoint:
     @property
     def optimizer_state(self) -> Any:
         return self.companion.get("optimizer")
+
+    def take_network(self, prefix: str) -> None:
+        """The network is the tensors under `prefix` (an attribute of the module the file saved,
+        chosen by identification), the prefix stripped. Tensors beside it (a loss's class
+        weights, a metric's buffers) go to the companion, by their names, so nothing is lost."""
+        if not prefix:
+            return
+        others = {name: tensor for name, tensor in self.state_dict.items() if not name.startswith(prefix)}
+        self.state_dict = {name[len(prefix):]: tensor for name, tensor in self.state_dict.items()
+                           if name.startswith(prefix)}
+        self.stripped_prefixes.append(prefix)
+        if others:
+            _to_companion(self, f"tensors outside {prefix!r}", "extra", others)
+            self.notes.append(
+                f"the network is the module's {prefix[:-1]!r}; its other tensors ({', '.join(sorted(others)[:5])}"
+                f"{', ...' if len(others) > 5 else ''}) go to the companion"
+            )
 
 
 def unwrap(obj: Any, path: Path, *, conversions: list[str] | None = None) -> LegacyCheckpoint:
@@ -151,15 +168,9 @@ def unwrap(obj: Any, path: Path, *, conversions: list[str] | None = None) -> Leg
 
     hyper_parameters = rest.pop(HYPER_PARAMETERS, None)
     plain_hyper_parameters = _record_value(hyper_parameters) if isinstance(hyper_parameters, dict) else _NOT_PLAIN
-    fits = _config_finder(plain_hyper_parameters if isinstance(plain_hyper_parameters, dict) else {})
-    # A pickled model's own arguments fit its own keys: only its wrappers' prefixes go.
-    prefixes = WRAPPER_PREFIXES if checkpoint.config is not None else (*WRAPPER_PREFIXES, *ATTRIBUTE_PREFIXES)
-    checkpoint.stripped_prefixes = _strip_prefixes(checkpoint.state_dict, prefixes, recognised=fits)
-    if checkpoint.config is None and not checkpoint.stripped_prefixes:
-        _take_network(checkpoint, recognised=fits)
-    if checkpoint.config is None and (config := fits(checkpoint.state_dict)) is not None:
-        checkpoint.config, checkpoint.config_origin = config, "hyper_parameters"
-        checkpoint.destinations["config"] = [HYPER_PARAMETERS]
+    if isinstance(plain_hyper_parameters, dict):
+        checkpoint.hyper_parameters = plain_hyper_parameters
+    checkpoint.stripped_prefixes = _strip_wrappers(checkpoint.state_dict)
     if hyper_parameters is not None:
         rest = {HYPER_PARAMETERS: hyper_parameters, **rest}
     for key, value in rest.items():
@@ -189,96 +200,40 @@ def _take_model(checkpoint: LegacyCheckpoint, model: torch.nn.Module) -> None:
         checkpoint.config = ModelConfig.from_model(model)
     except CkptfmtError as exc:
         checkpoint.notes.append(f"the pickled {name} gives no config ({exc.message})")
-    else:
-        checkpoint.config_origin = "pickled model"
-        checkpoint.destinations["config"] = [checkpoint.wrapper_key or "(the pickled model's arguments)"]
 
 
-def _config_finder(hyper_parameters: Mapping[str, Any]) -> Callable[[Mapping[str, torch.Tensor]], ModelConfig | None]:
-    """`fits(state_dict)`: the one config made of `hyper_parameters` (the arguments of a
-    registered architecture among them) that fits the state dict's shapes, or None."""
-    entries = []
-    for name in registered_model_types() if hyper_parameters else ():
-        try:
-            entry = get_model_entry(name)
-        except CkptfmtError:
-            continue
-        arguments = {k: hyper_parameters[k] for k in entry.parameter_names if k in hyper_parameters}
-        if arguments:
-            entries.append((entry, arguments))
-
-    def fits(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig | None:
-        shapes = {n: tuple(t.shape) for n, t in state_dict.items()}
-        dtypes = {n: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for n, t in state_dict.items()}
-        found = []
-        for entry, arguments in entries:
-            try:
-                config = ModelConfig(entry.name, **arguments)
-                if not check_state(entry.expected_state(config.params), shapes, dtypes):
-                    found.append(config)
-            except Exception:  # arguments this architecture refuses, or its builder failing on them
-                continue
-        return found[0] if len(found) == 1 else None
-
-    return fits
-
-
-def _strip_prefixes(
-    state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...], *,
-    recognised: Callable[[Mapping[str, torch.Tensor]], ModelConfig | None],
-) -> list[str]:
+def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Strip the prefixes of wrappers that change nothing (DataParallel's and DDP's `module.`,
+    torch.compile's `_orig_mod.`, nested in any order) while every key carries one."""
     stripped = []
     while state_dict:
-        prefix = next((p for p in prefixes if all(k.startswith(p) for k in state_dict)), None)
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
         if prefix is None:
             break
         rest = {k[len(prefix):]: v for k, v in state_dict.items()}
-        if prefix in ATTRIBUTE_PREFIXES and (_known(state_dict, recognised) or not _known(rest, recognised)):
-            break
         state_dict.clear()
         state_dict.update(rest)
         stripped.append(prefix)
     return stripped
 
 
-def _take_network(checkpoint: LegacyCheckpoint, *, recognised) -> None:
-    """A LightningModule holds its network under an attribute (`net.`, `model.`, `unet.`, ...)
-    beside other state with tensors: a loss's class weights, a metric's buffers. When the whole
-    is no known architecture but one attribute's tensors are, those are the weights, the prefix
-    stripped; the others go to the companion, by their names, so that nothing is lost."""
-    state_dict = checkpoint.state_dict
+def candidate_prefixes(names: Iterable[str]) -> list[str]:
+    """Where a network may sit among a state dict's tensor names, most likely first: the whole
+    (""); each attribute holding tensors (a LightningModule keeps its network as `self.model`,
+    `self.seg_model`, any name), larger groups first; and inside each, the one attribute that
+    holds all of it (a wrapper kept in an attribute: `model.net.`, `model._orig_mod.`)."""
     groups: dict[str, list[str]] = {}
-    for name in state_dict:
-        head, dot, _ = name.partition(".")
+    for name in names:
+        head, dot, rest = name.partition(".")
         if dot:
-            groups.setdefault(head + ".", []).append(name)
-    if len(groups) < 2 or _known(state_dict, recognised):
-        return
-    for prefix, names in sorted(groups.items(), key=lambda group: -len(group[1])):
-        network = {name[len(prefix):]: state_dict[name] for name in names}
-        if _known(network, recognised):
-            break
-    else:
-        return
-    others = {name: tensor for name, tensor in state_dict.items() if not name.startswith(prefix)}
-    checkpoint.state_dict = network
-    checkpoint.stripped_prefixes = [prefix]
-    where = f"tensors outside {prefix!r}"
-    _to_companion(checkpoint, where, "extra", others)
-    checkpoint.notes.append(
-        f"the network is the module's {prefix[:-1]!r}; its other tensors ({', '.join(sorted(others)[:5])}"
-        f"{', ...' if len(others) > 5 else ''}) go to the companion"
-    )
-
-
-def _known(state_dict: Mapping[str, torch.Tensor], recognised) -> bool:
-    if recognised(state_dict) is not None:
-        return True
-    try:
-        candidate_configs({n: tuple(t.shape) for n, t in state_dict.items()})
-    except CkptfmtError:
-        return False
-    return True
+            groups.setdefault(head + ".", []).append(rest)
+    ordered = sorted(groups, key=lambda prefix: (-len(groups[prefix]), prefix))
+    inner = []
+    for prefix in ordered:
+        heads = {rest.partition(".")[0] for rest in groups[prefix]}
+        if len(heads) == 1 and all("." in rest for rest in groups[prefix]):
+            inner.append(prefix + heads.pop() + ".")
+    return ["", *ordered, *inner]
 
 
 def _place(checkpoint: LegacyCheckpoint, key: Any, value: Any) -> None:
