@@ -133,7 +133,7 @@ class CkptfmtError(Exception):
     def __init__(self, message: str | Words, *, path: str | os.PathLike | None = None,
                  fix: str | Words | None = None):
         self.problem = message if isinstance(message, Words) else Words(message)
-        self.fix = fix if isinstance(fix, Words) else Words(fix)
+        self.fix = fix if fix is None or isinstance(fix, Words) else Words(fix)
         self.path = os.fspath(path) if path is not None else None
         super().__init__(self.describe())
 
@@ -260,7 +260,7 @@ class CkptfmtWarning(UserWarning):
     def __init__(self, message: str | Words = "", *, path: str | os.PathLike | None = None,
                  fix: str | Words | None = None):
         self.problem = message if isinstance(message, Words) else Words(message)
-        self.fix = fix if isinstance(fix, Words) else Words(fix)
+        self.fix = fix if fix is None or isinstance(fix, Words) else Words(fix)
         self.path = os.fspath(path) if path is not None else None
         super().__init__(self.describe())
 
