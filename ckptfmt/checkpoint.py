@@ -15,25 +15,21 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config.model_config import (
+    SIDECAR_NAME,
     ModelConfig,
     check_sidecar_accepts,
-    config_differences,
-    read_sidecar,
     remember_file_config,
     write_sidecar,
 )
 from .config.registry import get_model_entry, unwrap_model
 from .config.shapes import check_shapes, check_state, module_state
 from .errors import (
-    AmbiguousArchitectureError,
-    ArchitectureNotRecognisedError,
     CkptfmtWarning,
     ConfigError,
     DeviceError,
@@ -43,16 +39,13 @@ from .errors import (
 )
 from .format.companion import OPTIMIZER_SUFFIX, write_training_state
 from .format.digest import check_digest
-from .format.header import Header, looks_like_safetensors, read_header
-from .format.index import is_index, parse_size, resolve_checkpoint_path, write_sharded
+from .format.index import is_index, parse_size, write_sharded
 from .format.metadata import build_metadata, provenance_record, training_record
-from .format.writer import DTYPE_NAMES, load_tensors, write_safetensors
+from .format.writer import DTYPE_NAMES, write_safetensors
 from .io.atomic import check_writable
-from .sources.identify import identify
-from .sources.legacy import LegacyCheckpoint, read_legacy_checkpoint
+from .resolve import Resolution, read_source, resolve
 
 __all__ = [
-    "OpenedCheckpoint",
     "load_model",
     "load_model_with_config",
     "open_checkpoint",
@@ -238,108 +231,49 @@ def _config_to_save(model: torch.nn.Module, config: ModelConfig | None, fields: 
 # -- loading --------------------------------------------------------------------------------
 
 
-@dataclass
-class OpenedCheckpoint:
-    """A checkpoint resolved up to, but not including, allocating the model."""
-
-    path: Path
-    config: ModelConfig | None  # None: weights only, and a builder was given
-    # "embedded", "sidecar", "hyper_parameters", "pickled model" or "inferred"; "+overrides" when overridden
-    config_source: str | None
-    header: Header | None
-    legacy: LegacyCheckpoint | None
-    shapes: dict[str, tuple[int, ...]]
-    dtypes: dict[str, str]
-
-    @property
-    def training(self) -> dict[str, Any]:
-        return self.header.training() if self.header else self.legacy.training
-
-    def metadata(self) -> dict[str, Any]:
-        if self.header is None:
-            return {"format": "legacy", "serialization": self.legacy.serialization, "source_sha256": self.legacy.sha256}
-        return {
-            "format_version": self.header.format_version,
-            "weights_sha256": self.header.weights_sha256,
-            "provenance": self.header.provenance(),
-        }
-
-
 def open_checkpoint(
     path: str | os.PathLike, *, overrides: Mapping[str, Any] | None = None, unsafe_pickle: bool = False,
     builder: Callable[..., torch.nn.Module] | None = None,
-) -> OpenedCheckpoint:
-    """Read a checkpoint's header (or a legacy file) and resolve and check its config.
+) -> Resolution:
+    """A checkpoint resolved (see `resolve`) up to, but not including, allocating the model; its
+    warnings issued.
 
     With a `builder`, a file without a config is opened as it is (weights only): the builder
     says what the model is, and its shapes are checked when it is built.
     """
-    path = resolve_checkpoint_path(path)
-    if path.is_dir():
-        raise ConfigError("is a folder; give the checkpoint file inside it", path=path)
-    header = legacy = None
-    config = source = None
-    if looks_like_safetensors(path):
-        header = read_header(path)
-        header.training(), header.provenance()  # their schemas, as inspect and verify check them
-        shapes = header.shapes()
-        dtypes = header.dtypes()
-        embedded = header.config_dict()
-        sidecar = read_sidecar(path.parent)
-        if embedded is not None:
-            config, source = ModelConfig.from_dict(embedded, path=path), "embedded"
-            logger.info("Loaded model config from: %s (embedded)", path)
-            if sidecar is not None and path.name in sidecar.weights:
-                differences = config_differences(config, sidecar.config)
-                if differences:
-                    warnings.warn(
-                        f"{path}: the sidecar {sidecar.path} disagrees with the embedded config "
-                        f"({'; '.join(differences)}); using the embedded one. Run `ckptfmt verify` "
-                        "to see all differences",
-                        CkptfmtWarning, stacklevel=3,
-                    )
-    else:
-        legacy = read_legacy_checkpoint(path, unsafe_pickle=unsafe_pickle)
-        shapes = {name: tuple(t.shape) for name, t in legacy.state_dict.items()}
-        dtypes = {name: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for name, t in legacy.state_dict.items()}
-        sidecar = read_sidecar(path.parent)
-    if config is None and sidecar is not None:
-        config, source = sidecar.config, "sidecar"
-        logger.info("Loaded model config from: %s", sidecar.path)
-    if config is None and legacy is not None and legacy.config is not None:
-        # What the file itself records: a Lightning module's hyper-parameters, a pickled model's arguments.
-        config, source = legacy.config, legacy.config_origin
+    resolution = resolve(read_source(path, unsafe_pickle=unsafe_pickle), overrides=overrides,
+                         identify=builder is None, check=builder is None)
+    path = resolution.path
+    for warning in resolution.warnings:
+        warnings.warn(warning, stacklevel=3)
+    if resolution.header is not None:
+        resolution.header.training(), resolution.header.provenance()  # their schemas, as inspect and verify check them
+    config = resolution.config
     if config is None and builder is None:
-        try:
-            state_dict = load_tensors(header) if header is not None else legacy.state_dict
-            config, source = identify(state_dict, path=path).config, "inferred"
-        except AmbiguousArchitectureError:
-            raise
-        except ArchitectureNotRecognisedError as exc:
-            raise exc.at(path, problem=f"has no config (weights only), and {exc.message[0].lower()}{exc.message[1:]}.",
-                         fix=WEIGHTS_ONLY_FIX) from None
-        warnings.warn(
-            f"{path}: no config embedded and no model_config.json beside it; architecture inferred "
-            f"from the weights: {config.summary()}. Convert it (`ckptfmt convert`) to record it",
-            CkptfmtWarning, stacklevel=3,
-        )
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        reason = resolution.unresolved.message
+        raise resolution.unresolved.at(
+            path, problem=f"has no config (weights only), and {reason[0].lower()}{reason[1:]}.", fix=WEIGHTS_ONLY_FIX,
+        ) from None
+    if resolution.origin == "inferred":
+        warnings.warn(CkptfmtWarning(
+            "no config embedded and no model_config.json beside it; architecture inferred from the weights: "
+            f"{config.summary()}. Convert it (`ckptfmt convert`) to record it", path=path), stacklevel=3)
+    elif config is not None:
+        logger.info("Loaded model config from: %s", path.parent / SIDECAR_NAME if resolution.origin == "sidecar"
+                    else f"{path} ({resolution.origin})")
     if config is not None:
-        config = config.checked(path=path)
-        if overrides:
-            try:
-                config = config.replace(**overrides)
-            except ConfigError as exc:
-                raise exc.at(path, problem="override rejected: " + exc.problem) from None
-            source += "+overrides"
-        if builder is None:
-            check_shapes(config, shapes, dtypes=dtypes, path=path, overridden=tuple(overrides))
         logger.info("Using architecture: %s", config.summary())
-    elif overrides:
-        raise ConfigError(
-            f"has no config (weights only), so there is nothing to override ({', '.join(overrides)})", path=path
-        )
-    return OpenedCheckpoint(path, config, source, header, legacy, shapes, dtypes)
+    return resolution
+
+
+def _metadata(resolution: Resolution) -> dict[str, Any]:
+    """What `load_model_with_config` reports of where the weights come from."""
+    if resolution.header is None:
+        legacy = resolution.legacy
+        return {"format": "legacy", "serialization": legacy.serialization, "source_sha256": legacy.sha256}
+    header = resolution.header
+    return {"format_version": header.format_version, "weights_sha256": header.weights_sha256,
+            "provenance": header.provenance()}
 
 
 def resolve_device(device: str | torch.device, path: str | os.PathLike | None) -> torch.device:
@@ -365,7 +299,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, path: str | os.PathLike | Non
 
 
 def _build(
-    opened: OpenedCheckpoint, *, device: str | torch.device, dtype: torch.dtype | str | None, strict: bool,
+    opened: Resolution, *, device: str | torch.device, dtype: torch.dtype | str | None, strict: bool,
     builder: Callable[..., torch.nn.Module] | None = None, verify: bool = False,
 ) -> torch.nn.Module:
     device = resolve_device(device, opened.path)
@@ -376,14 +310,13 @@ def _build(
         model = _build_with(builder, opened)
     else:
         model = get_model_entry(opened.config.model_type).build_on_meta(opened.config.params)
+    state_dict = opened.source.tensors(device)
     if opened.header is not None:
-        state_dict = collections.OrderedDict(load_tensors(opened.header, device=device))
+        state_dict = collections.OrderedDict(state_dict)
         # A safetensors file keeps no state-dict versions (torch's `_metadata`); its tensors are
         # those that this code's modules gave, so each module is told its own (torchvision's
         # MNASNet refuses a state without one).
         state_dict._metadata = {name: {"version": module._version} for name, module in model.named_modules()}
-    else:
-        state_dict = {n: t.to(device) for n, t in opened.legacy.state_dict.items()}
     try:
         model.load_state_dict(state_dict, strict=strict, assign=True)
     except Exception as exc:  # the architecture's own loading code, beyond the shapes checked above
@@ -406,7 +339,7 @@ def _build(
     return model.eval()
 
 
-def _build_with(builder: Callable[..., torch.nn.Module], opened: OpenedCheckpoint) -> torch.nn.Module:
+def _build_with(builder: Callable[..., torch.nn.Module], opened: Resolution) -> torch.nn.Module:
     """The model a user's builder makes (from the config's arguments, or from nothing for a
     weights-only file), on the meta device where it can be, checked against the file."""
     kwargs = opened.config.get_model_params() if opened.config is not None else {}
@@ -417,7 +350,7 @@ def _build_with(builder: Callable[..., torch.nn.Module], opened: OpenedCheckpoin
         model = builder(**kwargs)  # a builder that computes on its tensors: built for real
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"the builder returned a {type(model).__name__}, not a torch.nn.Module", path=opened.path)
-    problems = check_state(module_state(model), opened.shapes, opened.dtypes)
+    problems = check_state(module_state(model), opened.source.shapes, opened.source.dtypes())
     if problems:
         more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
         raise ShapeMismatchError(
@@ -497,12 +430,12 @@ def load_model_with_config(
     """
     opened = open_checkpoint(checkpoint_path, overrides=overrides, builder=model_factory_fn)
     model = _build(opened, device=device, dtype=None, strict=True, builder=model_factory_fn)
-    training = opened.training
+    training = opened.source.training
     checkpoint = {
         "epoch": training.get("epoch"),
         "metrics": training.get("metrics", {}),
         "training": training,
-        "config_source": opened.config_source,
-        "metadata": opened.metadata(),
+        "config_source": opened.origin and opened.origin + ("+overrides" if opened.overridden else ""),
+        "metadata": _metadata(opened),
     }
     return model, opened.config, checkpoint

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config.model_config import ModelConfig, config_differences, read_sidecar
+from .config.model_config import ModelConfig, config_differences
 from .errors import CheckpointNotFoundError
-from .format.header import looks_like_safetensors, read_header
-from .format.index import find_checkpoint
 
 __all__ = ["diff"]
 
@@ -32,22 +30,16 @@ class _Side:
 
 
 def _read(path: Path) -> _Side:
+    """One side of a diff: its tensors as they are stored, and the config the one resolution
+    gives it (what load_model would build)."""
+    from .resolve import read_source, resolve
+
     if not path.exists():
         raise CheckpointNotFoundError("no such file", path=path)
-    if path.is_dir():  # the checkpoint it holds: one file, or a sharded one's index
-        path = find_checkpoint(path)
-    if looks_like_safetensors(path):
-        from .format.writer import read_state_dict
-
-        header = read_header(path)
-        document = header.config_dict()
-        config = ModelConfig.from_dict(document, path=path) if document is not None else None
-        return _Side(config, header.training(), header.provenance(), read_state_dict(path))
-    from .sources.legacy import read_legacy_checkpoint
-
-    legacy = read_legacy_checkpoint(path)
-    sidecar = read_sidecar(path.parent)
-    return _Side(sidecar.config if sidecar else None, legacy.training, None, legacy.state_dict)
+    resolution = resolve(read_source(path, light=True), check=False)
+    header = resolution.header
+    return _Side(resolution.config, resolution.source.training, header.provenance() if header is not None else None,
+                 resolution.source.tensors())
 
 
 def _flat(document: Any, prefix: str = "") -> dict[str, Any]:

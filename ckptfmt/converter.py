@@ -29,19 +29,13 @@ from .config.model_config import (
     read_sidecar,
     write_sidecar,
 )
-from .config.registry import get_model_entry
-from .config.shapes import check_shapes
 from .errors import (
-    AmbiguousArchitectureError,
-    ArchitectureNotRecognisedError,
     CkptfmtError,
     ConfigError,
     LegacyCheckpointError,
-    ShapeMismatchError,
-    WriteError,
     Words,
+    WriteError,
     cli_value,
-    overrides_words,
 )
 from .format.companion import OPTIMIZER_SUFFIX, write_training_state
 from .format.header import INDEX_SUFFIX, read_header
@@ -50,12 +44,11 @@ from .format.metadata import build_metadata, provenance_record
 from .format.writer import DTYPE_NAMES, placeholder, write_safetensors
 from .io.atomic import check_writable, fsync_folder
 from .io.background import helpers
-from .io.files import files_sha256, open_regular, walk_files
+from .io.files import files_sha256, open_regular, sha256_file, walk_files
 from .io.jsondoc import has_surrogate
-from .sources.dcp import dcp_folder_sha256, is_dcp_folder, read_dcp_checkpoint
-from .sources.identify import identify
-from .sources.layouts import read_foreign_index
-from .sources.legacy import LEGACY_SUFFIXES, LegacyCheckpoint, file_identity, read_legacy_checkpoint, sha256_file
+from .resolve import Resolution, read_source, resolve
+from .sources.dcp import dcp_folder_sha256, is_dcp_folder
+from .sources.legacy import LEGACY_SUFFIXES, file_identity
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
 
@@ -84,6 +77,7 @@ class ConvertResult:
     weights_sha256: str | None = None
     tensors: int = 0
     error: str | None = None
+    failure: Exception | None = field(default=None, repr=False)  # the error itself, for the CLI's words
     warnings: list[str] = field(default_factory=list)
     carried: dict[str, list[str]] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
@@ -156,7 +150,7 @@ class _Batch:
                 write_sidecar(folder, config, bindings=bindings, overwrite=self.force, sync_folder=False)
             except CkptfmtError as exc:
                 for result in results:
-                    result.status, result.error = "failed", _failure(result.source, exc)
+                    result.status, result.error, result.failure = "failed", _failure(result.source, exc), exc
         self.pending.clear()
         for folder in sorted(self.folders):
             fsync_folder(folder)
@@ -184,12 +178,12 @@ def convert(
     force: bool = False,
     unsafe_pickle: bool = False,
     max_shard_size: int | str | None = None,
-    _batch: _Batch | None = None,
 ) -> ConvertResult:
     """Convert one legacy checkpoint to a self-describing .safetensors file plus sidecar.
 
     Args:
-        source: the `.pth`/`.pt`/`.ckpt` file.
+        source: the `.pth`/`.pt`/`.ckpt` file, a DCP folder, or shards (their index) or a
+            `.safetensors` file written by someone else.
         output: the .safetensors to write; default beside the source, same stem.
         config: a ModelConfig or a config JSON file; default the sidecar beside the source,
             else the file's own (its hyper_parameters, or a pickled model's arguments), else
@@ -214,18 +208,35 @@ def convert(
         >>> result.output, result.config.depth
         (PosixPath('checkpoints/multitask_joint/best_model.safetensors'), 3)
     """
-    if _batch is None:
-        batch = _Batch(force=force)
-        result = convert(source, output=output, config=config, overrides=overrides, model_type=model_type,
-                         dtype=dtype, force=force, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size,
-                         _batch=batch)
+    batch = _Batch(force=force)
+    try:
+        result = _convert_one(Path(source), output, batch, config=config, overrides=overrides, model_type=model_type,
+                              dtype=dtype, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size)
+    finally:
         batch.finish()
-        if result.status == "failed":
-            raise ConfigError(result.error)
-        return result
-    source = Path(source)
-    # A torch.distributed.checkpoint folder has its own safe reader (dcp.py); from there on it is
-    # converted as a .pth is.
+    if result.status == "failed":
+        raise result.failure
+    return result
+
+
+@dataclass
+class _Plan:
+    """Where one conversion reads and writes, worked out before anything is read."""
+
+    source: Path
+    output: Path  # the .safetensors, or the index when the weights are written as shards
+    plain: Path  # the .safetensors name the output stands for (and the companion's stem)
+    shard_size: int | None
+    from_dcp: bool
+    hash_source: Callable[[Path], str]
+
+
+def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, force: bool,
+          max_shard_size: int | str | None) -> _Plan | ConvertResult:
+    """The paths of one conversion, checked; or the result of skipping it (its output already
+    records the same source)."""
+    # A torch.distributed.checkpoint folder has its own safe reader (sources/dcp.py); from there
+    # on it is converted as a .pth is.
     from_dcp = is_dcp_folder(source)
     if not from_dcp and source.is_dir():  # a folder of Hugging Face shards: its index
         source = next((found for found in find_checkpoints(source) if is_index(found)), source)
@@ -237,7 +248,6 @@ def convert(
     if not from_dcp:
         os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
     output = Path(output) if output is not None else default_output(source)
-    result = ConvertResult(source=source, status="converted", output=output)
     if dtype is not None and dtype not in CAST_DTYPES:
         raise ConfigError(Words(f"dtype={dtype!r} is not one of {', '.join(CAST_DTYPES)}",
                                 f"--dtype {cli_value(dtype)} is not one of {', '.join(CAST_DTYPES)}"), path=source)
@@ -248,9 +258,7 @@ def convert(
                          "JSON; choose another output (-o)", path=output)
     if output.exists() and os.path.samefile(source, output):
         raise WriteError("is both the source and the output; choose another output (-o)", path=output)
-
-    shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
-    index = output.with_name(output.name + ".index.json")
+    plain, index = output, output.with_name(output.name + ".index.json")
     if from_shards and index == source:
         if max_shard_size is not None:
             raise WriteError("would be written over the shards it is converted from; choose another output (-o)",
@@ -260,57 +268,56 @@ def convert(
     if output.exists() and not output.is_symlink():
         previous = _recorded_source_sha256(output)
         if previous is not None and not force and previous == hash_source(source):
-            result.status, result.source_sha256 = "skipped", previous
-            return result
+            return ConvertResult(source=source, status="skipped", output=output, source_sha256=previous)
     check_writable(output, overwrite=force)
+    shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
+    return _Plan(source, output, plain, shard_size, from_dcp, hash_source)
 
-    if from_dcp:
-        legacy = read_dcp_checkpoint(source, hash_source=False)
-    elif from_shards:
-        legacy = read_foreign_index(source, hash_source=False)
+
+def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, *, config: Any = None,
+                 overrides: Mapping[str, Any] | None = None, model_type: str | None = None, dtype: str | None = None,
+                 unsafe_pickle: bool = False, max_shard_size: int | str | None = None) -> ConvertResult:
+    """One conversion, its sidecar left to the batch: plan, read, resolve, write."""
+    plan = _plan(source, output, dtype=dtype, force=batch.force, max_shard_size=max_shard_size)
+    if isinstance(plan, ConvertResult):
+        return plan
+    read = read_source(plan.source, unsafe_pickle=unsafe_pickle, mmap=True, hash_source=False)
+    if read.header is not None:  # a .safetensors that ckptfmt wrote
+        raise ConfigError("is already a ckptfmt checkpoint; nothing to convert (check it with verify)", path=plan.source)
+    cast_to = CAST_DTYPES[dtype] if dtype is not None else None
+    resolution = resolve(read, config=config, overrides=overrides, model_type=model_type,
+                         replace_sidecar=batch.force, cast_to=cast_to, read_sidecar=batch.sidecar)
+    legacy = resolution.legacy
+    result = ConvertResult(source=plan.source, status="converted", output=plan.output,
+                           config=resolution.config, config_source=resolution.origin)
+    result.warnings.extend([*legacy.notes, *(warning.message_words for warning in resolution.warnings)])
+    if resolution.config is None:
+        if resolution.overridden or overrides:
+            raise resolution.unresolved
+        result.warnings.append("converted as weights only, with no config: " + resolution.unresolved.message_words)
     else:
-        legacy = read_legacy_checkpoint(source, unsafe_pickle=unsafe_pickle, hash_source=False, mmap=True)
-    state_dict = legacy.state_dict
-    result.warnings.extend(legacy.notes)
-    overrides = dict(overrides or {})
-    if model_type is not None:
-        get_model_entry(model_type)  # a name not registered is refused as such, before any other check
-        overrides["model_type"] = model_type
-    identified: list = []
-    resolved, result.config_source = _resolve_config(
-        source, legacy, config, overrides, model_type=model_type, force=force, warnings=result.warnings,
-        identified=identified, batch=_batch, cast_to=CAST_DTYPES[dtype] if dtype is not None else None,
-    )
-    result.config = resolved
-    if resolved is not None:
-        _batch.accepts(output.parent, resolved)
-
-    cast = None
-    if dtype is not None:
-        state_dict, cast = _cast(state_dict, CAST_DTYPES[dtype])
-    plain = output.with_name(output.name.removesuffix(".index.json"))
+        batch.accepts(plan.output.parent, resolution.config)
+    state_dict, cast = _cast(legacy.state_dict, cast_to) if cast_to is not None else (legacy.state_dict, None)
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
-    output = index if shard_size is not None and total > shard_size else plain
-    check_writable(output, overwrite=force)
-    result.output = output
-    result.carried = {key: list(keys) for key, keys in legacy.destinations.items() if key != "config"}
-    if legacy.config_origin is not None and result.config_source == legacy.config_origin:
-        result.carried["config"] = list(legacy.destinations["config"])
+    index = plan.plain.with_name(plan.plain.name + ".index.json")
+    result.output = index if plan.shard_size is not None and total > plan.shard_size else plan.plain
+    check_writable(result.output, overwrite=batch.force)
+    result.carried = {key: list(keys) for key, keys in legacy.destinations.items()}
+    if resolution.origin == "hyper_parameters":
+        result.carried["config"] = ["hyper_parameters"]
+    elif resolution.origin == "pickled model":
+        result.carried["config"] = [legacy.wrapper_key or "(the pickled model's arguments)"]
     result.dropped, result.read_as_plain = dict(legacy.dropped), list(legacy.conversions)
+    _write(plan, resolution, state_dict, cast, result, batch)
+    return result
 
-    training = dict(legacy.training)
-    written_here = None
-    if legacy.companion:
-        companion = plain.with_name(plain.stem + OPTIMIZER_SUFFIX)
-        existed = companion.exists()
-        training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=force, sync_folder=False)
-        result.optimizer_file, written_here = companion, None if existed else companion
 
-    # The source's sha256 is computed while the output is written, and filled in after.
-    sha_stand_in = placeholder()
+def _provenance(plan: _Plan, resolution: Resolution, cast: dict[str, Any] | None, sha_stand_in: str) -> dict[str, Any]:
+    """What the converted file records of where it came from."""
+    legacy = resolution.legacy
     # A name that is not valid UTF-8 (read by Python with surrogateescape) is recorded with its
     # bad bytes escaped: the provenance is JSON that every reader must accept.
-    shown_name = source.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    shown_name = plan.source.name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     source_record: dict[str, Any] = {"file": shown_name, "sha256": sha_stand_in, "serialization": legacy.serialization}
     if legacy.wrapper_key is not None:
         source_record["state_dict_key"] = str(legacy.wrapper_key)
@@ -321,21 +328,38 @@ def convert(
     if legacy.conversions:
         source_record["read_as_plain"] = legacy.conversions
     extra = {"cast": cast} if cast else {}
-    if identified and identified[0].record():
-        extra["identified"] = identified[0].record()
-    provenance = provenance_record(source=source_record, **extra)
-    metadata = build_metadata(resolved, training=training, provenance=provenance)
-    source_fd = None if from_dcp else open_regular(source, error=LegacyCheckpointError)
+    if resolution.identification is not None and resolution.identification.record():
+        extra["identified"] = resolution.identification.record()
+    return provenance_record(source=source_record, **extra)
+
+
+def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tensor], cast: dict[str, Any] | None,
+           result: ConvertResult, batch: _Batch) -> None:
+    """Write the companion and the weights (read back and compared), and bind them in the batch."""
+    legacy, output = resolution.legacy, result.output
+    training = dict(legacy.training)
+    written_here = None
+    if legacy.companion:
+        companion = plan.plain.with_name(plan.plain.stem + OPTIMIZER_SUFFIX)
+        existed = companion.exists()
+        training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=batch.force,
+                                                     sync_folder=False)
+        result.optimizer_file, written_here = companion, None if existed else companion
+    # The source's sha256 is computed while the output is written, and filled in after.
+    sha_stand_in = placeholder()
+    metadata = build_metadata(resolution.config, training=training,
+                              provenance=_provenance(plan, resolution, cast, sha_stand_in))
+    source_fd = None if plan.from_dcp else open_regular(plan.source, error=LegacyCheckpointError)
     try:
         if legacy.mapped and file_identity(source_fd) != legacy.identity:
             raise LegacyCheckpointError("changed while it was being converted; nothing was written. Convert it again",
-                                        path=source)
+                                        path=plan.source)
         # Mapped tensors are copied from the source file by offset, and compared with it there.
         sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
                    if (offset := legacy.file_offset(tensor)) is not None}
-        source_sha256 = helpers().submit(hash_source, source)
-        write = partial(write_sharded, max_shard_size=shard_size) if is_index(output) else write_safetensors
-        digest = write(output, state_dict, metadata, overwrite=force, sync_folder=False,
+        source_sha256 = helpers().submit(plan.hash_source, plan.source)
+        write = partial(write_sharded, max_shard_size=plan.shard_size) if is_index(output) else write_safetensors
+        digest = write(output, state_dict, metadata, overwrite=batch.force, sync_folder=False,
                        fill_in={sha_stand_in: source_sha256}, sources=sources)
     except BaseException:
         if written_here is not None:  # no companion is left behind without the weights it belongs to
@@ -345,10 +369,9 @@ def convert(
         if source_fd is not None:
             os.close(source_fd)
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
-    _batch.folders.add(output.parent)
-    if resolved is not None:
-        _batch.bind(output.parent, resolved, output.name, digest, result)
-    return result
+    batch.folders.add(output.parent)
+    if resolution.config is not None:
+        batch.bind(output.parent, resolution.config, output.name, digest, result)
 
 
 def _recorded_source_sha256(output: Path) -> str | None:
@@ -358,73 +381,8 @@ def _recorded_source_sha256(output: Path) -> str | None:
         return None
 
 
-def _resolve_config(
-    source: Path, legacy: LegacyCheckpoint, config: Any, overrides: dict[str, Any], *,
-    model_type: str | None, force: bool, warnings: list[str], identified: list, batch: _Batch,
-    cast_to: torch.dtype | None = None,
-) -> tuple[ModelConfig | None, str | None]:
-    state_dict = legacy.state_dict
-    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
-    # The dtypes checked are those written: with a cast, every floating-point tensor's is its target.
-    dtypes = {name: DTYPE_NAMES.get(cast_to if cast_to is not None and t.is_floating_point() else t.dtype, str(t.dtype))
-              for name, t in state_dict.items()}
-    if config is not None:
-        resolved = config if isinstance(config, ModelConfig) else ModelConfig.load(config)
-        resolved, origin = resolved.checked(path=config if not isinstance(config, ModelConfig) else source), "--config"
-    else:
-        sidecar = batch.sidecar(source.parent)
-        resolved, origin = (sidecar.config.checked(path=sidecar.path), "sidecar") if sidecar else (None, None)
-        if resolved is not None and not overrides:
-            try:
-                check_shapes(resolved, shapes, dtypes=dtypes, path=source)
-            except ShapeMismatchError as exc:
-                if not force:
-                    raise exc.at(
-                        source, problem=f"its sidecar {sidecar.path.name} does not fit the weights: " + exc.message_words + ".",
-                        fix=Words("Fix or remove the sidecar, pass config=, or pass force=True to replace it with the "
-                                  "config inferred from the weights",
-                                  "Fix or remove the sidecar, pass --config, or pass --force to replace it with the "
-                                  "config inferred from the weights"),
-                    ) from None
-                warnings.append(f"the sidecar did not fit the weights ({exc.message}); inferred the config instead")
-                resolved = None
-        if resolved is None and legacy.config is not None and model_type in (None, legacy.config.model_type):
-            resolved, origin = legacy.config, legacy.config_origin
-        if resolved is None:
-            try:
-                identification = identify(state_dict, model_type=model_type, path=source, failures=warnings)
-                resolved, origin = identification.config, "inferred"
-                identified.append(identification)
-            except AmbiguousArchitectureError as exc:
-                # Twins that differ are never guessed; the one the user's --set values pick is theirs.
-                chosen = [c for c in exc.candidates if overrides and all(c.get(k) == v for k, v in overrides.items())]
-                if len(chosen) != 1:
-                    raise
-                resolved, origin = ModelConfig.from_dict(chosen[0]).checked(path=source), "inferred"
-            except ArchitectureNotRecognisedError as exc:
-                if model_type is not None and overrides:
-                    # Not recognised, but the user says what it is: the config is theirs.
-                    arguments = {k: v for k, v in overrides.items() if k != "model_type"}
-                    try:
-                        resolved = ModelConfig(model_type, **arguments)
-                    except ConfigError as error:
-                        raise error.at(source, problem=overrides_words(arguments) + " rejected: " + error.problem) from None
-                    check_shapes(resolved, shapes, dtypes=dtypes, path=source, overridden=tuple(arguments))
-                    return resolved, "--model-type and --set"
-                if overrides:
-                    raise
-                warnings.append(f"converted as weights only, with no config: {exc.message}")
-                return None, None
-    if overrides:
-        try:
-            resolved = resolved.replace(**overrides)
-        except ConfigError as exc:
-            raise exc.at(source, problem=overrides_words(overrides) + " rejected: " + exc.problem) from None
-    check_shapes(resolved, shapes, dtypes=dtypes, path=source, overridden=tuple(overrides))
-    return resolved, origin
-
-
 def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every floating-point tensor cast to `dtype`, and what provenance records of the cast."""
     cast: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     for name, tensor in state_dict.items():
@@ -482,15 +440,16 @@ def convert_all(
             path=output,
         )
     results = []
-    batch = _Batch(force=options.get("force", False))
+    batch = _Batch(force=options.pop("force", False))
     try:
         for index, (source, target) in enumerate(jobs):
             if on_start is not None:
                 on_start(index, len(jobs), source)
             try:
-                results.append(convert(source, output=target, _batch=batch, **options))
+                results.append(_convert_one(source, target, batch, **options))
             except (CkptfmtError, OSError) as exc:
-                results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc)))
+                results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc),
+                                             failure=exc))
             except Exception as exc:
                 # A bug, here or in torch, met by one file: that file fails alone and the batch
                 # goes on; the traceback on request, as the CLI gives it.

@@ -265,6 +265,7 @@ class CkptfmtWarning(UserWarning):
         super().__init__(self.describe())
 
     message = CkptfmtError.message
+    message_words = CkptfmtError.message_words
     _joined = CkptfmtError._joined
     describe = CkptfmtError.describe
 

@@ -100,18 +100,12 @@ def _tensor_summary(infos: list[tuple[str, str, tuple[int, ...]]]) -> dict[str, 
 
 def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
     from .format.writer import DTYPE_NAMES
-    from .sources.identify import identify
-    from .sources.legacy import read_legacy_checkpoint
+    from .resolve import read_source, resolve
 
-    legacy = read_legacy_checkpoint(path)
+    resolution = resolve(read_source(path), check=False)
+    legacy = resolution.legacy
     infos = [(n, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in legacy.state_dict.items()]
-    failures: list[str] = []
-    try:
-        inferred, reason = identify(legacy.state_dict, path=path, failures=failures).config.to_dict(), None
-    except CkptfmtError as exc:
-        inferred, reason = None, exc.message
-    sidecar = read_sidecar(path.parent)
-    config = sidecar.config.to_dict() if sidecar else inferred
+    config = resolution.config.to_dict() if resolution.config is not None else None
     info = {
         "file": str(path),
         "kind": "legacy",
@@ -121,15 +115,16 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
         "state_dict_key": legacy.wrapper_key,
         "stripped_prefixes": legacy.stripped_prefixes,
         "config": config,
-        "config_source": "sidecar" if sidecar else ("inferred" if inferred else None),
+        "config_source": resolution.origin,
         "registered": config["model_type"] in registered_model_types() if config else None,
-        "inferred_config": inferred,
-        "not_recognised": reason,
-        "plugin_failures": failures,
+        "inferred_config": config if resolution.origin == "inferred" else None,
+        "not_recognised": resolution.unresolved.message if resolution.unresolved is not None else None,
+        "plugin_failures": resolution.plugin_failures,
         "training": legacy.training,
         "has_optimizer_state": legacy.optimizer_state is not None,
         "tensors": _tensor_summary([(n, d, s) for n, d, s in infos if d in DTYPE_SIZES]),
-        "sidecar": {"status": "present", "path": str(sidecar.path)} if sidecar else {"status": "missing"},
+        "sidecar": {"status": "present", "path": str(path.parent / "model_config.json")}
+        if resolution.origin == "sidecar" or (path.parent / "model_config.json").exists() else {"status": "missing"},
     }
     if tensors:
         info["tensor_list"] = [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in infos]

@@ -381,7 +381,7 @@ def _predict_file(
     predictor: MultiTaskPredictor, path: Path, out_dir: Path, previous: dict, stems: set[str], *,
     threshold: float | None, overwrite: bool, max_pixels: int,
 ) -> list[FileResult]:
-    from .sources.legacy import sha256_file
+    from .io.files import sha256_file
 
     try:
         if path.stem in stems:

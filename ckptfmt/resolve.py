@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .config.model_config import ModelConfig, config_differences, read_sidecar
+from .config.model_config import ModelConfig, Sidecar, config_differences, read_sidecar
 from .errors import (
     AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
@@ -131,17 +131,18 @@ def read_source(
 class Resolution:
     """A source with its one config.
 
-    `origin` names the entry of `CONFIG_SOURCES` that gave the config ("--config",
-    "embedded", "sidecar", "pickled model", "hyper_parameters", "inferred", or "--model-type
-    and --set"), with "+overrides" when the caller's overrides changed it; `config` is None
-    for weights only, and `unresolved` then says why. `warnings` are what the user should know
-    of the resolution itself (a sidecar that disagrees, a plugin that failed, what reading the
-    file noticed).
+    `origin` says where the config came from ("--config", "embedded", "sidecar", "pickled
+    model", "hyper_parameters", "inferred", or "--model-type and --set"), and `overridden`
+    whether the caller's overrides changed it; `config` is None for weights only, and
+    `unresolved` then says why. `warnings` are what the user should know
+    of the resolution itself (a sidecar that disagrees, a plugin that failed); what reading a
+    legacy file noticed is in `legacy.notes`.
     """
 
     source: Source
     config: ModelConfig | None = None
     origin: str | None = None
+    overridden: bool = False
     identification: Identification | None = None
     unresolved: CkptfmtError | None = None
     warnings: list[CkptfmtWarning] = field(default_factory=list)
@@ -175,7 +176,9 @@ class _Asked:
     overrides: dict[str, Any]
     model_type: str | None
     identify: bool
+    check: bool
     replace_sidecar: bool | None
+    read_sidecar: Callable[[Path], Sidecar | None]
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
     prefixes: list[str]
@@ -204,7 +207,7 @@ def _embedded(resolution: Resolution, asked: _Asked) -> _Found | None:
     if document is None:
         return None
     config = ModelConfig.from_dict(document, path=resolution.path)
-    sidecar = read_sidecar(resolution.path.parent)
+    sidecar = asked.read_sidecar(resolution.path.parent)
     if sidecar is not None and resolution.path.name in sidecar.weights:
         differences = config_differences(config, sidecar.config)
         if differences:
@@ -218,21 +221,21 @@ def _sidecar(resolution: Resolution, asked: _Asked) -> _Found | None:
     """`model_config.json` beside the file: the original system's layout, and the mirror of a
     ckptfmt file. It can drift from the weights, so it must fit them: one that does not is
     refused, or, asked to replace it, passed over for what the file itself says."""
-    sidecar = read_sidecar(resolution.path.parent)
+    sidecar = asked.read_sidecar(resolution.path.parent)
     if sidecar is None:
         return None
     config = sidecar.config
-    if not asked.identify and asked.replace_sidecar is None:
-        return _Found(config, "sidecar")  # nothing to check it against without the architecture
+    if not asked.check:
+        return _Found(config, "sidecar")  # checked by whoever builds the model
     config = config.checked(path=sidecar.path)
     overridden = _overridden(config, asked, resolution.path)
+    first_problem = None
     for prefix in asked.prefixes:
         shapes, dtypes = _under(prefix, asked)
         try:
             _check(overridden, shapes, dtypes, asked, resolution.path)
         except ShapeMismatchError as exc:
-            if prefix == asked.prefixes[-1]:
-                first_problem = exc
+            first_problem = first_problem or exc
             continue
         return _Found(config, "sidecar", prefix)
     if asked.overrides:  # the override is what does not fit: said as such
@@ -333,6 +336,7 @@ def resolve(
     source: Source, *, config: ModelConfig | str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None, model_type: str | None = None, identify: bool = True,
     check: bool = True, replace_sidecar: bool | None = None, cast_to: Any = None,
+    read_sidecar: Callable[[Path], Sidecar | None] = read_sidecar,
 ) -> Resolution:
     """Resolve a source's config: the first of `CONFIG_SOURCES` that gives one, `overrides` on
     top, checked against the tensors.
@@ -352,6 +356,7 @@ def resolve(
             refuses it (the caller has no such option).
         cast_to: the dtype every floating-point tensor is about to be cast to, for the dtype
             check.
+        read_sidecar: how to read a folder's sidecar (a batch over one folder reads it once).
 
     Raises:
         ShapeMismatchError: the config does not fit the weights; the message names the field
@@ -371,12 +376,11 @@ def resolve(
         get_model_entry(model_type)  # a name not registered is refused as such, before any other check
         overrides["model_type"] = model_type
     resolution = Resolution(source)
-    if source.legacy is not None:
-        resolution.warnings.extend(CkptfmtWarning(note) for note in source.legacy.notes)
     from .sources.layouts import candidate_prefixes
 
     shapes = source.shapes
-    asked = _Asked(config, overrides, model_type, identify, replace_sidecar, shapes, source.dtypes(cast_to),
+    asked = _Asked(config, overrides, model_type, identify, check, replace_sidecar, read_sidecar, shapes,
+                   source.dtypes(cast_to),
                    candidate_prefixes(shapes) if source.legacy is not None else [""])
     found = None
     for _, ask in CONFIG_SOURCES:
@@ -392,11 +396,9 @@ def resolve(
         return resolution
     if found.prefix and source.legacy is not None:
         source.legacy.take_network(found.prefix)
-        resolution.warnings.extend(CkptfmtWarning(note) for note in source.legacy.notes[len(resolution.warnings):])
     resolution.config, resolution.origin, resolution.identification = found.config, found.origin, found.identification
     if overrides and found.origin != "--model-type and --set":
-        resolution.config = _overridden(found.config, asked, source.path)
-        resolution.origin += "+overrides" if found.origin in ("embedded", "sidecar", "pickled model") else ""
+        resolution.config, resolution.overridden = _overridden(found.config, asked, source.path), True
     if check:
         shapes, dtypes = _under(found.prefix, asked)
         _check(resolution.config, shapes, dtypes, asked, source.path)

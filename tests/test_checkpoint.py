@@ -163,7 +163,7 @@ def test_wrong_override_names_field_tensor_and_shapes_before_allocating(tmp_path
     def no_loading(*args, **kwargs):
         raise AssertionError("tensors were loaded before the shape check")
 
-    monkeypatch.setattr("ckptfmt.checkpoint.load_tensors", no_loading)
+    monkeypatch.setattr("ckptfmt.format.writer.load_tensors", no_loading)
     with pytest.raises(ShapeMismatchError) as excinfo:
         load_model(path, base_filters=32)
     assert str(excinfo.value) == (

@@ -420,13 +420,17 @@ def test_one_argument_json_cannot_hold_costs_that_argument_not_all_of_args(tmp_p
 
 
 def test_an_attribute_prefix_is_stripped_only_when_the_rest_is_a_known_architecture(tmp_path):
+    """Reading never identifies: the resolution, which does, strips the attribute."""
+    from ckptfmt.resolve import read_source, resolve
+
     model, config = small_model()
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "known.pth")
-    known = read_legacy_checkpoint(tmp_path / "known.pth")
+    assert read_legacy_checkpoint(tmp_path / "known.pth").stripped_prefixes == []
+    known = resolve(read_source(tmp_path / "known.pth")).legacy
     assert known.stripped_prefixes == ["model."] and known.state_dict.keys() == model.state_dict().keys()
     head = {"net.fc.weight": torch.zeros(2, 3), "net.fc.bias": torch.zeros(2)}
     torch.save(head, tmp_path / "unknown.pth")
-    unknown = read_legacy_checkpoint(tmp_path / "unknown.pth")
+    unknown = resolve(read_source(tmp_path / "unknown.pth")).legacy
     assert unknown.stripped_prefixes == [] and list(unknown.state_dict) == list(head)
 
 

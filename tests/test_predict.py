@@ -221,7 +221,7 @@ def test_an_earlier_table_that_predict_did_not_write_is_our_error(demo_model, tm
     import os
 
     from ckptfmt.predict import _checkpoint_identity, predict_files
-    from ckptfmt.sources.legacy import sha256_file
+    from ckptfmt.io.files import sha256_file
 
     predictor = MultiTaskPredictor(demo_model)
     np.save(tmp_path / "a.npy", np.zeros((16, 16), np.float32))
@@ -309,7 +309,7 @@ def test_a_checkpoint_converted_to_fp16_predicts_on_the_cpu(tmp_path, held_out):
 
 
 def test_wrong_depth_override_fails_before_loading(demo_model, monkeypatch):
-    monkeypatch.setattr("ckptfmt.checkpoint.load_tensors", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr("ckptfmt.format.writer.load_tensors", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(ShapeMismatchError, match=r"depth=4 expects .*\(the weights say depth=3\); remove the override"):
         MultiTaskPredictor(demo_model, depth=4)
 

@@ -177,7 +177,7 @@ def test_convert_writes_shards_from_a_mapped_pth(tmp_path):
     assert state_dicts_bit_identical(ckptfmt.load_model(index).state_dict(), model.state_dict())
     assert ckptfmt.verify(index).ok
     source = ckptfmt.read_header(index).provenance()["source"]
-    from ckptfmt.sources.legacy import sha256_file
+    from ckptfmt.io.files import sha256_file
 
     assert source["sha256"] == sha256_file(tmp_path / "big.pth")
     again = run_cli("convert", str(tmp_path / "big.pth"), "--max-shard-size", "60KB")

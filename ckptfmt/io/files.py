@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import CheckpointNotFoundError, CkptfmtError, InputError
 
 __all__ = [
-    "CACHE_ENV", "cache_folder", "check_plain_name", "file_in_folder", "files_sha256", "is_regular_file", "open_regular",
+    "CACHE_ENV", "cache_folder", "check_plain_name", "file_in_folder", "files_sha256", "is_regular_file", "open_regular", "sha256_fd", "sha256_file",
     "read_capped", "walk_files",
 ]
 
@@ -179,4 +179,26 @@ def files_sha256(paths: list[Path], *, error: type[CkptfmtError] = InputError) -
                 position += got
         finally:
             os.close(fd)
+    return sha.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, *, error: type[CkptfmtError] = InputError) -> str:
+    """The SHA-256 of a regular file (a FIFO or a device is refused, not read)."""
+    fd = open_regular(path, error=error)
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_fd(fd: int) -> str:
+    """The SHA-256 of an open file's bytes, read with pread (its offset left to whoever shares it)."""
+    import hashlib
+
+    sha = hashlib.sha256()
+    buffer = memoryview(bytearray(8 << 20))
+    position = 0
+    while got := os.preadv(fd, [buffer], position):
+        sha.update(buffer[:got])
+        position += got
     return sha.hexdigest()

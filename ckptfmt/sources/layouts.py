@@ -44,12 +44,12 @@ import torch
 from ..config.model_config import ModelConfig
 from ..errors import CkptfmtError, HeaderError, LegacyCheckpointError
 from ..format.companion import check_storable, unstorable_tensor
-from ..format.header import read_header
-from ..format.writer import DTYPE_NAMES, load_tensors
-from ..io.files import files_sha256
+from ..format.header import Header
+from ..format.writer import load_tensors
+from ..io.files import files_sha256, sha256_file
 from ..io.jsondoc import MAX_INT_DIGITS, has_surrogate, plain_json
 
-__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "candidate_prefixes", "read_foreign_index", "unwrap"]
+__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "candidate_prefixes", "read_foreign_safetensors", "unwrap"]
 
 STATE_DICT_KEYS = (
     "state_dict", "model_state_dict", "model", "net", "network", "model_state", "weights",
@@ -124,6 +124,10 @@ class LegacyCheckpoint:
         self.stripped_prefixes.append(prefix)
         if others:
             _to_companion(self, f"tensors outside {prefix!r}", "extra", others)
+            # Listed first, as they stood in the file: beside the network, before the other keys.
+            moved = self.destinations.get("companion", [])
+            if moved and moved[-1] == f"tensors outside {prefix!r}":
+                moved.insert(0, moved.pop())
             self.notes.append(
                 f"the network is the module's {prefix[:-1]!r}; its other tensors ({', '.join(sorted(others)[:5])}"
                 f"{', ...' if len(others) > 5 else ''}) go to the companion"
@@ -359,14 +363,19 @@ def _fits_record(entry: dict[str, Any]) -> bool:
     return len(json.dumps(entry)) <= MAX_RECORD_VALUE_BYTES
 
 
-def read_foreign_index(path: Path, *, hash_source: bool = True) -> LegacyCheckpoint:
-    """A sharded checkpoint written by someone else (transformers, accelerate, huggingface_hub's
-    `save_torch_model`), read as `convert` reads a legacy file: its tensors mapped from its
-    shards, sorted by `unwrap` (prefixes and all). Its source digest covers the index
-    and every shard, in that order."""
-    header = read_header(path)  # every rule of a header, for each shard, and the index's names
+def read_foreign_safetensors(header: Header, *, hash_source: bool = True) -> LegacyCheckpoint:
+    """A `.safetensors` file or a sharded checkpoint written by someone else (a plain
+    `save_file`, the Hub, timm, transformers, accelerate, huggingface_hub's `save_torch_model`),
+    read as a legacy file is: its tensors mapped from its files, sorted by `unwrap` (prefixes and
+    all). Its source digest covers the index and every shard, in that order, or the one file."""
+    path = header.path
     checkpoint = unwrap(load_tensors(header), path)
-    checkpoint.serialization = f"safetensors index and {len(header.files)} shards"
-    checkpoint.destinations["weights"] = [f"{len(header.files)} shards"]
-    checkpoint.sha256 = files_sha256([path, *header.files], error=HeaderError) if hash_source else ""
+    if header.is_sharded:
+        checkpoint.serialization = f"safetensors index and {len(header.files)} shards"
+        checkpoint.destinations["weights"] = [f"{len(header.files)} shards"]
+    else:
+        checkpoint.serialization = "safetensors"
+    if hash_source:
+        checkpoint.sha256 = (files_sha256([path, *header.files], error=HeaderError) if header.is_sharded
+                             else sha256_file(path, error=HeaderError))
     return checkpoint

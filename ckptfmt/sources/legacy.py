@@ -18,7 +18,6 @@ record and companion.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -34,12 +33,12 @@ import torch
 
 from ..errors import LegacyCheckpointError, UnsafePickleError, Words
 from ..io.background import helpers
-from ..io.files import open_regular
+from ..io.files import open_regular, sha256_fd
 from .layouts import LegacyCheckpoint, unwrap
 from .standins import Refused, contents, globals_in_legacy_pickles, python3_name, stand_ins_for, thaw
 
 __all__ = [
-    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "file_identity", "read_legacy_checkpoint", "sha256_file"]
+    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "file_identity", "read_legacy_checkpoint"]
 
 logger = logging.getLogger("ckptfmt")
 
@@ -66,26 +65,6 @@ _UNSAFE_FIX = Words("If you trust this file, convert it with `convert(SOURCE, un
 # torch's allowlist of extra globals is one set for the whole process: one load with stand-ins
 # at a time, so that one load's exit does not remove the stand-ins another is using.
 _STAND_INS_IN_USE = threading.Lock()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The SHA-256 of a regular file (a FIFO or a device is refused, not read)."""
-    fd = open_regular(path, error=LegacyCheckpointError)
-    try:
-        return _sha256_fd(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256_fd(fd: int) -> str:
-    sha = hashlib.sha256()
-    buffer = memoryview(bytearray(8 << 20))
-    position = 0
-    # pread leaves the descriptor's offset to the reader sharing it.
-    while got := os.preadv(fd, [buffer], position):
-        sha.update(buffer[:got])
-        position += got
-    return sha.hexdigest()
 
 
 def read_legacy_checkpoint(
@@ -122,7 +101,7 @@ def read_legacy_checkpoint(
         # them from there, so memory does not grow with the file (pre-1.6 pickles cannot be).
         mapped_from = _same_file(fd, path) if mmap and serialization == "torch zip" and not unsafe_pickle else None
         # Hash on a second core while torch unpickles; hashlib releases the GIL on large buffers.
-        digest = helpers().submit(_sha256_fd, fd) if hash_source else None
+        digest = helpers().submit(sha256_fd, fd) if hash_source else None
         try:
             obj, conversions, mapped = _load(f, path, serialization, unsafe_pickle=unsafe_pickle,
                                              mapped_from=mapped_from, records=records)
