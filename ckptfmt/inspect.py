@@ -52,9 +52,11 @@ def inspect_checkpoint(path: str | os.PathLike, *, tensors: bool = False, memo: 
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError("no such file", path=path)
-    if path.is_dir():
+    from .sources.dcp import is_dcp_folder
+
+    if path.is_dir() and not is_dcp_folder(path):  # a DCP folder is one checkpoint, read as a legacy file is
         raise CheckpointNotFoundError("is a folder; use inspect_folder", path=path)
-    if not looks_like_safetensors(path):
+    if path.is_dir() or not looks_like_safetensors(path):
         return _inspect_legacy(path, tensors=tensors)
     header = read_header(path)
     memo = _WalkMemo() if memo is None else memo
