@@ -166,6 +166,7 @@ class _Found(NamedTuple):
     origin: str
     prefix: str = ""  # where the network sits among the source's tensors ("" for the whole)
     identification: Identification | None = None
+    fits: bool = False  # already checked against the tensors, overrides and all: not checked twice
 
 
 @dataclass
@@ -237,7 +238,7 @@ def _sidecar(resolution: Resolution, asked: _Asked) -> _Found | None:
         except ShapeMismatchError as exc:
             first_problem = first_problem or exc
             continue
-        return _Found(config, "sidecar", prefix)
+        return _Found(config, "sidecar", prefix, fits=True)
     if asked.overrides:  # the override is what does not fit: said as such
         raise first_problem
     if asked.replace_sidecar:
@@ -285,7 +286,7 @@ def _recorded(resolution: Resolution, asked: _Asked) -> _Found | None:
             except Exception:  # arguments this architecture refuses, or its code failing on them
                 continue
         if len(found) == 1:
-            return _Found(found[0].checked(path=resolution.path), "hyper_parameters", prefix)
+            return _Found(found[0].checked(path=resolution.path), "hyper_parameters", prefix, fits=not asked.overrides)
     return None
 
 
@@ -399,7 +400,7 @@ def resolve(
     resolution.config, resolution.origin, resolution.identification = found.config, found.origin, found.identification
     if overrides and found.origin != "--model-type and --set":
         resolution.config, resolution.overridden = _overridden(found.config, asked, source.path), True
-    if check:
+    if check and not found.fits:
         shapes, dtypes = _under(found.prefix, asked)
         _check(resolution.config, shapes, dtypes, asked, source.path)
     return resolution
