@@ -7,20 +7,24 @@ import datetime
 import math
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import ConfigError
 from ..io.jsondoc import dumps_strict
 from .header import FORMAT_VERSION, KEY_CONFIG, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_PROVENANCE, KEY_TRAINING
 
-if TYPE_CHECKING:
-    from ..config.model_config import ModelConfig
+
+class _Config(Protocol):
+    """What the format needs of a config (a `ModelConfig`): its document. The format comes before
+    the config in the flow of data, so it names no config class."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 __all__ = ["build_metadata", "provenance_record", "training_record"]
 
 
 def build_metadata(
-    config: ModelConfig | None, *, training: Mapping[str, Any], provenance: Mapping[str, Any]
+    config: _Config | None, *, training: Mapping[str, Any], provenance: Mapping[str, Any]
 ) -> dict[str, str]:
     """The `__metadata__` of a ckptfmt file (see the README's format section); the weights
     digest is added by `write_safetensors` as it writes."""
