@@ -310,6 +310,8 @@ def _build(
         model = _build_with(builder, opened)
     else:
         model = get_model_entry(opened.config.model_type).build_on_meta(opened.config.params)
+    if opened.config is not None:
+        remember_file_config(model, opened.config)  # the model is what its file's config describes
     state_dict = opened.source.tensors(device)
     if opened.header is not None:
         state_dict = collections.OrderedDict(state_dict)
@@ -334,8 +336,6 @@ def _build(
         )
     if dtype is not None:
         model.to(dtype)
-    if opened.config is not None:
-        remember_file_config(model, opened.config)
     return model.eval()
 
 
