@@ -1,4 +1,6 @@
-"""Malformed .safetensors files and hostile headers: one clear error each, before any tensor is read."""
+"""Malformed .safetensors headers, and metadata documents of the wrong shape: one clear error
+each, the same from every reader and the CLI, before any tensor is read; and the writer refuses
+whatever the reader would."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 import struct
 
 import pytest
+import torch
 from safetensors import SafetensorError, safe_open
 
 import ckptfmt
@@ -185,3 +188,189 @@ def test_tied_alias_pointing_nowhere(tmp_path):
     write_safetensors(path, model.state_dict(), metadata)
     with pytest.raises(HeaderError, match="ties 'x' to 'missing', which is not a stored tensor"):
         ckptfmt.load_model(path)
+
+
+@pytest.mark.parametrize(
+    "version, message",
+    [
+        ("999", "written by a newer ckptfmt (format 999); this one reads up to format 2. Upgrade ckptfmt "
+                "(pip install -U ckptfmt)"),
+        ("-1", "metadata 'ckptfmt.format_version' is '-1', not a format version number; the file is damaged "
+               "or was not written by ckptfmt"),
+        ("2.0", "metadata 'ckptfmt.format_version' is '2.0', not a format version number; the file is "
+                "damaged or was not written by ckptfmt"),
+    ],
+)
+def test_unknown_format_versions_are_refused(tmp_path, version, message):
+    """A newer ckptfmt.format_version is refused saying to upgrade, a malformed one as damage:
+    the same words from every reader, verify and the CLI."""
+    model, config = small_model()
+    metadata = build_metadata(config, training={}, provenance={})
+    metadata["ckptfmt.format_version"] = version
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, model.state_dict(), metadata)
+    for read in (read_header, ckptfmt.load_model, ckptfmt.ModelConfig.from_checkpoint):
+        with pytest.raises(HeaderError) as excinfo:
+            read(path)
+        assert str(excinfo.value) == f"{path}: {message}"
+    report = ckptfmt.verify(path)
+    assert report.failures == [f"{path}: {message}"]
+    for command in ("inspect", "verify"):
+        result = run_cli(command, str(path))
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].endswith(message)
+
+
+@pytest.mark.parametrize(
+    "tensors, metadata, message",
+    [
+        ({"": torch.zeros(1)}, {}, "tensor '': tensor names must be non-empty and free of NUL"),
+        ({"a\x00b": torch.zeros(1)}, {}, "tensor 'a\\x00b': tensor names must be non-empty and free of NUL"),
+        ({"__metadata__": torch.zeros(1)}, {}, "tensor '__metadata__': safetensors reserves that name for the metadata"),
+        ({"a": torch.zeros(1)}, {"huge": "x" * (1 << 20)}, "metadata is 1048674 bytes, over the 1048576-byte limit"),
+        ({"a\udc80": torch.zeros(1)}, {}, "tensor 'a\\udc80': tensor names must be valid Unicode, and this one holds a "
+                                            "lone surrogate, which safetensors refuses to read"),
+        ({"a": torch.zeros(1)}, {"note": "b\ud800"}, "metadata 'note': its value 'b\\ud800' is not valid Unicode (a lone "
+                                                     "surrogate), which safetensors refuses to read"),
+        ({"a": torch.zeros(1)}, {"n\udfff": "b"}, "metadata 'n\\udfff': its key is not valid Unicode (a lone surrogate), "
+                                                  "which safetensors refuses to read"),
+    ],
+    ids=["empty name", "NUL in a name", "__metadata__", "metadata over 1 MiB", "lone surrogate in a name",
+         "lone surrogate in a metadata value", "lone surrogate in a metadata key"],
+)
+def test_the_writer_refuses_what_the_reader_would(tmp_path, tensors, metadata, message):
+    """The same rule, at one place, for both: nothing is written that verify would reject."""
+    with pytest.raises(HeaderError) as excinfo:
+        write_safetensors(tmp_path / "out.safetensors", tensors, {"format": "pt", **metadata})
+    assert str(excinfo.value) == f"{tmp_path / 'out.safetensors'}: {message}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_the_reader_refuses_is_not_written(tmp_path):
+    """The training record's JSON is held at writing to the reader's rules (depth, digits, NaN,
+    keys, lone surrogates); an emoji, written as a surrogate pair escape, reads back as itself."""
+    from ckptfmt.io.jsondoc import dumps_strict, loads_strict
+
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    for value, message in [
+        ({"a": deep}, "the training record['a'][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0][0]"
+                      "[0][0][0][0][0][0][0][0] nests deeper than 32 levels"),
+        ({"n": 10**20}, "the training record['n'] is a 21-digit integer; at most 19 digits are allowed"),
+        ({"x": float("nan")}, "the training record['x'] is nan, which JSON cannot hold"),
+        ({1: "a"}, "the training record has the key 1 (int); JSON keys are strings"),
+        ({"args": {"name": ["ok", "x\udc80"]}}, "the training record['args']['name'][1] is the string 'x\\udc80', which is "
+                                                "not valid Unicode (a lone surrogate); JSON cannot hold it for "
+                                                "safetensors and other strict readers"),
+        ({"args": {"k\ud800\udc00": 1}}, "the training record['args'] has the key 'k\\ud800\\udc00', which is not valid "
+                                          "Unicode (a lone surrogate); JSON cannot hold it for safetensors and other "
+                                          "strict readers"),
+    ]:
+        with pytest.raises(ckptfmt.ConfigError) as excinfo:
+            dumps_strict(value, what="the training record")
+        assert str(excinfo.value) == message
+    # json writes an emoji as a surrogate pair escape, which reads back as the one character
+    ok = {"a": [[[1]]], "n": 10**18, "s": "é\x00\U0001f600"}
+    assert "\\ud83d\\ude00" in dumps_strict(ok, what="x")
+    assert loads_strict(dumps_strict(ok, what="x"), what="x") == ok
+
+
+@pytest.mark.parametrize(
+    "key, document, message",
+    [
+        ("ckptfmt.training", {"optimizer": "m.optimizer.safetensors"},
+         "metadata 'ckptfmt.training': optimizer must be an object {\"file\": ..., \"sha256\": ...}, not "
+         "'m.optimizer.safetensors'; the file is damaged or was not written by ckptfmt"),
+        ("ckptfmt.training", {"optimizer": {"file": 7, "sha256": "0" * 64}},
+         "metadata 'ckptfmt.training': optimizer.file must be a plain file name in the checkpoint's folder, not 7; "
+         "the file is damaged or was crafted to read elsewhere"),
+        ("ckptfmt.training", {"optimizer": {"file": "../elsewhere/x.optimizer.safetensors", "sha256": "0" * 64}},
+         "metadata 'ckptfmt.training': optimizer.file must be a plain file name in the checkpoint's folder, not "
+         "'../elsewhere/x.optimizer.safetensors'; the file is damaged or was crafted to read elsewhere"),
+        ("ckptfmt.training", {"optimizer": {"file": "/etc/passwd", "sha256": "0" * 64}},
+         "metadata 'ckptfmt.training': optimizer.file must be a plain file name in the checkpoint's folder, not "
+         "'/etc/passwd'; the file is damaged or was crafted to read elsewhere"),
+        ("ckptfmt.training", {"metrics": [0.5, 0.9]},
+         "metadata 'ckptfmt.training': metrics must be an object of numbers by name, not [0.5, 0.9]; the file is "
+         "damaged or was not written by ckptfmt"),
+        ("ckptfmt.training", {"epoch": "3"},
+         "metadata 'ckptfmt.training': epoch must be a non-negative int, not '3'; the file is damaged or was not "
+         "written by ckptfmt"),
+        ("ckptfmt.provenance", {"source": "best_model.pth"},
+         "metadata 'ckptfmt.provenance': source must be an object, not 'best_model.pth'; the file is damaged or "
+         "was not written by ckptfmt"),
+        ("ckptfmt.provenance", {"cast": "F16"},
+         "metadata 'ckptfmt.provenance': cast must be an object {\"to\": dtype, \"from\": {dtype: count}}, not "
+         "'F16'; the file is damaged or was not written by ckptfmt"),
+    ],
+    ids=["binding a string", "binding file a number", "binding traversal", "binding absolute", "metrics a list",
+         "epoch a string", "source a string", "cast a string"],
+)
+def test_metadata_documents_of_the_wrong_shape_are_our_error_everywhere(tmp_path, key, document, message):
+    """Validated where read, one function per document: inspect, verify and load see the same."""
+    model, config = small_model()
+    metadata = build_metadata(config, training={}, provenance={})
+    metadata[key] = json.dumps(document)
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, model.state_dict(), metadata)
+    for use in (ckptfmt.inspect_checkpoint, ckptfmt.load_model_with_config):
+        with pytest.raises(HeaderError) as excinfo:
+            use(path)
+        assert str(excinfo.value) == f"{path}: {message}"
+    assert not ckptfmt.verify(path).ok
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"Error: {path}: {message}"
+
+
+def _checkpoint_with(tmp_path, key: str, document) -> object:
+    model, config = small_model()
+    metadata = build_metadata(config, training={}, provenance={})
+    metadata[key] = json.dumps(document)
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, model.state_dict(), metadata)
+    return path
+
+
+@pytest.mark.parametrize(
+    "document, message",
+    [
+        ({"identified": "multitask(depth=2)"},
+         "identified must be an object {\"chosen\": ..., \"twins\": [...], \"probe\": ...}, not 'multitask(depth=2)'"),
+        ({"identified": {"chosen": "multitask(depth=2)", "twins": "multitask(depth=3)", "probe": "equal"}},
+         "identified.twins must be a list of strings, not 'multitask(depth=3)'"),
+        ({"identified": {"chosen": ["multitask(depth=2)"], "twins": [], "probe": "equal"}},
+         "identified.chosen must be a string, not ['multitask(depth=2)']"),
+        ({"source": {"file": "m.pth", "read_as_plain": "args: argparse.Namespace"}},
+         "source.read_as_plain must be a list of strings, not 'args: argparse.Namespace'"),
+        ({"source": {"file": "m.pth", "read_as_plain": [3]}},
+         "source.read_as_plain must be a list of strings, not [3]"),
+        ({"source": {"file": "m.pth", "pickled_model": 3}},
+         "source.pickled_model must be a string, not 3"),
+    ],
+    ids=["identified a string", "twins a string", "chosen a list", "read_as_plain a string",
+         "read_as_plain of numbers", "pickled_model a number"],
+)
+def test_provenance_of_the_wrong_shape_is_our_error_everywhere(tmp_path, document, message):
+    """Regression: a plain string where ckptfmt writes an object or a list of strings passed
+    inspect and verify."""
+    path = _checkpoint_with(tmp_path, "ckptfmt.provenance", document)
+    message = (f"metadata 'ckptfmt.provenance': {message}; the file is damaged or was not written by ckptfmt")
+    for use in (ckptfmt.inspect_checkpoint, ckptfmt.load_model_with_config, ckptfmt.load_model):
+        with pytest.raises(HeaderError) as excinfo:
+            use(path)
+        assert str(excinfo.value) == f"{path}: {message}"
+    assert ckptfmt.verify(path).failures == [f"{path}: {message}"]
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: {path}: {message}"
+
+
+def test_provenance_as_ckptfmt_writes_it_still_passes(tmp_path):
+    """The provenance shapes the reader checks are those ckptfmt writes: such a file verifies
+    and reads back as written."""
+    document = {"identified": {"chosen": "a", "twins": ["b"], "probe": "equal"},
+                "source": {"file": "m.pth", "read_as_plain": ["args: argparse.Namespace"], "pickled_model": "Net"}}
+    path = _checkpoint_with(tmp_path, "ckptfmt.provenance", document)
+    assert ckptfmt.verify(path).ok
+    assert ckptfmt.inspect_checkpoint(path)["provenance"] == document
