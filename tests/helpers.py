@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from ckptfmt.models.multitask_unet import MultiTaskUNet
+from click.testing import CliRunner
 
 from ckptfmt import ModelConfig, save_model_with_config
+from ckptfmt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "checkpoints"
@@ -53,8 +60,66 @@ def run(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
     )
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli_in_fresh_process(*args: str, cwd: Path | None = None,
+                             env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m ckptfmt ARGS` in a fresh process, for a test whose point is the process itself
+    (what it imports, how it ends); every other command runs in this one, through `run_cli`."""
     return run("-m", "ckptfmt", *args, cwd=cwd, env=env)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What a user sees of a command: its exit code and what it printed, stdout and stderr apart."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None) -> CliResult:
+    """`ckptfmt ARGS` run in this process, through click's CliRunner, as a terminal runs it: in
+    `cwd`, with `env` added to the environment, warnings shown as the command shows them.
+
+    An exception that escapes the command fails the test with its traceback (the CLI turns
+    every error into one line, so one that escapes is a bug), and nothing the command set for
+    the process outlives it.
+
+    Example:
+        result = run_cli("verify", path)
+        assert result.returncode == 0 and result.stdout.startswith("[OK]")
+    """
+    with _as_a_command_starts(cwd):
+        result = CliRunner().invoke(main, [str(arg) for arg in args], env=env, prog_name="ckptfmt",
+                                    catch_exceptions=False)
+    return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+@contextlib.contextmanager
+def _as_a_command_starts(cwd: Path | None) -> Iterator[None]:
+    """What a command starts from in a fresh `ckptfmt` process, and everything put back when it
+    ends: the current folder; Python's default warning filters, not this suite's (which turns
+    CkptfmtWarning into an error, where the command shows it as a `warning:` line);
+    `warnings.showwarning` and the `ckptfmt` logger, which the command sets up for itself.
+
+    What ckptfmt's modules hold (the registry, the folders a process has cleaned of stale temp
+    files) stays shared with the test, as in any process that uses the library; a test that
+    needs it new runs the command with `run_cli_in_fresh_process`."""
+    logger = logging.getLogger("ckptfmt")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    folder = os.getcwd()
+    try:
+        with warnings.catch_warnings():  # restores the filters and warnings.showwarning on leaving
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            if cwd is not None:
+                os.chdir(cwd)
+            yield
+    finally:
+        os.chdir(folder)
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def dice(a, b) -> float:

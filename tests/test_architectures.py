@@ -56,6 +56,7 @@ def outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
+@pytest.mark.subprocess  # Its own process: nothing of the model is in memory there, only the file.
 def test_saved_without_a_config_it_is_rebuilt_in_a_fresh_process(example, tmp_path):
     """What can be checked of every architecture: rebuilt in a fresh process, its config and its
     state dict are the original's, bit for bit. With a task, there is an input to run it on, and

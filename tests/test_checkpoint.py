@@ -33,6 +33,7 @@ ARCHITECTURES = [
 ]
 
 
+@pytest.mark.subprocess  # Its own process: nothing of the saved model is in memory there, only the file.
 @pytest.mark.parametrize("architecture", ARCHITECTURES, ids=lambda a: "-".join(map(str, a.values())))
 def test_load_model_in_a_fresh_process_gives_identical_outputs(tmp_path, architecture):
     path, model, config = save_small(tmp_path, **architecture)
@@ -55,6 +56,7 @@ def test_load_model_in_a_fresh_process_gives_identical_outputs(tmp_path, archite
     assert torch.equal(outputs["seg"], expected[0]) and torch.equal(outputs["cls"], expected[1])
 
 
+@pytest.mark.subprocess  # Its own process: only a fresh one shows what reading imports.
 def test_header_and_config_are_read_without_torch(tmp_path):
     path, _, config = save_small(tmp_path, base_filters=8, depth=3)
     code = (

@@ -139,6 +139,7 @@ def test_sidecar_binds_several_files_of_one_config_and_refuses_another(tmp_path)
     assert read_sidecar(tmp_path).weights == {"best_model.safetensors": "c" * 64}
 
 
+@pytest.mark.subprocess  # Its own process: only a fresh one shows what reading imports.
 def test_reading_a_config_does_not_import_torch(tmp_path):
     ModelConfig(depth=3).save(tmp_path / "model_config.json")
     code = (

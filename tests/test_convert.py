@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from ckptfmt.models.multitask_unet import MultiTaskUNet
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ckptfmt
 from ckptfmt import ModelConfig, convert, load_model, read_header
-from ckptfmt.cli import main
 from ckptfmt.sources.legacy import read_legacy_checkpoint
 
 from .helpers import DEMO_ARCHITECTURE, copy_demo, run_cli, small_model, state_dicts_bit_identical
@@ -131,14 +129,14 @@ def test_a_sidecar_that_does_not_fit_is_an_error_unless_forced(tmp_path):
 def test_unrecognised_weights_convert_as_weights_only(tmp_path):
     tensors = {"fc.weight": torch.randn(3, 5), "fc.bias": torch.randn(3)}
     torch.save(tensors, tmp_path / "mlp.pth")
-    result = runner_invoke(["convert", str(tmp_path / "mlp.pth")])
-    assert result.exit_code == 0
+    result = run_cli("convert", tmp_path / "mlp.pth")
+    assert result.returncode == 0
     assert "weights only, no config" in result.stdout
     assert "warning: " in result.stderr and "converted as weights only" in result.stderr
     output = tmp_path / "mlp.safetensors"
     assert state_dicts_bit_identical(load_file(output), tensors)
     assert not (tmp_path / "model_config.json").exists()
-    shown = runner_invoke(["inspect", str(output)])
+    shown = run_cli("inspect", output)
     assert "config      none: weights only" in shown.stdout
 
 
@@ -157,14 +155,10 @@ def test_model_type_with_config_attaches_a_config(tmp_path, monkeypatch):
     torch.save(tensors, tmp_path / "head.pth")
     (tmp_path / "cfg").mkdir()
     ModelConfig(model_type="linearhead", in_channels=5, cls_num_classes=3).save(tmp_path / "cfg/head.json")
-    result = runner_invoke(["convert", str(tmp_path / "head.pth"), "--model-type", "linearhead",
-                            "--config", str(tmp_path / "cfg/head.json")])
-    assert result.exit_code == 0, result.output
+    result = run_cli("convert", tmp_path / "head.pth", "--model-type", "linearhead",
+                     "--config", tmp_path / "cfg/head.json")
+    assert result.returncode == 0, result.stderr
     assert ModelConfig.from_checkpoint(tmp_path / "head.safetensors").model_type == "linearhead"
-
-
-def runner_invoke(args):
-    return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
 def test_cli_converts_a_folder_with_a_report(tmp_path):
@@ -273,6 +267,7 @@ def test_reader_unwraps_extra_training_data(tmp_path):
     assert legacy.companion == {"scheduler": {"last_epoch": 7}}
 
 
+@pytest.mark.subprocess  # Its own process: the tool is a script, run as the seed's users run it.
 def test_generate_model_configs_prints_the_seed_report(tmp_path):
     demo = copy_demo(tmp_path)
     (demo / "multitask_joint/model_config.json").unlink()
@@ -338,16 +333,16 @@ def test_model_type_and_set_attach_a_config_to_weights_no_architecture_recognise
             self.fc = torch.nn.Linear(in_features, classes)
 
     torch.save({"fc.weight": torch.randn(3, 5), "fc.bias": torch.randn(3)}, tmp_path / "head.pth")
-    wrong = runner_invoke(["convert", str(tmp_path / "head.pth"), "--model-type", "linear_head",
-                           "--set", "in_features=5", "--set", "classes=4"])
-    assert wrong.exit_code == 1
+    wrong = run_cli("convert", tmp_path / "head.pth", "--model-type", "linear_head",
+                    "--set", "in_features=5", "--set", "classes=4")
+    assert wrong.returncode == 1
     assert wrong.stderr.splitlines()[-1] == (
         f"[FAIL] {tmp_path / 'head.pth'}: the config expects fc.weight [4, 5]; the file has [3, 5], and 1 more "
         "mismatch; fix the config"
     )
-    result = runner_invoke(["convert", str(tmp_path / "head.pth"), "--model-type", "linear_head",
-                            "--set", "in_features=5", "--set", "classes=3"])
-    assert result.exit_code == 0, result.output
+    result = run_cli("convert", tmp_path / "head.pth", "--model-type", "linear_head",
+                     "--set", "in_features=5", "--set", "classes=3")
+    assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].endswith("linear_head(classes=3, in_features=5)")
     assert ModelConfig.from_checkpoint(tmp_path / "head.safetensors").params == {"in_features": 5, "classes": 3}
     assert isinstance(load_model(tmp_path / "head.safetensors"), LinearHead)
@@ -404,7 +399,7 @@ def test_twins_that_compute_different_functions_are_refused_with_the_candidates(
         "which with model_type= and overrides=, e.g. `model_type='doubled', overrides={'width': 4}`"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fc.pth"]
-    shown = CliRunner().invoke(main, ["convert", str(tmp_path / "fc.pth")])
+    shown = run_cli("convert", tmp_path / "fc.pth")
     assert shown.stderr.splitlines()[-1].endswith(
         "say which with --model-type and --set, e.g. `--model-type doubled --set width=4`")
     settled = convert(tmp_path / "fc.pth", model_type="plain", overrides={"width": 4})

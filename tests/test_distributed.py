@@ -86,6 +86,7 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     return work, [json.loads((work / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_a_two_rank_model_saves_to_one_self_describing_checkpoint(ranks):
     work, reports = ranks
     path = work / "first/model.safetensors"
@@ -102,6 +103,7 @@ def test_a_two_rank_model_saves_to_one_self_describing_checkpoint(ranks):
     assert read_header(index).weights_sha256 == header.weights_sha256
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_it_loads_into_two_ranks_and_into_one_process_with_identical_outputs(ranks):
     work, reports = ranks
     threads = torch.get_num_threads()
@@ -120,6 +122,7 @@ def test_it_loads_into_two_ranks_and_into_one_process_with_identical_outputs(ran
     assert all(report["placements"] == ["(Shard(dim=0),)", "(Shard(dim=1),)"] for report in reports)
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_each_rank_reads_only_its_own_slices_and_holds_no_more(ranks):
     work, reports = ranks
     data = read_header(work / "big/model.safetensors").data_bytes
@@ -131,6 +134,7 @@ def test_each_rank_reads_only_its_own_slices_and_holds_no_more(ranks):
             assert load["peak_growth"] < 0.75 * data  # a full state dict would be 1x on top of the shards
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_resuming_on_two_ranks_then_stepping_equals_never_stopping(ranks):
     work, reports = ranks
     assert all(report["record"]["epoch"] == 3 for report in reports)
@@ -144,6 +148,7 @@ def test_resuming_on_two_ranks_then_stepping_equals_never_stopping(ranks):
     assert sorted(sections[0]["optimizer"]["state"]) == names
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_a_checkpoint_saved_by_one_process_resumes_on_two_ranks(ranks):
     work, _ = ranks
     saved = load_file(work / "single/model.optimizer.safetensors")  # keyed by position
@@ -160,6 +165,7 @@ def test_a_checkpoint_saved_by_one_process_resumes_on_two_ranks(ranks):
                 assert not after.any(), (name, key)
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_a_distributed_save_resumes_in_one_process_too(ranks):
     work, _ = ranks
     path = work / "first/model.safetensors"
@@ -169,6 +175,7 @@ def test_a_distributed_save_resumes_in_one_process_too(ranks):
     assert all(float(state["step"]) == 3 for state in optimizer.state.values())
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_errors_on_rank_0_are_raised_on_every_rank(ranks):
     work, reports = ranks
     assert [report["exists"] for report in reports] == [{
@@ -188,6 +195,7 @@ def test_errors_on_rank_0_are_raised_on_every_rank(ranks):
     }] * WORLD
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_a_dcp_folder_from_two_ranks_reads_back_whole(ranks):
     work, _ = ranks
     saved = read_dcp_state_dict(work / "dcp")
@@ -198,6 +206,7 @@ def test_a_dcp_folder_from_two_ranks_reads_back_whole(ranks):
     assert sorted(saved["optim"]["state"]) == sorted(name for name, _ in MultiTaskUNet(4, 2).named_parameters())
 
 
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_a_dcp_folder_converts_to_a_checkpoint(ranks, tmp_path):
     work, _ = ranks
     result = ckptfmt.convert(work / "dcp", output=tmp_path / "from_dcp.safetensors")

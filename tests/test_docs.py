@@ -1,5 +1,6 @@
 """The examples a user copies: every `$ ckptfmt ...` line of the README and every example of
-every command's --help runs as written, in a fresh process, after the Quickstart's main job."""
+every command's --help runs as written, after the Quickstart's main job; the README's Python
+runs as a script, in a fresh process."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import shlex
 import shutil
 
 import pytest
-from click.testing import CliRunner
-
-from ckptfmt.cli import main
 
 from .helpers import DEMO, ROOT, run, run_cli
 
@@ -20,7 +18,7 @@ COMMANDS = ["convert", "inspect", "verify", "diff", "predict"]
 def _help_examples() -> list[str]:
     examples = []
     for command in [None, *COMMANDS]:
-        text = CliRunner().invoke(main, [command, "--help"] if command else ["--help"]).stdout
+        text = run_cli(*([command, "--help"] if command else ["--help"])).stdout
         block = text.split("Example:", 1)[1] if "Example:" in text else ""
         examples += [line.split("#")[0].strip() for line in block.splitlines() if line.strip().startswith("ckptfmt ")]
     return examples
@@ -63,6 +61,7 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
+@pytest.mark.subprocess  # Its own processes: each section of the README runs as a script, as a reader runs it.
 def test_the_readmes_python_runs_as_written_after_the_quickstart(after_quickstart, tmp_path):
     """Each section's Python, in a fresh process per section, in order, where the Quickstart ran.
     The distributed example alone is left out: it needs torchrun and GPUs (nccl), and
@@ -92,6 +91,7 @@ def test_the_readmes_inspect_transcript_is_what_inspect_prints(after_quickstart)
 TOOLS = sorted(path.name for path in (ROOT / "tools").iterdir() if path.suffix in (".py", ".sh") and path.name != "__init__.py")
 
 
+@pytest.mark.subprocess  # Its own processes: the tools are scripts, run as a user runs them.
 @pytest.mark.parametrize("tool", TOOLS)
 def test_every_tool_takes_help_and_refuses_unknown_options(tool, tmp_path):
     """Regression: `make_demo_checkpoints.py --help` trained for a minute into a folder named

@@ -6,12 +6,10 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import ckptfmt
 from ckptfmt import ModelConfig, read_header
 from ckptfmt.checkpoint import build_metadata
-from ckptfmt.cli import main
 from ckptfmt.compare import diff
 from ckptfmt.format.writer import weights_digest, write_safetensors
 from ckptfmt.inspect import inspect_checkpoint, verify
@@ -19,15 +17,11 @@ from ckptfmt.inspect import inspect_checkpoint, verify
 from .helpers import copy_demo, flip_byte, run_cli, save_small, small_model
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, list(map(str, args)))
-
-
 def test_inspect_shows_config_training_provenance_tensors_and_sidecar(tmp_path):
     model, config = small_model()
     path = ckptfmt.save_model_with_config(model, tmp_path / "m.safetensors", config, epoch=2, metrics={"dice": 0.5})
-    result = invoke("inspect", path)
-    assert result.exit_code == 0
+    result = run_cli("inspect", path)
+    assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert lines[0] == f"file        {path}"
     assert lines[2] == "format      ckptfmt 2"
@@ -41,7 +35,7 @@ def test_inspect_shows_config_training_provenance_tensors_and_sidecar(tmp_path):
 
 def test_inspect_json_is_one_document(tmp_path):
     path, model, config = save_small(tmp_path)
-    result = invoke("inspect", path, "--json", "--tensors")
+    result = run_cli("inspect", path, "--json", "--tensors")
     document = json.loads(result.stdout)
     assert document["config"] == config.to_dict()
     assert document["weights_sha256"] == weights_digest(model.state_dict())
@@ -50,6 +44,7 @@ def test_inspect_json_is_one_document(tmp_path):
     assert document["tensors"]["dtypes"]["I64"] == {"tensors": len(counters), "bytes": 8 * len(counters)}
 
 
+@pytest.mark.subprocess  # Its own process: only a fresh one shows what the command imports.
 def test_inspect_of_safetensors_leaves_torch_unimported(tmp_path):
     path, _, _ = save_small(tmp_path)
     code = (
@@ -70,8 +65,8 @@ def test_inspect_of_safetensors_leaves_torch_unimported(tmp_path):
 def test_inspect_of_a_legacy_pth_marks_the_config_inferred(tmp_path):
     model, _ = small_model(base_filters=8)
     torch.save({"state_dict": model.state_dict(), "epoch": 4}, tmp_path / "old.pth")
-    result = invoke("inspect", tmp_path / "old.pth")
-    assert result.exit_code == 0
+    result = run_cli("inspect", tmp_path / "old.pth")
+    assert result.returncode == 0
     assert "format      legacy pickle (torch zip), read with weights_only=True" in result.stdout
     assert "config      inferred from the weights (legacy)" in result.stdout
     assert "  base_filters      8" in result.stdout
@@ -81,7 +76,7 @@ def test_inspect_of_a_legacy_pth_marks_the_config_inferred(tmp_path):
 def test_inspect_of_a_folder_gives_a_line_per_checkpoint(tmp_path):
     demo = copy_demo(tmp_path)
     ckptfmt.convert(demo / "multitask_joint/best_model.pth")
-    result = invoke("inspect", demo)
+    result = run_cli("inspect", demo)
     lines = result.stdout.splitlines()
     assert len(lines) == 6
     (converted,) = [line for line in lines if line.startswith(f"{demo}/multitask_joint/best_model.safetensors ")]
@@ -105,18 +100,18 @@ def test_inspect_answers_from_the_header_only(tmp_path, monkeypatch):
 
 def test_verify_passes_an_intact_file_and_reports_speed(tmp_path):
     path, _, _ = save_small(tmp_path)
-    result = invoke("verify", path)
-    assert result.exit_code == 0
+    result = run_cli("verify", path)
+    assert result.returncode == 0
     assert result.stdout.startswith(f"[OK]   {path}: header, config, shapes, sidecar, digest (digest read ")
-    report = json.loads(invoke("verify", path, "--json").stdout)[0]
+    report = json.loads(run_cli("verify", path, "--json").stdout)[0]
     assert report["ok"] and report["bytes_hashed"] > 0
 
 
 def test_verify_detects_a_flipped_byte(tmp_path):
     path, _, _ = save_small(tmp_path)
     flip_byte(path, 100)
-    result = invoke("verify", path)
-    assert result.exit_code == 1
+    result = run_cli("verify", path)
+    assert result.returncode == 1
     assert result.stderr.startswith(f"[FAIL] {path}: weights digest mismatch: the tensor data was changed or corrupted")
 
 
@@ -126,8 +121,8 @@ def test_verify_detects_an_edited_sidecar(tmp_path):
     document = json.loads(sidecar.read_text())
     document["base_filters"] = 8
     sidecar.write_text(json.dumps(document))
-    result = invoke("verify", path)
-    assert result.exit_code == 1
+    result = run_cli("verify", path)
+    assert result.returncode == 1
     assert result.stderr.strip() == f"[FAIL] {path}: sidecar disagrees with the embedded config: base_filters: 4 != 8"
 
 
@@ -136,8 +131,8 @@ def test_verify_detects_a_config_that_does_not_match_its_tensors(tmp_path):
     wrong = ModelConfig(base_filters=8, depth=2)
     path = tmp_path / "wrong.safetensors"
     write_safetensors(path, model.state_dict(), build_metadata(wrong, training={}, provenance={}))
-    result = invoke("verify", path)
-    assert result.exit_code == 1
+    result = run_cli("verify", path)
+    assert result.returncode == 1
     assert result.stderr.strip().startswith(
         f"[FAIL] {path}: config does not match the tensors: base_filters=8 expects enc.0.0.weight [8, 1, 3, 3]; the file has [4, 1, 3, 3]"
     )
@@ -171,8 +166,8 @@ def test_diff_across_pth_and_safetensors(tmp_path):
     model, _ = small_model()
     torch.save(model.state_dict(), tmp_path / "m.pth")
     converted = ckptfmt.convert(tmp_path / "m.pth").output
-    same = invoke("diff", tmp_path / "m.pth", converted)
-    assert same.exit_code == 0
+    same = run_cli("diff", tmp_path / "m.pth", converted)
+    assert same.returncode == 0
     assert same.stdout.strip().endswith("common tensors identical; the checkpoints are identical")
 
     changed = {k: v.clone() for k, v in model.state_dict().items()}
@@ -181,8 +176,8 @@ def test_diff_across_pth_and_safetensors(tmp_path):
     changed["extra.weight"] = torch.zeros(2)
     changed["cls_head.weight"] = changed["cls_head.weight"].double()
     torch.save(changed, tmp_path / "changed.pth")
-    result = invoke("diff", converted, tmp_path / "changed.pth", "--values")
-    assert result.exit_code == 1
+    result = run_cli("diff", converted, tmp_path / "changed.pth", "--values")
+    assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert "only in A   seg_head.bias" in lines
     assert "only in B   extra.weight" in lines
@@ -204,8 +199,8 @@ def test_diff_compares_everything_not_only_the_weights(tmp_path):
     model, config = small_model()
     a = ckptfmt.save_model_with_config(model, tmp_path / "best_model.safetensors", config, epoch=3, metrics={"dice": 0.9})
     b = ckptfmt.save_model_with_config(model, tmp_path / "last_model.safetensors", config, epoch=5, metrics={"dice": 0.8})
-    result = invoke("diff", a, b)
-    assert result.exit_code == 1
+    result = run_cli("diff", a, b)
+    assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert lines[:2] == ["training    epoch: 3 != 5", "training    metrics.dice: 0.9 != 0.8"]
     assert lines[-1].endswith("common tensors identical; the checkpoints differ in: training record")
@@ -227,11 +222,12 @@ def test_diff_of_fp32_against_fp16_compares_the_common_tensors(tmp_path):
 
 @pytest.mark.parametrize("command", ["convert", "inspect", "verify", "diff", "predict"])
 def test_every_command_has_help_with_an_example(command):
-    result = invoke(command, "--help")
-    assert result.exit_code == 0
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
     assert "Example:" in result.stdout and f"ckptfmt {command} " in result.stdout
 
 
+@pytest.mark.subprocess  # Its own process: only a fresh one shows what the command imports.
 def test_help_does_not_import_torch():
     from .helpers import run
 
@@ -273,8 +269,8 @@ def test_verify_reports_an_invalid_embedded_config_and_goes_on(tmp_path):
 def test_verify_of_a_weights_only_file_says_so(tmp_path):
     torch.save({"fc.weight": torch.randn(3, 5)}, tmp_path / "w.pth")
     ckptfmt.convert(tmp_path / "w.pth")
-    result = invoke("verify", tmp_path / "w.safetensors")
-    assert result.exit_code == 0
+    result = run_cli("verify", tmp_path / "w.safetensors")
+    assert result.returncode == 0
     assert result.stdout.startswith(f"[OK]   {tmp_path / 'w.safetensors'}: weights only (no config); header, digest (digest read ")
 
 
@@ -292,6 +288,7 @@ def test_verify_of_a_folder_checks_every_file_with_a_summary(tmp_path):
     assert len(json.loads(empty.stdout)) == 2
 
 
+@pytest.mark.subprocess  # Its own process: how `ckptfmt` itself (cli.run) ends when the pipe it writes to closes.
 def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
     """Regression: `ckptfmt inspect X --tensors | head -1` printed `Error: Broken pipe`."""
     import subprocess
@@ -318,6 +315,7 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
                 process.wait()
 
 
+@pytest.mark.subprocess  # Its own processes: the cache shared between two of them, and what the second imports.
 def test_a_second_verify_of_an_architecture_needs_no_torch(tmp_path, cache_folder):
     """What the architecture says of a config is remembered in the cache folder: the shape
     check of a later verify costs neither torch's import nor the architecture's."""
@@ -345,21 +343,19 @@ def test_a_second_verify_of_an_architecture_needs_no_torch(tmp_path, cache_folde
 
 def test_an_unexpected_exception_is_one_line_too_and_its_traceback_is_there_on_request(demo_model, monkeypatch):
     """A bug (here, inspect raising what it never should) still ends the CLI in one line."""
-    from click.testing import CliRunner
-
     from ckptfmt import inspect as inspecting
-    from ckptfmt.cli import main
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(inspecting, "inspect_checkpoint", broken)
-    result = CliRunner().invoke(main, ["inspect", str(demo_model)])
-    assert result.exit_code == 1
+    result = run_cli("inspect", demo_model)
+    assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "Error: unexpected RuntimeError: boom (a bug: please report it, with the traceback that CKPTFMT_TRACEBACK=1 shows)"]
     monkeypatch.setenv("CKPTFMT_TRACEBACK", "1")
-    assert isinstance(CliRunner().invoke(main, ["inspect", str(demo_model)]).exception, RuntimeError)
+    with pytest.raises(RuntimeError):
+        run_cli("inspect", demo_model)
 
 
 def test_a_folder_inspected_again_is_answered_from_the_cache_and_stays_true(tmp_path, monkeypatch):

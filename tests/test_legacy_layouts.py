@@ -15,16 +15,14 @@ import warnings
 import pytest
 import torch
 from ckptfmt.models.multitask_unet import MultiTaskUNet
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import ckptfmt
 from ckptfmt import ModelConfig, convert, load_model, load_training_state, read_header
-from ckptfmt.cli import main
 from ckptfmt.format.companion import read_training_state
 from ckptfmt.sources.legacy import read_legacy_checkpoint
 
-from .helpers import run, run_cli, small_model, state_dicts_bit_identical
+from .helpers import run, run_cli, run_cli_in_fresh_process, small_model, state_dicts_bit_identical
 
 
 class Mode(enum.Enum):
@@ -126,11 +124,12 @@ def lightning_run(tmp_path_factory):
     }
 
 
+@pytest.mark.subprocess  # Its own process: there, neither the LightningModules nor this test module can be imported.
 def test_lightning_checkpoints_convert_and_rebuild_from_the_file_alone(tmp_path, lightning_run):
     """`ckptfmt convert lightning_logs/` in a fresh process: every .ckpt converted, the network
     under `model.` rebuilt by load_model from the output alone, hyper-parameters in inspect."""
     shutil.copytree(lightning_run["root"] / "lightning_logs", tmp_path / "lightning_logs")
-    result = run_cli("convert", "lightning_logs", cwd=tmp_path)
+    result = run_cli_in_fresh_process("convert", "lightning_logs", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[-1] == "2 converted, 0 skipped, 0 failed"
@@ -202,6 +201,7 @@ def test_load_model_of_a_lightning_checkpoint_takes_its_hyper_parameters(lightni
     assert torch.equal(seg, lightning_run["expected"][0]) and torch.equal(cls, lightning_run["expected"][1])
 
 
+@pytest.mark.subprocess  # Its own process: one where Lightning, OmegaConf and this module cannot be imported.
 def test_reading_a_lightning_checkpoint_imports_neither_lightning_nor_the_users_code(lightning_run):
     """Regression guard: the stand-ins are ours; no class named in the file is imported."""
     code = (
@@ -318,9 +318,8 @@ class Unregistered(torch.nn.Module):
 def test_whole_model_pickles_are_refused_unless_asked_then_their_state_dict_converted(tmp_path):
     model, config = small_model()
     torch.save(model, tmp_path / "whole.pt")
-    runner = CliRunner()
-    refused = runner.invoke(main, ["convert", str(tmp_path / "whole.pt")])
-    assert refused.exit_code == 1
+    refused = run_cli("convert", tmp_path / "whole.pt")
+    assert refused.returncode == 1
     assert refused.stderr.splitlines()[-1] == (
         f"[FAIL] {tmp_path / 'whole.pt'}: refused to unpickle: it needs the global "
         "ckptfmt.models.multitask_unet.MultiTaskUNet, which the safe (weights-only) loader does not allow because "
@@ -328,8 +327,8 @@ def test_whole_model_pickles_are_refused_unless_asked_then_their_state_dict_conv
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["whole.pt"]
 
-    converted = runner.invoke(main, ["convert", str(tmp_path / "whole.pt"), "--unsafe-pickle"])
-    assert converted.exit_code == 0, converted.output
+    converted = run_cli("convert", tmp_path / "whole.pt", "--unsafe-pickle")
+    assert converted.returncode == 0, converted.stderr
     assert converted.stdout.splitlines()[1] == (
         "       weights: (the whole file: a pickled model); config: (the pickled model's arguments)")
     path = tmp_path / "whole.safetensors"
@@ -346,6 +345,7 @@ def test_whole_model_pickles_are_refused_unless_asked_then_their_state_dict_conv
     assert result.warnings[1].startswith("converted as weights only, with no config")
 
 
+@pytest.mark.subprocess  # Its own process: the training script whose __main__ defines the pickled class.
 def test_a_pickled_model_whose_class_lived_in_the_training_script_says_so(tmp_path):
     """The full unpickler needs the class; one defined in the script that saved it (__main__)
     exists nowhere else, and the file is not damaged: the message says what to do instead."""
@@ -388,8 +388,8 @@ def test_the_report_lists_each_dropped_key_with_why_and_keeps_whatever_holds_ten
     ema = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema, "seen": {3, 1}, "best": float("inf"),
                 "classes": {0: "healthy", 1: "tumour"}, "note": "joint run"}, tmp_path / "m.pth")
-    result = CliRunner().invoke(main, ["convert", str(tmp_path / "m.pth")])
-    assert result.exit_code == 0, result.output
+    result = run_cli("convert", tmp_path / "m.pth")
+    assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:3] == [
         "       weights: state_dict; config: inferred from the weights; training record: note; companion "
         "m.optimizer.safetensors: state_dict_ema, best, classes",
@@ -399,7 +399,7 @@ def test_the_report_lists_each_dropped_key_with_why_and_keeps_whatever_holds_ten
     extra = read_training_state(tmp_path / "m.optimizer.safetensors")["extra"]
     assert state_dicts_bit_identical(extra["state_dict_ema"], ema)
     assert extra["best"] == float("inf") and extra["classes"] == {0: "healthy", 1: "tumour"}
-    document = json.loads(CliRunner().invoke(main, ["convert", str(tmp_path / "m.pth"), "--force", "--json"]).stdout)
+    document = json.loads(run_cli("convert", tmp_path / "m.pth", "--force", "--json").stdout)
     assert document["results"][0]["dropped"] == {
         "seen": "neither JSON nor the companion can hold it: extra.seen holds a set, which cannot be saved without pickle"}
 
@@ -434,6 +434,7 @@ def test_an_attribute_prefix_is_stripped_only_when_the_rest_is_a_known_architect
     assert unknown.stripped_prefixes == [] and list(unknown.state_dict) == list(head)
 
 
+@pytest.mark.subprocess  # Its own process: one where Lightning, OmegaConf and this module cannot be imported.
 def test_omegaconf_attributedict_defaultdict_and_enums_are_read_without_their_libraries(tmp_path):
     """A fresh process that cannot import omegaconf, lightning or this module reads them all."""
     from lightning.fabric.utilities.data import AttributeDict

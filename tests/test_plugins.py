@@ -17,6 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from .helpers import ROOT
 
+# Every test: ckptfmt in fresh processes, with the plugin installed and without it.
+pytestmark = pytest.mark.subprocess
+
 PLUGIN = ROOT / "tests/plugin"
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 

@@ -17,6 +17,7 @@ from ckptfmt.predict import normalize
 from .helpers import dice, run, run_cli, save_small, small_model
 
 
+@pytest.mark.subprocess  # Its own process: nothing of the model is in memory there, only the file.
 def test_predicts_in_a_fresh_process_with_no_architecture_argument(demo_model, held_out, tmp_path):
     images, masks, labels = held_out
     index = int(np.flatnonzero(labels == 1)[0])
@@ -167,6 +168,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
 
+@pytest.mark.subprocess  # Its own process: the address-space limit is set for the whole process.
 def test_decompression_bombs_are_refused_before_decoding(demo_model, tmp_path):
     """A PNG of 144 megapixels (over Pillow's own limit), one of 81 (under it, and the model would
     need 12 GB for it), and a 192-byte .npy that declares 37 GiB: each refused from its header,
@@ -197,6 +199,7 @@ def test_decompression_bombs_are_refused_before_decoding(demo_model, tmp_path):
     assert "over the limit of 100;" in small.stderr
 
 
+@pytest.mark.subprocess  # Its own process: the address-space limit is set for the whole process.
 def test_an_input_the_model_runs_out_of_memory_on_fails_alone(demo_model, held_out, tmp_path):
     """Under a raised --max-pixels, a 16-megapixel image needs some 2.2 GB in the demo model; with
     768 MiB to spare it fails, naming the file, its size and the option, and the next input runs."""
@@ -253,6 +256,7 @@ def test_an_earlier_table_that_predict_did_not_write_is_our_error(demo_model, tm
                                  f"limit for a predictions table; {redo}")
 
 
+@pytest.mark.subprocess  # Its own process: the address-space limit is set for the whole process.
 def test_an_earlier_table_at_the_size_cap_is_read_in_bounded_memory(demo_model, tmp_path):
     """The cap is sized for the worst JSON per byte, a list of short strings (some 32 bytes of
     memory per byte of text): one of exactly the cap is refused with 1 GiB to spare."""
@@ -375,6 +379,21 @@ def test_legacy_pth_predicts_with_an_inferred_config_and_a_warning(tmp_path):
     with pytest.warns(ckptfmt.CkptfmtWarning, match="architecture inferred from the weights"):
         predictor = MultiTaskPredictor(tmp_path / "old.pth")
     assert predictor.checkpoint["config_source"] == "inferred"
+
+
+def test_the_cli_shows_a_warning_as_one_line_each_time(tmp_path):
+    """A warning reaches the user as one `warning: ...` line on stderr, not in Python's
+    file-and-line form, and the next run says it again."""
+    model, _ = small_model()
+    torch.save({"model_state_dict": model.state_dict()}, tmp_path / "old.pth")
+    np.save(tmp_path / "scan.npy", np.zeros((16, 16), np.float32))
+    for out in ("first", "again"):
+        result = run_cli("predict", tmp_path / "old.pth", tmp_path / "scan.npy", "--out", tmp_path / out)
+        assert result.returncode == 0, result.stderr
+        assert [line for line in result.stderr.splitlines() if "warning" in line.lower()] == [
+            f"warning: {tmp_path}/old.pth: no config embedded and no model_config.json beside it; architecture "
+            "inferred from the weights: multitask(base_filters=4, cls_num_classes=2, depth=2, in_channels=1, "
+            "seg_out_channels=1). Convert it (`ckptfmt convert`) to record it"]
 
 
 def test_unsupported_precision_is_a_clear_error(demo_model):

@@ -69,6 +69,7 @@ def test_third_party_architecture_registers_through_entry_points(monkeypatch, tm
     assert get_model_entry("wide").expected_state(config.params) == {"fc.weight": ((3, 1), "F32"), "fc.bias": ((3,), "F32")}
 
 
+@pytest.mark.subprocess  # Its own processes: each lists the entry points once, from the cache they share.
 def test_the_installed_architectures_are_remembered_until_what_is_installed_changes(tmp_path):
     """The entry points are listed from a cache while nothing is installed, removed or edited;
     each change is seen by the next process, and a damaged cache is listed again."""

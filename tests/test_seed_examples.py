@@ -93,6 +93,7 @@ def test_training_then_inference_examples(tmp_path, monkeypatch, caplog):
     assert config == small and checkpoint["epoch"] == 10 and checkpoint["metrics"] == {"accuracy": 0.95}
 
 
+@pytest.mark.subprocess  # Its own process: the tool is a script, run as the seed's users run it.
 def test_generator_example_runs(tmp_path):
     """`python scripts/generate_model_configs.py` is now tools/generate_model_configs.py."""
     import shutil

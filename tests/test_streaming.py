@@ -38,6 +38,7 @@ def peak_rss(*args: str) -> int:
     return report["rss"]
 
 
+@pytest.mark.subprocess  # Its own process: its peak memory is the measure.
 def test_memory_does_not_grow_with_the_file(tmp_path):
     """A 320 MB .pth converts in about what importing torch costs; reading it whole would add
     320 MB, and 0.1.0 added twice that."""

@@ -17,7 +17,7 @@ import torch
 import ckptfmt
 from ckptfmt import WriteError, convert
 
-from ..helpers import run_cli, small_model
+from ..helpers import run_cli, run_cli_in_fresh_process, small_model
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -65,6 +65,9 @@ def test_disk_full_on_first_write_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
 
 
+# Its own processes: the converter it kills, and the next run, which removes what a process that
+# no longer runs left (a process cleans a folder once: this one already wrote there).
+@pytest.mark.subprocess
 def test_sigkill_mid_write_leaves_a_recognisable_temp_that_the_next_run_removes(converted):
     before = snapshot(converted)
     stalled = converted / "stalled"
@@ -93,7 +96,7 @@ def test_sigkill_mid_write_leaves_a_recognisable_temp_that_the_next_run_removes(
     assert len(temps) == 1 and temps[0].startswith(".m.safetensors.ckptfmt-tmp-")
     assert {k: v for k, v in snapshot(converted).items() if k not in temps} == {**before, "m.pth": (converted / "m.pth").read_bytes()}
     assert ckptfmt.verify(converted / "m.safetensors").ok
-    result = run_cli("convert", "m.pth", "--force", cwd=converted)
+    result = run_cli_in_fresh_process("convert", "m.pth", "--force", cwd=converted)
     assert result.returncode == 0, result.stderr
     assert not [p for p in converted.iterdir() if ".ckptfmt-tmp-" in p.name]
     assert ckptfmt.verify(converted / "m.safetensors").ok
