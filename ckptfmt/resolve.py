@@ -118,7 +118,7 @@ def read_source(
         header = read_header(path)
         if header.is_ckptfmt or light:
             return Source(path, header=header)
-        from .sources.layouts import read_foreign_safetensors
+        from .sources.foreign import read_foreign_safetensors
 
         return Source(path, legacy=read_foreign_safetensors(header, hash_source=hash_source))
     from .sources.legacy import read_legacy_checkpoint

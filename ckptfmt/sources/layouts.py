@@ -42,14 +42,11 @@ from typing import Any
 import torch
 
 from ..config.model_config import ModelConfig
-from ..errors import CkptfmtError, HeaderError, LegacyCheckpointError
+from ..errors import CkptfmtError, LegacyCheckpointError
 from ..format.companion import check_storable, unstorable_tensor
-from ..format.header import Header
-from ..format.writer import load_tensors
-from ..io.files import files_sha256, sha256_file
 from ..io.jsondoc import MAX_INT_DIGITS, has_surrogate, plain_json
 
-__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "candidate_prefixes", "read_foreign_safetensors", "unwrap"]
+__all__ = ["LegacyCheckpoint", "STATE_DICT_KEYS", "candidate_prefixes", "unwrap"]
 
 STATE_DICT_KEYS = (
     "state_dict", "model_state_dict", "model", "net", "network", "model_state", "weights",
@@ -361,21 +358,3 @@ def _fits_record(entry: dict[str, Any]) -> bool:
     except CkptfmtError:
         return False
     return len(json.dumps(entry)) <= MAX_RECORD_VALUE_BYTES
-
-
-def read_foreign_safetensors(header: Header, *, hash_source: bool = True) -> LegacyCheckpoint:
-    """A `.safetensors` file or a sharded checkpoint written by someone else (a plain
-    `save_file`, the Hub, timm, transformers, accelerate, huggingface_hub's `save_torch_model`),
-    read as a legacy file is: its tensors mapped from its files, sorted by `unwrap` (prefixes and
-    all). Its source digest covers the index and every shard, in that order, or the one file."""
-    path = header.path
-    checkpoint = unwrap(load_tensors(header), path)
-    if header.is_sharded:
-        checkpoint.serialization = f"safetensors index and {len(header.files)} shards"
-        checkpoint.destinations["weights"] = [f"{len(header.files)} shards"]
-    else:
-        checkpoint.serialization = "safetensors"
-    if hash_source:
-        checkpoint.sha256 = (files_sha256([path, *header.files], error=HeaderError) if header.is_sharded
-                             else sha256_file(path, error=HeaderError))
-    return checkpoint
