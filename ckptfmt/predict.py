@@ -452,13 +452,14 @@ def _finite(prediction: Prediction) -> bool:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` is an allocation that failed: Python's MemoryError, torch's on CUDA, or the
-    RuntimeError that torch's CPU allocator raises (it has no class of its own)."""
-    if isinstance(exc, CkptfmtError):
-        return False
+    """Whether `exc` is an allocation that failed: Python's MemoryError, torch's OutOfMemoryError
+    (CUDA's), or the RuntimeError of torch's CPU allocator."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
-    return any(words in str(exc) for words in ("can't allocate memory", "out of memory", "std::bad_alloc"))
+    # The one message read: torch's CPU allocator (and a kernel's failed `new`, as std::bad_alloc)
+    # raises a plain RuntimeError with no class of its own (torch 2.13), so only its text says
+    # that memory ran out rather than the model failing.
+    return type(exc) is RuntimeError and any(words in str(exc) for words in ("can't allocate memory", "std::bad_alloc"))
 
 
 def _size(array: np.ndarray, in_channels: int) -> str:
