@@ -214,8 +214,8 @@ def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size,
         _echo_json({"results": [r.to_dict() for r in results], **counts})
     else:
         for r in results:
-            for warning in r.warnings:
-                out(f"warning: {r.source}: {warning}", err=True)
+            for warning in r.warnings:  # plain strings, or Words where they name an argument
+                out(f"warning: {r.source}: {warning.cli if isinstance(warning, Words) else warning}", err=True)
             if r.status == "failed":
                 out(f"[FAIL] {_failure_line(r)}", err=True)
             elif r.status == "skipped":
@@ -236,7 +236,7 @@ def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size,
 def _failure_line(result) -> str:
     """Why a conversion failed, in the command line's words, starting with the source it is about."""
     failure = result.failure
-    if failure is None:
+    if not isinstance(failure, CkptfmtError):
         return result.error  # an OS error or a bug: no argument of ours to name
     text = failure.describe(cli=True)
     return text if failure.path == str(result.source) else f"{result.source}: {text}"
