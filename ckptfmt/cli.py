@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from .errors import CkptfmtError
+from .errors import CkptfmtError, CkptfmtWarning, Words
 from .io.images import MAX_PIXELS
 from .version import __version__
 
@@ -32,7 +32,9 @@ logger = logging.getLogger("ckptfmt")
 class _StderrHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-        out(f"{prefix}{record.getMessage()}", err=True)
+        # A record that names an argument is logged as Words; here it says the option.
+        text = record.msg.cli if isinstance(record.msg, Words) and not record.args else record.getMessage()
+        out(f"{prefix}{text}", err=True)
 
 
 # Control characters, and surrogates (a file name that is not valid UTF-8, as Python reads it):
@@ -57,52 +59,10 @@ def _escaped(match: re.Match) -> str:
     return _NAMED.get(match.group(), f"\\x{code:02x}")
 
 
-# The library's messages name its arguments, as Python spells them (`force=True`,
-# `model_type='timm'`, `overrides={'depth': 3}`); on the command line, where they reach the user
-# through `out` and `_user_errors`, the options that set them. One table, for every message.
-_OPTIONS = {"model_type": "--model-type", "dtype": "--dtype", "config": "--config", "overrides": "--set",
-            "max_pixels": "--max-pixels", "max_shard_size": "--max-shard-size", "device": "--device", "out_dir": "--out"}
-_ARGUMENT = r"(?<![\w.])(" + "|".join(_OPTIONS) + ")="
-_CLI_WORDS = [
-    (re.compile(r"`convert\(SOURCE, (.*?)\)`"), lambda m: f"`ckptfmt convert SOURCE {m.group(1)}`"),
-    (re.compile(r"(?<![\w.])(?:force|overwrite)=True"), lambda m: "--force"),
-    (re.compile(r"(?<![\w.])unsafe_pickle=True"), lambda m: "--unsafe-pickle"),
-    (re.compile(r"(?<![\w.])overrides=(\{[^{}]*\})"), lambda m: _as_set_options(m.group(1))),
-    (re.compile(_ARGUMENT + r"'([^']*)'"), lambda m: f"{_OPTIONS[m.group(1)]} {_shell_word(m.group(2))}"),
-    (re.compile(_ARGUMENT + r"(?![\w'{\[(])"), lambda m: _OPTIONS[m.group(1)]),
-    (re.compile(r"(--[\w-]+ \S+), (?=--)"), lambda m: m.group(1) + " "),  # `a='x', b=...` -> `--a x --b ...`
-]
-
-
-def in_cli_words(message: str) -> str:
-    for pattern, replace in _CLI_WORDS:
-        message = pattern.sub(replace, message)
-    return message
-
-
-def _as_set_options(literal: str) -> str:
-    import ast
-
-    try:
-        values = ast.literal_eval(literal)
-    except (ValueError, SyntaxError):
-        return "--set"
-    return " ".join(f"--set {name}={_shell_word(value)}" for name, value in values.items()) or "--set"
-
-
-def _shell_word(value: Any) -> str:
-    """A value as --set and the options read it: a plain word as itself, anything else as JSON."""
-    import shlex
-
-    return value if isinstance(value, str) and value.replace("-", "_").replace(".", "_").isidentifier() \
-        else shlex.quote(value if isinstance(value, str) else json.dumps(value))
-
-
 def out(line: str = "", *, err: bool = False) -> None:
     """One report line, made safe: every line the CLI prints goes through here (JSON output is
-    safe by construction and goes through `_echo_json`). Lines on stderr (failures, warnings)
-    name CLI options where the library's messages name its arguments."""
-    click.echo(shown(in_cli_words(line) if err else line), err=err)
+    safe by construction and goes through `_echo_json`)."""
+    click.echo(shown(line), err=err)
 
 
 def _user_errors(command):
@@ -118,7 +78,7 @@ def _user_errors(command):
         except BrokenPipeError:
             raise  # `ckptfmt inspect X --tensors | head -1`: click exits quietly, as ls does
         except CkptfmtError as exc:
-            raise click.ClickException(shown(in_cli_words(str(exc)))) from None
+            raise click.ClickException(shown(exc.describe(cli=True))) from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # click's own ending of a command, said by click
         except OSError as exc:
@@ -176,8 +136,10 @@ def main(verbose: bool) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings reach the user as one `warning: ...` line, not Python's file-and-line form."""
-    out(f"warning: {message}", err=True)
+    """Warnings reach the user as one `warning: ...` line, not Python's file-and-line form, in
+    the command line's words."""
+    text = message.describe(cli=True) if isinstance(message, CkptfmtWarning) else str(message)
+    out(f"warning: {text}", err=True)
 
 
 def _parse_set(values: tuple[str, ...]) -> dict[str, Any]:
@@ -252,10 +214,10 @@ def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size,
         _echo_json({"results": [r.to_dict() for r in results], **counts})
     else:
         for r in results:
-            for warning in r.warnings:
-                out(f"warning: {r.source}: {warning}", err=True)
+            for warning in r.warnings:  # plain strings, or Words where they name an argument
+                out(f"warning: {r.source}: {warning.cli if isinstance(warning, Words) else warning}", err=True)
             if r.status == "failed":
-                out(f"[FAIL] {r.error}", err=True)
+                out(f"[FAIL] {_failure_line(r)}", err=True)
             elif r.status == "skipped":
                 out(f"[SKIP] {r.source}: already converted to {r.output} (same source sha256)")
             else:
@@ -269,6 +231,15 @@ def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size,
         out(f"{counts['converted']} converted, {counts['skipped']} skipped, {counts['failed']} failed")
     if counts["failed"]:
         sys.exit(1)
+
+
+def _failure_line(result) -> str:
+    """Why a conversion failed, in the command line's words, starting with the source it is about."""
+    failure = result.failure
+    if not isinstance(failure, CkptfmtError):
+        return result.error  # an OS error or a bug: no argument of ours to name
+    text = failure.describe(cli=True)
+    return text if failure.path == str(result.source) else f"{result.source}: {text}"
 
 
 _CONFIG_ORIGINS = {
@@ -581,9 +552,9 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
     counts = {"predicted": 0, "skipped": 0, "failed": 0}
     for result in results:
         where = result.input if result.index is None else f"{result.input}[{result.index}]"
-        if result.error:
+        if result.failure is not None:
             counts["failed"] += 1
-            out(f"[FAIL] {result.error}", err=True)
+            out(f"[FAIL] {result.failure.describe(cli=True)}", err=True)
         elif result.skipped:
             counts["skipped"] += 1
             out(f"[SKIP] {where}: already predicted by this checkpoint"

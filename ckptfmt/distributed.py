@@ -540,20 +540,17 @@ def _on_rank0(work: Callable[[], Any], *, share: Callable[[Any], Any] = lambda r
             outcome = [("ok", share(result))]
         except BaseException as exc:
             error = exc
-            kind = type(exc).__name__ if isinstance(exc, CkptfmtError) else None
-            outcome = [("error", kind, getattr(exc, "message", f"{type(exc).__name__}: {exc}"),
-                        getattr(exc, "path", None))]
+            # Our error travels whole (its class and fields, the fix in both spellings); anything
+            # else, which may not pickle, as its text.
+            failure = exc if isinstance(exc, CkptfmtError) else f"{type(exc).__name__}: {exc}"
+            outcome = [("error", failure)]
     dist.broadcast_object_list(outcome, src=0)
     if error is not None:
         raise error
-    status, *rest = outcome[0]
+    status, shared = outcome[0]
     if status == "error":
-        kind, message, path = rest
-        cls = getattr(errors, kind, None) if kind else None
-        if not (isinstance(cls, type) and issubclass(cls, CkptfmtError)):
-            cls, message = CkptfmtError, f"rank 0 failed: {message}"
-        raise cls(message, path=path)
-    return result, rest[0]
+        raise shared if isinstance(shared, CkptfmtError) else CkptfmtError(f"rank 0 failed: {shared}")
+    return result, shared
 
 
 def _shared(outcome: tuple) -> Any:

@@ -105,6 +105,11 @@ class Words(str):
         return Words(str(other) + self.python, getattr(other, "cli", str(other)) + self.cli)
 
 
+# The fix of every refusal to replace what is there: `overwrite=` in the library, `--force` in
+# each command that writes.
+OVERWRITE_FIX = Words("pass overwrite=True to replace it", "pass --force to replace it")
+
+
 def cli_value(value: Any) -> str:
     """A value as `--set` and the other options read it: a plain word as itself, anything else
     as JSON, quoted for the shell."""

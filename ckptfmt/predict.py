@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_model_with_config, resolve_device
 from .config.registry import Task, get_model_entry
-from .errors import CkptfmtError, ConfigError, DeviceError, InputError
+from .errors import OVERWRITE_FIX, CkptfmtError, ConfigError, DeviceError, InputError, Words
 from .io.atomic import atomic_write, write_all
 from .io.files import read_capped
 from .io.images import MAX_PIXELS, read_image
@@ -258,7 +258,8 @@ class MultiTaskPredictor:
 class FileResult:
     """What happened to one image of the inputs (an array of several gives one per image,
     `index` 0, 1, ...): predicted, skipped (a rerun found its outputs already made from the
-    same input and checkpoint), or failed (`error` says why, naming the input)."""
+    same input and checkpoint), or failed (`failure` is the error, about the input; `error` says
+    it)."""
 
     input: Path
     index: int | None = None
@@ -266,7 +267,12 @@ class FileResult:
     outputs: tuple[Path, ...] = ()
     row: dict[str, Any] | None = None
     skipped: bool = False
-    error: str | None = None
+    failure: CkptfmtError | None = None
+
+    @property
+    def error(self) -> str | None:
+        """Why it failed, naming the input, in Python's words (None when it did not fail)."""
+        return None if self.failure is None else str(self.failure)
 
     @property
     def name(self) -> str:
@@ -316,16 +322,19 @@ def _checkpoint_identity(predictor: MultiTaskPredictor) -> str:
     return metadata.get("weights_sha256") or metadata.get("source_sha256") or ""
 
 
+_REDO = Words("choose another out_dir=, or pass overwrite=True to replace it",
+              "choose another --out, or pass --force to replace it")
+
+
 def _previous_rows(table: Path, table_format: str, checkpoint_sha256: str) -> dict[tuple[str, Any], dict]:
     """The rows of an earlier run's table, by (input, index); refused when that run used another
     checkpoint (its outputs are not this one's)."""
     if not table.exists():
         return {}
-    redo = "choose another out_dir=, or pass overwrite=True to replace it"
     try:
         data = read_capped(table, limit=TABLE_LIMIT, what="a predictions table", error=InputError)
     except InputError as exc:
-        raise InputError(f"{exc.message}; {redo}", path=table) from None
+        raise exc.at(table, problem=exc.message_words, fix=_REDO) from None
     try:
         text = data.decode("utf-8")
         if table_format == "json":
@@ -346,11 +355,11 @@ def _previous_rows(table: Path, table_format: str, checkpoint_sha256: str) -> di
             raise ValueError(rows)
         previous = {(row["input"], row.get("index")): row for row in rows}
     except InputError as exc:
-        raise InputError(f"{exc.message}; {redo}", path=table) from None
+        raise exc.at(table, problem=exc.message_words, fix=_REDO) from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, csv.Error):
-        raise InputError(f"exists but is not a predictions table written by ckptfmt; {redo}", path=table) from None
+        raise InputError("exists but is not a predictions table written by ckptfmt", path=table, fix=_REDO) from None
     if recorded != checkpoint_sha256:
-        raise InputError(f"holds the predictions of another checkpoint; {redo}", path=table)
+        raise InputError("holds the predictions of another checkpoint", path=table, fix=_REDO)
     return previous
 
 
@@ -406,9 +415,11 @@ def _predict_file(
             if predictor.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise InputError(
-                f"ran out of memory in the model on {_size(array, predictor.task.in_channels)}; run it where more "
-                f"memory is free, or lower max_pixels= (now {max_pixels:,}) to refuse inputs this large before "
-                "decoding them", path=path,
+                f"ran out of memory in the model on {_size(array, predictor.task.in_channels)}", path=path,
+                fix=Words(f"run it where more memory is free, or lower max_pixels= (now {max_pixels:,}) to refuse "
+                          "inputs this large before decoding them",
+                          f"run it where more memory is free, or lower --max-pixels (now {max_pixels:,}) to refuse "
+                          "inputs this large before decoding them"),
             ) from None
         predictions = predictions if batch else [predictions]
         if not all(map(_finite, predictions)):
@@ -423,8 +434,8 @@ def _predict_file(
         for output in (o for r in results for o in r.outputs):
             if output.exists() and not overwrite:
                 raise InputError(
-                    f"its output {output} already exists, not from this input and checkpoint; pass "
-                    "overwrite=True to replace it", path=path,
+                    f"its output {output} already exists, not from this input and checkpoint", path=path,
+                    fix=OVERWRITE_FIX,
                 )
         for result in results:
             _write_mask(result)
@@ -432,7 +443,7 @@ def _predict_file(
                           "outputs": [_as_text(o) for o in result.outputs], **result.prediction.to_dict()}
         return results
     except CkptfmtError as exc:  # the predictor's own messages are about an array; this one has a file
-        return [FileResult(path, error=str(exc) if exc.path else f"{path}: {exc.message}")]
+        return [FileResult(path, failure=exc if exc.path else exc.at(path))]
 
 
 def _finite(prediction: Prediction) -> bool:
@@ -441,13 +452,14 @@ def _finite(prediction: Prediction) -> bool:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc` is an allocation that failed: Python's MemoryError, torch's on CUDA, or the
-    RuntimeError that torch's CPU allocator raises (it has no class of its own)."""
-    if isinstance(exc, CkptfmtError):
-        return False
+    """Whether `exc` is an allocation that failed: Python's MemoryError, torch's OutOfMemoryError
+    (CUDA's), or the RuntimeError of torch's CPU allocator."""
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return True
-    return any(words in str(exc) for words in ("can't allocate memory", "out of memory", "std::bad_alloc"))
+    # The one message read: torch's CPU allocator (and a kernel's failed `new`, as std::bad_alloc)
+    # raises a plain RuntimeError with no class of its own (torch 2.13), so only its text says
+    # that memory ran out rather than the model failing.
+    return type(exc) is RuntimeError and any(words in str(exc) for words in ("can't allocate memory", "std::bad_alloc"))
 
 
 def _size(array: np.ndarray, in_channels: int) -> str:

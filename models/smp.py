@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from ckptfmt.config.registry import Task, register_model
-from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
+from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError, Words
 
 from ._zoo import (
     SignatureIndex,
@@ -191,7 +191,8 @@ def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
     if not found:
         return (f"its encoder is smp's {', '.join(sorted({e['name'] for e in entries}))}, but no smp architecture "
                 "with it has exactly these decoder and head tensors; give the architecture and its arguments: "
-                "model_type='smp', overrides={'arch': 'NAME', 'encoder_name': 'NAME', 'ARGUMENT': 'VALUE'}")
+                + Words("model_type='smp', overrides={'arch': 'NAME', 'encoder_name': 'NAME', 'ARGUMENT': 'VALUE'}",
+                        "--model-type smp --set arch=NAME --set encoder_name=NAME --set ARGUMENT=VALUE"))
     return found
 
 

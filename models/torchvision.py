@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from ckptfmt.config.registry import Task, register_model
+from ckptfmt.errors import Words
 
 from ._zoo import (
     SignatureIndex,
@@ -193,7 +194,8 @@ def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
     if not found:
         return (f"the tensor names are those of torchvision's {', '.join(sorted(set(near))[:5])}, but the shapes "
                 "fit none of them with any num_classes; if it is one of them built with other arguments, give "
-                "them: model_type='torchvision', overrides={'model_name': 'NAME', 'ARGUMENT': 'VALUE'}")
+                "them: " + Words("model_type='torchvision', overrides={'model_name': 'NAME', 'ARGUMENT': 'VALUE'}",
+                                 "--model-type torchvision --set model_name=NAME --set ARGUMENT=VALUE"))
     return found
 
 

@@ -37,7 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, CkptfmtError, ConfigError, MissingDependencyError, UnregisteredModelError
+from ..errors import (
+    OVERWRITE_FIX,
+    CheckpointNotFoundError,
+    CkptfmtError,
+    ConfigError,
+    MissingDependencyError,
+    UnregisteredModelError,
+    Words,
+)
 from ..format.header import read_header
 from ..io.atomic import atomic_write, write_all
 from ..io.files import read_capped
@@ -256,9 +264,11 @@ class ModelConfig:
         if captured is None:
             suggested = re.sub(r"(?<!^)(?=[A-Z])", "_", type(inner).__name__).lower()
             raise UnregisteredModelError(
-                f"{name} is not a registered architecture, so nothing records how to rebuild it. "
-                f"Register it: put @ckptfmt.register_model({suggested!r}) above `class {name}`, or "
-                "pass config= with the config of a registered architecture",
+                f"{name} is not a registered architecture, so nothing records how to rebuild it.",
+                fix=Words(f"Register it: put @ckptfmt.register_model({suggested!r}) above `class {name}`, or "
+                          "pass config= with the config of a registered architecture",
+                          f"Register it: put @ckptfmt.register_model({suggested!r}) above `class {name}`, or "
+                          "pass --config with the config of a registered architecture"),
                 model_class=name,
             )
         model_type, arguments = captured
@@ -271,7 +281,7 @@ class ModelConfig:
         try:
             return cls(model_type, **fields, **arguments)
         except ConfigError as exc:
-            raise type(exc)(f"cannot record how {name} was built: {exc.message}") from None
+            raise exc.at(problem=f"cannot record how {name} was built: " + exc.problem) from None
 
     @classmethod
     def from_dict(cls, document: Mapping[str, Any], *, path: str | os.PathLike | None = None) -> "ModelConfig":
@@ -407,7 +417,7 @@ class ModelConfig:
 def _with_path(exc: CkptfmtError, path: str | os.PathLike | None) -> CkptfmtError:
     if path is None or exc.path is not None:
         return exc
-    return type(exc)(exc.message, path=path)
+    return exc.at(path)
 
 
 def _check_structure(fields: dict[str, Any], params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -572,8 +582,8 @@ def check_sidecar_accepts(folder: str | os.PathLike, config: ModelConfig, *, ove
         differences = _same_config(existing.config, config)
         if differences:
             raise ConfigError(
-                f"holds another config ({'; '.join(differences)}); pass overwrite=True to replace it",
-                path=existing.path,
+                f"holds another config ({'; '.join(differences)})", path=existing.path,
+                fix=OVERWRITE_FIX,
             )
     return existing
 

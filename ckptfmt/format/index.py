@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, ConfigError, HeaderError
+from ..errors import CheckpointNotFoundError, ConfigError, HeaderError, Words
 from ..io.files import read_capped
 from .header import (
     INDEX_SUFFIX,
@@ -68,7 +68,8 @@ def parse_size(size: int | str) -> int:
         return size
     match = _SIZE.match(size) if isinstance(size, str) else None
     if match is None or float(match.group(1)) <= 0:
-        raise ConfigError(f"max_shard_size must be a positive number of bytes or a size such as '2GB', not {size!r}")
+        must = f" must be a positive number of bytes or a size such as '2GB', not {size!r}"
+        raise ConfigError(Words("max_shard_size" + must, "--max-shard-size" + must))
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import OutputExistsError, WriteError
+from ..errors import OVERWRITE_FIX, OutputExistsError, WriteError
 
 __all__ = ["atomic_write", "check_writable", "fsync_folder", "write_all"]
 
@@ -43,7 +43,7 @@ def check_writable(path: Path, *, overwrite: bool) -> None:
             path=path,
         )
     if path.exists() and not overwrite:
-        raise OutputExistsError("already exists; pass overwrite=True to replace it", path=path)
+        raise OutputExistsError("already exists", path=path, fix=OVERWRITE_FIX)
 
 
 @contextmanager
@@ -106,17 +106,13 @@ def _commit(tmp: Path, path: Path, *, overwrite: bool) -> None:
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise OutputExistsError(
-            "already exists; pass overwrite=True to replace it", path=path
-        ) from None
+        raise OutputExistsError("already exists", path=path, fix=OVERWRITE_FIX) from None
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
             raise
         # A file system without hard links: fall back to a checked rename.
         if path.exists():
-            raise OutputExistsError(
-                "already exists; pass overwrite=True to replace it", path=path
-            ) from None
+            raise OutputExistsError("already exists", path=path, fix=OVERWRITE_FIX) from None
         os.replace(tmp, path)
     else:
         os.unlink(tmp)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InputError
+from ..errors import InputError, Words
 from .files import open_regular, walk_files
 
 if TYPE_CHECKING:
@@ -59,11 +59,11 @@ def read_image(path: str | os.PathLike, *, in_channels: int = 1, max_pixels: int
 
 
 def _too_big(declared: str, pixels: int, max_pixels: int, path: Path) -> InputError:
+    refused = ("refused before decoding (a decompression bomb, or more than the model has memory for: raise the "
+               "limit with {} where more is free)")
     return InputError(
-        f"declares {declared}, {pixels:,} pixels, over the limit of {max_pixels:,}; refused before "
-        "decoding (a decompression bomb, or more than the model has memory for: raise the limit with "
-        "max_pixels= where more is free)",
-        path=path,
+        f"declares {declared}, {pixels:,} pixels, over the limit of {max_pixels:,}", path=path,
+        fix=Words(refused.format("max_pixels="), refused.format("--max-pixels")),
     )
 
 

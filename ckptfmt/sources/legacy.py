@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import sys
+import pickle
 import threading
 import warnings
 import zipfile
@@ -31,11 +30,12 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ..errors import LegacyCheckpointError, UnsafePickleError, Words
+from ..errors import LegacyCheckpointError, Words
 from ..io.background import helpers
 from ..io.files import open_regular, sha256_fd
 from .layouts import LegacyCheckpoint, unwrap
-from .standins import Refused, contents, globals_in_legacy_pickles, python3_name, stand_ins_for, thaw
+from .refusals import damaged, globals_named, missing_class, needs_global, unlisted_globals, unreadable
+from .standins import Refused, contents, python3_name, stand_ins_for, thaw
 
 __all__ = [
     "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "file_identity", "read_legacy_checkpoint"]
@@ -57,11 +57,8 @@ MAX_NESTING = 64
 # bytes are counted the same way, far above any real run's arguments, notes and vocabularies.
 MAX_TEXT_BYTES = 64 << 20
 
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-# Only `convert` takes --unsafe-pickle on the command line: a trusted pickle is converted once,
-# and everything after works on the safe file.
-_UNSAFE_FIX = Words("If you trust this file, convert it with `convert(SOURCE, unsafe_pickle=True)`",
-                    "If you trust this file, convert it with `ckptfmt convert SOURCE --unsafe-pickle`")
+_UNSAFE_LOAD = Words("unpickling with weights_only=False (unsafe_pickle=True): this can run code",
+                     "unpickling with weights_only=False (--unsafe-pickle): this can run code")
 # torch's allowlist of extra globals is one set for the whole process: one load with stand-ins
 # at a time, so that one load's exit does not remove the stand-ins another is using.
 _STAND_INS_IN_USE = threading.Lock()
@@ -201,21 +198,13 @@ def _load(
     source = mapped_from or f
     stand_ins: list = []
     if unsafe_pickle:
-        logger.warning("%s: unpickling with weights_only=False (unsafe_pickle=True): this can run code", path)
-        obj = _torch_load(source, path, unsafe_pickle=True)
-    else:
+        logger.warning(f"{path}: " + _UNSAFE_LOAD)
         try:
-            obj = _torch_load(source, path, unsafe_pickle=False)
-        except UnsafePickleError:
-            # A global beyond torch's allowlist: the pickle is scanned for the globals it names
-            # (only now, most files need none), and loaded again with the stand-ins for them,
-            # which never import or run anything. Without stand-ins the refusal stands.
-            f.seek(0)
-            stand_ins = stand_ins_for(_unlisted_globals(f, path, serialization))
-            if not stand_ins:
-                raise
-            with _STAND_INS_IN_USE, torch.serialization.safe_globals(stand_ins):
-                obj = _torch_load(source, path, unsafe_pickle=False)
+            obj = _torch_load(source, path, unsafe_pickle=True, passing=(AttributeError, ImportError))
+        except (AttributeError, ImportError) as exc:  # the full unpickler looked up a class
+            raise missing_class(exc, globals_named(f, serialization), path) from None
+    else:
+        obj, stand_ins = _load_weights_only(f, source, path, serialization)
     check_bounds(obj, path)
     # mmap=True skips torch's check that each storage fits its zip record; this is that check,
     # made before anything reads a tensor's data.
@@ -225,7 +214,32 @@ def _load(
     try:
         return thaw(obj, where="", conversions=conversions), conversions, mapped
     except Refused as refused:
-        raise _needs_global(refused.global_name, path) from None
+        raise needs_global(refused.global_name, path) from None
+
+
+def _load_weights_only(f: BinaryIO, source: BinaryIO | str, path: Path, serialization: str) -> tuple[Any, list]:
+    """torch.load with weights_only=True, and, where the file needs more than torch's allowlist,
+    the stand-ins that read it."""
+    refusal = (pickle.UnpicklingError,)  # what torch's weights-only unpickler raises, and only it
+    try:
+        return _torch_load(source, path, unsafe_pickle=False, passing=refusal), []
+    except pickle.UnpicklingError as exc:
+        # Something beyond the allowlist: the pickle is scanned for the globals it names (only
+        # now, most files need none). One that no stand-in reads is refused by name; for the
+        # others the file is loaded again with the stand-ins, which never import or run anything.
+        unlisted = unlisted_globals(f, serialization)
+        stand_ins = stand_ins_for(unlisted)
+        covered = {name for _, name in stand_ins}
+        refused = [name for name in unlisted if name not in covered]
+        if refused:
+            raise needs_global(python3_name(refused[0]), path) from None
+        if not stand_ins:
+            raise unreadable(exc, path) from None
+    with _STAND_INS_IN_USE, torch.serialization.safe_globals(stand_ins):
+        try:
+            return _torch_load(source, path, unsafe_pickle=False, passing=refusal), stand_ins
+        except pickle.UnpicklingError as exc:
+            raise unreadable(exc, path) from None
 
 
 def _check_records(obj: Any, records: dict[int, int], path: Path) -> dict[int, int]:
@@ -262,33 +276,9 @@ def _check_records(obj: Any, records: dict[int, int], path: Path) -> dict[int, i
     )
 
 
-def _unlisted_globals(f: BinaryIO, path: Path, serialization: str) -> list[str]:
-    """The globals the file's pickle names that torch's allowlist does not hold, found without
-    unpickling anything."""
-    try:
-        if serialization == "torch zip":
-            return torch.serialization.get_unsafe_globals_in_checkpoint(f)
-        names = globals_in_legacy_pickles(f)
-    except Exception:  # a damaged pickle: torch.load will say what is wrong with it
-        return []
-    finally:
-        f.seek(0)
-    # As get_unsafe_globals_in_checkpoint does for a zip: spelled as torch's unpickler looks
-    # names up, less those its allowlist holds.
-    from torch._utils import IMPORT_MAPPING, NAME_MAPPING
-    from torch._weights_only_unpickler import _get_allowed_globals, _get_user_allowed_globals
-
-    allowed = {*_get_allowed_globals(), *_get_user_allowed_globals()}
-    spelled = []
-    for name in names:
-        module, _, attribute = name.rpartition(".")
-        module, attribute = NAME_MAPPING.get((module, attribute), (IMPORT_MAPPING.get(module, module), attribute))
-        spelled.append(f"{module}.{attribute}")
-    return [name for name in spelled if name not in allowed]
-
-
-def _torch_load(source: BinaryIO | str, path: Path, *, unsafe_pickle: bool) -> Any:
-    """torch.load of a file object, or memory-mapped of a name (see `_check_records`)."""
+def _torch_load(source: BinaryIO | str, path: Path, *, unsafe_pickle: bool, passing: tuple[type, ...] = ()) -> Any:
+    """torch.load of a file object, or memory-mapped of a name (see `_check_records`). What it
+    raises becomes our LegacyCheckpointError, except the `passing` kinds, which the caller reads."""
     try:
         with warnings.catch_warnings():
             # The weights-only unpickler warns about any protocol but 2, then refuses or reads
@@ -297,50 +287,10 @@ def _torch_load(source: BinaryIO | str, path: Path, *, unsafe_pickle: bool) -> A
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             return torch.load(source, map_location="cpu", weights_only=not unsafe_pickle,
                               mmap=isinstance(source, str))
+    except passing:
+        raise
     except Exception as exc:  # torch, zipfile and pickle raise anything; all become ours
-        text = str(exc)
-        found = _GLOBAL.search(text)
-        if found and not unsafe_pickle:
-            raise _needs_global(python3_name(found.group(1)), path) from None
-        if "Weights only load failed" in text:
-            detail = re.search(r"Unsupported operand \d+|Trying to [^\n.]*", text)
-            raise UnsafePickleError(
-                "refused to unpickle: the safe (weights-only) loader cannot read it"
-                f"{f' ({detail.group(0)})' if detail else ''}; it may be a plain pickle rather "
-                "than a torch.save file.",
-                path=path, fix=_UNSAFE_FIX,
-            ) from None
-        missing = _MISSING_CLASS.search(text) if unsafe_pickle else None
-        if missing:  # the full unpickler needs the saving program's own classes, importable here
-            name, module = missing.groups()
-            main = sys.modules.get("__main__")
-            ours = {"__main__", getattr(getattr(main, "__spec__", None), "name", "__main__")}
-            where = ("the script that saved it (__main__), which no other program can import" if module in ours
-                     else f"the module {module!r}, which is not importable here")
-            raise LegacyCheckpointError(
-                f"is a pickled {name}, a class of {where}; in that program, save model.state_dict() "
-                "instead, or make the class importable here",
-                path=path,
-            ) from None
-        first_line = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise LegacyCheckpointError(
-            f"cannot be read as a torch checkpoint ({type(exc).__name__}: {first_line}); "
-            "it is damaged, truncated or not a checkpoint",
-            path=path,
-        ) from None
-
-
-# pickle's words for a class that its module does not have (torch.load reports the module of the
-# process that loads, __main__ included, as `<module 'ckptfmt.__main__' from ...>`).
-_MISSING_CLASS = re.compile(r"Can't get attribute '([^']+)' on <module '([^']+)'")
-
-
-def _needs_global(name: str, path: Path) -> UnsafePickleError:
-    return UnsafePickleError(
-        f"refused to unpickle: it needs the global {name}, which the safe (weights-only) loader "
-        "does not allow because unpickling it can run code.",
-        path=path, fix=_UNSAFE_FIX,
-    )
+        raise damaged(exc, path) from None
 
 
 def check_bounds(obj: Any, path: Path) -> None:
