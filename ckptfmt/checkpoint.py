@@ -250,9 +250,9 @@ def open_checkpoint(
         resolution.header.training(), resolution.header.provenance()  # their schemas, as inspect and verify check them
     config = resolution.config
     if config is None and builder is None:
-        reason = resolution.unresolved.message
+        reason = resolution.unresolved.message_words.apply(lambda text: text[0].lower() + text[1:])
         raise resolution.unresolved.at(
-            path, problem=f"has no config (weights only), and {reason[0].lower()}{reason[1:]}.", fix=WEIGHTS_ONLY_FIX,
+            path, problem="has no config (weights only), and " + reason + ".", fix=WEIGHTS_ONLY_FIX,
         ) from None
     if resolution.origin == "inferred":
         warnings.warn(CkptfmtWarning(

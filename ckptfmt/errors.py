@@ -39,7 +39,7 @@ import copy as copy_module
 import json
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -103,6 +103,16 @@ class Words(str):
 
     def __radd__(self, other: str) -> "Words":
         return Words(str(other) + self.python, getattr(other, "cli", str(other)) + self.cli)
+
+    def apply(self, change: Callable[[str], str]) -> "Words":
+        """Both spellings changed alike (`words.apply(lambda s: s[0].lower() + s[1:])`)."""
+        return Words(change(self.python), change(self.cli))
+
+    @staticmethod
+    def joined(separator: str, parts: Iterable[str]) -> "Words":
+        """`separator.join(parts)`, keeping the parts' command-line spellings."""
+        parts = [part if isinstance(part, Words) else Words(part) for part in parts]
+        return Words(separator.join(p.python for p in parts), separator.join(p.cli for p in parts))
 
 
 # The fix of every refusal to replace what is there: `overwrite=` in the library, `--force` in

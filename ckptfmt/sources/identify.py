@@ -70,7 +70,8 @@ def candidate_configs(
             found.sort(key=lambda item: (item[0], item[1]))
             return [config for _, _, config in found]
     raise ArchitectureNotRecognisedError(
-        f"no registered architecture recognises these weights ({'; '.join(reasons) or 'none registered'})",
+        "no registered architecture recognises these weights ("
+        + (Words.joined("; ", reasons) if reasons else "none registered") + ")",
         path=path,
     )
 
@@ -83,9 +84,9 @@ def _entries(names: list[str], reasons: list[str], failures: list[str] | None, *
         except CkptfmtError as exc:
             if strict:
                 raise
-            reasons.append(f"{name}: {exc.message}")
+            reasons.append(f"{name}: " + exc.message_words)
             if failures is not None:
-                failures.append(exc.message)
+                failures.append(exc.message_words)
     return entries
 
 
@@ -97,13 +98,13 @@ def _ask(entry: ModelEntry, shapes: dict, reasons: list[str], failures: list[str
         found = entry.infer_config(shapes)
         return [ModelConfig(entry.name, **params) for params in (found if isinstance(found, list) else [found])]
     except ArchitectureNotRecognisedError as exc:
-        reasons.append(f"{entry.name}: {exc.message}")
+        reasons.append(f"{entry.name}: " + exc.message_words)
     except CkptfmtError as exc:
         if strict:
             raise
-        reasons.append(f"{entry.name}: {exc.message}")
+        reasons.append(f"{entry.name}: " + exc.message_words)
         if failures is not None:
-            failures.append(f"model_type {entry.name!r} failed on these weights: {exc.message}")
+            failures.append(f"model_type {entry.name!r} failed on these weights: " + exc.message_words)
     except Exception as exc:  # a plugin's own code: its failure, not the batch's
         if strict:
             raise ArchitectureNotRecognisedError(f"model_type {entry.name!r}: infer_config raised {type(exc).__name__}: {exc}") from None

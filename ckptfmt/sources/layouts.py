@@ -200,7 +200,7 @@ def _take_model(checkpoint: LegacyCheckpoint, model: torch.nn.Module) -> None:
     try:
         checkpoint.config = ModelConfig.from_model(model)
     except CkptfmtError as exc:
-        checkpoint.notes.append(f"the pickled {name} gives no config ({exc.message})")
+        checkpoint.notes.append(f"the pickled {name} gives no config (" + exc.message_words + ")")
 
 
 def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> list[str]:
