@@ -17,7 +17,7 @@ from .version import __version__
 
 _EXPORTS = {
     "ModelConfig": "config.model_config",
-    "read_sidecar": "config.model_config",
+    "read_sidecar": "config.sidecar",
     "read_header": "format.header",
     "register_model": "config.registry",
     "registered_model_types": "config.registry",
@@ -78,7 +78,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .checkpoint import load_model, load_model_with_config, save, save_model_with_config
     from .compare import diff
-    from .config.model_config import ModelConfig, read_sidecar
+    from .config.model_config import ModelConfig
+    from .config.sidecar import read_sidecar
     from .config.registry import Task, create_model, register_model, registered_model_types
     from .converter import ConvertResult, convert, convert_all
     from .errors import (

@@ -20,13 +20,8 @@ from typing import Any
 
 import torch
 
-from .config.model_config import (
-    SIDECAR_NAME,
-    ModelConfig,
-    check_sidecar_accepts,
-    remember_file_config,
-    write_sidecar,
-)
+from .config.model_config import SIDECAR_NAME, ModelConfig, remember_file_config
+from .config.sidecar import check_sidecar_accepts, write_sidecar
 from .config.registry import get_model_entry, unwrap_model
 from .config.shapes import check_shapes, check_state, module_state
 from .errors import (

@@ -21,14 +21,8 @@ from typing import Any
 
 import torch
 
-from .config.model_config import (
-    SIDECAR_NAME,
-    ModelConfig,
-    check_sidecar_accepts,
-    config_differences,
-    read_sidecar,
-    write_sidecar,
-)
+from .config.model_config import SIDECAR_NAME, ModelConfig, config_differences
+from .config.sidecar import check_sidecar_accepts, read_sidecar, write_sidecar
 from .errors import (
     CkptfmtError,
     ConfigError,

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .config.facts import recall, remember
-from .config.model_config import ModelConfig, config_differences, read_sidecar
+from .config.model_config import ModelConfig, config_differences
+from .config.sidecar import read_sidecar
 from .config.registry import registered_model_types
 from .config.shapes import check_state
 from .errors import CheckpointNotFoundError, CkptfmtError

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .config.model_config import ModelConfig, Sidecar, config_differences, read_sidecar
+from .config.model_config import ModelConfig, config_differences
+from .config.sidecar import Sidecar, read_sidecar
 from .errors import (
     AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,

@@ -10,7 +10,8 @@ import pytest
 from ckptfmt.models.multitask_unet import create_multi_task_model
 
 from ckptfmt import ConfigError, ModelConfig, UnknownModelTypeError
-from ckptfmt.config.model_config import SCHEMA_VERSION, read_sidecar, write_sidecar
+from ckptfmt.config.model_config import SCHEMA_VERSION
+from ckptfmt.config.sidecar import read_sidecar, write_sidecar
 
 
 def test_defaults_are_the_seeds():

@@ -260,7 +260,7 @@ def test_verify_reports_an_invalid_embedded_config_and_goes_on(tmp_path):
     metadata["ckptfmt.config"] = json.dumps({**config.to_dict(), "depth": 0})
     path = tmp_path / "m.safetensors"
     write_safetensors(path, model.state_dict(), metadata)
-    ckptfmt.config.model_config.write_sidecar(tmp_path, config, "m.safetensors", ckptfmt.read_header(path).weights_sha256)
+    ckptfmt.config.sidecar.write_sidecar(tmp_path, config, "m.safetensors", ckptfmt.read_header(path).weights_sha256)
     report = verify(path)
     assert [c["check"] for c in report.checks if not c["ok"]] == ["config"]
     assert report.failures == [f"{path}: invalid embedded config: depth must lie in 1..8, not 0"]

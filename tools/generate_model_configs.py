@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from ckptfmt.checkpoint import open_checkpoint
-from ckptfmt.config.model_config import write_sidecar
+from ckptfmt.config.sidecar import write_sidecar
 from ckptfmt.errors import CkptfmtError, CkptfmtWarning
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt")

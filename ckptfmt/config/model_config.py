@@ -17,7 +17,7 @@ A config is checked in two steps:
   `from_checkpoint`) is checked when it is used (`checked()`, which loading, saving and `verify`
   call), so that a file whose architecture is not installed here can still be read and shown.
 
-Older schemas are migrated by the small pure functions in `_MIGRATIONS`; a newer one is refused.
+Older schemas are migrated by the small pure functions in `MIGRATIONS`; a newer one is refused.
 
 The sidecar `model_config.json` is the config plus `weights`: the name and digest of each
 .safetensors file in the folder that it describes. The embedded copy in each file is
@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import (
-    OVERWRITE_FIX,
     CheckpointNotFoundError,
     CkptfmtError,
     ConfigError,
@@ -49,13 +46,17 @@ from ..errors import (
 from ..format.header import read_header
 from ..io.atomic import atomic_write, write_all
 from ..io.files import read_capped
-from ..io.jsondoc import loads_strict, plain_json
+from ..io.jsondoc import loads_strict
 from .arguments import RESERVED_NAMES
+from .fields import (
+    SEED_MODEL_TYPE,
+    TEXT_FIELDS,
+    check_architecture,
+    check_structure,
+)
+from .migrations import MIGRATIONS
 from .registry import (
-    TASKS,
-    Task,
     captured_arguments,
-    check_model_type_name,
     get_model_entry,
     recognised_arguments,
     unwrap_model,
@@ -65,24 +66,15 @@ __all__ = [
     "SCHEMA_VERSION",
     "SIDECAR_NAME",
     "ModelConfig",
-    "Sidecar",
-    "check_sidecar_accepts",
     "config_differences",
-    "read_sidecar",
-    "write_sidecar",
+    "read_config_file",
 ]
 
 SCHEMA_VERSION = 2
 SIDECAR_NAME = "model_config.json"
-# The original system had one architecture, so its API and its sidecars name none. Its configs
-# still load, and `ModelConfig(base_filters=64, depth=4)` still means that architecture.
-SEED_MODEL_TYPE = "multitask"
-NORMALIZATION_MODES = ("none", "minmax", "zscore", "fixed")
-DEFAULT_SEG_THRESHOLD = 0.5
 # A config file is a few kilobytes; a sidecar binds one digest per checkpoint in its folder.
 MAX_CONFIG_FILE_BYTES = 16 << 20
 
-_TEXT_FIELDS = {"version": "1.0", "description": "", "trained_on": "", "training_config": ""}
 
 
 # Where a model that load_model built keeps its file's config (see `remember_file_config`).
@@ -93,23 +85,6 @@ def remember_file_config(model: Any, config: "ModelConfig") -> None:
     """Keep on `model` the config of the file it was loaded from, so that saving it again writes
     what that file said of it (description, class names, normalization), not only its arguments."""
     unwrap_model(model).__dict__[_FILE_CONFIG] = config
-
-
-def _v0_to_v1(config: dict[str, Any]) -> dict[str, Any]:
-    """The original system wrote no schema_version; its keys are a subset of v1's."""
-    return {"model_type": SEED_MODEL_TYPE, **config, "schema_version": 1}
-
-
-def _v1_to_v2(config: dict[str, Any]) -> dict[str, Any]:
-    """v1 held the U-Net's five arguments and its inference fields for every model_type, and a
-    missing model_type meant the U-Net. v2 holds any architecture's arguments under the same flat
-    keys, and the task; v1's keys keep their meaning, and the task is filled in from the
-    architecture when the config is checked."""
-    return {"model_type": SEED_MODEL_TYPE, **config, "schema_version": 2}
-
-
-# schema N -> function turning an N dict into an N+1 dict.
-_MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {0: _v0_to_v1, 1: _v1_to_v2}
 
 
 class ModelConfig:
@@ -159,8 +134,8 @@ class ModelConfig:
             "task": task, "class_names": class_names, "normalization": normalization,
             "seg_threshold": seg_threshold,
         }
-        fields, params = _check_structure(fields, params)
-        fields, params = _check_architecture(fields, params)
+        fields, params = check_structure(fields, params)
+        fields, params = check_architecture(fields, params)
         self._set(fields, params, checked=True)
 
     def _set(self, fields: dict[str, Any], params: dict[str, Any], *, checked: bool, path=None) -> None:
@@ -204,7 +179,7 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelConfig":
         """Read a config JSON file, a sidecar included (its weights binding is set aside)."""
-        document = _read_json_file(Path(path))
+        document = read_config_file(Path(path))
         document.pop("weights", None)
         return cls.from_dict(document, path=path)
 
@@ -305,7 +280,7 @@ class ModelConfig:
                     f"{SCHEMA_VERSION}. Upgrade ckptfmt (pip install -U ckptfmt)"
                 )
             while schema < SCHEMA_VERSION:
-                document = _MIGRATIONS[schema](document)
+                document = MIGRATIONS[schema](document)
                 schema = document["schema_version"]
             document.pop("schema_version")
             if "model_type" not in document:
@@ -314,9 +289,9 @@ class ModelConfig:
             for name in RESERVED_NAMES:
                 if name in document:
                     fields[name] = document.pop(name)
-            fields = {**_TEXT_FIELDS, "task": None, "class_names": None, "normalization": None,
+            fields = {**TEXT_FIELDS, "task": None, "class_names": None, "normalization": None,
                       "seg_threshold": None, **fields}
-            fields, params = _check_structure(fields, document)
+            fields, params = check_structure(fields, document)
         except ConfigError as exc:
             raise _with_path(exc, path) from None
         config = cls.__new__(cls)
@@ -336,7 +311,7 @@ class ModelConfig:
             return self
         if self._checked is None:
             try:
-                fields, params = _check_architecture(self._fields(), dict(self._params))
+                fields, params = check_architecture(self._fields(), dict(self._params))
             except (ConfigError, MissingDependencyError) as exc:  # the latter: an adapter's library is not here
                 raise _with_path(exc, path or self._path) from None
             twin = ModelConfig.__new__(ModelConfig)
@@ -355,7 +330,7 @@ class ModelConfig:
 
     def _fields(self) -> dict[str, Any]:
         return {
-            "model_type": self.model_type, **{name: getattr(self, name) for name in _TEXT_FIELDS},
+            "model_type": self.model_type, **{name: getattr(self, name) for name in TEXT_FIELDS},
             "task": self.task, "class_names": self.class_names, "normalization": self.normalization,
             "seg_threshold": self.seg_threshold,
         }
@@ -420,94 +395,7 @@ def _with_path(exc: CkptfmtError, path: str | os.PathLike | None) -> CkptfmtErro
     return exc.at(path)
 
 
-def _check_structure(fields: dict[str, Any], params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The checks that need no architecture: the config's own fields, and JSON arguments."""
-    fields = dict(fields)
-    check_model_type_name(fields["model_type"])
-    for name in _TEXT_FIELDS:
-        if not isinstance(fields[name], str):
-            raise ConfigError(f"{name} must be a string, not {fields[name]!r}")
-    task = fields["task"]
-    if task is not None and task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
-    names = fields["class_names"]
-    if names is not None:
-        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"class_names must be a list of strings, not {names!r}")
-        fields["class_names"] = tuple(names)
-    fields["normalization"] = _check_normalization(
-        {"mode": "none"} if fields["normalization"] is None else fields["normalization"], None
-    )
-    threshold = fields["seg_threshold"]
-    if threshold is not None:
-        if type(threshold) not in (int, float) or not 0 < threshold < 1:
-            raise ConfigError(f"seg_threshold must be a number between 0 and 1, not {threshold!r}")
-        if task == "classification":
-            raise ConfigError("seg_threshold is for models that segment; a classification model has none")
-        fields["seg_threshold"] = float(threshold)
-    checked_params = {}
-    for name, value in params.items():
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(f"config key {name!r} is neither a config field nor an argument name")
-        checked_params[name] = plain_json(value, what=name)
-    return fields, checked_params
-
-
-def _check_architecture(fields: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The checks the architecture makes: its signature and annotations, its own check, its
-    task; every default filled in."""
-    entry = get_model_entry(fields["model_type"])
-    params = entry.complete(params)
-    task: Task | None = entry.describe_task(params)
-    fields = dict(fields)
-    if task is not None:
-        if fields["task"] is not None and fields["task"] != task.kind:
-            raise ConfigError(f"task {fields['task']!r} does not match the architecture, which does {task.kind}")
-        fields["task"] = task.kind
-    if fields["task"] is not None and "segmentation" in fields["task"] and fields["seg_threshold"] is None:
-        fields["seg_threshold"] = DEFAULT_SEG_THRESHOLD
-    if fields["task"] == "classification" and fields["seg_threshold"] is not None:
-        raise ConfigError("seg_threshold is for models that segment; a classification model has none")
-    if task is not None:
-        names = fields["class_names"]
-        classes = task.classes if task.classes is not None else task.mask_channels
-        if names is not None and classes is not None and len(names) != classes:
-            raise ConfigError(f"class_names has {len(names)} names but the model has {classes} classes")
-        fields["normalization"] = _check_normalization(fields["normalization"], task.in_channels)
-    return fields, params
-
-
-def _check_normalization(value: Any, in_channels: int | None) -> dict[str, Any]:
-    if not isinstance(value, dict) or value.get("mode") not in NORMALIZATION_MODES:
-        raise ConfigError(
-            f"normalization must be an object whose mode is one of {', '.join(NORMALIZATION_MODES)}, "
-            f"not {value!r}"
-        )
-    expected = {"mode", "mean", "std"} if value["mode"] == "fixed" else {"mode"}
-    if set(value) != expected:
-        raise ConfigError(
-            f"normalization mode {value['mode']!r} takes exactly the keys {', '.join(sorted(expected))}, "
-            f"not {', '.join(sorted(value))}"
-        )
-    if value["mode"] != "fixed":
-        return dict(value)
-    result = {"mode": "fixed"}
-    counts = (1,) if in_channels is None else (1, in_channels)
-    for key in ("mean", "std"):
-        numbers = value[key]
-        if not isinstance(numbers, list):
-            numbers = [numbers]
-        fits = in_channels is None or len(numbers) in counts
-        if not numbers or not fits or not all(type(n) in (int, float) and math.isfinite(n) for n in numbers):
-            one_per = f" or a list of {in_channels}" if in_channels else " or a list, one per input channel"
-            raise ConfigError(f"normalization {key} must be a finite number{one_per}, not {value[key]!r}")
-        result[key] = [float(n) for n in numbers]
-    if any(s <= 0 for s in result["std"]):
-        raise ConfigError(f"normalization std must be positive, not {value['std']!r}")
-    return result
-
-
-def _read_json_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, Any]:
     raw = read_capped(path, limit=MAX_CONFIG_FILE_BYTES, what="a config JSON file", error=ConfigError)
     try:
         text = raw.decode("utf-8")
@@ -539,74 +427,3 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
         f"{name}: {shown(first, name)} != {shown(second, name)}"
         for name in names if first.get(name, unset) != second.get(name, unset)
     ]
-
-
-@dataclass(frozen=True)
-class Sidecar:
-    """A parsed `model_config.json`: the config and the weights files it is bound to."""
-
-    path: Path
-    config: ModelConfig
-    weights: dict[str, str]  # file name -> ckptfmt.weights_sha256
-
-
-def read_sidecar(folder: str | os.PathLike) -> Sidecar | None:
-    """The sidecar in `folder`, or None when there is none."""
-    path = Path(folder) / SIDECAR_NAME
-    if not os.path.lexists(path):
-        return None
-    document = _read_json_file(path)
-    weights = document.pop("weights", {})
-    if not isinstance(weights, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weights.items()
-    ):
-        raise ConfigError("'weights' must map file names to digests", path=path)
-    return Sidecar(path, ModelConfig.from_dict(document, path=path), weights)
-
-
-def _same_config(existing: ModelConfig, config: ModelConfig) -> list[str]:
-    """Differences between a sidecar's config and the one about to be written, both complete."""
-    try:
-        existing = existing.checked()
-    except CkptfmtError:
-        pass  # another architecture, or an invalid sidecar: compared as it is
-    return config_differences(existing, config)
-
-
-def check_sidecar_accepts(folder: str | os.PathLike, config: ModelConfig, *, overwrite: bool) -> Sidecar | None:
-    """The sidecar in `folder` (or None), after checking that `config` may be written there:
-    a sidecar holding another config is an error naming the fields, unless `overwrite`.
-    Called before the weights are written, so that a refusal leaves nothing half done."""
-    existing = read_sidecar(folder)
-    if existing is not None and not overwrite:
-        differences = _same_config(existing.config, config)
-        if differences:
-            raise ConfigError(
-                f"holds another config ({'; '.join(differences)})", path=existing.path,
-                fix=OVERWRITE_FIX,
-            )
-    return existing
-
-
-def write_sidecar(
-    folder: str | os.PathLike, config: ModelConfig, weights_file: str | None = None,
-    weights_sha256: str | None = None, *, overwrite: bool = False, bindings: Mapping[str, str] | None = None,
-    sync_folder: bool = True,
-) -> Path:
-    """Write or update `folder/model_config.json`, binding `weights_file` (or each of
-    `bindings`, file name -> digest) to its digest.
-
-    Several checkpoints of one architecture share a folder's sidecar (best_model and
-    last_model, as in the seed), each with its own binding; legacy .pth files get none. A
-    sidecar holding another config is an error naming the fields, unless `overwrite`, which
-    starts it afresh.
-    """
-    existing = check_sidecar_accepts(folder, config, overwrite=overwrite)
-    bindings = {**(bindings or {}), **({weights_file: weights_sha256} if weights_file else {})}
-    if existing is not None and not _same_config(existing.config, config):
-        bindings = {**existing.weights, **bindings}
-    document = {**config.to_dict(), "weights": dict(sorted(bindings.items()))}
-    path = Path(folder) / SIDECAR_NAME
-    with atomic_write(path, overwrite=existing is not None, sync_folder=sync_folder) as fd:
-        write_all(fd, (json.dumps(document, sort_keys=True, indent=2) + "\n").encode())
-    return path
