@@ -223,7 +223,7 @@ def test_an_earlier_table_that_predict_did_not_write_is_our_error(demo_model, tm
     RecursionError, a csv.Error or a TypeError from deep inside."""
     import os
 
-    from ckptfmt.predict import _checkpoint_identity, predict_files
+    from ckptfmt.predict.files import _checkpoint_identity, predict_files
     from ckptfmt.io.files import sha256_file
 
     predictor = MultiTaskPredictor(demo_model)
@@ -260,7 +260,7 @@ def test_an_earlier_table_that_predict_did_not_write_is_our_error(demo_model, tm
 def test_an_earlier_table_at_the_size_cap_is_read_in_bounded_memory(demo_model, tmp_path):
     """The cap is sized for the worst JSON per byte, a list of short strings (some 32 bytes of
     memory per byte of text): one of exactly the cap is refused with 1 GiB to spare."""
-    from ckptfmt.predict import TABLE_LIMIT
+    from ckptfmt.predict.files import TABLE_LIMIT
 
     start, end = '{"predictions": [', '"ab"]}'
     body = '"ab",' * ((TABLE_LIMIT - len(start) - len(end)) // 5)

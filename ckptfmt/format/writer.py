@@ -156,18 +156,49 @@ def write_safetensors(
     for name in tensors:
         check_tensor_name(name, path)
     stored, aliases = split_aliases(tensors)
-    metadata = dict(metadata)
-    if aliases:
-        metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
-    digest_stand_in = None
-    if KEY_WEIGHTS_SHA256 not in metadata:
-        metadata[KEY_WEIGHTS_SHA256] = digest_stand_in = placeholder()
+    metadata, digest_stand_in = _metadata_to_write(metadata, aliases)
     # Nothing is written that the reader, and so `verify`, would refuse.
     check_metadata(metadata, path)
     order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
     sources = {name: span for name, span in (sources or {}).items() if name in stored}
     data = {name: (sources[name] if name in sources else tensor_bytes(stored[name])) for name in order}
     sizes = {name: stored[name].numel() * stored[name].element_size() for name in order}
+    header, encoded = _encoded_header(metadata, stored, order, sizes)
+    positions = _placeholder_positions(encoded, [*(fill_in or {}), *([digest_stand_in] if digest_stand_in else [])])
+    data_start = 8 + len(encoded)
+    spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
+    with atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
+        write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
+        syncing: list[Future] = []
+        try:
+            _write_data(fd, order, data, sizes, syncing)
+            digest = _read_back(fd, path, spans, data, sizes, aliases)
+        finally:
+            for future in syncing:  # none may outlive the descriptor it syncs
+                future.result()
+        values = {stand_in: future.result() for stand_in, future in (fill_in or {}).items()}
+        if digest_stand_in:
+            values[digest_stand_in] = digest
+        for stand_in, value in values.items():
+            os.pwrite(fd, value.encode(), positions[stand_in])
+    return digest
+
+
+def _metadata_to_write(metadata: Mapping[str, str], aliases: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """`metadata` with the ties recorded and, unless it sets the weights digest, a placeholder
+    for it (returned too: the digest is only known once the data is read back)."""
+    metadata = dict(metadata)
+    if aliases:
+        metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
+    digest_stand_in = None
+    if KEY_WEIGHTS_SHA256 not in metadata:
+        metadata[KEY_WEIGHTS_SHA256] = digest_stand_in = placeholder()
+    return metadata, digest_stand_in
+
+
+def _encoded_header(metadata: dict[str, str], stored: Mapping[str, torch.Tensor], order: list[str],
+                    sizes: dict[str, int]) -> tuple[dict, bytes]:
+    """The header, each tensor's entry placed in `order`, and its encoding as the file holds it."""
     header: dict = {"__metadata__": metadata}
     offset = 0
     for name in order:
@@ -179,39 +210,33 @@ def write_safetensors(
         offset += sizes[name]
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header to 8 bytes
+    return header, encoded
+
+
+def _placeholder_positions(encoded: bytes, stand_ins: list[str]) -> dict[str, int]:
+    """Where in the file each placeholder's value is to be written."""
     positions = {}
-    for stand_in in [*(fill_in or {}), *([digest_stand_in] if digest_stand_in else [])]:
+    for stand_in in stand_ins:
         if len(stand_in) != 64 or encoded.count(stand_in.encode()) != 1:
             raise ValueError(f"fill_in placeholder {stand_in!r} must be 64 characters and occur once")
         positions[stand_in] = 8 + encoded.index(stand_in.encode())
-    data_start = 8 + len(encoded)
-    spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
-    with atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
-        write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
-        # fsync as we go, so the disk works while we write rather than all at the end.
-        syncing: list[Future] = []
-        try:
-            unflushed = 0
-            for name in order:
-                if isinstance(data[name], tuple):
-                    _copy_range(data[name], fd, sizes[name])
-                else:
-                    write_all(fd, data[name])
-                unflushed += sizes[name]
-                if unflushed >= _FLUSH_EVERY and (not syncing or syncing[-1].done()):
-                    syncing.append(helpers().submit(os.fsync, fd))
-                    unflushed = 0
+    return positions
+
+
+def _write_data(fd: int, order: list[str], data: dict[str, Any], sizes: dict[str, int], syncing: list[Future]) -> None:
+    """Append the tensors' bytes in `order`, fsyncing as it goes, so the disk works while we write
+    rather than all at the end. Each fsync goes into `syncing`, which the caller waits for."""
+    unflushed = 0
+    for name in order:
+        if isinstance(data[name], tuple):
+            _copy_range(data[name], fd, sizes[name])
+        else:
+            write_all(fd, data[name])
+        unflushed += sizes[name]
+        if unflushed >= _FLUSH_EVERY and (not syncing or syncing[-1].done()):
             syncing.append(helpers().submit(os.fsync, fd))
-            digest = _read_back(fd, path, spans, data, sizes, aliases)
-        finally:
-            for future in syncing:  # none may outlive the descriptor it syncs
-                future.result()
-        values = {stand_in: future.result() for stand_in, future in (fill_in or {}).items()}
-        if digest_stand_in:
-            values[digest_stand_in] = digest
-        for stand_in, value in values.items():
-            os.pwrite(fd, value.encode(), positions[stand_in])
-    return digest
+            unflushed = 0
+    syncing.append(helpers().submit(os.fsync, fd))
 
 
 _FLUSH_EVERY = 64 << 20

@@ -154,40 +154,59 @@ def read_dcp_metadata(folder: str | os.PathLike) -> Any:
 
 
 def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
-    import torch
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
-
-    from ..format.writer import DTYPE_NAMES
-
-    def fail(problem: str) -> LegacyCheckpointError:
-        return LegacyCheckpointError(f"{problem}; the folder is damaged or was crafted", path=path)
-
-    def sizes_of(value: Any, where: str) -> tuple[int, ...]:
-        if type(value) is not torch.Size or not all(type(v) is int and v >= 0 for v in value):
-            raise fail(f"{where} is not a size (non-negative ints): {str(value)[:100]}")
-        return tuple(value)
+    """What `.metadata` unpickled, checked before anything uses it: DCP's own types exactly, each
+    stored item a byte range inside a regular file of the folder, each tensor tiled exactly once
+    by chunks whose stored bytes can hold them."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
     if type(metadata) is not Metadata:
-        raise fail(f"holds a {type(metadata).__name__}, not DCP's Metadata")
+        raise _damaged(f"holds a {type(metadata).__name__}, not DCP's Metadata", path)
     entries = metadata.state_dict_metadata
     if type(entries) is not dict or not all(type(key) is str for key in entries):
-        raise fail("state_dict_metadata is not a dict keyed by name")
+        raise _damaged("state_dict_metadata is not a dict keyed by name", path)
     storage = metadata.storage_data
     if type(storage) is not dict:
-        raise fail("storage_data is not a dict")
+        raise _damaged("storage_data is not a dict", path)
+    items = _stored_items(storage, folder, path)
+    chunks = 0
+    for fqn, entry in entries.items():
+        if type(entry) is BytesStorageMetadata:
+            if (fqn, None) not in items:
+                raise _damaged(f"value {fqn!r} has no stored bytes", path)
+            continue
+        size = _tensor_size(fqn, entry, path)
+        # Counted before the chunks are walked: a pickle can make one list of chunks many times.
+        chunks += len(entry.chunks)
+        if chunks > MAX_CHUNKS:
+            raise _damaged(f"describes more than {MAX_CHUNKS:,} tensor chunks", path)
+        _check_chunks(fqn, entry, size, items, path)
+    _check_planner(metadata.planner_data, path)
+
+
+def _damaged(problem: str, path: Path) -> LegacyCheckpointError:
+    return LegacyCheckpointError(f"{problem}; the folder is damaged or was crafted", path=path)
+
+
+def _sizes(value: Any, where: str, path: Path) -> tuple[int, ...]:
+    """`value` as a tuple, when it is a torch.Size of non-negative ints."""
+    import torch
+
+    if type(value) is not torch.Size or not all(type(v) is int and v >= 0 for v in value):
+        raise _damaged(f"{where} is not a size (non-negative ints): {str(value)[:100]}", path)
+    return tuple(value)
+
+
+def _stored_items(storage: dict, folder: Path, path: Path) -> dict[tuple[str, tuple[int, ...] | None], Any]:
+    """The storage records by (name, chunk offset; None for a non-tensor value), each checked to
+    be an untransformed byte range inside a regular file of the folder."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
     files: dict[str, int] = {}
     items: dict[tuple[str, tuple[int, ...] | None], Any] = {}
     for index, info in storage.items():
         if type(index) is not MetadataIndex or type(info) is not _StorageInfo:
-            raise fail(f"storage_data maps a {type(index).__name__} to a {type(info).__name__}")
+            raise _damaged(f"storage_data maps a {type(index).__name__} to a {type(info).__name__}", path)
         name = file_in_folder(folder, info.relative_path, key=f"the file of {index.fqn!r}", path=path,
                               error=LegacyCheckpointError).name
         if name not in files:
@@ -196,58 +215,70 @@ def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
             os.close(fd)
         if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0 \
                 or info.offset + info.length > files[name]:
-            raise fail(f"{index.fqn!r} is stored at bytes {info.offset}+{info.length}, outside {name} "
-                       f"({files[name]} bytes)")
+            raise _damaged(f"{index.fqn!r} is stored at bytes {info.offset}+{info.length}, outside {name} "
+                           f"({files[name]} bytes)", path)
         if info.transform_descriptors:
             raise LegacyCheckpointError(
                 f"{index.fqn!r} is stored through {list(info.transform_descriptors)[:3]} (a compressed or "
                 "transformed stream), which ckptfmt does not read; re-save it without stream transforms",
                 path=path,
             )
-        offset = None if index.offset is None else sizes_of(index.offset, f"the offset of {index.fqn!r}")
+        offset = None if index.offset is None else _sizes(index.offset, f"the offset of {index.fqn!r}", path)
         items[(index.fqn, offset)] = info
-    chunks = 0
-    for fqn, entry in entries.items():
-        if type(entry) is BytesStorageMetadata:
-            if (fqn, None) not in items:
-                raise fail(f"value {fqn!r} has no stored bytes")
-            continue
-        if type(entry) is not TensorStorageMetadata or type(entry.properties) is not TensorProperties:
-            raise fail(f"entry {fqn!r} is a {type(entry).__name__}")
-        if entry.properties.dtype not in DTYPE_NAMES:
-            raise fail(f"tensor {fqn!r} has dtype {entry.properties.dtype}, which safetensors cannot store")
-        size = sizes_of(entry.size, f"the size of {fqn!r}")
-        if type(entry.chunks) is not list:
-            raise fail(f"the chunks of {fqn!r} are not a list")
-        chunks += len(entry.chunks)
-        if chunks > MAX_CHUNKS:
-            raise fail(f"describes more than {MAX_CHUNKS:,} tensor chunks")
-        boxes = []
-        itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
-        for chunk in entry.chunks:
-            if type(chunk) is not ChunkStorageMetadata:
-                raise fail(f"a chunk of {fqn!r} is a {type(chunk).__name__}")
-            offsets = sizes_of(chunk.offsets, f"a chunk offset of {fqn!r}")
-            sizes = sizes_of(chunk.sizes, f"a chunk size of {fqn!r}")
-            if len(offsets) != len(size) or len(sizes) != len(size) or any(
-                    o + s > n for o, s, n in zip(offsets, sizes, size)):
-                raise fail(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size "
-                           f"{list(size)}")
-            info = items.get((fqn, offsets))
-            if info is None:
-                raise fail(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes")
-            if info.length < math.prod(sizes) * itemsize:
-                raise fail(f"the chunk of {fqn!r} at {list(offsets)} needs {math.prod(sizes) * itemsize} bytes but "
-                           f"its record holds {info.length}")
-            boxes.append((offsets, sizes))
-        if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(size) or _overlap(boxes):
-            raise fail(f"the chunks of {fqn!r} do not cover it exactly once")
-    planner = metadata.planner_data
+    return items
+
+
+def _tensor_size(fqn: str, entry: Any, path: Path) -> tuple[int, ...]:
+    """The size of the tensor `entry` describes, once its record's types and dtype are checked."""
+    from torch.distributed.checkpoint.metadata import TensorProperties, TensorStorageMetadata
+
+    from ..format.writer import DTYPE_NAMES
+
+    if type(entry) is not TensorStorageMetadata or type(entry.properties) is not TensorProperties:
+        raise _damaged(f"entry {fqn!r} is a {type(entry).__name__}", path)
+    if entry.properties.dtype not in DTYPE_NAMES:
+        raise _damaged(f"tensor {fqn!r} has dtype {entry.properties.dtype}, which safetensors cannot store", path)
+    size = _sizes(entry.size, f"the size of {fqn!r}", path)
+    if type(entry.chunks) is not list:
+        raise _damaged(f"the chunks of {fqn!r} are not a list", path)
+    return size
+
+
+def _check_chunks(fqn: str, entry: Any, size: tuple[int, ...], items: dict, path: Path) -> None:
+    """Each chunk of a tensor a box inside it with stored bytes enough for it, and the boxes
+    covering the tensor exactly once."""
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    boxes = []
+    itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
+    for chunk in entry.chunks:
+        if type(chunk) is not ChunkStorageMetadata:
+            raise _damaged(f"a chunk of {fqn!r} is a {type(chunk).__name__}", path)
+        offsets = _sizes(chunk.offsets, f"a chunk offset of {fqn!r}", path)
+        sizes = _sizes(chunk.sizes, f"a chunk size of {fqn!r}", path)
+        if len(offsets) != len(size) or len(sizes) != len(size) or any(
+                o + s > n for o, s, n in zip(offsets, sizes, size)):
+            raise _damaged(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size "
+                           f"{list(size)}", path)
+        info = items.get((fqn, offsets))
+        if info is None:
+            raise _damaged(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes", path)
+        if info.length < math.prod(sizes) * itemsize:
+            raise _damaged(f"the chunk of {fqn!r} at {list(offsets)} needs {math.prod(sizes) * itemsize} bytes but "
+                           f"its record holds {info.length}", path)
+        boxes.append((offsets, sizes))
+    if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(size) or _overlap(boxes):
+        raise _damaged(f"the chunks of {fqn!r} do not cover it exactly once", path)
+
+
+def _check_planner(planner: Any, path: Path) -> None:
+    """DCP's planner data, when there is any: each key's path in the nested state dict."""
     if planner is not None and (type(planner) is not dict or not all(
             type(key) is str and type(steps) in (tuple, list) and steps
             and all(type(step) in (str, int) and (type(step) is str or step >= 0) for step in steps)
             for key, steps in planner.items())):
-        raise fail("planner_data is not a dict of key paths")
+        raise _damaged("planner_data is not a dict of key paths", path)
 
 
 def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
