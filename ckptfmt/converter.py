@@ -32,13 +32,13 @@ from .errors import (
     cli_value,
 )
 from .format.companion import OPTIMIZER_SUFFIX, write_training_state
-from .format.header import INDEX_SUFFIX, read_header
+from .format.header import INDEX_SUFFIX, looks_like_safetensors, read_header
 from .format.index import is_foreign_index, is_index, parse_size, write_sharded
 from .format.metadata import build_metadata, provenance_record
 from .format.writer import DTYPE_NAMES, placeholder, write_safetensors
 from .io.atomic import check_writable, fsync_folder
 from .io.background import helpers
-from .io.files import files_sha256, open_regular, sha256_file, walk_files
+from .io.files import files_sha256, open_regular, sha256_fd, sha256_file, walk_files
 from .io.jsondoc import has_surrogate
 from .resolve import Resolution, read_source, resolve
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder
@@ -53,7 +53,8 @@ CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 class ConvertResult:
     """What happened to one source file.
 
-    `status` is "converted", "skipped" (its output already records the same source sha256) or
+    `status` is "converted", "skipped" (its output already records the same source sha256, or it
+    is a ckptfmt checkpoint already: `note` says which) or
     "failed" (then `error` says why, naming the source). `config` is None for a weights-only
     conversion. `carried` maps "weights", "config", "training" (the training record) and
     "companion" to the source's keys that went there; `dropped` maps each key left out to why;
@@ -71,6 +72,7 @@ class ConvertResult:
     weights_sha256: str | None = None
     tensors: int = 0
     error: str | None = None
+    note: str | None = None  # why it was skipped
     failure: Exception | None = field(default=None, repr=False)  # the error itself, for the CLI's words
     warnings: list[str] = field(default_factory=list)
     carried: dict[str, list[str]] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class ConvertResult:
             "weights_sha256": self.weights_sha256,
             "tensors": self.tensors,
             "error": self.error,
+            "note": self.note,
             "warnings": self.warnings,
             "carried": self.carried,
             "dropped": self.dropped,
@@ -236,8 +239,9 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
         source = next((found for found in find_checkpoints(source) if is_index(found)), source)
     # Shards written by someone else (no ckptfmt metadata) are read safely, as a .pth is.
     from_shards = not from_dcp and is_index(source)
-    if from_shards and not is_foreign_index(source):
-        raise ConfigError("is already a ckptfmt checkpoint; nothing to convert (check it with verify)", path=source)
+    if from_shards and not is_foreign_index(source) or not from_dcp and _is_ckptfmt_file(source):
+        return ConvertResult(source=source, status="skipped", output=source,
+                             note="already a ckptfmt checkpoint; nothing to convert (check it with verify)")
     hash_source = dcp_folder_sha256 if from_dcp else _index_sha256 if from_shards else sha256_file
     if not from_dcp:
         os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
@@ -250,8 +254,13 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     if has_surrogate(output.name):
         raise WriteError("the output's name is not valid UTF-8, and model_config.json binds weights by name in "
                          "JSON; choose another output (-o)", path=output)
-    if output.exists() and os.path.samefile(source, output):
-        raise WriteError("is both the source and the output; choose another output (-o)", path=output)
+    if output.exists() and os.path.samefile(source, output) and not (force and looks_like_safetensors(source)):
+        # A .safetensors written by someone else may be rewritten in place, self-describing, when
+        # asked: its old bytes stay readable (mapped) until the new file takes its name.
+        fix = Words("pass force=True to rewrite it in place, or choose another output (-o)",
+                    "pass --force to rewrite it in place, or choose another output (-o)") \
+            if looks_like_safetensors(source) else "choose another output (-o)"
+        raise WriteError("is both the source and the output", path=output, fix=fix)
     plain, index = output, output.with_name(output.name + ".index.json")
     if from_shards and index == source:
         if max_shard_size is not None:
@@ -262,7 +271,8 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     if output.exists() and not output.is_symlink():
         previous = _recorded_source_sha256(output)
         if previous is not None and not force and previous == hash_source(source):
-            return ConvertResult(source=source, status="skipped", output=output, source_sha256=previous)
+            return ConvertResult(source=source, status="skipped", output=output, source_sha256=previous,
+                                 note=f"already converted to {output} (same source sha256)")
     check_writable(output, overwrite=force)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
     return _Plan(source, output, plain, shard_size, from_dcp, hash_source)
@@ -276,8 +286,6 @@ def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, 
     if isinstance(plan, ConvertResult):
         return plan
     read = read_source(plan.source, unsafe_pickle=unsafe_pickle, mmap=True, hash_source=False)
-    if read.header is not None:  # a .safetensors that ckptfmt wrote
-        raise ConfigError("is already a ckptfmt checkpoint; nothing to convert (check it with verify)", path=plan.source)
     cast_to = CAST_DTYPES[dtype] if dtype is not None else None
     resolution = resolve(read, config=config, overrides=overrides, model_type=model_type,
                          replace_sidecar=batch.force, cast_to=cast_to, read_sidecar=batch.sidecar)
@@ -351,7 +359,10 @@ def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tens
         # Mapped tensors are copied from the source file by offset, and compared with it there.
         sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
                    if (offset := legacy.file_offset(tensor)) is not None}
-        source_sha256 = helpers().submit(plan.hash_source, plan.source)
+        # One file is hashed through the descriptor already open: the bytes read are those
+        # converted, even when the output takes the source's name (a rewrite in place).
+        source_sha256 = (helpers().submit(sha256_fd, source_fd) if plan.hash_source is sha256_file
+                         else helpers().submit(plan.hash_source, plan.source))
         write = partial(write_sharded, max_shard_size=plan.shard_size) if is_index(output) else write_safetensors
         digest = write(output, state_dict, metadata, overwrite=batch.force, sync_folder=False,
                        fill_in={sha_stand_in: source_sha256}, sources=sources)
@@ -366,6 +377,14 @@ def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tens
     batch.folders.add(output.parent)
     if resolution.config is not None:
         batch.bind(output.parent, resolution.config, output.name, digest, result)
+
+
+def _is_ckptfmt_file(path: Path) -> bool:
+    """Whether `path` is a .safetensors that ckptfmt wrote (its own header says so)."""
+    try:
+        return looks_like_safetensors(path) and read_header(path).is_ckptfmt
+    except CkptfmtError:
+        return False  # read again as a source, which says what is wrong with it
 
 
 def _recorded_source_sha256(output: Path) -> str | None:

@@ -431,3 +431,28 @@ def test_each_failure_is_said_in_the_words_of_where_it_was_made(tmp_path):
         assert on_the_command_line in result.stderr.splitlines()[-1]
     with pytest.raises(ckptfmt.ConfigError, match=r"dtype='f16' is not one of fp16, bf16, fp32"):
         convert(source, dtype="f16")
+
+
+def test_a_plain_safetensors_converts_as_a_state_dict_does(tmp_path):
+    """A `save_file` of a state dict (the Hub's, timm's, a training script's) is identified and
+    written self-describing: to -o, or in place when asked; a rerun says it is ckptfmt's now."""
+    from safetensors.torch import save_file
+
+    model, config = small_model()
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    refused = run_cli("convert", str(tmp_path / "model.safetensors"))
+    assert refused.returncode == 1
+    assert refused.stderr.strip().endswith(
+        "model.safetensors: is both the source and the output; pass --force to rewrite it in place, or choose "
+        "another output (-o)")
+    result = ckptfmt.convert(tmp_path / "model.safetensors", output=tmp_path / "out/model.safetensors")
+    assert (result.config_source, result.config.params) == ("inferred", config.params)
+    in_place = run_cli("convert", str(tmp_path / "model.safetensors"), "--force")
+    assert in_place.returncode == 0, in_place.stderr
+    assert ckptfmt.verify(tmp_path / "model.safetensors").ok
+    assert read_header(tmp_path / "model.safetensors").provenance()["source"]["sha256"] == result.source_sha256
+    again = run_cli("convert", str(tmp_path / "model.safetensors"))
+    assert again.returncode == 0
+    assert again.stdout.splitlines()[0] == (
+        f"[SKIP] {tmp_path / 'model.safetensors'}: already a ckptfmt checkpoint; nothing to convert (check it "
+        "with verify)")

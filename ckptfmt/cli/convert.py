@@ -69,7 +69,7 @@ def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size,
             if r.status == "failed":
                 out(f"[FAIL] {_failure_line(r)}", err=True)
             elif r.status == "skipped":
-                out(f"[SKIP] {r.source}: already converted to {r.output} (same source sha256)")
+                out(f"[SKIP] {r.source}: {r.note}")
             else:
                 arch = r.config.summary() if r.config else "(weights only, no config)"
                 out(f"[OK]   {r.source} -> {r.output}  {arch}")
