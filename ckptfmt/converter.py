@@ -46,6 +46,13 @@ from .sources.legacy import LEGACY_SUFFIXES, file_identity
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
 
+# What a user can do about weights no registered architecture recognises.
+WEIGHTS_ONLY_HINT = Words(
+    "To record what it is, pass model_type= and overrides= (or config=); a class of your own must be registered "
+    "first: import the module that registers it",
+    "To record what it is, pass --model-type NAME --set KEY=VALUE (or --config FILE); for a class of your own, "
+    "add --import MODULE, the module that registers it",
+)
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -296,7 +303,8 @@ def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, 
     if resolution.config is None:
         if resolution.overridden or overrides:
             raise resolution.unresolved
-        result.warnings.append("converted as weights only, with no config: " + resolution.unresolved.message_words)
+        result.warnings.append("converted as weights only, with no config: " + resolution.unresolved.message_words
+                               + ". " + WEIGHTS_ONLY_HINT)
     else:
         batch.accepts(plan.output.parent, resolution.config)
     state_dict, cast = _cast(legacy.state_dict, cast_to) if cast_to is not None else (legacy.state_dict, None)

@@ -108,10 +108,17 @@ def run() -> None:
     sys.exit(code)
 
 
+IMPORT_ENV = "CKPTFMT_IMPORT"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckptfmt")
 @click.option("-v", "--verbose", is_flag=True, help="Also show informational messages on stderr.")
-def main(verbose: bool) -> None:
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Import MODULE first (repeatable): a module of yours that registers an architecture with "
+                   "@ckptfmt.register_model, found from the current folder as `python -m` finds it. "
+                   f"{IMPORT_ENV}=a,b does the same.")
+def main(verbose: bool, imports: tuple[str, ...]) -> None:
     """Self-describing PyTorch checkpoints.
 
     One .safetensors file holds the weights and, in its header, the architecture config,
@@ -121,11 +128,41 @@ def main(verbose: bool) -> None:
     Example:
         ckptfmt convert checkpoints/ -o converted/    # every .pth, .pt and .ckpt under a folder
         ckptfmt inspect converted/multitask_joint/best_model.safetensors
+        ckptfmt --import mynets convert sd.pth --model-type smallcnn --set width=8
     """
     logger.handlers[:] = [_StderrHandler()]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
     warnings.showwarning = _show_warning
+    from_env = [name.strip() for name in os.environ.get(IMPORT_ENV, "").split(",") if name.strip()]
+    import_user_modules([*from_env, *imports])
+
+
+def import_user_modules(names: list[str]) -> None:
+    """Import the user's modules that register architectures, as `python -m` finds modules: the
+    current folder first, then the installed packages. A module that fails is one error naming it."""
+    if not names:
+        return
+    import importlib
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                raise click.ClickException(shown(
+                    f"--import {name}: no module named {exc.name!r} in the current folder or the installed "
+                    "packages")) from None
+            raise click.ClickException(shown(f"--import {name}: the module failed to import (ModuleNotFoundError: "
+                                             f"{exc})")) from None
+        except BaseException as exc:  # its own code: an error, or even sys.exit(), ends this one way
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise click.ClickException(shown(
+                f"--import {name}: the module failed to import ({type(exc).__name__}: {first_line})")) from None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

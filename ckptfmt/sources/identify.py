@@ -19,7 +19,14 @@ from typing import Any
 
 from ..config.model_config import ModelConfig
 from ..config.registry import ModelEntry, get_model_entry, registered_model_types
-from ..errors import AmbiguousArchitectureError, ArchitectureNotRecognisedError, CkptfmtError, Words, overrides_words
+from ..errors import (
+    AmbiguousArchitectureError,
+    ArchitectureNotRecognisedError,
+    CkptfmtError,
+    MissingDependencyError,
+    Words,
+    overrides_words,
+)
 
 __all__ = ["Identification", "candidate_configs", "identify", "infer_model_config"]
 
@@ -58,17 +65,20 @@ def candidate_configs(
     """
     shapes = {name: tuple(shape) for name, shape in shapes.items()}
     reasons: list[str] = []
+    not_installed: list[str] = []  # architectures whose library is missing: said once, short
     entries = _entries([model_type] if model_type else registered_model_types(), reasons, failures, strict=bool(model_type))
     for fallback in (False, True):
         found: list[tuple[int, str, ModelConfig]] = []
         for entry in entries:
             if entry.fallback != fallback:
                 continue
-            for config in _ask(entry, shapes, reasons, failures, strict=bool(model_type)):
+            for config in _ask(entry, shapes, reasons, failures, not_installed, strict=bool(model_type)):
                 found.append((entry.preference, entry.name, config))
         if found:
             found.sort(key=lambda item: (item[0], item[1]))
             return [config for _, _, config in found]
+    if not_installed:
+        reasons.append(f"not considered: {', '.join(not_installed)} (not installed)")
     raise ArchitectureNotRecognisedError(
         "no registered architecture recognises these weights ("
         + (Words.joined("; ", reasons) if reasons else "none registered") + ")",
@@ -90,7 +100,8 @@ def _entries(names: list[str], reasons: list[str], failures: list[str] | None, *
     return entries
 
 
-def _ask(entry: ModelEntry, shapes: dict, reasons: list[str], failures: list[str] | None, *, strict: bool) -> list[ModelConfig]:
+def _ask(entry: ModelEntry, shapes: dict, reasons: list[str], failures: list[str] | None, not_installed: list[str],
+         *, strict: bool) -> list[ModelConfig]:
     if entry.infer_config is None:
         reasons.append(f"{entry.name}: registers no infer_config")
         return []
@@ -99,6 +110,10 @@ def _ask(entry: ModelEntry, shapes: dict, reasons: list[str], failures: list[str
         return [ModelConfig(entry.name, **params) for params in (found if isinstance(found, list) else [found])]
     except ArchitectureNotRecognisedError as exc:
         reasons.append(f"{entry.name}: " + exc.message_words)
+    except MissingDependencyError:
+        if strict:
+            raise
+        not_installed.append(entry.name)
     except CkptfmtError as exc:
         if strict:
             raise
