@@ -186,7 +186,7 @@ def _verify_shapes(header: Header, config: ModelConfig, report: VerifyReport) ->
     try:
         check_shapes(config, shapes, dtypes=dtypes)
         report.add("shapes", True, f"all {len(shapes)} tensors fit the config")
-        remember(document, config.to_dict(), get_model_entry(config.model_type).expected_state(config.params))
+        remember(document, get_model_entry(config.model_type).expected_state(config.params))
     except CkptfmtError as exc:
         report.add("shapes", False, f"config does not match the tensors: {exc.message}")
     return config
