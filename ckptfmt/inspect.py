@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +196,12 @@ class _SummaryCache:
         self._folder = folder
         name = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
         self._file = cache_folder() / "inspect" / f"{name}.json"
-        # The code that made a summary: its version, and its modules' stat (an edited checkout).
-        modules = sorted(Path(__file__).parent.rglob("*.py"))
-        self._version = [__version__, *([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in modules)]
+        # The code that made a summary: the Python and ckptfmt that ran, and each of ckptfmt's
+        # modules by its file's identity (an edited checkout). No architecture's code is in a
+        # summary: whether it is registered, and the sidecar's status, are worked out each time.
+        package = Path(__file__).parent
+        self._version = [sys.version, __version__, *(
+            [str(p.relative_to(package)), *self._identity(p)] for p in sorted(package.rglob("*.py")))]
         self._rows: dict[str, list] = {}
         self._kept: dict[str, list] = {}
         try:
