@@ -3,7 +3,7 @@
 Checking a config against its architecture, and learning the tensors it gives, means importing
 the architecture, and so torch (1.5 to 2.5 s): most of what `verify` of a small file costs, and
 more than hashing a 1 GB file. Remembered, a later `verify` of a file of that architecture needs
-neither torch nor the architecture: twenty times faster (`tools/bench.py`, verify_facts row).
+neither torch nor the architecture: ten times faster and more (`tools/bench.py`, verify_facts).
 
 An answer is given back only while the code that gave it is unchanged: it is stored with every
 module loaded in the process that worked it out (the architecture's package, the model library,
