@@ -59,6 +59,7 @@ def plugin(tmp_path) -> tuple[Path, dict[str, str]]:
     return tmp_path / "plug.safetensors", env
 
 
+@pytest.mark.subprocess  # Its own processes: what one remembers, the next one reads.
 def test_a_plugin_edited_in_any_of_its_modules_is_asked_again_by_verify(plugin):
     """Regression: after a plugin's module (not the one its entry point names) changed, verify
     still said [OK] from what it remembered, while load_model raised ShapeMismatchError."""
@@ -78,6 +79,7 @@ def test_a_plugin_edited_in_any_of_its_modules_is_asked_again_by_verify(plugin):
     assert loaded.stdout.strip() == "ShapeMismatchError", loaded.stderr
 
 
+@pytest.mark.subprocess  # Its own processes: the code one holds in memory, the file the next one reads.
 def test_nothing_is_remembered_from_code_that_changed_while_the_process_ran(plugin):
     """A module edited after it was imported: the process's answer comes from the code in its
     memory, not from the file, so it is not kept for the processes that will read the file."""
@@ -120,6 +122,7 @@ def test_the_installed_architectures_are_listed_as_importlib_metadata_lists_them
     assert ("zeta", "zipped:Zeta") in registry._entry_points.__wrapped__()
 
 
+@pytest.mark.subprocess  # Its own process: only a fresh one shows what learning the facts imports.
 def test_facts_name_every_module_they_were_learned_with(tmp_path, cache_folder):
     """What verify remembers holds, besides the tensors, every module loaded where it was
     learned: the architecture's, torch's, ckptfmt's; none of the standard library's."""
