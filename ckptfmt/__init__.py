@@ -36,7 +36,7 @@ _EXPORTS = {
     "convert_all": "converter",
     "ConvertResult": "converter",
     "inspect_checkpoint": "inspect",
-    "verify": "inspect",
+    "verify": "verifier",
     "diff": "compare",
     "MultiTaskPredictor": "predict",
     "CkptfmtError": "errors",
@@ -105,6 +105,7 @@ if TYPE_CHECKING:
     from .format.companion import load_training_state
     from .format.header import read_header
     from .format.writer import read_state_dict, weights_digest
-    from .inspect import inspect_checkpoint, verify
+    from .inspect import inspect_checkpoint
     from .predict import MultiTaskPredictor
     from .sources.identify import identify, infer_model_config
+    from .verifier import verify

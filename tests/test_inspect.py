@@ -12,7 +12,8 @@ from ckptfmt import ModelConfig, read_header
 from ckptfmt.checkpoint import build_metadata
 from ckptfmt.compare import diff
 from ckptfmt.format.writer import weights_digest, write_safetensors
-from ckptfmt.inspect import inspect_checkpoint, verify
+from ckptfmt.inspect import inspect_checkpoint
+from ckptfmt.verifier import verify
 
 from .helpers import copy_demo, flip_byte, run_cli, save_small, small_model
 
@@ -324,7 +325,7 @@ def test_a_second_verify_of_an_architecture_needs_no_torch(tmp_path, cache_folde
     path, _, _ = save_small(tmp_path, base_filters=5, depth=3)  # a config no other test verifies
     code = (
         "import sys\n"
-        "from ckptfmt.inspect import verify\n"
+        "from ckptfmt.verifier import verify\n"
         "report = verify(sys.argv[1])\n"
         "print(report.ok, [c['check'] for c in report.checks], 'torch' in sys.modules)\n"
     )

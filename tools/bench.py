@@ -294,11 +294,15 @@ def bench_inspect_folder(work: Path, repeats: int, counts: tuple[int, ...]) -> l
     low, high = min(counts), max(counts)
     # The runs above find each summary in the cache folder after the untimed round, as a user's
     # second look at a folder does; a cache folder that cannot be created gives every run cold.
+    # The summary cache earns its place only by its gain, warm against none, side by side.
     folder = work / f"inspect_{high}"
-    cold, loop = measure(["env", "CKPTFMT_CACHE_DIR=/dev/null/no-cache", PYTHON, "-m", "ckptfmt", "inspect", str(folder)],
-                         python_child(plain) + [str(folder)], repeats=repeats)
+    warm, cold, loop = measure([PYTHON, "-m", "ckptfmt", "inspect", str(folder)],
+                               ["env", "CKPTFMT_CACHE_DIR=/dev/null/no-cache", PYTHON, "-m", "ckptfmt", "inspect", str(folder)],
+                               python_child(plain) + [str(folder)], repeats=repeats)
     rows.append(row(f"inspect_folder_{high}_cold", f"the same, {high:,} files, with no cache (a first look)", cold, loop,
                     "wall"))
+    rows.append(row("inspect_folder_cache", f"inspect of {high:,} files, the summary cache warm vs none", warm, cold,
+                    "wall", target=("<=", 0.5)))
     scaled = dict(results[low], wall_s=results[low]["wall_s"] * high / low)
     rows.append(row("inspect_folder_linear", f"inspect of {high:,} files vs {high // low} x inspect of {low:,} "
                     "(linear in the file count)", results[high], scaled, "wall", target=("<=", 1.1)))
@@ -319,9 +323,16 @@ def bench_verify(work: Path, files: dict, repeats: int) -> list[dict]:
     )
     size = st.stat().st_size
     ours["gb_per_s"] = statistics.median(json.loads(out)[0]["gb_per_s"] for out in ours["stdouts"])
+    # The facts cache earns its place only by its gain, warm against none, side by side.
+    small = files["small"]
+    warm, cold = measure([PYTHON, "-m", "ckptfmt", "verify", str(small)],
+                         ["env", "CKPTFMT_CACHE_DIR=/dev/null/no-cache", PYTHON, "-m", "ckptfmt", "verify", str(small)],
+                         repeats=repeats)
     return [
         row("verify_wall", f"verify of {gb(size)}, whole process, vs hashlib.sha256 of the file in a fresh process",
             ours, sha, "wall", target=("<=", 1.5)),
+        row("verify_facts", f"verify of {gb(small.stat().st_size)}, what the architecture said of its config "
+            "remembered vs asked again (torch and the architecture imported)", warm, cold, "wall", target=("<=", 0.5)),
     ]
 
 
@@ -567,6 +578,7 @@ def main() -> int:
     if selected & {"inspect", "verify"}:
         print(f"making U-Net base_filters={big[0]}, depth={big[1]} files ...", file=sys.stderr)
         files["big"] = make_unet_files(work, *big)
+        files["small"] = make_unet_files(work, 8, 3)[1]
     if "convert" in selected:
         # ~0.1, 1 and 3 GB: the parameters grow with base_filters squared.
         sizes = {"0.1GB": (10, 5), "0.4GB": (20, 5)} if args.quick else {"0.1GB": (29, 5), "1GB": (90, 5), "3GB": (157, 5)}

@@ -105,11 +105,8 @@ AUDIT = textwrap.dedent("""
                 seen["files"].append(path)
 
     import torch, ckptfmt, ckptfmt.models, timm, torchvision, segmentation_models_pytorch, monai.networks.nets
-    from ckptfmt.io.files import cache_folder
-    # Python code is read where it lies: ckptfmt's own modules are imported as they are needed;
-    # and ckptfmt keeps its listing of the installed architectures in its own cache folder.
+    # Python code is read where it lies: ckptfmt's own modules are imported as they are needed.
     allowed += tuple(os.path.realpath(p) for p in (*ckptfmt.__path__, *ckptfmt.models.__path__))
-    allowed += (os.path.realpath(cache_folder() / "entry_points"),)
     sys.addaudithook(hook)
     active = True
     models = [
