@@ -159,7 +159,7 @@ def verify_command(paths, as_json):
     """
     from ..format.header import INDEX_SUFFIX
     from ..format.index import without_shards
-    from ..inspect import verify
+    from ..verifier import verify
     from ..io.files import walk_files
 
     files = [found for path in paths
