@@ -17,7 +17,7 @@ from .config.facts import recall, remember
 from .config.model_config import ModelConfig
 from .config.registry import registered_model_types
 from .config.shapes import check_state
-from .errors import CheckpointNotFoundError, CkptfmtError
+from .errors import CheckpointNotFoundError, CkptfmtError, LegacyCheckpointError
 from .format.digest import check_digest
 from .format.header import KEY_OPTIMIZER, KEY_SHARD, Header, looks_like_safetensors, read_header
 from .inspect import sidecar_status
@@ -33,6 +33,12 @@ class VerifyReport:
     checks: list[dict[str, Any]] = field(default_factory=list)
     bytes_hashed: int = 0
     seconds: float = 0.0
+    weights_only: bool = False  # the file records no config (not a failure: there is nothing to check it against)
+
+    @property
+    def skipped(self) -> list[str]:
+        """The checks that could not run here (an architecture not installed), by name."""
+        return [check["check"] for check in self.checks if check["skipped"]]
 
     @property
     def ok(self) -> bool:
@@ -68,12 +74,15 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         if not path.exists():
             raise CheckpointNotFoundError("no such file", path=path)
         if not looks_like_safetensors(path):
+            from .sources.legacy import torch_serialization
+
+            torch_serialization(path)  # what is not a torch file at all is said as inspect says it
             report.add("format", False, "is a legacy pickle checkpoint, which records nothing to verify "
                        "against; convert it with `ckptfmt convert`")
             return report
         header = read_header(path)
     except CkptfmtError as exc:
-        report.add("header", False, exc.message)
+        report.add("format" if isinstance(exc, LegacyCheckpointError) else "header", False, exc.message)
         return report
     try:
         header.training(), header.provenance()  # their schemas, as loading checks them
@@ -107,6 +116,7 @@ def _verify_config_and_sidecar(header: Header, report: VerifyReport) -> None:
         if embedded is None:
             weights_only = KEY_OPTIMIZER not in header.metadata
             if weights_only:
+                report.weights_only = True
                 report.add("config", True, "weights only (no config)")
         else:
             config = ModelConfig.from_dict(embedded)

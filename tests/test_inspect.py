@@ -392,3 +392,34 @@ def test_a_folder_inspected_again_is_answered_from_the_cache_and_stays_true(tmp_
     for cache in (tmp_path / "cache/inspect").glob("*.json"):
         cache.write_text("{damaged")
     assert json.dumps(inspecting.inspect_folder(runs)) == json.dumps(again)
+
+
+def test_verify_says_what_it_could_not_check_and_never_passes_on_nothing(tmp_path):
+    """Regression: `verify DIR` of a folder with no checkpoint exited 0 ("0 verified"), so a typo
+    passed CI; `verify README.md` called it a legacy pickle; a folder's summary line did not say
+    that a file's shape check was skipped, and nothing could fail such a file."""
+    (tmp_path / "empty").mkdir()
+    nothing = run_cli("verify", tmp_path / "empty")
+    assert (nothing.returncode, nothing.stderr.strip()) == (
+        1, f"Error: {tmp_path / 'empty'}: no .safetensors files found; nothing was verified")
+    (tmp_path / "notes.md").write_text("# notes\n")
+    text = run_cli("verify", tmp_path / "notes.md")
+    assert text.returncode == 1
+    assert text.stderr.strip() == (f"[FAIL] {tmp_path / 'notes.md'}: is not a torch checkpoint: it starts with "
+                                   "b'# no', neither a zip archive (torch >= 1.6) nor a pickle (older torch)")
+    config = ModelConfig.from_dict({"model_type": "notinstalled", "width": 2})
+    write_safetensors(tmp_path / "elsewhere.safetensors", {"w": torch.zeros(2)},
+                      build_metadata(config, training={}, provenance={}))
+    folder = run_cli("verify", tmp_path)
+    assert folder.returncode == 0, folder.stderr
+    assert folder.stdout.splitlines()[-1] == "1 verified, 0 failed; 1 without a shape check (architecture not installed here)"
+    strict = run_cli("verify", tmp_path, "--strict")
+    assert strict.returncode == 1
+    assert f"[FAIL] {tmp_path / 'elsewhere.safetensors'}: its shape check was skipped (--strict)" in strict.stderr
+
+
+def test_tensors_of_a_folder_is_refused_not_ignored(tmp_path):
+    save_small(tmp_path)
+    result = run_cli("inspect", tmp_path, "--tensors")
+    assert result.returncode == 2
+    assert "--tensors lists one checkpoint's tensors: give a checkpoint, not a folder" in result.stderr

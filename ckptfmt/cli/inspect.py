@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .app import echo_json, main, out, user_errors
+from .app import echo_json, main, out, shown, user_errors
 
 
 def _size(nbytes: int) -> str:
@@ -123,8 +123,11 @@ def inspect_command(path, tensors, as_json):
         ckptfmt inspect converted/ --json
     """
     from ..inspect import inspect_checkpoint, inspect_folder
+    from ..sources.dcp import is_dcp_folder
 
-    if path.is_dir():
+    if path.is_dir() and not is_dcp_folder(path):  # a DCP folder is one checkpoint
+        if tensors:
+            raise click.UsageError("--tensors lists one checkpoint's tensors: give a checkpoint, not a folder")
         rows = inspect_folder(path)
         if as_json:
             echo_json(rows)
@@ -141,21 +144,24 @@ def inspect_command(path, tensors, as_json):
 
 @main.command("verify")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--strict", is_flag=True, help="Fail a file whose shape check could not run here (its architecture "
+              "not installed), as well as one that fails a check.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
 @user_errors
-def verify_command(paths, as_json):
+def verify_command(paths, strict, as_json):
     """Check checkpoints are intact and consistent; exit 0 only if every check passes.
 
     PATHS are .safetensors files, indexes of sharded checkpoints, or folders (every checkpoint
     under them, a sharded one once). Checks the header
     (strict rules), the config, the config against the tensor shapes, the sidecar, the weights
     digest (every byte read once) and the optimizer companion. One line per file on stdout
-    ([FAIL] lines on stderr), then a summary.
+    ([FAIL] lines on stderr), then a summary, which counts the files whose shape check was
+    skipped. A folder with nothing to verify is an error, so a typo never passes.
 
     \b
     Example:
         ckptfmt verify converted/multitask_joint/best_model.safetensors
-        ckptfmt verify converted/
+        ckptfmt verify converted/ --strict
     """
     from ..format.header import INDEX_SUFFIX
     from ..format.index import without_shards
@@ -164,10 +170,15 @@ def verify_command(paths, as_json):
 
     files = [found for path in paths
              for found in (without_shards(walk_files(path, (".safetensors", INDEX_SUFFIX))) if path.is_dir() else [path])]
+    if not files:
+        raise click.ClickException(shown(f"{', '.join(map(str, paths))}: no .safetensors files found; nothing was "
+                                         "verified"))
     reports = []
     for path in files:
         report = verify(path)
         reports.append(report)
+        if strict and "shapes" in report.skipped:
+            report.add("strict", False, "its shape check was skipped (--strict)")
         if as_json:
             continue
         if report.ok:
@@ -180,13 +191,15 @@ def verify_command(paths, as_json):
     if as_json:
         echo_json([r.to_dict() for r in reports])
     elif len(reports) != 1 or any(path.is_dir() for path in paths):
-        out(f"{len(reports) - failed} verified, {failed} failed" + ("" if reports else "; no .safetensors files found"))
+        unchecked = sum("shapes" in r.skipped for r in reports if r.ok)
+        out(f"{len(reports) - failed} verified, {failed} failed"
+            + (f"; {unchecked} without a shape check (architecture not installed here)" if unchecked else ""))
     if failed:
         sys.exit(1)
 
 
 def _checks_line(report) -> str:
-    weights_only = any(c["check"] == "config" and "weights only" in c["message"] for c in report.checks)
+    weights_only = report.weights_only
     names = [
         f"{c['check']} {c['message']}" if c.get("skipped") else c["check"]
         for c in report.checks if not (weights_only and c["check"] == "config")

@@ -38,7 +38,8 @@ from .refusals import damaged, globals_named, missing_class, needs_global, unlis
 from .standins import Refused, contents, python3_name, stand_ins_for, thaw
 
 __all__ = [
-    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "file_identity", "read_legacy_checkpoint"]
+    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "file_identity", "read_legacy_checkpoint",
+    "torch_serialization"]
 
 logger = logging.getLogger("ckptfmt")
 
@@ -120,6 +121,14 @@ def _same_file(fd: int, path: Path) -> str:
     the one checked to be a regular file, whatever happens to `path` meanwhile."""
     alias = f"/proc/self/fd/{fd}"
     return alias if os.path.exists(alias) else str(path)
+
+
+def torch_serialization(path: str | os.PathLike) -> str:
+    """What kind of torch file `path` is ("torch zip" or "torch legacy (< 1.6)"), from its first
+    bytes and its zip directory alone; anything else is a LegacyCheckpointError saying what it is."""
+    path = Path(path)
+    with open(open_regular(path, error=LegacyCheckpointError), "rb") as f:
+        return _check_container(f, path)[0]
 
 
 def _check_container(f: BinaryIO, path: Path) -> tuple[str, dict[int, int]]:
