@@ -39,6 +39,7 @@ _EXPORTS = {
     "verify": "verifier",
     "diff": "compare",
     "MultiTaskPredictor": "predict",
+    "Predictor": "predict",
     "CkptfmtError": "errors",
     "CkptfmtWarning": "errors",
     "CheckpointNotFoundError": "errors",
@@ -106,6 +107,6 @@ if TYPE_CHECKING:
     from .format.header import read_header
     from .format.writer import read_state_dict, weights_digest
     from .inspect import inspect_checkpoint
-    from .predict import MultiTaskPredictor
+    from .predict import MultiTaskPredictor, Predictor
     from .sources.identify import identify, infer_model_config
     from .verifier import verify

@@ -27,6 +27,7 @@ class _Side:
     training: dict[str, Any]
     provenance: dict[str, Any] | None  # None for a legacy file, which records none
     state_dict: dict[str, Any]
+    sha256: str = ""  # a legacy file's own digest, which its conversion records as its source
 
 
 def _read(path: Path) -> _Side:
@@ -39,7 +40,13 @@ def _read(path: Path) -> _Side:
     resolution = resolve(read_source(path, light=True), check=False)
     header = resolution.header
     return _Side(resolution.config, resolution.source.training, header.provenance() if header is not None else None,
-                 resolution.source.tensors())
+                 resolution.source.tensors(), resolution.legacy.sha256 if resolution.legacy is not None else "")
+
+
+def _converted_from(source: _Side, converted: _Side) -> bool:
+    """Whether `converted` records `source` (a legacy file) as what it was converted from."""
+    recorded = (converted.provenance or {}).get("source") or {}
+    return source.provenance is None and bool(source.sha256) and recorded.get("sha256") == source.sha256
 
 
 def _flat(document: Any, prefix: str = "") -> dict[str, Any]:
@@ -74,8 +81,9 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) ->
         A dict: `config`, `training`, `provenance` (lines `key: a != b`), `dates` (the creation
         dates, when they differ), `only_in_a`, `only_in_b`, `changed` (tensors whose shape
         changed), `tensors` (each common tensor: identical or not, its dtypes when they differ,
-        with `values` the max absolute difference), `differs_in` (the parts that differ) and
-        `identical`.
+        with `values` the max absolute difference), `differs_in` (the parts that differ),
+        `identical`, and `conversion`: when one is a legacy file and the other records it as
+        its source, what that records (the companion's binding is then no difference).
 
     Example:
         >>> d = diff("best_model.pth", "best_model.safetensors")
@@ -94,7 +102,11 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) ->
         config = [f"config: {'none' if side_a.config is None else 'present'} != {'none' if side_b.config is None else 'present'}"]
     else:
         config = []
-    training = _document_differences(side_a.training, side_b.training)
+    # What a conversion itself adds (the companion's binding, provenance) is no difference of
+    # the checkpoint: a file and its lossless conversion are identical, the provenance said aside.
+    conversion = _converted_from(side_a, side_b) or _converted_from(side_b, side_a)
+    training = _document_differences(*(
+        {k: v for k, v in side.training.items() if not (conversion and k == "optimizer")} for side in (side_a, side_b)))
     provenance: list[str] = []
     dates = None
     if side_a.provenance is not None and side_b.provenance is not None:
@@ -137,4 +149,6 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) ->
         "differing": [t["name"] for t in tensors if not t["identical"]],
         "differs_in": differs_in,
         "identical": not differs_in,
+        "conversion": (side_b.provenance if side_b.provenance is not None else side_a.provenance)["source"]
+        if conversion else None,
     }

@@ -456,3 +456,18 @@ def test_a_plain_safetensors_converts_as_a_state_dict_does(tmp_path):
     assert again.stdout.splitlines()[0] == (
         f"[SKIP] {tmp_path / 'model.safetensors'}: already a ckptfmt checkpoint; nothing to convert (check it "
         "with verify)")
+
+
+def test_resuming_with_a_state_the_source_did_not_hold_says_so_in_terms_of_the_source(tmp_path):
+    """Regression: a converted file without a scheduler advised passing scheduler= to
+    save_model_with_config, which a conversion never called."""
+    model, _ = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict()},
+               tmp_path / "run.pth")
+    output = convert(tmp_path / "run.pth").output
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    with pytest.raises(ckptfmt.CheckpointNotFoundError) as excinfo:
+        ckptfmt.load_training_state(output, optimizer, scheduler=scheduler)
+    assert str(excinfo.value) == (f"{output}: was saved without scheduler state; its source 'run.pth' held none to "
+                                  "carry over; resume without scheduler= (a fresh scheduler)")

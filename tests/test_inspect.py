@@ -423,3 +423,22 @@ def test_tensors_of_a_folder_is_refused_not_ignored(tmp_path):
     result = run_cli("inspect", tmp_path, "--tensors")
     assert result.returncode == 2
     assert "--tensors lists one checkpoint's tensors: give a checkpoint, not a folder" in result.stderr
+
+
+def test_a_file_and_its_lossless_conversion_are_identical(tmp_path):
+    """Regression: `diff x.pth x.safetensors` of x's own conversion always exited 1, because the
+    training record gained the companion's binding; a conversion's own additions are shown for
+    information, not as differences."""
+    model, _ = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(), "epoch": 3},
+               tmp_path / "x.pth")
+    output = ckptfmt.convert(tmp_path / "x.pth").output
+    result = run_cli("diff", tmp_path / "x.pth", output)
+    assert result.returncode == 0, result.stdout
+    assert result.stdout.splitlines()[0].startswith("provenance  one is the conversion of the other (x.pth, sha256 ")
+    assert result.stdout.splitlines()[-1].endswith("common tensors identical; the checkpoints are identical")
+    other = torch.optim.SGD(model.parameters(), lr=0.2)
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": other.state_dict(), "epoch": 4},
+               tmp_path / "y.pth")
+    assert run_cli("diff", tmp_path / "y.pth", output).returncode == 1

@@ -400,3 +400,27 @@ def test_unsupported_precision_is_a_clear_error(demo_model):
     with pytest.raises(ckptfmt.ConfigError, match="precision must be auto, fp32, fp16, bf16, not 'int8'"):
         MultiTaskPredictor(demo_model, precision="int8")
     assert MultiTaskPredictor(demo_model, precision="bf16").model.seg_head.weight.dtype == torch.bfloat16
+
+
+def test_predictor_is_the_general_name_and_the_seeds_name_stays(demo_model):
+    """The predictor runs any architecture that declares its task; the seed's name is the same class."""
+    assert ckptfmt.Predictor is ckptfmt.MultiTaskPredictor
+    assert "Predictor" in ckptfmt.__all__ and "MultiTaskPredictor" in ckptfmt.__all__
+    assert ckptfmt.Predictor(demo_model).config.model_type == "multitask"
+
+
+def test_a_damaged_image_is_named_and_a_colour_image_read_as_one_channel_says_so(demo_model, tmp_path):
+    """Regression: a damaged PNG failed as `cannot identify image file <_io.BufferedReader
+    name=3>`, naming no file; a colour image was reduced to one channel without a word."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8), "RGB").save(tmp_path / "in/colour.png")
+    result = run_cli("predict", demo_model, tmp_path / "in", "--out", tmp_path / "out")
+    assert result.returncode == 1
+    assert (f"[FAIL] {tmp_path / 'in/broken.png'}: cannot be read as an image: it is damaged, truncated or not an "
+            "image format Pillow reads") in result.stderr
+    assert (f"warning: {tmp_path / 'in/colour.png'}: is a colour image (RGB); the model takes one channel, so it is "
+            "read as its luminance") in result.stderr

@@ -128,7 +128,9 @@ def main(verbose: bool, imports: tuple[str, ...]) -> None:
     Example:
         ckptfmt convert checkpoints/ -o converted/    # every .pth, .pt and .ckpt under a folder
         ckptfmt inspect converted/multitask_joint/best_model.safetensors
-        ckptfmt --import mynets convert sd.pth --model-type smallcnn --set width=8
+
+    A class of your own is used by importing the module that registers it first, e.g.
+    `ckptfmt --import mynets convert sd.pth --model-type smallcnn --set width=8`.
     """
     logger.handlers[:] = [_StderrHandler()]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)

@@ -238,6 +238,10 @@ def diff_command(a, b, values, as_json):
                             ("provenance", result["provenance"])):
             for line in lines:
                 out(f"{part:<12}{line}")
+        if result["conversion"]:
+            source = result["conversion"]
+            out(f"{'provenance':<12}one is the conversion of the other ({source.get('file')}, sha256 "
+                f"{str(source.get('sha256'))[:12]}...), shown for information")
         if result["dates"]:
             out(f"{'dates':<12}created {result['dates']['a']} and {result['dates']['b']} (not compared)")
         for name in result["only_in_a"]:

@@ -329,20 +329,22 @@ def load_training_state(
         12
     """
     path = resolve_checkpoint_path(checkpoint_path)
-    training = read_header(path).training()
+    header = read_header(path)
+    training = header.training()
     wanted = {name: target for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
               if target is not None}
     if not wanted:
         return training
     binding = training.get("optimizer")
     sections = read_training_state(companion_path(path, binding), sha256=binding["sha256"]) if binding else {}
+    source = header.provenance().get("source")
     for name, target in wanted.items():
         if name not in sections:
-            raise CheckpointNotFoundError(
-                f"was saved without {name} state; pass {name}= to save_model_with_config (or ckptfmt.save) "
-                "to keep it",
-                path=path,
-            )
+            # The advice fits where the file came from: a save can be given the state, a
+            # conversion can only carry what its source held.
+            fix = (f"its source {source.get('file')!r} held none to carry over; resume without {name}= (a fresh "
+                   f"{name})" if source else f"pass {name}= to save_model_with_config (or ckptfmt.save) to keep it")
+            raise CheckpointNotFoundError(f"was saved without {name} state", path=path, fix=fix)
         _restore(name, target, sections[name], path)
     return training
 

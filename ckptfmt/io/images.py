@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import InputError, Words
+from ..errors import CkptfmtWarning, InputError, Words
 from .files import open_regular, walk_files
 
 if TYPE_CHECKING:
@@ -114,10 +114,18 @@ def _read_picture(f, path: Path, *, in_channels: int, max_pixels: int) -> np.nda
                 array = np.asarray(image, dtype=np.float32) / (65535.0 if image.mode.startswith("I;16") else 1.0)
             else:
                 mode = "RGB" if in_channels == 3 else "L"
+                if mode == "L" and image.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV"):
+                    warnings.warn(CkptfmtWarning(
+                        f"is a colour image ({image.mode}); the model takes one channel, so it is read as its luminance",
+                        path=path), stacklevel=3)
                 array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        # Pillow's message names its file object (`<_io.BufferedReader name=3>`), not the file.
+        raise InputError("cannot be read as an image: it is damaged, truncated or not an image format Pillow "
+                         "reads", path=path) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot be read as an image: {exc}", path=path) from None
     return array.transpose(2, 0, 1) if array.ndim == 3 else array
 

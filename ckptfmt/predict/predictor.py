@@ -1,4 +1,4 @@
-"""MultiTaskPredictor: rebuild a model from its checkpoint and run it on images.
+"""Predictor: rebuild a model from its checkpoint and run it on images.
 
 No architecture argument is needed: the config comes from the file (or, for a legacy .pth,
 from the sidecar or the weights), and the architecture says what the model does (its `Task`):
@@ -23,7 +23,7 @@ from ..checkpoint import load_model_with_config, resolve_device
 from ..config.registry import Task, get_model_entry
 from ..errors import ConfigError, DeviceError, InputError
 
-__all__ = ["MultiTaskPredictor", "Prediction", "normalize"]
+__all__ = ["Predictor", "Prediction", "normalize"]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -73,7 +73,7 @@ def normalize(images: torch.Tensor, normalization: dict[str, Any]) -> torch.Tens
     return (images - mean) / std
 
 
-class MultiTaskPredictor:
+class Predictor:
     """Segmentation and classification with a checkpoint whose architecture declares its task
     (the multi-task U-Net does both).
 
@@ -87,7 +87,7 @@ class MultiTaskPredictor:
         batch_size: images per forward pass.
 
     Example:
-        >>> predictor = MultiTaskPredictor("checkpoints/multitask_joint/best_model.safetensors")
+        >>> predictor = Predictor("checkpoints/multitask_joint/best_model.safetensors")
         >>> result = predictor.predict(np.zeros((64, 64), np.float32))
         >>> result.mask.shape, result.class_name
         ((64, 64), 'class_0')
@@ -240,3 +240,8 @@ class MultiTaskPredictor:
                 result.class_probabilities, result.label = classes, int(classes.argmax())
                 result.class_name = self.config.class_name(result.label)
         return results
+
+
+# The original system's name for it, kept: its examples (`MultiTaskPredictor(checkpoint_path)`)
+# run as they were written.
+MultiTaskPredictor = Predictor
