@@ -31,15 +31,8 @@ from torch import nn
 from ckptfmt.config.registry import Task, register_model
 from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
 
-from ._zoo import (
-    build_empty,
-    build_for_shapes,
-    first_difference,
-    import_library,
-    json_defaults,
-    library_missing,
-    shapes_of,
-)
+from ._library import import_library, json_defaults, library_missing
+from ._meta import build_empty, build_for_shapes, first_difference, shapes_of
 
 __all__ = ["NETWORKS", "infer_config", "monai_model"]
 

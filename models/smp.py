@@ -13,7 +13,7 @@ so `encoder_weights` is not part of a config. Encoders are smp's own (`get_encod
 arguments); one with `aux_params` does segmentation and classification.
 
 A bare state dict is identified by its encoder (an index of the tensor names of every smp
-encoder at depths 3 to 5, see `_zoo.SignatureIndex`), then its architecture (each built with that
+encoder at depths 3 to 5, see `_signatures.SignatureIndex`), then its architecture (each built with that
 encoder on the meta device), with `in_channels`, `classes`, `aux_params`' classes and a U-Net's
 `decoder_channels` read off the shapes. `tu-` encoders are not identified.
 """
@@ -29,23 +29,11 @@ from torch import nn
 from ckptfmt.config.registry import Task, register_model
 from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError, Words
 
-from ._zoo import (
-    SignatureIndex,
-    build_empty,
-    build_for_shapes,
-    check_model_name,
-    first_difference,
-    identified,
-    import_library,
-    json_defaults,
-    keys_digest,
-    refuse_downloads,
-    require_installed,
-    shapes_digest,
-    shapes_of,
-)
+from ._library import check_model_name, import_library, json_defaults, refuse_downloads, require_installed
+from ._meta import build_empty, build_for_shapes, shapes_of
+from ._signatures import SignatureIndex, index_entry
 
-__all__ = ["index_entries", "infer_config", "smp_model"]
+__all__ = ["INDEX", "index_entries", "infer_config", "smp_model"]
 
 MODEL_TYPE = "smp"
 _DOWNLOADS = ("encoder_weights",)
@@ -124,8 +112,13 @@ def _build(params: dict[str, Any]) -> nn.Module:
 
 
 def index_entries(name: str) -> list[dict[str, Any]]:
-    """An encoder's index entries, at each depth it can be built with: its tensor names' digest,
-    its shapes' digest without the first convolution's weight (which in_channels changes)."""
+    """An encoder's index entries, at each depth it can be built with: in_channels read off its
+    first convolution's weight.
+
+    Example:
+        >>> [entry["args"] for entry in index_entries("resnet18")]
+        [{'encoder_depth': 3}, {'encoder_depth': 4}, {'encoder_depth': 5}]
+    """
     encoders = _smp().encoders
     entries = []
     for depth in _DEPTHS:
@@ -134,15 +127,41 @@ def index_entries(name: str) -> list[dict[str, Any]]:
         except (ValueError, KeyError, TypeError, AssertionError, IndexError):  # an encoder without this depth
             continue
         first_conv = next((n for n, shape in shapes.items() if len(shape) == 4), None)
-        entries.append({"name": name, "keys": keys_digest(shapes), "body": shapes_digest(shapes, leave_out={first_conv}),
-                        "first_conv": first_conv, "args": {"encoder_depth": depth}})
+        entries.append(index_entry(name, shapes, reads={"in_channels": (first_conv, 1)}, args={"encoder_depth": depth}))
     return entries
 
 
-@functools.cache
-def _index() -> SignatureIndex:
-    return SignatureIndex("smp", distribution="segmentation-models-pytorch", names=lambda: sorted(_encoders()),
-                          what="encoders")
+def _configs(arguments: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """The models to try with an encoder that fits: each architecture, its heads' sizes read off
+    the shapes."""
+    configs = []
+    for arch in sorted(_architectures()):
+        config = {"arch": arch, **arguments, **_heads(shapes)}
+        if arch == "unet":
+            config.update(_unet_decoder(shapes))
+        configs.append(config)
+    return configs
+
+
+_UNKNOWN = "its encoder.* tensors are those of no smp encoder ('tu-' encoders are not identified)"
+
+
+def _unfit(named: list[str], shaped: list[str]) -> str:
+    if not shaped:
+        return _UNKNOWN
+    return (f"its encoder is smp's {', '.join(shaped)}, but no smp architecture with it has exactly these decoder "
+            "and head tensors; give the architecture and its arguments: "
+            + Words("model_type='smp', overrides={'arch': 'NAME', 'encoder_name': 'NAME', 'ARGUMENT': 'VALUE'}",
+                    "--model-type smp --set arch=NAME --set encoder_name=NAME --set ARGUMENT=VALUE"))
+
+
+# smp's encoders are partly timm's and torchvision's classes, so its index depends on them too.
+INDEX = SignatureIndex(
+    "smp", distribution="segmentation-models-pytorch", depends_on=("timm", "torchvision"), names=_encoders,
+    build=_build, name_argument="encoder_name", prefix="encoder.", configs=_configs, unknown=_UNKNOWN, unfit=_unfit,
+    # An architecture that does not take this encoder or depth.
+    unbuildable=(Exception,), what="encoders",
+)
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list[dict[str, Any]]:
@@ -160,40 +179,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
     shapes = {name: tuple(shape) for name, shape in shapes.items()}
     if not any(name.startswith("encoder.") for name in shapes) or not any(n.startswith("segmentation_head.") for n in shapes):
         raise ArchitectureNotRecognisedError("not an smp model: it has no encoder.* and segmentation_head.* tensors")
-    return identified(_identify, shapes)
-
-
-@functools.lru_cache(maxsize=16)
-def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
-    shapes = dict(items)
-    encoder = {name[len("encoder."):]: shape for name, shape in shapes.items() if name.startswith("encoder.")}
-    entries = [e for e in _index().lookup(keys_digest(encoder))
-               if shapes_digest(encoder, leave_out={e["first_conv"]}) == e["body"]]
-    if not entries:
-        return "its encoder.* tensors are those of no smp encoder ('tu-' encoders are not identified)"
-    heads = _heads(shapes)
-    decoder_keys = keys_digest(n for n in shapes if not n.startswith("encoder."))
-    found = []
-    for entry in sorted(entries, key=lambda e: (e["name"], e["args"]["encoder_depth"])):
-        for arch in sorted(_architectures()):
-            params = {"arch": arch, "encoder_name": entry["name"], **entry["args"],
-                      "in_channels": encoder[entry["first_conv"]][1], **heads}
-            if arch == "unet":
-                params.update(_unet_decoder(shapes))
-            try:
-                expected = shapes_of(build_for_shapes(lambda: _build(params)))
-            except Exception:  # an architecture that does not take this encoder or depth
-                continue
-            if keys_digest(n for n in expected if not n.startswith("encoder.")) != decoder_keys:
-                continue
-            if first_difference(expected, shapes) is None:
-                found.append(params)
-    if not found:
-        return (f"its encoder is smp's {', '.join(sorted({e['name'] for e in entries}))}, but no smp architecture "
-                "with it has exactly these decoder and head tensors; give the architecture and its arguments: "
-                + Words("model_type='smp', overrides={'arch': 'NAME', 'encoder_name': 'NAME', 'ARGUMENT': 'VALUE'}",
-                        "--model-type smp --set arch=NAME --set encoder_name=NAME --set ARGUMENT=VALUE"))
-    return found
+    return INDEX.identify(shapes)
 
 
 def _heads(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ taken from the model's pretrained config as timm does.
 
 A model built by timm itself is recognised when saved (timm records its name and arguments). A
 bare state dict is identified through an index of every timm model's tensor names and shapes
-(see `_zoo.SignatureIndex`), with `num_classes` and `in_chans` read off the classifier and the
+(see `_signatures.SignatureIndex`), with `num_classes` and `in_chans` read off the classifier and the
 first convolution, then confirmed by building the model on the meta device.
 """
 
@@ -28,22 +28,11 @@ from torch import nn
 from ckptfmt.config.registry import Task, register_model
 from ckptfmt.errors import ConfigError, Words
 
-from ._zoo import (
-    SignatureIndex,
-    build_empty,
-    build_for_shapes,
-    check_model_name,
-    first_difference,
-    identified,
-    import_library,
-    keys_digest,
-    refuse_downloads,
-    require_installed,
-    shapes_digest,
-    shapes_of,
-)
+from ._library import check_model_name, import_library, refuse_downloads, require_installed
+from ._meta import build_empty, build_for_shapes, shapes_of
+from ._signatures import SignatureIndex, index_entry
 
-__all__ = ["index_entries", "infer_config", "timm_model"]
+__all__ = ["INDEX", "index_entries", "infer_config", "timm_model"]
 
 MODEL_TYPE = "timm"
 # What would make timm fetch or read weights or configs.
@@ -121,15 +110,14 @@ def _build(params: dict[str, Any]) -> nn.Module:
 # -- identification --------------------------------------------------------------------------
 
 
-@functools.cache
-def _index() -> SignatureIndex:
-    return SignatureIndex("timm", distribution="timm", names=lambda: list(_names()))
-
-
 def index_entries(name: str) -> list[dict[str, Any]]:
-    """One model's index entries: its tensor names' digest, its shapes' digest without the
-    tensors that num_classes and in_chans change (the classifier, the first convolution's
-    weight), and which those are; and the same without its classifier (num_classes=0)."""
+    """One model's index entries: num_classes read off its classifier and in_chans off its first
+    convolution's weight; and the same without its classifier (num_classes=0).
+
+    Example:
+        >>> [entry["args"] for entry in index_entries("resnet18")]
+        [{}, {'num_classes': 0}]
+    """
     timm = _timm()
     model = build_for_shapes(lambda: timm.create_model(name, pretrained=False))
     shapes = shapes_of(model)
@@ -139,13 +127,24 @@ def index_entries(name: str) -> list[dict[str, Any]]:
     classifier = [n for n in shapes if any(n.startswith(head + ".") for head in heads)]
     first = config.get("first_conv")
     first_conv = f"{first}.weight" if isinstance(first, str) and len(shapes.get(f"{first}.weight", ())) >= 2 else None
-    body = shapes_digest(shapes, leave_out={*classifier, first_conv})
-    entries = [{"name": name, "keys": keys_digest(shapes), "body": body, "classifier": classifier,
-                "first_conv": first_conv, "args": {}}]
+    in_chans = {"in_chans": (first_conv, 1)}
+    entries = [index_entry(name, shapes, leave_out=classifier,
+                           reads={"num_classes": (classifier[0], 0), **in_chans} if classifier else in_chans)]
     if classifier:
-        entries.append({"name": name, "keys": keys_digest(set(shapes) - set(classifier)), "body": body,
-                        "classifier": [], "first_conv": first_conv, "args": {"num_classes": 0}})
+        body = {n: shape for n, shape in shapes.items() if n not in classifier}
+        entries.append(index_entry(name, body, reads=in_chans, args={"num_classes": 0}))
     return entries
+
+
+def _unfit(named: list[str], shaped: list[str]) -> str:
+    return (f"the tensor names are those of timm's {', '.join(named[:5])}, but the shapes fit none of them with any "
+            "num_classes and in_chans; if it is one of them built with other arguments, give them: "
+            + Words("model_type='timm', overrides={'model_name': 'NAME', 'ARGUMENT': 'VALUE'}",
+                    "--model-type timm --set model_name=NAME --set ARGUMENT=VALUE"))
+
+
+INDEX = SignatureIndex("timm", distribution="timm", names=_names, build=_build,
+                       unknown="no timm model has these tensor names", unfit=_unfit)
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list[dict[str, Any]]:
@@ -161,41 +160,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
         {'model_name': 'convnext_atto', 'num_classes': 7, 'in_chans': 3}
     """
     require_installed("timm", extra="timm")
-    shapes = {name: tuple(shape) for name, shape in shapes.items()}
-    return identified(_identify, shapes)
-
-
-@functools.lru_cache(maxsize=16)
-def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
-    """Remembered per state dict: convert asks once to strip a prefix and once to identify."""
-    shapes = dict(items)
-    # Looked up before timm is imported (2 to 3 s): most weights asked about are not timm's.
-    entries = _index().lookup(keys_digest(shapes))
-    if not entries:
-        return "no timm model has these tensor names"
-    timm = _timm()
-    found, near = [], []
-    for entry in sorted(entries, key=lambda e: e["name"]):
-        if shapes_digest(shapes, leave_out={*entry["classifier"], entry["first_conv"]}) != entry["body"]:
-            near.append(entry["name"])
-            continue
-        arguments = dict(entry["args"])
-        if entry["classifier"]:
-            arguments["num_classes"] = shapes[entry["classifier"][0]][0]
-        if entry["first_conv"]:
-            arguments["in_chans"] = shapes[entry["first_conv"]][1]
-        model = build_for_shapes(lambda: timm.create_model(entry["name"], pretrained=False, **arguments))
-        difference = first_difference(shapes_of(model), shapes)
-        if difference is None:
-            found.append({"model_name": entry["name"], **arguments})
-        else:
-            near.append(entry["name"])
-    if not found:
-        return (f"the tensor names are those of timm's {', '.join(sorted(set(near))[:5])}, but the shapes fit "
-                "none of them with any num_classes and in_chans; if it is one of them built with other "
-                "arguments, give them: " + Words("model_type='timm', overrides={'model_name': 'NAME', 'ARGUMENT': 'VALUE'}",
-                                                 "--model-type timm --set model_name=NAME --set ARGUMENT=VALUE"))
-    return found
+    return INDEX.identify(shapes)
 
 
 @register_model(

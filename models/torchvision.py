@@ -12,7 +12,7 @@ models record nothing of how they were built, so `ckptfmt.create_model("torchvis
 num_classes=10)` builds one that does.
 
 A bare state dict is identified through an index of every model's tensor names and shapes
-(`_zoo.SignatureIndex`), `num_classes` read off the classifier, confirmed by a meta-device build.
+(`_signatures.SignatureIndex`), `num_classes` read off the classifier, confirmed by a meta-device build.
 The quantization package's models are float twins of the plain ones and are not indexed: a plain
 `resnet18`'s weights are identified as `resnet18`.
 """
@@ -29,22 +29,11 @@ from torch import nn
 from ckptfmt.config.registry import Task, register_model
 from ckptfmt.errors import Words
 
-from ._zoo import (
-    SignatureIndex,
-    build_empty,
-    build_for_shapes,
-    check_model_name,
-    first_difference,
-    identified,
-    import_library,
-    keys_digest,
-    refuse_downloads,
-    require_installed,
-    shapes_digest,
-    shapes_of,
-)
+from ._library import check_model_name, import_library, refuse_downloads, require_installed
+from ._meta import build_empty, build_for_shapes, shapes_of
+from ._signatures import SignatureIndex, index_entry
 
-__all__ = ["index_entries", "infer_config", "torchvision_model"]
+__all__ = ["INDEX", "index_entries", "infer_config", "torchvision_model"]
 
 MODEL_TYPE = "torchvision"
 _DOWNLOADS = ("weights", "weights_backbone", "pretrained", "pretrained_backbone")
@@ -132,9 +121,13 @@ def _build(params: dict[str, Any]) -> nn.Module:
 
 
 def index_entries(name: str) -> list[dict[str, Any]]:
-    """One model's index entries, for each variant of its arguments: its tensor names' digest,
-    and its shapes' digest without the tensors that num_classes changes (found by building it
-    with another num_classes), which it lists."""
+    """One model's index entries, for each variant of its arguments: num_classes read off the
+    tensors it changes (found by building the model with another num_classes).
+
+    Example:
+        >>> [entry["args"] for entry in index_entries("googlenet")]
+        [{}, {'aux_logits': False}]
+    """
     entries = []
     for variant in [{}, *_VARIANTS.get(name, []), *([{"aux_loss": True}] if "aux_loss" in _builder_parameters(name) else [])]:
         params = {"model_name": name, **variant}
@@ -144,15 +137,20 @@ def index_entries(name: str) -> list[dict[str, Any]]:
         except (TypeError, ValueError):  # a builder without num_classes (RAFT)
             other = shapes
         classifier = [n for n in shapes if other.get(n) != shapes[n]] if set(other) == set(shapes) else []
-        entries.append({"name": name, "keys": keys_digest(shapes), "body": shapes_digest(shapes, leave_out=classifier),
-                        "classifier": classifier, "args": variant})
+        entries.append(index_entry(name, shapes, leave_out=classifier, args=variant,
+                                   reads={"num_classes": (classifier[0], 0)} if classifier else {}))
     return entries
 
 
-@functools.cache
-def _index() -> SignatureIndex:
-    return SignatureIndex("torchvision", distribution="torchvision",
-                          names=lambda: sorted(_names() - _names_in("quantization")))
+def _unfit(named: list[str], shaped: list[str]) -> str:
+    return (f"the tensor names are those of torchvision's {', '.join(named[:5])}, but the shapes fit none of them "
+            "with any num_classes; if it is one of them built with other arguments, give them: "
+            + Words("model_type='torchvision', overrides={'model_name': 'NAME', 'ARGUMENT': 'VALUE'}",
+                    "--model-type torchvision --set model_name=NAME --set ARGUMENT=VALUE"))
+
+
+INDEX = SignatureIndex("torchvision", distribution="torchvision", names=lambda: _names() - _names_in("quantization"),
+                       build=_build, unknown="no torchvision model has these tensor names", unfit=_unfit)
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list[dict[str, Any]]:
@@ -167,36 +165,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
         {'model_name': 'resnet18', 'num_classes': 10}
     """
     require_installed("torchvision", extra="torchvision")
-    shapes = {name: tuple(shape) for name, shape in shapes.items()}
-    return identified(_identify, shapes)
-
-
-@functools.lru_cache(maxsize=16)
-def _identify(digest: str, items: tuple) -> list[dict[str, Any]] | str:
-    shapes = dict(items)
-    # Looked up before torchvision is imported (1.5 s): most weights asked about are not its.
-    entries = _index().lookup(keys_digest(shapes))
-    if not entries:
-        return "no torchvision model has these tensor names"
-    found, near = [], []
-    for entry in sorted(entries, key=lambda e: e["name"]):
-        if shapes_digest(shapes, leave_out=entry["classifier"]) != entry["body"]:
-            near.append(entry["name"])
-            continue
-        arguments = dict(entry["args"])
-        if entry["classifier"]:
-            arguments["num_classes"] = shapes[entry["classifier"][0]][0]
-        params = {"model_name": entry["name"], **arguments}
-        if first_difference(shapes_of(build_for_shapes(lambda: _build(params))), shapes) is None:
-            found.append(params)
-        else:
-            near.append(entry["name"])
-    if not found:
-        return (f"the tensor names are those of torchvision's {', '.join(sorted(set(near))[:5])}, but the shapes "
-                "fit none of them with any num_classes; if it is one of them built with other arguments, give "
-                "them: " + Words("model_type='torchvision', overrides={'model_name': 'NAME', 'ARGUMENT': 'VALUE'}",
-                                 "--model-type torchvision --set model_name=NAME --set ARGUMENT=VALUE"))
-    return found
+    return INDEX.identify(shapes)
 
 
 @register_model(

@@ -4,12 +4,15 @@ names the extra to install, and the signature index is built once and then read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import textwrap
 
 import pytest
 import torch
-from ckptfmt.models._zoo import SignatureIndex, keys_digest
+from ckptfmt.models import _signatures
+from ckptfmt.models._signatures import keys_digest
 
 import ckptfmt
 from ckptfmt.io.files import CACHE_ENV
@@ -145,8 +148,10 @@ def test_building_saving_and_loading_touch_neither_the_network_nor_the_disk(tmp_
 
 def test_the_index_is_built_on_first_need_with_progress_then_read_from_the_cache(tmp_path, monkeypatch, capsys):
     installed("torchvision")
+    from ckptfmt.models.torchvision import INDEX
+
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    index = SignatureIndex("torchvision", distribution="torchvision", names=lambda: ["resnet18", "squeezenet1_1"])
+    index = dataclasses.replace(INDEX, names=lambda: ["resnet18", "squeezenet1_1"])
     assert index.path.parent == tmp_path / "cache" / "signatures"
     resnet = ckptfmt.create_model("torchvision", "resnet18", num_classes=4)
     digest = keys_digest(resnet.state_dict())
@@ -154,13 +159,35 @@ def test_the_index_is_built_on_first_need_with_progress_then_read_from_the_cache
     progress = capsys.readouterr().err.splitlines()
     assert progress[0].startswith("ckptfmt: indexing the 2 torchvision models (torchvision ")
     assert progress[-1].startswith("ckptfmt: indexed 2 torchvision models in ")
-    again = SignatureIndex("torchvision", distribution="torchvision", names=lambda: pytest.fail("rebuilt"))
+    again = dataclasses.replace(INDEX, names=lambda: pytest.fail("rebuilt"))
     assert [entry["name"] for entry in again.lookup(digest)] == ["resnet18"]
     assert capsys.readouterr().err == ""
     index.path.write_text("{not json")
-    damaged = SignatureIndex("torchvision", distribution="torchvision", names=lambda: ["squeezenet1_1"])
+    damaged = dataclasses.replace(INDEX, names=lambda: ["squeezenet1_1"])
     assert damaged.lookup(digest) == []
     assert capsys.readouterr().err.startswith(f"ckptfmt: the torchvision index {index.path} is unreadable (")
+
+
+def test_an_index_that_other_code_wrote_is_never_read(tmp_path, monkeypatch, capsys):
+    """Regression: the index was cached per library and torch version only, so after ckptfmt's
+    adapter code changed what an index holds, the old index still answered. Here the adapter's
+    code is a copy, changed after the first index was written."""
+    installed("torchvision")
+    from ckptfmt.models.torchvision import INDEX
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    code = tmp_path / "models"
+    shutil.copytree(_signatures._MODELS_FOLDER, code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(_signatures, "_MODELS_FOLDER", code)
+    digest = keys_digest(ckptfmt.create_model("torchvision", "resnet18").state_dict())
+    first = dataclasses.replace(INDEX, names=lambda: ["resnet18"])
+    assert [entry["name"] for entry in first.lookup(digest)] == ["resnet18"]
+    (code / "torchvision.py").write_text((code / "torchvision.py").read_text() + "\n# what an index holds changed\n")
+    changed = dataclasses.replace(INDEX, names=lambda: ["squeezenet1_1"])
+    assert changed.path != first.path and first.path.exists()
+    assert changed.lookup(digest) == []
+    assert "ckptfmt: indexing the 1 torchvision models (torchvision " in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "cache/signatures").iterdir()) == sorted([first.path.name, changed.path.name])
 
 
 def test_converting_a_unet_pth_never_asks_the_libraries(tmp_path):
