@@ -524,6 +524,37 @@ def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -
     ]
 
 
+def bench_signatures(work: Path, repeats: int) -> list[dict]:
+    """ckptfmt convert of a bare timm state dict, which identifies it through the libraries'
+    signature indexes: with them cached, against the first run, which builds them (timm's, and
+    torchvision's, which a bare .pth is asked of too). Skipped, saying so, without timm."""
+    if subprocess.run([PYTHON, "-c", "import timm"], capture_output=True).returncode != 0:
+        print("signatures: skipped, timm does not import here (see the README's \"The field's libraries\")",
+              file=sys.stderr)
+        return []
+    folder = work / "signatures"
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "cache").mkdir(parents=True)
+    pth = folder / "model.pth"
+    subprocess.run(python_child(f"""
+        import timm, torch
+        torch.save(timm.create_model("test_convnext", num_classes=3).state_dict(), {str(pth)!r})
+    """), check=True, cwd=ROOT, env=_ENV)
+    # `env` execs the command, so the launcher measures ckptfmt's own process.
+    convert = ["env", f"CKPTFMT_CACHE_DIR={folder / 'cache'}", PYTHON, "-m", "ckptfmt", "convert", str(pth),
+               "-o", str(folder / "model.safetensors"), "--force"]
+    wall, rss, _ = run_once(convert, folder)  # once: it builds the indexes (minutes)
+    cold = {"wall_s": wall, "walls_s": [round(wall, 4)], "peak_rss_bytes": rss}
+    (warm,) = measure(convert, repeats=repeats)
+    if "model_name=\"test_convnext\"" not in warm["stdout"]:
+        raise RuntimeError(f"the timm model was not identified:\n{warm['stdout'][-2000:]}")
+    indexes = ", ".join(sorted(p.name for p in (folder / "cache/signatures").iterdir()))
+    return [
+        row("signatures_identify", f"convert of a bare timm .pth (test_convnext), its signature indexes cached ({indexes}), "
+            "vs the first convert, which builds them", warm, cold, "wall", target=("<=", 0.5)),
+    ]
+
+
 def gb(size: int) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
@@ -554,7 +585,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small files, 2 repeats: a smoke run")
     parser.add_argument("--repeats", type=int, help="fresh processes per measurement (default 5, quick 2)")
     parser.add_argument("--only", help="comma-separated: inspect,load,convert,verify,predict,startup,distributed,"
-                        "many,folder,sharded")
+                        "many,folder,sharded,signatures")
     parser.add_argument("--device", default="cpu", help="device for the predict benchmark")
     parser.add_argument("--predict-config", default=None, help="base_filters,depth for predict (default 64,4; quick 8,3)")
     parser.add_argument("--compile", action="store_true", help="also time predict with torch.compile (CUDA)")
@@ -564,7 +595,8 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     repeats = args.repeats or (2 if args.quick else 5)
-    selected = set((args.only or "inspect,load,convert,verify,predict,startup,distributed,many,folder,sharded").split(","))
+    selected = set((args.only or "inspect,load,convert,verify,predict,startup,distributed,many,folder,sharded,"
+                    "signatures").split(","))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ckptfmt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"files in {work}", file=sys.stderr)
@@ -602,6 +634,7 @@ def main() -> int:
         ("many", lambda: bench_many(work, repeats, 50 if args.quick else 500)),
         ("folder", lambda: bench_inspect_folder(work, repeats, (50, 100, 200) if args.quick else (500, 1000, 2000))),
         ("sharded", lambda: bench_sharded(work, files, repeats)),
+        ("signatures", lambda: bench_signatures(work, repeats)),
     ]
     for name, step in steps:
         if name in selected:
