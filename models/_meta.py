@@ -49,7 +49,8 @@ def build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
     (non-persistent ones: timm's relative position indices, rotary tables, attention masks),
     which the weights will not replace. So: on the meta device where that leaves none of those
     there, else parameters on meta and buffers on the CPU, else (a buffer computed from a
-    parameter, as timm's Swin attention masks are) built on the CPU for real.
+    parameter, as timm's Swin attention masks are, or on its device, as Swin V2's relative
+    position tables are) built on the CPU for real.
 
     Example:
         >>> model = build_empty(lambda: timm.create_model("swin_tiny_patch4_window7_224"))
@@ -62,10 +63,13 @@ def build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
             return model
     except (NotImplementedError, RuntimeError):
         pass
-    with _parameters_on_meta():
-        model = factory()
-    if not _buffers_left_on_meta(model):
-        return model
+    try:
+        with _parameters_on_meta():
+            model = factory()
+        if not _buffers_left_on_meta(model):
+            return model
+    except (NotImplementedError, RuntimeError):  # a CPU buffer filled from a meta parameter's device
+        pass
     return factory()
 
 

@@ -111,3 +111,21 @@ def test_a_timm_model_with_relative_position_indices_loads_with_them_computed(tm
     assert all(torch.equal(buffer, real[name]) for name, buffer in left.items())
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     assert_rebuilt_identically(model, [path], x, tmp_path)
+
+
+@pytest.mark.zoo
+def test_a_timm_swin_v2_whose_buffers_are_made_on_its_parameters_device_loads(tmp_path):
+    """Regression: Swin V2 fills its relative position tables on its parameters' device while it
+    is built, so with its parameters on meta and its buffers on the CPU the build raised
+    NotImplementedError ("Cannot copy out of meta tensor") and its checkpoints did not load. It is
+    built on the CPU for real."""
+    require("timm")
+    torch.manual_seed(0)
+    model = ckptfmt.create_model("timm", "swinv2_tiny_window8_256", num_classes=2, embed_dim=24,
+                                 depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1]).eval()
+    path = ckptfmt.save(model, tmp_path / "swinv2.safetensors")
+    loaded = ckptfmt.load_model(path)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
