@@ -24,7 +24,7 @@ import inspect
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
-from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError, MissingDependencyError
+from ckptfmt.errors import ConfigError, MissingDependencyError
 from ckptfmt.io.jsondoc import plain_json
 
 __all__ = [
@@ -53,11 +53,11 @@ def require_installed(module: str, *, extra: str) -> None:
     without importing anything.
 
     Example:
-        >>> require_installed("timm", extra="timm")   # ArchitectureNotRecognisedError if it is missing
+        >>> require_installed("timm", extra="timm")   # MissingDependencyError if it is missing
     """
     if library_missing(module):
-        raise ArchitectureNotRecognisedError(f"{module} is not installed here, so its models were not considered "
-                                             f"(pip install 'ckptfmt[{extra}]')")
+        raise MissingDependencyError(f"{module} is not installed here, so its models were not considered "
+                                     f"(pip install 'ckptfmt[{extra}]')")
 
 
 def import_library(module: str, *, model_type: str, extra: str) -> Any:

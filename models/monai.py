@@ -29,7 +29,7 @@ from typing import Any
 from torch import nn
 
 from ckptfmt.config.registry import Task, register_model
-from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError
+from ckptfmt.errors import ArchitectureNotRecognisedError, ConfigError, MissingDependencyError
 
 from ._library import import_library, json_defaults, library_missing
 from ._meta import build_empty, build_for_shapes, first_difference, shapes_of
@@ -173,8 +173,8 @@ def infer_config(shapes: Shapes) -> dict[str, Any]:
         {'model_name': 'UNet', 'spatial_dims': 2, 'in_channels': 1, 'out_channels': 3, 'channels': [8, 16, 32], ...}
     """
     if library_missing("monai"):
-        raise ArchitectureNotRecognisedError("MONAI is not installed here, so its networks were not considered "
-                                             "(pip install 'ckptfmt[monai]')")
+        raise MissingDependencyError("MONAI is not installed here, so its networks were not considered "
+                                     "(pip install 'ckptfmt[monai]')")
     shapes = {name: tuple(shape) for name, shape in shapes.items()}
     reasons = []
     for network, (marker, read) in _READERS.items():

@@ -143,9 +143,16 @@ def test_existing_output_is_not_overwritten(converted):
 
 
 def test_output_equal_to_input_is_refused(converted):
+    """A .safetensors of someone else's is rewritten in place only when asked; a ckptfmt file is
+    not converted again. Either way nothing is touched."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, converted / "plain.safetensors")
     before = snapshot(converted)
-    with pytest.raises(WriteError, match="is both the source and the output; choose another output"):
-        convert(converted / "m.safetensors")
+    with pytest.raises(WriteError, match="is both the source and the output; pass force=True to rewrite it in "
+                                         "place, or choose another output"):
+        convert(converted / "plain.safetensors")
+    assert convert(converted / "m.safetensors").status == "skipped"
     with pytest.raises(WriteError, match="the output must end in .safetensors"):
         convert(converted / "m.pth", output=converted / "m.pth")
     assert snapshot(converted) == before
