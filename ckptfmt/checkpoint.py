@@ -256,8 +256,6 @@ def open_checkpoint(
     elif config is not None:
         logger.info("Loaded model config from: %s", path.parent / SIDECAR_NAME if resolution.origin == "sidecar"
                     else f"{path} ({resolution.origin})")
-    if config is not None:
-        logger.info("Using architecture: %s", config.summary())
     return resolution
 
 
@@ -301,6 +299,8 @@ def _build(
     dtype = resolve_dtype(dtype, opened.path)
     if verify and opened.header is not None:
         check_digest(opened.header)
+    if opened.config is not None:
+        logger.info("Using architecture: %s", opened.config.summary())
     if builder is not None:
         model = _build_with(builder, opened)
     else:
