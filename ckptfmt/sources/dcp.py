@@ -52,10 +52,9 @@ DCP_METADATA = ".metadata"
 SERIALIZATION = "torch.distributed.checkpoint"
 # A .metadata holds one record per tensor chunk: a few MB for a large model saved on many ranks.
 MAX_METADATA_BYTES = 1 << 30
-# The chunks a metadata may describe in all, counting a shared (memoized) list once per use: far
-# above a large model on thousands of ranks, far below what a pickle that multiplies references
-# would make us walk.
-MAX_CHUNKS = 10_000_000
+# Lists the key paths make hold at most this many places beyond two per entry of the folder: an
+# optimizer state keyed by parameter number leaves a hole for each parameter without state.
+SPARE_LIST_PLACES = 100_000
 
 
 def is_dcp_folder(path: str | os.PathLike) -> bool:
@@ -175,10 +174,11 @@ def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
                 raise _damaged(f"value {fqn!r} has no stored bytes", path)
             continue
         size = _tensor_size(fqn, entry, path)
-        # Counted before the chunks are walked: a pickle can make one list of chunks many times.
+        # Counted before the chunks are walked: a pickle can make one list of chunks many times,
+        # but each chunk needs a storage record (and bytes) of its own.
         chunks += len(entry.chunks)
-        if chunks > MAX_CHUNKS:
-            raise _damaged(f"describes more than {MAX_CHUNKS:,} tensor chunks", path)
+        if chunks > len(items):
+            raise _damaged(f"describes more tensor chunks than it has storage records ({len(items):,})", path)
         _check_chunks(fqn, entry, size, items, path)
     _check_planner(metadata.planner_data, path)
 
@@ -224,8 +224,27 @@ def _stored_items(storage: dict, folder: Path, path: Path) -> dict[tuple[str, tu
                 path=path,
             )
         offset = None if index.offset is None else _sizes(index.offset, f"the offset of {index.fqn!r}", path)
+        if (index.fqn, offset) in items:
+            raise _damaged(f"storage_data holds two records for {_place_name(index.fqn, offset)}", path)
         items[(index.fqn, offset)] = info
+    _check_disjoint(items, path)
     return items
+
+
+def _check_disjoint(items: dict[tuple[str, tuple[int, ...] | None], Any], path: Path) -> None:
+    """No two storage records share a byte: each item DCP writes has bytes of its own, and a
+    record reused for many tensors would make a small folder fill memory many times over."""
+    spans = sorted((info.relative_path, info.offset, info.length, fqn, offset)
+                   for (fqn, offset), info in items.items() if info.length)
+    for (name, start, length, fqn, offset), (other_name, other_start, _, other, other_offset) in zip(spans, spans[1:]):
+        if name == other_name and other_start < start + length:
+            raise _damaged(f"{_place_name(fqn, offset)} and {_place_name(other, other_offset)} are stored in the "
+                           f"same bytes of {name} (from byte {other_start}); each stored item has bytes of its own",
+                           path)
+
+
+def _place_name(fqn: str, offset: tuple[int, ...] | None) -> str:
+    return repr(fqn) if offset is None else f"the chunk of {fqn!r} at {list(offset)}"
 
 
 def _tensor_size(fqn: str, entry: Any, path: Path) -> tuple[int, ...]:
@@ -250,7 +269,7 @@ def _check_chunks(fqn: str, entry: Any, size: tuple[int, ...], items: dict, path
     import torch
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-    boxes = []
+    boxes, seen = [], set()
     itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
     for chunk in entry.chunks:
         if type(chunk) is not ChunkStorageMetadata:
@@ -261,6 +280,9 @@ def _check_chunks(fqn: str, entry: Any, size: tuple[int, ...], items: dict, path
                 o + s > n for o, s, n in zip(offsets, sizes, size)):
             raise _damaged(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size "
                            f"{list(size)}", path)
+        if offsets in seen:
+            raise _damaged(f"{fqn!r} has two chunks at {list(offsets)}", path)
+        seen.add(offsets)
         info = items.get((fqn, offsets))
         if info is None:
             raise _damaged(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes", path)
@@ -273,12 +295,23 @@ def _check_chunks(fqn: str, entry: Any, size: tuple[int, ...], items: dict, path
 
 
 def _check_planner(planner: Any, path: Path) -> None:
-    """DCP's planner data, when there is any: each key's path in the nested state dict."""
-    if planner is not None and (type(planner) is not dict or not all(
-            type(key) is str and type(steps) in (tuple, list) and steps
-            and all(type(step) in (str, int) and (type(step) is str or step >= 0) for step in steps)
-            for key, steps in planner.items())):
+    """DCP's planner data, when there is any: each key's path in the nested state dict, no
+    deeper than a legacy file may nest (its length is checked before its steps are: a pickle can
+    share one endless path among many keys)."""
+    from .legacy import MAX_NESTING
+
+    if planner is None:
+        return
+    if type(planner) is not dict:
         raise _damaged("planner_data is not a dict of key paths", path)
+    for key, steps in planner.items():
+        if type(key) is not str or type(steps) not in (tuple, list) or not steps:
+            raise _damaged("planner_data is not a dict of key paths", path)
+        if len(steps) > MAX_NESTING:
+            raise _damaged(f"the key path of {key[:200]!r} is {len(steps):,} steps deep, deeper than the "
+                           f"{MAX_NESTING} levels a checkpoint may nest", path)
+        if not all(type(step) in (str, int) and (type(step) is str or step >= 0) for step in steps):
+            raise _damaged(f"the key path of {key[:200]!r} holds a step that is neither a name nor a list index", path)
 
 
 def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
@@ -337,10 +370,7 @@ def read_dcp_state_dict(folder: str | os.PathLike) -> dict[str, Any]:
     finally:
         for fd in descriptors.values():
             os.close(fd)
-    nested: dict[str, Any] = {}
-    for fqn, value in flat.items():
-        _place(nested, list((metadata.planner_data or {}).get(fqn, (fqn,))), value, fqn, path)
-    return nested
+    return _nest(flat, metadata.planner_data or {}, path)
 
 
 def _read(descriptors: dict[str, int], folder: Path, info: Any) -> bytes:
@@ -381,29 +411,59 @@ def _load_blob(data: bytes, fqn: str, path: Path, *, tensor: bool) -> Any:
     return value
 
 
-def _place(root: dict[str, Any], steps: list[str | int], value: Any, fqn: str, path: Path) -> None:
-    """Put `value` at `steps` in `root`, making a dict for a str step and a list for an int
-    one, as DCP's own `set_element` does."""
-    container: Any = root
-    for step, following in zip(steps, steps[1:]):
-        empty: Any = {} if type(following) is str else []
-        if isinstance(container, dict):
-            container = container.setdefault(step, empty)
-        else:
-            if type(step) is not int:
-                raise LegacyCheckpointError(f"the key path of {fqn!r} indexes a list with {step!r}", path=path)
-            container.extend([None] * (step + 1 - len(container)))
-            if container[step] is None:
-                container[step] = empty
-            container = container[step]
-        if not isinstance(container, (dict, list)):
-            raise LegacyCheckpointError(f"the key path of {fqn!r} goes through a value", path=path)
-    last = steps[-1]
-    if isinstance(container, list):
-        if type(last) is not int:
-            raise LegacyCheckpointError(f"the key path of {fqn!r} indexes a list with {last!r}", path=path)
-        container.extend([None] * (last + 1 - len(container)))
-    container[last] = value
+class _Node(dict):
+    """A container the key paths make: a dict, or a list once every key under it is an int (as
+    DCP's own `set_element` has it). Values put in place are never `_Node`s, so a key path that
+    runs into one is told apart from one that runs through a container."""
+
+
+def _nest(flat: dict[str, Any], planner: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The flat values put back in their nested places, each at the key path DCP records (its
+    own name where none is recorded). Two values mapped to one place, or one mapped through
+    another, are refused naming both: nothing is silently dropped."""
+    root = _Node()
+    owners: dict[tuple, str] = {}
+    for fqn, value in flat.items():
+        steps = tuple(planner.get(fqn, (fqn,)))
+        container = root
+        for depth, step in enumerate(steps[:-1]):
+            child = container.setdefault(step, _Node())
+            if type(child) is not _Node:
+                raise _damaged(f"the key path of {fqn!r} goes through the value of {owners[steps[:depth + 1]]!r}", path)
+            container = child
+        if steps[-1] in container:
+            other = owners.get(steps) or next(name for place, name in owners.items() if place[:len(steps)] == steps)
+            raise _damaged(f"{other!r} and {fqn!r} are both mapped to {_shown_steps(steps)}: one would be lost", path)
+        container[steps[-1]] = value
+        owners[steps] = fqn
+    places = [2 * len(flat) + SPARE_LIST_PLACES]
+    return {key: _built(value, (key,), places, path) for key, value in root.items()}
+
+
+def _built(value: Any, where: tuple, places: list[int], path: Path) -> Any:
+    """A `_Node` as the dict or list it stands for (values as they are). A list is as long as
+    its largest index + 1, holes None; `places` is what all lists may still hold, spent before
+    a list is made."""
+    if type(value) is not _Node:
+        return value
+    ints = [key for key in value if type(key) is int]
+    if not ints:
+        return {key: _built(item, (*where, key), places, path) for key, item in value.items()}
+    if len(ints) != len(value):
+        raise _damaged(f"the key paths under {_shown_steps(where)} use it both as a list and as a dict", path)
+    length = max(ints) + 1
+    places[0] -= length
+    if places[0] < 0:
+        raise _damaged(f"the key paths index the list at {_shown_steps(where)} up to {length - 1:,}: more list places "
+                       "than the folder's entries could fill", path)
+    built: list[Any] = [None] * length
+    for key, item in value.items():
+        built[key] = _built(item, (*where, key), places, path)
+    return built
+
+
+def _shown_steps(steps: tuple) -> str:
+    return ".".join(map(str, steps))[:200]
 
 
 def read_dcp_checkpoint(folder: str | os.PathLike, *, hash_source: bool = True) -> Any:
