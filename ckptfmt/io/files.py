@@ -189,7 +189,7 @@ def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...]) -> FolderWalk
     unreadable: list[CkptfmtError] = []
 
     def refuse_folder(exc: OSError) -> None:
-        unreadable.append(unreadable_error(exc.filename, exc, folder=True))
+        unreadable.append(unreadable_error(Path(exc.filename), exc, folder=True))
 
     # os.walk passes over a folder it cannot list unless told: `refuse_folder` hears of each.
     for folder, _, names in os.walk(root, onerror=refuse_folder, followlinks=False):
