@@ -12,16 +12,17 @@ through `torch.load(weights_only=False)` (`DefaultLoadPlanner.load_bytes`, `dcp_
 - What it unpickled is checked before it is used: exact types; each tensor's chunks are boxes
   inside it that tile it exactly; each stored item names a plain file in the folder (no `../`,
   no separator), a regular file, and a byte range inside it; stream transforms (compression),
-  which this reader does not undo, are refused. A tensor is only allocated once its stored
-  chunks are known to hold at least its bytes, so memory is bounded by the files' real size,
-  not by what the metadata declares.
+  which this reader does not undo, are refused. No two storage records share a byte or a
+  place, and each chunk needs a record of its own: a pickle can refer to one record many times
+  at no cost. A tensor is only allocated once its stored chunks are known to hold at least its
+  bytes, so memory is bounded by the files' real size, not by what the metadata declares.
 - Each tensor chunk and each non-tensor value is a `torch.save` blob, read with
   `torch.load(weights_only=True)`.
 
 The flat keys DCP stores (`model.conv.weight`, `optim.param_groups.0.lr`) are put back in
-their nested places with the paths DCP records (an int step is a list index, as DCP's own
-`set_element` has it), and what the folder held is then sorted into weights, training record
-and companion exactly as a legacy `.pth` is (see `layouts`).
+their nested places with the paths DCP records, bounded and checked (see `keypaths`), and what
+the folder held is then sorted into weights, training record and companion exactly as a legacy
+`.pth` is (see `layouts`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 from ..errors import CkptfmtError, LegacyCheckpointError, UnsafePickleError
 from ..io.files import file_in_folder, files_sha256, open_regular, read_capped
+from .keypaths import check_key_paths, crafted, nest
 
 __all__ = [
     "DCP_METADATA",
@@ -52,9 +54,6 @@ DCP_METADATA = ".metadata"
 SERIALIZATION = "torch.distributed.checkpoint"
 # A .metadata holds one record per tensor chunk: a few MB for a large model saved on many ranks.
 MAX_METADATA_BYTES = 1 << 30
-# Lists the key paths make hold at most this many places beyond two per entry of the folder: an
-# optimizer state keyed by parameter number leaves a hole for each parameter without state.
-SPARE_LIST_PLACES = 100_000
 
 
 def is_dcp_folder(path: str | os.PathLike) -> bool:
@@ -159,32 +158,28 @@ def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
     if type(metadata) is not Metadata:
-        raise _damaged(f"holds a {type(metadata).__name__}, not DCP's Metadata", path)
+        raise crafted(f"holds a {type(metadata).__name__}, not DCP's Metadata", path)
     entries = metadata.state_dict_metadata
     if type(entries) is not dict or not all(type(key) is str for key in entries):
-        raise _damaged("state_dict_metadata is not a dict keyed by name", path)
+        raise crafted("state_dict_metadata is not a dict keyed by name", path)
     storage = metadata.storage_data
     if type(storage) is not dict:
-        raise _damaged("storage_data is not a dict", path)
+        raise crafted("storage_data is not a dict", path)
     items = _stored_items(storage, folder, path)
     chunks = 0
     for fqn, entry in entries.items():
         if type(entry) is BytesStorageMetadata:
             if (fqn, None) not in items:
-                raise _damaged(f"value {fqn!r} has no stored bytes", path)
+                raise crafted(f"value {fqn!r} has no stored bytes", path)
             continue
         size = _tensor_size(fqn, entry, path)
         # Counted before the chunks are walked: a pickle can make one list of chunks many times,
         # but each chunk needs a storage record (and bytes) of its own.
         chunks += len(entry.chunks)
         if chunks > len(items):
-            raise _damaged(f"describes more tensor chunks than it has storage records ({len(items):,})", path)
+            raise crafted(f"describes more tensor chunks than it has storage records ({len(items):,})", path)
         _check_chunks(fqn, entry, size, items, path)
-    _check_planner(metadata.planner_data, path)
-
-
-def _damaged(problem: str, path: Path) -> LegacyCheckpointError:
-    return LegacyCheckpointError(f"{problem}; the folder is damaged or was crafted", path=path)
+    check_key_paths(metadata.planner_data, path)
 
 
 def _sizes(value: Any, where: str, path: Path) -> tuple[int, ...]:
@@ -192,7 +187,7 @@ def _sizes(value: Any, where: str, path: Path) -> tuple[int, ...]:
     import torch
 
     if type(value) is not torch.Size or not all(type(v) is int and v >= 0 for v in value):
-        raise _damaged(f"{where} is not a size (non-negative ints): {str(value)[:100]}", path)
+        raise crafted(f"{where} is not a size (non-negative ints): {str(value)[:100]}", path)
     return tuple(value)
 
 
@@ -206,7 +201,7 @@ def _stored_items(storage: dict, folder: Path, path: Path) -> dict[tuple[str, tu
     items: dict[tuple[str, tuple[int, ...] | None], Any] = {}
     for index, info in storage.items():
         if type(index) is not MetadataIndex or type(info) is not _StorageInfo:
-            raise _damaged(f"storage_data maps a {type(index).__name__} to a {type(info).__name__}", path)
+            raise crafted(f"storage_data maps a {type(index).__name__} to a {type(info).__name__}", path)
         name = file_in_folder(folder, info.relative_path, key=f"the file of {index.fqn!r}", path=path,
                               error=LegacyCheckpointError).name
         if name not in files:
@@ -215,8 +210,8 @@ def _stored_items(storage: dict, folder: Path, path: Path) -> dict[tuple[str, tu
             os.close(fd)
         if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0 \
                 or info.offset + info.length > files[name]:
-            raise _damaged(f"{index.fqn!r} is stored at bytes {info.offset}+{info.length}, outside {name} "
-                           f"({files[name]} bytes)", path)
+            raise crafted(f"{index.fqn!r} is stored at bytes {info.offset}+{info.length}, outside {name} "
+                          f"({files[name]} bytes)", path)
         if info.transform_descriptors:
             raise LegacyCheckpointError(
                 f"{index.fqn!r} is stored through {list(info.transform_descriptors)[:3]} (a compressed or "
@@ -225,7 +220,7 @@ def _stored_items(storage: dict, folder: Path, path: Path) -> dict[tuple[str, tu
             )
         offset = None if index.offset is None else _sizes(index.offset, f"the offset of {index.fqn!r}", path)
         if (index.fqn, offset) in items:
-            raise _damaged(f"storage_data holds two records for {_place_name(index.fqn, offset)}", path)
+            raise crafted(f"storage_data holds two records for {_place_name(index.fqn, offset)}", path)
         items[(index.fqn, offset)] = info
     _check_disjoint(items, path)
     return items
@@ -238,9 +233,9 @@ def _check_disjoint(items: dict[tuple[str, tuple[int, ...] | None], Any], path: 
                    for (fqn, offset), info in items.items() if info.length)
     for (name, start, length, fqn, offset), (other_name, other_start, _, other, other_offset) in zip(spans, spans[1:]):
         if name == other_name and other_start < start + length:
-            raise _damaged(f"{_place_name(fqn, offset)} and {_place_name(other, other_offset)} are stored in the "
-                           f"same bytes of {name} (from byte {other_start}); each stored item has bytes of its own",
-                           path)
+            raise crafted(f"{_place_name(fqn, offset)} and {_place_name(other, other_offset)} are stored in the "
+                          f"same bytes of {name} (from byte {other_start}); each stored item has bytes of its own",
+                          path)
 
 
 def _place_name(fqn: str, offset: tuple[int, ...] | None) -> str:
@@ -254,12 +249,12 @@ def _tensor_size(fqn: str, entry: Any, path: Path) -> tuple[int, ...]:
     from ..format.writer import DTYPE_NAMES
 
     if type(entry) is not TensorStorageMetadata or type(entry.properties) is not TensorProperties:
-        raise _damaged(f"entry {fqn!r} is a {type(entry).__name__}", path)
+        raise crafted(f"entry {fqn!r} is a {type(entry).__name__}", path)
     if entry.properties.dtype not in DTYPE_NAMES:
-        raise _damaged(f"tensor {fqn!r} has dtype {entry.properties.dtype}, which safetensors cannot store", path)
+        raise crafted(f"tensor {fqn!r} has dtype {entry.properties.dtype}, which safetensors cannot store", path)
     size = _sizes(entry.size, f"the size of {fqn!r}", path)
     if type(entry.chunks) is not list:
-        raise _damaged(f"the chunks of {fqn!r} are not a list", path)
+        raise crafted(f"the chunks of {fqn!r} are not a list", path)
     return size
 
 
@@ -273,45 +268,25 @@ def _check_chunks(fqn: str, entry: Any, size: tuple[int, ...], items: dict, path
     itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
     for chunk in entry.chunks:
         if type(chunk) is not ChunkStorageMetadata:
-            raise _damaged(f"a chunk of {fqn!r} is a {type(chunk).__name__}", path)
+            raise crafted(f"a chunk of {fqn!r} is a {type(chunk).__name__}", path)
         offsets = _sizes(chunk.offsets, f"a chunk offset of {fqn!r}", path)
         sizes = _sizes(chunk.sizes, f"a chunk size of {fqn!r}", path)
         if len(offsets) != len(size) or len(sizes) != len(size) or any(
                 o + s > n for o, s, n in zip(offsets, sizes, size)):
-            raise _damaged(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size "
-                           f"{list(size)}", path)
+            raise crafted(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size "
+                          f"{list(size)}", path)
         if offsets in seen:
-            raise _damaged(f"{fqn!r} has two chunks at {list(offsets)}", path)
+            raise crafted(f"{fqn!r} has two chunks at {list(offsets)}", path)
         seen.add(offsets)
         info = items.get((fqn, offsets))
         if info is None:
-            raise _damaged(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes", path)
+            raise crafted(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes", path)
         if info.length < math.prod(sizes) * itemsize:
-            raise _damaged(f"the chunk of {fqn!r} at {list(offsets)} needs {math.prod(sizes) * itemsize} bytes but "
-                           f"its record holds {info.length}", path)
+            raise crafted(f"the chunk of {fqn!r} at {list(offsets)} needs {math.prod(sizes) * itemsize} bytes but "
+                          f"its record holds {info.length}", path)
         boxes.append((offsets, sizes))
     if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(size) or _overlap(boxes):
-        raise _damaged(f"the chunks of {fqn!r} do not cover it exactly once", path)
-
-
-def _check_planner(planner: Any, path: Path) -> None:
-    """DCP's planner data, when there is any: each key's path in the nested state dict, no
-    deeper than a legacy file may nest (its length is checked before its steps are: a pickle can
-    share one endless path among many keys)."""
-    from .legacy import MAX_NESTING
-
-    if planner is None:
-        return
-    if type(planner) is not dict:
-        raise _damaged("planner_data is not a dict of key paths", path)
-    for key, steps in planner.items():
-        if type(key) is not str or type(steps) not in (tuple, list) or not steps:
-            raise _damaged("planner_data is not a dict of key paths", path)
-        if len(steps) > MAX_NESTING:
-            raise _damaged(f"the key path of {key[:200]!r} is {len(steps):,} steps deep, deeper than the "
-                           f"{MAX_NESTING} levels a checkpoint may nest", path)
-        if not all(type(step) in (str, int) and (type(step) is str or step >= 0) for step in steps):
-            raise _damaged(f"the key path of {key[:200]!r} holds a step that is neither a name nor a list index", path)
+        raise crafted(f"the chunks of {fqn!r} do not cover it exactly once", path)
 
 
 def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
@@ -370,7 +345,7 @@ def read_dcp_state_dict(folder: str | os.PathLike) -> dict[str, Any]:
     finally:
         for fd in descriptors.values():
             os.close(fd)
-    return _nest(flat, metadata.planner_data or {}, path)
+    return nest(flat, metadata.planner_data or {}, path)
 
 
 def _read(descriptors: dict[str, int], folder: Path, info: Any) -> bytes:
@@ -409,61 +384,6 @@ def _load_blob(data: bytes, fqn: str, path: Path, *, tensor: bool) -> Any:
 
         check_bounds(value, path)
     return value
-
-
-class _Node(dict):
-    """A container the key paths make: a dict, or a list once every key under it is an int (as
-    DCP's own `set_element` has it). Values put in place are never `_Node`s, so a key path that
-    runs into one is told apart from one that runs through a container."""
-
-
-def _nest(flat: dict[str, Any], planner: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The flat values put back in their nested places, each at the key path DCP records (its
-    own name where none is recorded). Two values mapped to one place, or one mapped through
-    another, are refused naming both: nothing is silently dropped."""
-    root = _Node()
-    owners: dict[tuple, str] = {}
-    for fqn, value in flat.items():
-        steps = tuple(planner.get(fqn, (fqn,)))
-        container = root
-        for depth, step in enumerate(steps[:-1]):
-            child = container.setdefault(step, _Node())
-            if type(child) is not _Node:
-                raise _damaged(f"the key path of {fqn!r} goes through the value of {owners[steps[:depth + 1]]!r}", path)
-            container = child
-        if steps[-1] in container:
-            other = owners.get(steps) or next(name for place, name in owners.items() if place[:len(steps)] == steps)
-            raise _damaged(f"{other!r} and {fqn!r} are both mapped to {_shown_steps(steps)}: one would be lost", path)
-        container[steps[-1]] = value
-        owners[steps] = fqn
-    places = [2 * len(flat) + SPARE_LIST_PLACES]
-    return {key: _built(value, (key,), places, path) for key, value in root.items()}
-
-
-def _built(value: Any, where: tuple, places: list[int], path: Path) -> Any:
-    """A `_Node` as the dict or list it stands for (values as they are). A list is as long as
-    its largest index + 1, holes None; `places` is what all lists may still hold, spent before
-    a list is made."""
-    if type(value) is not _Node:
-        return value
-    ints = [key for key in value if type(key) is int]
-    if not ints:
-        return {key: _built(item, (*where, key), places, path) for key, item in value.items()}
-    if len(ints) != len(value):
-        raise _damaged(f"the key paths under {_shown_steps(where)} use it both as a list and as a dict", path)
-    length = max(ints) + 1
-    places[0] -= length
-    if places[0] < 0:
-        raise _damaged(f"the key paths index the list at {_shown_steps(where)} up to {length - 1:,}: more list places "
-                       "than the folder's entries could fill", path)
-    built: list[Any] = [None] * length
-    for key, item in value.items():
-        built[key] = _built(item, (*where, key), places, path)
-    return built
-
-
-def _shown_steps(steps: tuple) -> str:
-    return ".".join(map(str, steps))[:200]
 
 
 def read_dcp_checkpoint(folder: str | os.PathLike, *, hash_source: bool = True) -> Any:
