@@ -461,7 +461,10 @@ def read_index(path: str | os.PathLike) -> Header:
         shard_path = shard_paths[shard]
         header = _read_file_header(shard_path)
         if not shard_of(header, path):
-            raise HeaderError(f"{shard} is not a shard of this index: {_belongs_elsewhere(header)}", path=path)
+            belongs = header.metadata.get(KEY_SHARD)
+            why = (f"it says it belongs to another index ({belongs[:200]})" if belongs is not None
+                   else "it is a ckptfmt checkpoint of its own (its header names no index)")
+            raise HeaderError(f"{shard} is not a shard of this index: {why}", path=path)
         if set(header.tensors) != set(by_shard[shard]):
             extra = sorted(set(header.tensors) ^ set(by_shard[shard]))[:3]
             raise HeaderError(
@@ -481,19 +484,19 @@ def shard_of(header: Header, index: Path) -> bool:
     """Whether a file whose `header` this is is a shard of `index`: it says so (`ckptfmt.shard`),
     or it is a plain safetensors file (no ckptfmt metadata), as the shards of an index written
     by someone else are. A checkpoint of its own, or a shard of another index, is not; so an
-    index can neither take another checkpoint's place nor hide it from a folder's walk."""
+    index can neither take another checkpoint's place nor hide it from a folder's walk.
+
+    Example:
+        >>> index = Path("big/model.safetensors.index.json")
+        >>> shard_of(read_header("big/model-00001-of-00002.safetensors"), index)
+        True
+    """
     belongs = header.metadata.get(KEY_SHARD)
     if belongs is None:
         return KEY_FORMAT_VERSION not in header.metadata
     try:
-        claim = loads_strict(belongs, what=f"{KEY_SHARD}", path=header.path)
+        claim = loads_strict(belongs, what=KEY_SHARD, path=header.path)
     except HeaderError:
         return False
     return isinstance(claim, dict) and claim.get("index") == index.name
 
-
-def _belongs_elsewhere(header: Header) -> str:
-    belongs = header.metadata.get(KEY_SHARD)
-    if belongs is None:
-        return "it is a ckptfmt checkpoint of its own (its header names no index)"
-    return f"it says it belongs to another index ({belongs[:200]})"
