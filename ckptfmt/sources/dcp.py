@@ -32,6 +32,7 @@ import math
 import os
 import pathlib
 import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -362,6 +363,15 @@ def _read(descriptors: dict[str, int], folder: Path, info: Any) -> bytes:
 def _load_blob(data: bytes, fqn: str, path: Path, *, tensor: bool) -> Any:
     import torch
 
+    from .legacy import check_bounds, check_inflation  # a legacy file's bounds, for each blob
+
+    if data[:4] == b"PK\x03\x04":  # a zip, as torch.save writes: its members may not inflate past their bytes
+        try:
+            check_inflation(zipfile.ZipFile(io.BytesIO(data)).infolist(), path)
+        except LegacyCheckpointError as exc:
+            raise exc.at(problem=f"the stored bytes of {fqn!r}: {exc.problem}") from None
+        except (zipfile.BadZipFile, ValueError, EOFError):
+            pass  # not a readable zip: torch.load says so below, as for any damaged blob
     try:
         value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -380,8 +390,6 @@ def _load_blob(data: bytes, fqn: str, path: Path, *, tensor: bool) -> Any:
     if tensor and not isinstance(value, torch.Tensor):
         raise LegacyCheckpointError(f"the stored chunk of {fqn!r} is a {type(value).__name__}, not a tensor", path=path)
     if not tensor:
-        from .legacy import check_bounds  # the bounds of a legacy file's object graph, for each value
-
         check_bounds(value, path)
     return value
 

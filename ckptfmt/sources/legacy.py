@@ -38,7 +38,7 @@ from .refusals import damaged, globals_named, missing_class, needs_global, unlis
 from .standins import Refused, contents, python3_name, stand_ins_for, thaw
 
 __all__ = [
-    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "file_identity", "read_legacy_checkpoint",
+    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "check_inflation", "file_identity", "read_legacy_checkpoint",
     "torch_serialization"]
 
 logger = logging.getLogger("ckptfmt")
@@ -169,6 +169,19 @@ def _check_container(f: BinaryIO, path: Path) -> tuple[str, dict[int, int] | Non
         raise LegacyCheckpointError(
             "is a zip archive but not a torch checkpoint (it has no data.pkl)", path=path
         )
+    check_inflation(members, path)
+    if any("/data/" in member.filename and member.compress_type != zipfile.ZIP_STORED for member in members):
+        return "torch zip", None
+    return "torch zip", _data_records(f, members, path)
+
+
+def check_inflation(members: list[zipfile.ZipInfo], path: Path) -> None:
+    """Refuse a zip member that would inflate past MAX_INFLATE_RATIO times its compressed size
+    (plus 1 MiB), from the zip directory alone: before torch inflates anything.
+
+    Example:
+        >>> check_inflation(zipfile.ZipFile("checkpoints/multitask_joint/best_model.pth").infolist(), Path("m.pth"))
+    """
     for member in members:
         if member.file_size > MAX_INFLATE_RATIO * max(member.compress_size, 1) + (1 << 20):
             raise LegacyCheckpointError(
@@ -176,9 +189,6 @@ def _check_container(f: BinaryIO, path: Path) -> tuple[str, dict[int, int] | Non
                 f"{member.file_size} bytes; refused as a zip bomb",
                 path=path,
             )
-    if any("/data/" in member.filename and member.compress_type != zipfile.ZIP_STORED for member in members):
-        return "torch zip", None
-    return "torch zip", _data_records(f, members, path)
 
 
 def _data_records(f: BinaryIO, members: list[zipfile.ZipInfo], path: Path) -> dict[int, int]:

@@ -4,7 +4,9 @@ as our error naming the folder's `.metadata`, by convert and inspect alike."""
 
 from __future__ import annotations
 
+import io
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -141,3 +143,27 @@ def test_a_value_mapped_through_another_is_refused_naming_both(tmp_path):
     folder = write_dcp_folder(tmp_path / "dcp", {"w": torch.ones(3), "v": torch.zeros(3)})
     edit_dcp_metadata(folder, lambda metadata: metadata.planner_data.__setitem__("v", ("w", "inner")))
     assert _refusals(folder) == [f"{folder / '.metadata'}: the key path of 'v' goes through the value of 'w'{DAMAGED}"] * 2
+
+
+def test_a_stored_chunk_that_inflates_is_refused_before_torch_inflates_it(tmp_path):
+    """A chunk's stored bytes are a torch.save zip: re-packed with deflate, 16 MB of zeros fit in
+    16 KB of the folder, and torch.load would inflate them before the chunk's shape is checked.
+    Refused from the zip directory, as a .pth's zip bomb is."""
+    folder = write_dcp_folder(tmp_path / "dcp", {"w": torch.ones(3)})
+    saved = io.BytesIO()
+    torch.save(torch.zeros(1 << 22), saved)
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(saved) as original, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as packed:
+        for member in original.infolist():
+            packed.writestr(member.filename, original.read(member))
+    (folder / "__0_0.distcp").write_bytes(bomb.getvalue())
+
+    def point_at_the_bomb(metadata):
+        (info,) = metadata.storage_data.values()
+        info.offset, info.length = 0, len(bomb.getvalue())
+
+    edit_dcp_metadata(folder, point_at_the_bomb)
+    (data,) = [member for member in zipfile.ZipFile(bomb).infolist() if "/data/" in member.filename]
+    message = (f"{folder / '.metadata'}: the stored bytes of 'w': zip member {data.filename!r} would inflate from "
+               f"{data.compress_size} to {1 << 24} bytes; refused as a zip bomb")
+    assert _refusals(folder) == [message] * 2
