@@ -143,10 +143,13 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     save_model_with_config does), or as shards with `NAME.safetensors.index.json`, is found
     there, so the seed's paths keep working; a folder gives the one checkpoint it holds."""
     path = Path(path)
-    if path.is_dir():
-        return find_checkpoint(path)
-    if path.exists():
-        return path
+    try:
+        if path.is_dir():
+            return find_checkpoint(path)
+        if path.exists() or path.is_symlink():  # a link loop too: opening it says what it is
+            return path
+    except OSError:
+        return path  # it cannot even be looked at (a folder on its way is locked): opening it says so, by name
     if path.suffix in (".pth", ".pt"):
         for saved_as in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")):
             if saved_as.exists():

@@ -44,7 +44,9 @@ def open_regular(path: str | os.PathLike, *, error: type[CkptfmtError] = InputEr
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise unreadable_error(path, exc, error=CheckpointNotFoundError) from None
         raise CheckpointNotFoundError("no such file", path=path) from None
     except IsADirectoryError:
         raise error("is a folder, not a file", path=path) from None

@@ -60,7 +60,10 @@ MAX_METADATA_BYTES = 1 << 30
 def is_dcp_folder(path: str | os.PathLike) -> bool:
     """True for a folder that holds a DCP checkpoint (its `.metadata` file)."""
     path = Path(path)
-    return path.is_dir() and (path / DCP_METADATA).is_file()
+    try:
+        return path.is_dir() and (path / DCP_METADATA).is_file()
+    except OSError:
+        return False  # it cannot even be looked at: reading it says why, by name
 
 
 def dcp_folder_sha256(folder: str | os.PathLike) -> str:

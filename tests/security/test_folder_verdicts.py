@@ -21,6 +21,9 @@ from ckptfmt import CkptfmtError, HeaderError
 from ..helpers import run_cli, save_small, small_model
 from .crafted import CLI
 
+# What load_model raises for the path given, as a user's script would print it.
+LOAD = ("import sys, ckptfmt\ntry:\n    ckptfmt.load_model(sys.argv[1])\nexcept ckptfmt.CkptfmtError as exc:\n"
+        "    print(type(exc).__name__, exc)\n")
 LOOP = "is a link loop (following it leads back to itself); nothing was read"
 LOCKED = "is a folder that cannot be read: permission denied; nothing in it was read"
 
@@ -58,8 +61,11 @@ def test_an_unreadable_subfolder_fails_the_folder(tmp_path, command, summary):
     try:
         result = subprocess.run([*prefix, sys.executable, "-c", CLI, command, "."], cwd=folder, capture_output=True,
                                 text=True, timeout=120)
+        loaded = subprocess.run([*prefix, sys.executable, "-c", LOAD, "locked/bad.safetensors"], cwd=folder,
+                                capture_output=True, text=True, timeout=120)
     finally:
         (folder / "locked").chmod(0o755)
+    assert loaded.stdout == "HeaderError locked/bad.safetensors: cannot be read: permission denied\n", loaded.stderr
     assert result.returncode == 1, result.stderr
     assert _fail_lines(result.stderr) == [f"[FAIL] locked: {LOCKED}"]
     if summary:
@@ -85,6 +91,9 @@ def test_a_link_loop_in_a_folder_fails_by_name(tmp_path, command, summary):
     assert f"[FAIL] {expected}: {LOOP}" in _fail_lines(result.stderr)
     if summary:
         assert result.stdout.splitlines()[-1] == summary
+    with pytest.raises(HeaderError) as excinfo:
+        ckptfmt.load_model(tmp_path / "loop.safetensors")
+    assert str(excinfo.value) == f"{tmp_path / 'loop.safetensors'}: {LOOP}"
 
 
 def test_verify_goes_on_past_a_file_whose_header_is_damaged(tmp_path):
@@ -180,6 +189,8 @@ def test_an_index_cannot_hide_a_checkpoint_of_its_own(tmp_path):
         "its own (its header names no index)"]
     shown = run_cli("inspect", ".", cwd=tmp_path)
     assert shown.returncode == 1 and shown.stdout.startswith("m.safetensors  ckptfmt  multitask(")
+    with pytest.raises(HeaderError, match="m.safetensors is not a shard of this index: it is a ckptfmt checkpoint"):
+        ckptfmt.load_model(tmp_path / "x.safetensors.index.json")
 
 
 def test_sharded_checkpoints_are_still_seen_once_in_a_folder(tmp_path):
