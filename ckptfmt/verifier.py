@@ -74,7 +74,7 @@ def verify(path: str | os.PathLike) -> VerifyReport:
     path = Path(path)
     report = VerifyReport(path)
     try:
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():  # a link loop is said as one when it is opened
             raise CheckpointNotFoundError("no such file", path=path)
         if not looks_like_safetensors(path):
             from .sources.legacy import torch_serialization

@@ -94,6 +94,7 @@ def test_a_link_loop_in_a_folder_fails_by_name(tmp_path, command, summary):
     with pytest.raises(HeaderError) as excinfo:
         ckptfmt.load_model(tmp_path / "loop.safetensors")
     assert str(excinfo.value) == f"{tmp_path / 'loop.safetensors'}: {LOOP}"
+    assert ckptfmt.verify(tmp_path / "loop.safetensors").failures == [f"{tmp_path / 'loop.safetensors'}: {LOOP}"]
 
 
 def test_verify_goes_on_past_a_file_whose_header_is_damaged(tmp_path):
