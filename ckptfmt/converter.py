@@ -38,7 +38,7 @@ from .format.metadata import build_metadata, provenance_record
 from .format.writer import DTYPE_NAMES, placeholder, write_safetensors
 from .io.atomic import check_writable, fsync_folder
 from .io.background import helpers
-from .io.files import files_sha256, open_regular, sha256_fd, sha256_file, walk_files
+from .io.files import FolderWalk, files_sha256, open_regular, sha256_fd, sha256_file, walk_files
 from .io.jsondoc import has_surrogate
 from .resolve import Resolution, read_source, resolve
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder
@@ -243,7 +243,7 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     # on it is converted as a .pth is.
     from_dcp = is_dcp_folder(source)
     if not from_dcp and source.is_dir():  # a folder of Hugging Face shards: its index
-        source = next((found for found in find_checkpoints(source) if is_index(found)), source)
+        source = next((found for found in find_checkpoints(source).files if is_index(found)), source)
     # Shards written by someone else (no ckptfmt metadata) are read safely, as a .pth is.
     from_shards = not from_dcp and is_index(source)
     if from_shards and not is_foreign_index(source) or not from_dcp and _is_ckptfmt_file(source):
@@ -415,16 +415,15 @@ def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict
     return cast, {"to": DTYPE_NAMES[dtype], "from": counts}
 
 
-def find_checkpoints(path: Path) -> list[Path]:
+def find_checkpoints(path: Path) -> FolderWalk:
     """A file as is, and a DCP folder; another folder as every `.pth`/`.pt`/`.ckpt` under it,
     and every index of shards that ckptfmt did not write, recursively, in sorted order (not
-    following links out of it)."""
-    if is_dcp_folder(path):
-        return [path]
-    if path.is_dir():
-        return [found for found in walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX))
-                if not is_index(found) or is_foreign_index(found)]
-    return [path]
+    following links out of it), with what under it could not be read."""
+    if path.is_dir() and not is_dcp_folder(path):
+        walk = walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX))
+        return FolderWalk([found for found in walk.files if not is_index(found) or is_foreign_index(found)],
+                          walk.unreadable)
+    return FolderWalk([path], [])
 
 
 def convert_all(
@@ -452,9 +451,12 @@ def convert_all(
         ['converted', 'converted', 'converted', 'converted']
     """
     jobs: list[tuple[Path, Path | None]] = []
+    unreadable: dict[Path, CkptfmtError] = {}  # what a walk could not read fails as a source of its own
     for root in map(Path, paths):
-        for source in find_checkpoints(root):
-            jobs.append((source, _output_for(source, root, output)))
+        walk = find_checkpoints(root)
+        unreadable.update((Path(error.path), error) for error in walk.unreadable)
+        found = sorted([*walk.files, *(Path(error.path) for error in walk.unreadable)])
+        jobs += [(source, None if source in unreadable else _output_for(source, root, output)) for source in found]
     if output is not None and Path(output).suffix == ".safetensors" and len(jobs) != 1:
         raise WriteError(
             f"is one file but there are {len(jobs)} sources; give a folder as the output",
@@ -467,6 +469,8 @@ def convert_all(
             if on_start is not None:
                 on_start(index, len(jobs), source)
             try:
+                if source in unreadable:
+                    raise unreadable[source]
                 results.append(_convert_one(source, target, batch, **options))
             except (CkptfmtError, OSError) as exc:
                 results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc),

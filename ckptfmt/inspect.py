@@ -156,7 +156,9 @@ def _sidecar_status(path: Path, weights_sha256: str | None, embedded: ModelConfi
 
 
 def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """One summary per checkpoint under `folder` (recursively); unreadable ones carry `error`.
+    """One summary per checkpoint under `folder` (recursively), in name order. A checkpoint that
+    cannot be read, and whatever under the folder could not be walked (a folder without
+    permission, a link loop), is a row of its own that carries `error`, naming it.
 
     The summary of a single-file .safetensors is remembered in the cache folder, keyed by the
     file's identity (device, inode, size, modification and change times, as git's index keys
@@ -168,8 +170,9 @@ def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
     folder = Path(folder)
     memo = _WalkMemo()
     cache = _SummaryCache(folder)
-    rows = []
-    for path in without_shards(walk_files(folder, CHECKPOINT_SUFFIXES)):
+    walk = walk_files(folder, CHECKPOINT_SUFFIXES)
+    rows = [{"file": str(error.path), "error": str(error)} for error in walk.unreadable]
+    for path in without_shards(walk.files):
         try:
             row = cache.recall(path, memo)
             if row is None:
@@ -179,7 +182,7 @@ def inspect_folder(folder: str | os.PathLike) -> list[dict[str, Any]]:
         except CkptfmtError as exc:
             rows.append({"file": str(path), "error": str(exc)})
     cache.save()
-    return rows
+    return sorted(rows, key=lambda row: row["file"])
 
 
 class _SummaryCache:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from .config.registry import registered_model_types
 from .config.shapes import check_state
 from .errors import CheckpointNotFoundError, CkptfmtError, LegacyCheckpointError
 from .format.digest import check_digest
-from .format.header import KEY_OPTIMIZER, KEY_SHARD, Header, looks_like_safetensors, read_header
+from .format.header import INDEX_SUFFIX, KEY_OPTIMIZER, KEY_SHARD, Header, looks_like_safetensors, read_header
+from .format.index import without_shards
 from .inspect import sidecar_status
+from .io.files import walk_files
 
-__all__ = ["VerifyReport", "verify"]
+__all__ = ["VerifyReport", "verify", "verify_all"]
 
 
 @dataclass
@@ -71,7 +74,7 @@ def verify(path: str | os.PathLike) -> VerifyReport:
     path = Path(path)
     report = VerifyReport(path)
     try:
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():  # a link loop is said as one when it is opened
             raise CheckpointNotFoundError("no such file", path=path)
         if not looks_like_safetensors(path):
             from .sources.legacy import torch_serialization
@@ -105,6 +108,42 @@ def verify(path: str | os.PathLike) -> VerifyReport:
     _verify_config_and_sidecar(header, report)
     _report_digest(header, report, *digest.result())
     _verify_companion(header, report)
+    return report
+
+
+def verify_all(paths: Iterable[str | os.PathLike]) -> Iterator[VerifyReport]:
+    """`verify` of each file in `paths` and of every checkpoint under each folder (a sharded one
+    once, as its index), one report each as it is made, in the order given (a folder's in name
+    order).
+
+    A file that cannot be read fails alone and the others are still checked; whatever under a
+    folder could not be walked or read (a folder without permission, a link loop) is a failed
+    report of its own. No reports at all: there was nothing to verify.
+
+    Example:
+        >>> [report.ok for report in verify_all(["converted/multitask_joint"])]
+        [True, True]
+    """
+    for path in map(Path, paths):
+        if not path.is_dir():
+            yield _verify_alone(path)
+            continue
+        walk = walk_files(path, (".safetensors", INDEX_SUFFIX))
+        found: list[Path | CkptfmtError] = [*without_shards(walk.files), *walk.unreadable]
+        for item in sorted(found, key=lambda item: str(item.path) if isinstance(item, CkptfmtError) else str(item)):
+            yield _failed(Path(item.path), item.message) if isinstance(item, CkptfmtError) else _verify_alone(item)
+
+
+def _verify_alone(path: Path) -> VerifyReport:
+    try:
+        return verify(path)
+    except (CkptfmtError, OSError) as exc:  # whatever one file meets, it meets alone
+        return _failed(path, exc.message if isinstance(exc, CkptfmtError) else (exc.strerror or str(exc)))
+
+
+def _failed(path: Path, message: str) -> VerifyReport:
+    report = VerifyReport(path)
+    report.add("read", False, message)
     return report
 
 

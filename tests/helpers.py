@@ -46,6 +46,16 @@ def save_small(folder: Path, name: str = "best_model.safetensors", **architectur
     return path, model, config
 
 
+def write_dcp_folder(folder: Path, state_dict: dict) -> Path:
+    """A DCP folder as one process writes it (torch warns that it found no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state_dict, checkpoint_id=folder, no_dist=True)
+    return folder
+
+
 def copy_demo(tmp_path: Path) -> Path:
     target = tmp_path / "checkpoints"
     shutil.copytree(DEMO, target)

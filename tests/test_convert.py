@@ -471,3 +471,33 @@ def test_resuming_with_a_state_the_source_did_not_hold_says_so_in_terms_of_the_s
         ckptfmt.load_training_state(output, optimizer, scheduler=scheduler)
     assert str(excinfo.value) == (f"{output}: was saved without scheduler state; its source 'run.pth' held none to "
                                   "carry over; resume without scheduler= (a fresh scheduler)")
+
+
+def test_a_pth_whose_zip_entries_are_deflated_converts_inspects_and_diffs(tmp_path):
+    """Regression: a .pth re-compressed with deflate (torch reads it) was read by inspect and
+    diff, but convert, which maps stored entries from the file, called it "damaged, truncated or
+    not a checkpoint". Its compressed tensors are read instead of mapped, through the same reader."""
+    import zipfile
+
+    model, _ = small_model()
+    stored = tmp_path / "stored.pth"
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 2}, stored)
+    source = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(stored) as original, zipfile.ZipFile(source, "w", compression=zipfile.ZIP_DEFLATED) as packed:
+        for member in original.infolist():
+            packed.writestr(member.filename, original.read(member))
+    assert torch.load(source, map_location="cpu", weights_only=True)["epoch"] == 2
+    converted = run_cli("convert", source)
+    assert converted.returncode == 0, converted.stderr
+    assert converted.stdout.startswith(f"[OK]   {source} -> {tmp_path / 'deflated.safetensors'}  multitask(")
+    assert state_dicts_bit_identical(load_file(tmp_path / "deflated.safetensors"), model.state_dict())
+    assert run_cli("verify", tmp_path / "deflated.safetensors").returncode == 0
+    inspected = run_cli("inspect", source)
+    assert inspected.returncode == 0 and "legacy pickle (torch zip)" in inspected.stdout
+    for other in (stored, tmp_path / "deflated.safetensors"):
+        compared = run_cli("diff", source, other)
+        assert compared.returncode == 0, compared.stdout
+        assert compared.stdout.splitlines()[-1].endswith("the checkpoints are identical")
+    refused = run_cli("verify", source)
+    assert refused.stderr == (f"[FAIL] {source}: is a legacy pickle checkpoint, which records nothing to verify "
+                              "against; convert it with `ckptfmt convert`\n")

@@ -14,12 +14,10 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from ckptfmt.models.multitask_unet import MultiTaskUNet
 from safetensors.torch import load_file
 
@@ -28,7 +26,8 @@ from ckptfmt import LegacyCheckpointError, ModelConfig, UnsafePickleError, read_
 from ckptfmt.format.companion import read_training_state
 from ckptfmt.sources.dcp import read_dcp_metadata, read_dcp_state_dict
 
-from .helpers import ROOT, run_cli, state_dicts_bit_identical
+from .helpers import ROOT, run_cli, state_dicts_bit_identical, write_dcp_folder
+from .security.crafted import edit_dcp_metadata
 
 WORLD = 2
 TIMEOUT_S = 300
@@ -225,14 +224,6 @@ def test_a_dcp_folder_converts_to_a_checkpoint(ranks, tmp_path):
     assert shown.stdout.startswith(f"[OK]   {work / 'dcp'} -> {tmp_path / 'cli/dcp.safetensors'}  multitask(")
 
 
-def write_dcp_folder(folder: Path, state_dict: dict) -> Path:
-    """A DCP folder as one process writes it (torch warns that it found no process group)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(state_dict, checkpoint_id=folder, no_dist=True)
-    return folder
-
-
 @pytest.fixture
 def evil_marker(tmp_path):
     marker = tmp_path / "payload_ran"
@@ -274,13 +265,6 @@ def test_a_malicious_value_in_a_dcp_folder_runs_nothing(tmp_path, evil_marker):
         read_dcp_state_dict(folder)
 
 
-def _edit_metadata(folder: Path, edit) -> None:
-    """Rewrite a DCP folder's .metadata (trusted here: the test wrote it) after `edit`."""
-    metadata = pickle.loads((folder / ".metadata").read_bytes())
-    edit(metadata)
-    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
-
-
 @pytest.mark.parametrize("edit, message", [
     (lambda md: [setattr(info, "relative_path", "../elsewhere/__0_0.distcp") for info in md.storage_data.values()],
      "the file of 'w' must be a plain file name in the checkpoint's folder, not '../elsewhere/__0_0.distcp'; the "
@@ -296,7 +280,7 @@ def test_a_dcp_metadata_that_reads_outside_its_folder_or_its_bytes_is_refused(tm
     (tmp_path / "elsewhere").mkdir()
     folder = write_dcp_folder(tmp_path / "dcp", {"w": torch.ones(3)})
     (tmp_path / "elsewhere/__0_0.distcp").write_bytes((folder / "__0_0.distcp").read_bytes())
-    _edit_metadata(folder, edit)
+    edit_dcp_metadata(folder, edit)
     with pytest.raises(LegacyCheckpointError) as excinfo:
         read_dcp_state_dict(folder)
     assert message in str(excinfo.value) and str(excinfo.value).startswith(f"{folder / '.metadata'}: ")

@@ -22,8 +22,6 @@ def _size(nbytes: int) -> str:
 
 
 def _summary_line(info: dict[str, Any]) -> str:
-    if "error" in info:
-        return f"{info['file']}  ERROR {info['error']}"
     config = info.get("config")
     arch = _config_summary(config) if config else "no config"
     if info.get("config_source") == "inferred":
@@ -33,6 +31,17 @@ def _summary_line(info: dict[str, Any]) -> str:
     sidecar = (info.get("sidecar") or {}).get("status", "-")
     return (f"{info['file']}  {info['kind']}  {arch}  {info['tensors']['parameters']:,} params  "
             f"{_size(info['size'])}  sidecar: {sidecar}")
+
+
+def _folder_failure(row: dict[str, Any]) -> str | None:
+    """Why a row of a folder's summary fails it: the checkpoint, or something under the folder,
+    could not be read, or its sidecar cannot be read as one."""
+    if "error" in row:
+        return row["error"]
+    sidecar = row.get("sidecar") or {}
+    if sidecar.get("status") == "invalid":
+        return f"{row['file']}: sidecar is invalid: {sidecar.get('message')}"
+    return None
 
 
 def _config_summary(config: dict[str, Any]) -> str:
@@ -115,7 +124,8 @@ def inspect_command(path, tensors, as_json):
 
     A .safetensors is answered from its header alone, in milliseconds whatever its size. A
     legacy .pth is loaded safely (weights only) and its config inferred. A folder gives one
-    line per checkpoint.
+    line per checkpoint, and one [FAIL] line on stderr (exit 1) for each that cannot be read or
+    whose sidecar cannot be.
 
     \b
     Example:
@@ -129,11 +139,17 @@ def inspect_command(path, tensors, as_json):
         if tensors:
             raise click.UsageError("--tensors lists one checkpoint's tensors: give a checkpoint, not a folder")
         rows = inspect_folder(path)
+        failures = [_folder_failure(row) for row in rows]
         if as_json:
             echo_json(rows)
         else:
-            for row in rows:
-                out(_summary_line(row))
+            for row, failure in zip(rows, failures):
+                if "error" not in row:
+                    out(_summary_line(row))
+                if failure:
+                    out(f"[FAIL] {failure}", err=True)
+        if any(failures):
+            sys.exit(1)
         return
     info = inspect_checkpoint(path, tensors=tensors)
     if as_json:
@@ -163,19 +179,10 @@ def verify_command(paths, strict, as_json):
         ckptfmt verify converted/multitask_joint/best_model.safetensors
         ckptfmt verify converted/ --strict
     """
-    from ..format.header import INDEX_SUFFIX
-    from ..format.index import without_shards
-    from ..verifier import verify
-    from ..io.files import walk_files
+    from ..verifier import verify_all
 
-    files = [found for path in paths
-             for found in (without_shards(walk_files(path, (".safetensors", INDEX_SUFFIX))) if path.is_dir() else [path])]
-    if not files:
-        raise click.ClickException(shown(f"{', '.join(map(str, paths))}: no .safetensors files found; nothing was "
-                                         "verified"))
     reports = []
-    for path in files:
-        report = verify(path)
+    for report in verify_all(paths):
         reports.append(report)
         if strict and "shapes" in report.skipped:
             report.add("strict", False, "its shape check was skipped (--strict)")
@@ -187,6 +194,9 @@ def verify_command(paths, strict, as_json):
             out(f"[OK]   {report.path}: {_checks_line(report)} ({detail})")
         for failure in report.failures:
             out(f"[FAIL] {failure}", err=True)
+    if not reports:
+        raise click.ClickException(shown(f"{', '.join(map(str, paths))}: no .safetensors files found; nothing was "
+                                         "verified"))
     failed = sum(not r.ok for r in reports)
     if as_json:
         echo_json([r.to_dict() for r in reports])

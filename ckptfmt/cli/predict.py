@@ -55,15 +55,20 @@ def predict_command(checkpoint, inputs, out_dir, device, precision, threshold, b
     from ..predict import MultiTaskPredictor, predict_files
 
     predictor = MultiTaskPredictor(checkpoint, device=device, precision=precision, batch_size=batch_size)
-    files = find_inputs(inputs)
+    walk = find_inputs(inputs)
+    files = walk.files
+    for error in walk.unreadable:  # what the walk could not read fails first, and counts
+        out(f"[FAIL] {error.describe(cli=True)}", err=True)
     if not files:
+        if walk.unreadable:
+            sys.exit(1)
         raise click.ClickException("no .npy or image files found in the inputs")
     with click.progressbar(length=len(files), label="predicting", file=sys.stderr) as bar:
         results, table = predict_files(
             predictor, files, out_dir, threshold=threshold, table_format=table_format, overwrite=force,
             max_pixels=max_pixels, on_done=lambda _: bar.update(1),
         )
-    counts = {"predicted": 0, "skipped": 0, "failed": 0}
+    counts = {"predicted": 0, "skipped": 0, "failed": len(walk.unreadable)}
     for result in results:
         where = result.input if result.index is None else f"{result.input}[{result.index}]"
         if result.failure is not None:

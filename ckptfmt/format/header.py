@@ -42,6 +42,7 @@ __all__ = [
     "looks_like_safetensors",
     "read_header",
     "read_index",
+    "shard_of",
 ]
 
 # 2: a tied tensor's digest record names the tensor it is tied to instead of counting its bytes
@@ -238,6 +239,12 @@ def read_header(path: str | os.PathLike) -> Header:
     path = Path(path)
     if path.name.endswith(INDEX_SUFFIX):
         return read_index(path)
+    return _read_file_header(path)
+
+
+def _read_file_header(path: Path) -> Header:
+    """One .safetensors file's header, whatever its name: an index's shards are read here, so no
+    index can lead to another (or to itself) and recurse."""
     fd = open_regular(path, error=HeaderError)
     try:
         file_size = os.fstat(fd).st_size
@@ -441,19 +448,23 @@ def read_index(path: str | os.PathLike) -> Header:
     for name, shard in document["weight_map"].items():
         check_tensor_name(name, path)
         if shard not in shard_paths:
-            shard_paths[shard] = file_in_folder(path.parent, shard, key=f"weight_map[{name!r}]", path=path,
-                                                error=HeaderError)
+            key = f"weight_map[{name!r}]"
+            shard_paths[shard] = file_in_folder(path.parent, shard, key=key, path=path, error=HeaderError)
+            if shard.endswith(INDEX_SUFFIX):
+                itself = " (this index itself)" if shard == path.name else ""
+                raise HeaderError(f"{key} names {shard!r}, an index{itself}, not a shard; an index names the "
+                                  ".safetensors files that hold its tensors", path=path)
         by_shard.setdefault(shard, []).append(name)
     tensors = {}
     files, size = [], 0
     for shard in sorted(by_shard):
         shard_path = shard_paths[shard]
-        header = read_header(shard_path)
-        belongs = header.metadata.get(KEY_SHARD)
-        if belongs is not None:
-            claim = loads_strict(belongs, what=f"shard {shard}'s {KEY_SHARD}", path=path)
-            if not isinstance(claim, dict) or claim.get("index") != path.name:
-                raise HeaderError(f"shard {shard} says it belongs to another index ({belongs[:200]})", path=path)
+        header = _read_file_header(shard_path)
+        if not shard_of(header, path):
+            belongs = header.metadata.get(KEY_SHARD)
+            why = (f"it says it belongs to another index ({belongs[:200]})" if belongs is not None
+                   else "it is a ckptfmt checkpoint of its own (its header names no index)")
+            raise HeaderError(f"{shard} is not a shard of this index: {why}", path=path)
         if set(header.tensors) != set(by_shard[shard]):
             extra = sorted(set(header.tensors) ^ set(by_shard[shard]))[:3]
             raise HeaderError(
@@ -467,3 +478,25 @@ def read_index(path: str | os.PathLike) -> Header:
     header = Header(path, size, 0, tensors, metadata, tuple(files))
     header.aliases  # ties to tensors that no shard holds are refused here, not when used
     return header
+
+
+def shard_of(header: Header, index: Path) -> bool:
+    """Whether a file whose `header` this is is a shard of `index`: it says so (`ckptfmt.shard`),
+    or it is a plain safetensors file (no ckptfmt metadata), as the shards of an index written
+    by someone else are. A checkpoint of its own, or a shard of another index, is not; so an
+    index can neither take another checkpoint's place nor hide it from a folder's walk.
+
+    Example:
+        >>> index = Path("big/model.safetensors.index.json")
+        >>> shard_of(read_header("big/model-00001-of-00002.safetensors"), index)
+        True
+    """
+    belongs = header.metadata.get(KEY_SHARD)
+    if belongs is None:
+        return KEY_FORMAT_VERSION not in header.metadata
+    try:
+        claim = loads_strict(belongs, what=KEY_SHARD, path=header.path)
+    except HeaderError:
+        return False
+    return isinstance(claim, dict) and claim.get("index") == index.name
+

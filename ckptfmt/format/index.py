@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, ConfigError, HeaderError, Words
+from ..errors import CheckpointNotFoundError, CkptfmtError, ConfigError, HeaderError, Words
 from ..io.files import read_capped
 from .header import (
     INDEX_SUFFIX,
@@ -37,6 +37,7 @@ from .header import (
     Header,
     check_metadata,
     read_header,
+    shard_of,
 )
 
 __all__ = [
@@ -112,17 +113,29 @@ def find_checkpoint(folder: Path) -> Path:
 
 
 def without_shards(paths: list[Path]) -> list[Path]:
-    """`paths` less the shards that an index among them names: a folder walk then sees a
-    sharded checkpoint once, as its index."""
-    named: set[Path] = set()
+    """`paths` less the shards of an index among them: a folder walk then sees a sharded
+    checkpoint once, as its index. A file leaves the list only when it is a shard of that index
+    (`header.shard_of`): an index that names itself, another index or a checkpoint of its own
+    hides none of them, and each is still checked on its own."""
+    listed, named = set(paths), set()
     for path in paths:
         if is_index(path):
             try:
                 document = json.loads(read_capped(path, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError))
-                named.update(path.parent / shard for shard in document["weight_map"].values() if isinstance(shard, str))
+                shards = {path.parent / shard for shard in document["weight_map"].values() if isinstance(shard, str)}
             except (HeaderError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # a broken index is reported when it is read; its shards stay listed
+            named.update(shard for shard in shards if shard in listed and _is_shard_of(shard, path))
     return [path for path in paths if path not in named]
+
+
+def _is_shard_of(path: Path, index: Path) -> bool:
+    if is_index(path) or path.parent != index.parent:
+        return False
+    try:
+        return shard_of(read_header(path), index)
+    except CkptfmtError:
+        return False  # a file that cannot be read as a shard is reported on its own
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
@@ -130,10 +143,13 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     save_model_with_config does), or as shards with `NAME.safetensors.index.json`, is found
     there, so the seed's paths keep working; a folder gives the one checkpoint it holds."""
     path = Path(path)
-    if path.is_dir():
-        return find_checkpoint(path)
-    if path.exists():
-        return path
+    try:
+        if path.is_dir():
+            return find_checkpoint(path)
+        if path.exists() or path.is_symlink():  # a link loop too: opening it says what it is
+            return path
+    except OSError:
+        return path  # it cannot even be looked at (a folder on its way is locked): opening it says so, by name
     if path.suffix in (".pth", ".pt"):
         for saved_as in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")):
             if saved_as.exists():

@@ -9,15 +9,17 @@ is read.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointNotFoundError, CkptfmtError, InputError
 
 __all__ = [
-    "CACHE_ENV", "cache_folder", "check_plain_name", "file_in_folder", "files_sha256", "is_regular_file", "open_regular", "sha256_fd", "sha256_file",
-    "read_capped", "walk_files",
+    "CACHE_ENV", "FolderWalk", "cache_folder", "check_plain_name", "file_in_folder", "files_sha256", "is_regular_file",
+    "open_regular", "sha256_fd", "sha256_file", "read_capped", "unreadable_error", "walk_files",
 ]
 
 
@@ -42,12 +44,14 @@ def open_regular(path: str | os.PathLike, *, error: type[CkptfmtError] = InputEr
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise unreadable_error(path, exc, error=CheckpointNotFoundError) from None
         raise CheckpointNotFoundError("no such file", path=path) from None
     except IsADirectoryError:
         raise error("is a folder, not a file", path=path) from None
-    except PermissionError:
-        raise error("cannot be read: permission denied", path=path) from None
+    except OSError as exc:  # permission denied, a link loop, ...: said by name, never as a bare OSError
+        raise unreadable_error(path, exc, error=error) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
@@ -140,24 +144,69 @@ def _inside(path: Path, root: str | os.PathLike) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
-def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...]) -> list[Path]:
-    """The regular files under `root` whose names end in one of `suffixes`, sorted.
+def unreadable_error(path: str | os.PathLike, exc: OSError, *, error: type[CkptfmtError] = InputError,
+                     folder: bool = False) -> CkptfmtError:
+    """`exc`, met opening or listing `path`, as our error naming `path`: permission denied, a link
+    loop, a link to nothing; `folder` says that nothing in it was read.
+
+    Example:
+        >>> str(unreadable_error("runs/a.pth", PermissionError(errno.EACCES, "Permission denied")))
+        'runs/a.pth: cannot be read: permission denied'
+    """
+    if exc.errno == errno.ELOOP:
+        return error("is a link loop (following it leads back to itself); nothing was read", path=path)
+    if exc.errno == errno.ENOENT:
+        return error("is a link to nothing (what it names does not exist)", path=path)
+    reason = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else (exc.strerror or str(exc)).lower()
+    problem = f"is a folder that cannot be read: {reason}; nothing in it was read" if folder else f"cannot be read: {reason}"
+    return error(problem, path=path)
+
+
+@dataclass(frozen=True)
+class FolderWalk:
+    """What a walk found: `files`, sorted, and `unreadable`, one error (naming its path) for each
+    thing under the folder that it could not enter or read. A command that walks a folder
+    reports each of those as a failure: what it could not see, it cannot say is fine."""
+
+    files: list[Path]
+    unreadable: list[CkptfmtError]
+
+
+def walk_files(root: str | os.PathLike, suffixes: tuple[str, ...]) -> FolderWalk:
+    """The regular files under `root` whose names end in one of `suffixes`, and what could not
+    be walked or read there (a folder without permission, a link loop, a link to nothing).
 
     A walk stays inside the folder it was given: links to folders are not followed, and a link
     to a file counts only when it resolves inside `root` (a link planted in a folder of
-    downloads cannot make `convert` or `inspect` read /etc or someone else's files).
+    downloads cannot make `convert` or `inspect` read /etc or someone else's files). What is not
+    a regular file (a FIFO, a device) is passed over: reading it could block or never end.
+
+    Example:
+        >>> walk = walk_files("checkpoints", (".pth",))
+        >>> walk.files[0], walk.unreadable
+        (PosixPath('checkpoints/multitask_cls_head/best_model.pth'), [])
     """
     root = Path(root)
-    found = []
-    for folder, _, names in os.walk(root, followlinks=False):
+    found: list[Path] = []
+    unreadable: list[CkptfmtError] = []
+
+    def refuse_folder(exc: OSError) -> None:
+        unreadable.append(unreadable_error(Path(exc.filename), exc, folder=True))
+
+    # os.walk passes over a folder it cannot list unless told: `refuse_folder` hears of each.
+    for folder, _, names in os.walk(root, onerror=refuse_folder, followlinks=False):
         for name in names:
             path = Path(folder) / name
-            if not name.endswith(suffixes) or not is_regular_file(path):
+            if not name.endswith(suffixes) or path.is_symlink() and not _inside(path, root):
                 continue
-            if path.is_symlink() and not _inside(path, root):
+            try:
+                mode = path.stat().st_mode
+            except OSError as exc:
+                unreadable.append(unreadable_error(path, exc))
                 continue
-            found.append(path)
-    return sorted(found)
+            if stat.S_ISREG(mode):
+                found.append(path)
+    return FolderWalk(sorted(found), sorted(unreadable, key=lambda error: error.path))
 
 
 def files_sha256(paths: list[Path], *, error: type[CkptfmtError] = InputError) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CkptfmtWarning, InputError, Words
-from .files import open_regular, walk_files
+from .files import FolderWalk, open_regular, walk_files
 
 if TYPE_CHECKING:
     import numpy as np
@@ -130,12 +130,15 @@ def _read_picture(f, path: Path, *, in_channels: int, max_pixels: int) -> np.nda
     return array.transpose(2, 0, 1) if array.ndim == 3 else array
 
 
-def find_inputs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders as their `.npy` and image files, recursively, sorted."""
-    found = []
+def find_inputs(paths: Sequence[str | os.PathLike]) -> FolderWalk:
+    """Files as given; folders as their `.npy` and image files, recursively, sorted, with what
+    under them could not be read (`FolderWalk.unreadable`)."""
+    found, unreadable = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            found += walk_files(path, INPUT_SUFFIXES + tuple(s.upper() for s in INPUT_SUFFIXES))
+            walk = walk_files(path, INPUT_SUFFIXES + tuple(s.upper() for s in INPUT_SUFFIXES))
+            found += walk.files
+            unreadable += walk.unreadable
         else:
             found.append(path)
-    return found
+    return FolderWalk(found, unreadable)

@@ -12,16 +12,17 @@ through `torch.load(weights_only=False)` (`DefaultLoadPlanner.load_bytes`, `dcp_
 - What it unpickled is checked before it is used: exact types; each tensor's chunks are boxes
   inside it that tile it exactly; each stored item names a plain file in the folder (no `../`,
   no separator), a regular file, and a byte range inside it; stream transforms (compression),
-  which this reader does not undo, are refused. A tensor is only allocated once its stored
-  chunks are known to hold at least its bytes, so memory is bounded by the files' real size,
-  not by what the metadata declares.
+  which this reader does not undo, are refused. No two storage records share a byte or a
+  place, and each chunk needs a record of its own: a pickle can refer to one record many times
+  at no cost. A tensor is only allocated once its stored chunks are known to hold at least its
+  bytes, so memory is bounded by the files' real size, not by what the metadata declares.
 - Each tensor chunk and each non-tensor value is a `torch.save` blob, read with
   `torch.load(weights_only=True)`.
 
 The flat keys DCP stores (`model.conv.weight`, `optim.param_groups.0.lr`) are put back in
-their nested places with the paths DCP records (an int step is a list index, as DCP's own
-`set_element` has it), and what the folder held is then sorted into weights, training record
-and companion exactly as a legacy `.pth` is (see `layouts`).
+their nested places with the paths DCP records, bounded and checked (see `keypaths`), and what
+the folder held is then sorted into weights, training record and companion exactly as a legacy
+`.pth` is (see `layouts`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import math
 import os
 import pathlib
 import pickle
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from ..errors import CkptfmtError, LegacyCheckpointError, UnsafePickleError
 from ..io.files import file_in_folder, files_sha256, open_regular, read_capped
+from .keypaths import check_key_paths, crafted, nest
 
 __all__ = [
     "DCP_METADATA",
@@ -52,16 +55,15 @@ DCP_METADATA = ".metadata"
 SERIALIZATION = "torch.distributed.checkpoint"
 # A .metadata holds one record per tensor chunk: a few MB for a large model saved on many ranks.
 MAX_METADATA_BYTES = 1 << 30
-# The chunks a metadata may describe in all, counting a shared (memoized) list once per use: far
-# above a large model on thousands of ranks, far below what a pickle that multiplies references
-# would make us walk.
-MAX_CHUNKS = 10_000_000
 
 
 def is_dcp_folder(path: str | os.PathLike) -> bool:
     """True for a folder that holds a DCP checkpoint (its `.metadata` file)."""
     path = Path(path)
-    return path.is_dir() and (path / DCP_METADATA).is_file()
+    try:
+        return path.is_dir() and (path / DCP_METADATA).is_file()
+    except OSError:
+        return False  # it cannot even be looked at: reading it says why, by name
 
 
 def dcp_folder_sha256(folder: str | os.PathLike) -> str:
@@ -160,31 +162,28 @@ def _check_metadata(metadata: Any, folder: Path, path: Path) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
     if type(metadata) is not Metadata:
-        raise _damaged(f"holds a {type(metadata).__name__}, not DCP's Metadata", path)
+        raise crafted(f"holds a {type(metadata).__name__}, not DCP's Metadata", path)
     entries = metadata.state_dict_metadata
     if type(entries) is not dict or not all(type(key) is str for key in entries):
-        raise _damaged("state_dict_metadata is not a dict keyed by name", path)
+        raise crafted("state_dict_metadata is not a dict keyed by name", path)
     storage = metadata.storage_data
     if type(storage) is not dict:
-        raise _damaged("storage_data is not a dict", path)
+        raise crafted("storage_data is not a dict", path)
     items = _stored_items(storage, folder, path)
     chunks = 0
     for fqn, entry in entries.items():
         if type(entry) is BytesStorageMetadata:
             if (fqn, None) not in items:
-                raise _damaged(f"value {fqn!r} has no stored bytes", path)
+                raise crafted(f"value {fqn!r} has no stored bytes", path)
             continue
         size = _tensor_size(fqn, entry, path)
-        # Counted before the chunks are walked: a pickle can make one list of chunks many times.
+        # Counted before the chunks are walked: a pickle can make one list of chunks many times,
+        # but each chunk needs a storage record (and bytes) of its own.
         chunks += len(entry.chunks)
-        if chunks > MAX_CHUNKS:
-            raise _damaged(f"describes more than {MAX_CHUNKS:,} tensor chunks", path)
+        if chunks > len(items):
+            raise crafted(f"describes more tensor chunks than it has storage records ({len(items):,})", path)
         _check_chunks(fqn, entry, size, items, path)
-    _check_planner(metadata.planner_data, path)
-
-
-def _damaged(problem: str, path: Path) -> LegacyCheckpointError:
-    return LegacyCheckpointError(f"{problem}; the folder is damaged or was crafted", path=path)
+    check_key_paths(metadata.planner_data, path)
 
 
 def _sizes(value: Any, where: str, path: Path) -> tuple[int, ...]:
@@ -192,7 +191,7 @@ def _sizes(value: Any, where: str, path: Path) -> tuple[int, ...]:
     import torch
 
     if type(value) is not torch.Size or not all(type(v) is int and v >= 0 for v in value):
-        raise _damaged(f"{where} is not a size (non-negative ints): {str(value)[:100]}", path)
+        raise crafted(f"{where} is not a size (non-negative ints): {str(value)[:100]}", path)
     return tuple(value)
 
 
@@ -206,7 +205,7 @@ def _stored_items(storage: dict, folder: Path, path: Path) -> dict[tuple[str, tu
     items: dict[tuple[str, tuple[int, ...] | None], Any] = {}
     for index, info in storage.items():
         if type(index) is not MetadataIndex or type(info) is not _StorageInfo:
-            raise _damaged(f"storage_data maps a {type(index).__name__} to a {type(info).__name__}", path)
+            raise crafted(f"storage_data maps a {type(index).__name__} to a {type(info).__name__}", path)
         name = file_in_folder(folder, info.relative_path, key=f"the file of {index.fqn!r}", path=path,
                               error=LegacyCheckpointError).name
         if name not in files:
@@ -215,8 +214,8 @@ def _stored_items(storage: dict, folder: Path, path: Path) -> dict[tuple[str, tu
             os.close(fd)
         if type(info.offset) is not int or type(info.length) is not int or info.offset < 0 or info.length < 0 \
                 or info.offset + info.length > files[name]:
-            raise _damaged(f"{index.fqn!r} is stored at bytes {info.offset}+{info.length}, outside {name} "
-                           f"({files[name]} bytes)", path)
+            raise crafted(f"{index.fqn!r} is stored at bytes {info.offset}+{info.length}, outside {name} "
+                          f"({files[name]} bytes)", path)
         if info.transform_descriptors:
             raise LegacyCheckpointError(
                 f"{index.fqn!r} is stored through {list(info.transform_descriptors)[:3]} (a compressed or "
@@ -224,8 +223,27 @@ def _stored_items(storage: dict, folder: Path, path: Path) -> dict[tuple[str, tu
                 path=path,
             )
         offset = None if index.offset is None else _sizes(index.offset, f"the offset of {index.fqn!r}", path)
+        if (index.fqn, offset) in items:
+            raise crafted(f"storage_data holds two records for {_place_name(index.fqn, offset)}", path)
         items[(index.fqn, offset)] = info
+    _check_disjoint(items, path)
     return items
+
+
+def _check_disjoint(items: dict[tuple[str, tuple[int, ...] | None], Any], path: Path) -> None:
+    """No two storage records share a byte: each item DCP writes has bytes of its own, and a
+    record reused for many tensors would make a small folder fill memory many times over."""
+    spans = sorted((info.relative_path, info.offset, info.length, fqn, offset)
+                   for (fqn, offset), info in items.items() if info.length)
+    for (name, start, length, fqn, offset), (other_name, other_start, _, other, other_offset) in zip(spans, spans[1:]):
+        if name == other_name and other_start < start + length:
+            raise crafted(f"{_place_name(fqn, offset)} and {_place_name(other, other_offset)} are stored in the "
+                          f"same bytes of {name} (from byte {other_start}); each stored item has bytes of its own",
+                          path)
+
+
+def _place_name(fqn: str, offset: tuple[int, ...] | None) -> str:
+    return repr(fqn) if offset is None else f"the chunk of {fqn!r} at {list(offset)}"
 
 
 def _tensor_size(fqn: str, entry: Any, path: Path) -> tuple[int, ...]:
@@ -235,12 +253,12 @@ def _tensor_size(fqn: str, entry: Any, path: Path) -> tuple[int, ...]:
     from ..format.writer import DTYPE_NAMES
 
     if type(entry) is not TensorStorageMetadata or type(entry.properties) is not TensorProperties:
-        raise _damaged(f"entry {fqn!r} is a {type(entry).__name__}", path)
+        raise crafted(f"entry {fqn!r} is a {type(entry).__name__}", path)
     if entry.properties.dtype not in DTYPE_NAMES:
-        raise _damaged(f"tensor {fqn!r} has dtype {entry.properties.dtype}, which safetensors cannot store", path)
+        raise crafted(f"tensor {fqn!r} has dtype {entry.properties.dtype}, which safetensors cannot store", path)
     size = _sizes(entry.size, f"the size of {fqn!r}", path)
     if type(entry.chunks) is not list:
-        raise _damaged(f"the chunks of {fqn!r} are not a list", path)
+        raise crafted(f"the chunks of {fqn!r} are not a list", path)
     return size
 
 
@@ -250,35 +268,29 @@ def _check_chunks(fqn: str, entry: Any, size: tuple[int, ...], items: dict, path
     import torch
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-    boxes = []
+    boxes, seen = [], set()
     itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
     for chunk in entry.chunks:
         if type(chunk) is not ChunkStorageMetadata:
-            raise _damaged(f"a chunk of {fqn!r} is a {type(chunk).__name__}", path)
+            raise crafted(f"a chunk of {fqn!r} is a {type(chunk).__name__}", path)
         offsets = _sizes(chunk.offsets, f"a chunk offset of {fqn!r}", path)
         sizes = _sizes(chunk.sizes, f"a chunk size of {fqn!r}", path)
         if len(offsets) != len(size) or len(sizes) != len(size) or any(
                 o + s > n for o, s, n in zip(offsets, sizes, size)):
-            raise _damaged(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size "
-                           f"{list(size)}", path)
+            raise crafted(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} is outside its size "
+                          f"{list(size)}", path)
+        if offsets in seen:
+            raise crafted(f"{fqn!r} has two chunks at {list(offsets)}", path)
+        seen.add(offsets)
         info = items.get((fqn, offsets))
         if info is None:
-            raise _damaged(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes", path)
+            raise crafted(f"the chunk of {fqn!r} at {list(offsets)} has no stored bytes", path)
         if info.length < math.prod(sizes) * itemsize:
-            raise _damaged(f"the chunk of {fqn!r} at {list(offsets)} needs {math.prod(sizes) * itemsize} bytes but "
-                           f"its record holds {info.length}", path)
+            raise crafted(f"the chunk of {fqn!r} at {list(offsets)} needs {math.prod(sizes) * itemsize} bytes but "
+                          f"its record holds {info.length}", path)
         boxes.append((offsets, sizes))
     if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(size) or _overlap(boxes):
-        raise _damaged(f"the chunks of {fqn!r} do not cover it exactly once", path)
-
-
-def _check_planner(planner: Any, path: Path) -> None:
-    """DCP's planner data, when there is any: each key's path in the nested state dict."""
-    if planner is not None and (type(planner) is not dict or not all(
-            type(key) is str and type(steps) in (tuple, list) and steps
-            and all(type(step) in (str, int) and (type(step) is str or step >= 0) for step in steps)
-            for key, steps in planner.items())):
-        raise _damaged("planner_data is not a dict of key paths", path)
+        raise crafted(f"the chunks of {fqn!r} do not cover it exactly once", path)
 
 
 def _overlap(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> bool:
@@ -337,10 +349,7 @@ def read_dcp_state_dict(folder: str | os.PathLike) -> dict[str, Any]:
     finally:
         for fd in descriptors.values():
             os.close(fd)
-    nested: dict[str, Any] = {}
-    for fqn, value in flat.items():
-        _place(nested, list((metadata.planner_data or {}).get(fqn, (fqn,))), value, fqn, path)
-    return nested
+    return nest(flat, metadata.planner_data or {}, path)
 
 
 def _read(descriptors: dict[str, int], folder: Path, info: Any) -> bytes:
@@ -357,6 +366,15 @@ def _read(descriptors: dict[str, int], folder: Path, info: Any) -> bytes:
 def _load_blob(data: bytes, fqn: str, path: Path, *, tensor: bool) -> Any:
     import torch
 
+    from .legacy import check_bounds, check_inflation  # a legacy file's bounds, for each blob
+
+    if data[:4] == b"PK\x03\x04":  # a zip, as torch.save writes: its members may not inflate past their bytes
+        try:
+            check_inflation(zipfile.ZipFile(io.BytesIO(data)).infolist(), path)
+        except LegacyCheckpointError as exc:
+            raise exc.at(problem=f"the stored bytes of {fqn!r}: {exc.problem}") from None
+        except (zipfile.BadZipFile, ValueError, EOFError):
+            pass  # not a readable zip: torch.load says so below, as for any damaged blob
     try:
         value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -375,35 +393,8 @@ def _load_blob(data: bytes, fqn: str, path: Path, *, tensor: bool) -> Any:
     if tensor and not isinstance(value, torch.Tensor):
         raise LegacyCheckpointError(f"the stored chunk of {fqn!r} is a {type(value).__name__}, not a tensor", path=path)
     if not tensor:
-        from .legacy import check_bounds  # the bounds of a legacy file's object graph, for each value
-
         check_bounds(value, path)
     return value
-
-
-def _place(root: dict[str, Any], steps: list[str | int], value: Any, fqn: str, path: Path) -> None:
-    """Put `value` at `steps` in `root`, making a dict for a str step and a list for an int
-    one, as DCP's own `set_element` does."""
-    container: Any = root
-    for step, following in zip(steps, steps[1:]):
-        empty: Any = {} if type(following) is str else []
-        if isinstance(container, dict):
-            container = container.setdefault(step, empty)
-        else:
-            if type(step) is not int:
-                raise LegacyCheckpointError(f"the key path of {fqn!r} indexes a list with {step!r}", path=path)
-            container.extend([None] * (step + 1 - len(container)))
-            if container[step] is None:
-                container[step] = empty
-            container = container[step]
-        if not isinstance(container, (dict, list)):
-            raise LegacyCheckpointError(f"the key path of {fqn!r} goes through a value", path=path)
-    last = steps[-1]
-    if isinstance(container, list):
-        if type(last) is not int:
-            raise LegacyCheckpointError(f"the key path of {fqn!r} indexes a list with {last!r}", path=path)
-        container.extend([None] * (last + 1 - len(container)))
-    container[last] = value
 
 
 def read_dcp_checkpoint(folder: str | os.PathLike, *, hash_source: bool = True) -> Any:

@@ -38,7 +38,7 @@ from .refusals import damaged, globals_named, missing_class, needs_global, unlis
 from .standins import Refused, contents, python3_name, stand_ins_for, thaw
 
 __all__ = [
-    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "file_identity", "read_legacy_checkpoint",
+    "LEGACY_SUFFIXES", "LegacyCheckpoint", "check_bounds", "check_inflation", "file_identity", "read_legacy_checkpoint",
     "torch_serialization"]
 
 logger = logging.getLogger("ckptfmt")
@@ -96,8 +96,11 @@ def read_legacy_checkpoint(
             raise LegacyCheckpointError("is empty (0 bytes); it is not a checkpoint", path=path)
         serialization, records = _check_container(f, path)
         # A zip is mapped, not read: its tensors' bytes stay in the file until a writer copies
-        # them from there, so memory does not grow with the file (pre-1.6 pickles cannot be).
-        mapped_from = _same_file(fd, path) if mmap and serialization == "torch zip" and not unsafe_pickle else None
+        # them from there, so memory does not grow with the file. Pre-1.6 pickles cannot be, nor
+        # a zip whose tensor data is compressed (`records` is None): torch reads that as it is,
+        # inflated into memory.
+        mappable = mmap and serialization == "torch zip" and records is not None and not unsafe_pickle
+        mapped_from = _same_file(fd, path) if mappable else None
         # Hash on a second core while torch unpickles; hashlib releases the GIL on large buffers.
         digest = helpers().submit(sha256_fd, fd) if hash_source else None
         try:
@@ -131,8 +134,10 @@ def torch_serialization(path: str | os.PathLike) -> str:
         return _check_container(f, path)[0]
 
 
-def _check_container(f: BinaryIO, path: Path) -> tuple[str, dict[int, int]]:
-    """The serialization, and for a zip the offset and size of each stored data record."""
+def _check_container(f: BinaryIO, path: Path) -> tuple[str, dict[int, int] | None]:
+    """The serialization, and for a zip the offset and size of each stored data record; None
+    when a data record is compressed (torch writes them stored, but reads deflated ones too), so
+    the tensors cannot be mapped from the file."""
     magic = f.read(4)
     f.seek(0)
     if magic[:1] == b"\x80":  # a pickle's PROTO opcode: torch's format before 1.6
@@ -164,6 +169,19 @@ def _check_container(f: BinaryIO, path: Path) -> tuple[str, dict[int, int]]:
         raise LegacyCheckpointError(
             "is a zip archive but not a torch checkpoint (it has no data.pkl)", path=path
         )
+    check_inflation(members, path)
+    if any("/data/" in member.filename and member.compress_type != zipfile.ZIP_STORED for member in members):
+        return "torch zip", None
+    return "torch zip", _data_records(f, members, path)
+
+
+def check_inflation(members: list[zipfile.ZipInfo], path: Path) -> None:
+    """Refuse a zip member that would inflate past MAX_INFLATE_RATIO times its compressed size
+    (plus 1 MiB), from the zip directory alone: before torch inflates anything.
+
+    Example:
+        >>> check_inflation(zipfile.ZipFile("checkpoints/multitask_joint/best_model.pth").infolist(), Path("m.pth"))
+    """
     for member in members:
         if member.file_size > MAX_INFLATE_RATIO * max(member.compress_size, 1) + (1 << 20):
             raise LegacyCheckpointError(
@@ -171,7 +189,6 @@ def _check_container(f: BinaryIO, path: Path) -> tuple[str, dict[int, int]]:
                 f"{member.file_size} bytes; refused as a zip bomb",
                 path=path,
             )
-    return "torch zip", _data_records(f, members, path)
 
 
 def _data_records(f: BinaryIO, members: list[zipfile.ZipInfo], path: Path) -> dict[int, int]:
@@ -180,7 +197,7 @@ def _data_records(f: BinaryIO, members: list[zipfile.ZipInfo], path: Path) -> di
     records = {}
     size = os.fstat(f.fileno()).st_size
     for member in members:
-        if "/data/" not in member.filename or member.compress_type != zipfile.ZIP_STORED:
+        if "/data/" not in member.filename:
             continue
         local = os.pread(f.fileno(), 30, member.header_offset)
         if len(local) < 30 or local[:4] != b"PK\x03\x04":

@@ -21,6 +21,17 @@ from ckptfmt.sources.legacy import read_legacy_checkpoint
 from ..helpers import small_model
 
 
+def edit_dcp_metadata(folder: Path, edit) -> None:
+    """Rewrite a DCP folder's .metadata (trusted here: the test wrote it) after `edit`; objects
+    that `edit` shares are pickled once and referenced after (the pickle's memo), as an attacker
+    would write them."""
+    import pickle
+
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    edit(metadata)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
 def fresh_python(code: str, *, cwd: Path, memory_bytes: int | None = None) -> subprocess.CompletedProcess:
     """A fresh process, with an address-space limit when given; never left to hang."""
     if memory_bytes is not None:
