@@ -24,6 +24,7 @@ from ..errors import (
     ArchitectureNotRecognisedError,
     CkptfmtError,
     MissingDependencyError,
+    PluginError,
     Words,
     overrides_words,
 )
@@ -95,7 +96,8 @@ def _entries(names: list[str], reasons: list[str], failures: list[str] | None, *
             if strict:
                 raise
             reasons.append(f"{name}: " + exc.message_words)
-            if failures is not None:
+            # A plugin that failed to import was said once by the registry, not once per file.
+            if failures is not None and not isinstance(exc, PluginError):
                 failures.append(exc.message_words)
     return entries
 
