@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from .config.model_config import ModelConfig
-from .errors import ConfigError, OutputExistsError, Words, cli_value
+from .errors import CkptfmtError, ConfigError, OutputExistsError, Words, cli_value, overrides_words
+from .format.header import read_header
 from .format.index import parse_size
 from .format.writer import DTYPE_NAMES
 
-__all__ = ["CAST_DTYPES", "cast_state_dict", "option_differences", "requested_options"]
+__all__ = ["CAST_DTYPES", "cast_state_dict", "option_differences", "recorded_conversion", "refuse_other_options", "requested_options"]
 
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -164,12 +165,29 @@ def option_differences(recorded: Mapping[str, Any], asked: Mapping[str, Any]) ->
             said = ("none recorded, one asked" if before is None else
                     "one recorded, none asked" if now is None else "another one recorded")
             differences.append(Words(f"config: {said}", f"{flag}: {said}"))
-            continue
-        differences.append(Words(
-            f"{key}: {'none' if before is None else repr(before)} recorded, {'none' if now is None else repr(now)} asked",
-            f"{flag}: {'none' if before is None else cli_value(before)} recorded, "
-            f"{'none' if now is None else cli_value(now)} asked"))
+        else:
+            differences.append(Words(f"{key}: {_said(key, before)} recorded, {_said(key, now)} asked",
+                                     f"{flag}: {_said(key, before, cli=True)} recorded, {_said(key, now, cli=True)} asked"))
     return differences
+
+
+def _said(key: str, value: Any, *, cli: bool = False) -> str:
+    if value is None:
+        return "none"
+    if key == "overrides" and isinstance(value, Mapping):
+        return overrides_words(value).cli if cli else repr(dict(value))
+    return cli_value(value) if cli else repr(value)
+
+
+def recorded_conversion(output: Path) -> tuple[str, dict[str, Any]] | None:
+    """The source sha256 and the options that an earlier conversion recorded in `output`, or
+    None when it records no source (or cannot be read: then it is any existing file)."""
+    try:
+        provenance = read_header(output).provenance()
+    except CkptfmtError:
+        return None
+    sha256 = provenance.get("source", {}).get("sha256")
+    return (sha256, provenance.get("options", {})) if sha256 is not None else None
 
 
 def refuse_other_options(output: Path, differences: list[Words]) -> OutputExistsError:

@@ -25,6 +25,7 @@ from .convert_options import (
     CAST_DTYPES,
     cast_state_dict,
     option_differences,
+    recorded_conversion,
     refuse_other_options,
     requested_options,
 )
@@ -304,7 +305,7 @@ def _already_converted(source: Path, output: Path, hash_source: Callable[[Path],
     source converted with other options is refused, naming what differs."""
     if not output.exists() or output.is_symlink():
         return None
-    recorded = _recorded_conversion(output)
+    recorded = recorded_conversion(output)
     if recorded is None or recorded[0] != hash_source(source):
         return None
     differences = option_differences(recorded[1], options)
@@ -428,16 +429,6 @@ def _is_ckptfmt_file(path: Path) -> bool:
         return looks_like_safetensors(path) and read_header(path).is_ckptfmt
     except CkptfmtError:
         return False  # read again as a source, which says what is wrong with it
-
-
-def _recorded_conversion(output: Path) -> tuple[str, dict[str, Any]] | None:
-    """The source sha256 and the options an earlier conversion recorded in `output`, or None."""
-    try:
-        provenance = read_header(output).provenance()
-    except CkptfmtError:
-        return None
-    sha256 = provenance.get("source", {}).get("sha256")
-    return (sha256, provenance.get("options", {})) if sha256 is not None else None
 
 
 def find_checkpoints(path: Path) -> list[Path]:
