@@ -68,7 +68,8 @@ def test_a_tensor_is_checked_a_chunk_at_a_time_and_its_largest_magnitude_found_a
     depend on where the chunks fall."""
     monkeypatch.setattr(convert_options, "_CHUNK", 4)
     values = torch.zeros(11)
-    values[5], values[10] = -3e5, 7e4  # the largest in the second chunk, one overflow in the third
+    # The largest in the second chunk; in the third, an overflow beside a NaN, which stays NaN.
+    values[5], values[9], values[10] = -3e5, float("nan"), 7e4
     with pytest.raises(ckptfmt.ConfigError, match=r"its largest magnitude is 300000;"):
         convert_options.cast_state_dict({"w": values}, "fp16")
     _, record = convert_options.cast_state_dict({"w": values}, "fp16", allow_overflow=True)
