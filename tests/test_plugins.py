@@ -259,9 +259,14 @@ def test_plugins_that_exit_raise_hang_or_print_at_import_are_said_once_and_conve
         "       weights: (the whole file: a bare state dict); config: none (weights only)",
         "2 converted, 0 skipped, 0 failed",
     ]
-    # Each plugin once, by name, saying what it did; not once per file.
+    # Each plugin that failed to import once, by name, saying what it did; not once per file.
     warnings = [line for line in result.stderr.splitlines() if "_at_import'" in line and "converted as" not in line]
     assert warnings == BROKEN_PLUGINS
+    # One whose infer_config exits fails on these weights alone, said for each file.
+    assert [line for line in result.stderr.splitlines() if "infer_config raised" in line
+            and "converted as" not in line] == [
+        f"warning: {name}.pth: model_type 'exits_in_infer_config': infer_config raised SystemExit: 3"
+        for name in ("a", "b")]
     assert (bare_pths / "a.safetensors").is_file() and (bare_pths / "b.safetensors").is_file()
 
 

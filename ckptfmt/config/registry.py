@@ -152,7 +152,7 @@ class ModelEntry:
             raise
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(f"model_type {self.name!r}: its {hook} raised {type(exc).__name__}: {exc}") from None
 
     def describe_task(self, params: Mapping[str, Any]) -> Task | None:
@@ -162,7 +162,7 @@ class ModelEntry:
             return self.task(dict(params))
         except CkptfmtError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(f"model_type {self.name!r}: its task raised {type(exc).__name__}: {exc}") from None
 
     def build(self, params: Mapping[str, Any]) -> Any:
@@ -374,7 +374,7 @@ def recognised_arguments(model: Any) -> tuple[str, dict[str, Any]] | None:
             continue
         try:
             arguments = entry.recognise(inner)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(f"model_type {name!r}: its recognise raised {type(exc).__name__}: {exc}") from None
         if arguments is not None:
             return name, arguments
