@@ -43,7 +43,7 @@ from .format.companion import OPTIMIZER_SUFFIX, write_training_state
 from .format.header import INDEX_SUFFIX, looks_like_safetensors, read_header
 from .format.index import is_foreign_index, is_index, parse_size, write_sharded
 from .format.metadata import build_metadata, provenance_record
-from .format.writer import DTYPE_NAMES, placeholder, write_safetensors
+from .format.writer import placeholder, write_safetensors
 from .io.atomic import check_writable, fsync_folder
 from .io.background import helpers
 from .io.files import files_sha256, open_regular, sha256_fd, sha256_file, walk_files
