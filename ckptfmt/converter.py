@@ -23,6 +23,14 @@ import torch
 
 from .config.model_config import SIDECAR_NAME, ModelConfig, config_differences
 from .config.sidecar import check_sidecar_accepts, read_sidecar, write_sidecar
+from .convert_options import (
+    CAST_DTYPES,
+    cast_state_dict,
+    option_differences,
+    recorded_conversion,
+    refuse_other_options,
+    requested_options,
+)
 from .errors import (
     CkptfmtError,
     ConfigError,
@@ -35,7 +43,7 @@ from .format.companion import OPTIMIZER_SUFFIX, write_training_state
 from .format.header import INDEX_SUFFIX, looks_like_safetensors, read_header
 from .format.index import is_foreign_index, is_index, parse_size, write_sharded
 from .format.metadata import build_metadata, provenance_record
-from .format.writer import DTYPE_NAMES, placeholder, write_safetensors
+from .format.writer import placeholder, write_safetensors
 from .io.atomic import check_writable, fsync_folder
 from .io.background import helpers
 from .io.files import FolderWalk, files_sha256, open_regular, sha256_fd, sha256_file, walk_files
@@ -53,7 +61,6 @@ WEIGHTS_ONLY_HINT = Words(
     "To record what it is, pass --model-type NAME --set KEY=VALUE (or --config FILE); for a class of your own, "
     "add --import MODULE, the module that registers it",
 )
-CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -182,6 +189,7 @@ def convert(
     force: bool = False,
     unsafe_pickle: bool = False,
     max_shard_size: int | str | None = None,
+    allow_overflow: bool = False,
 ) -> ConvertResult:
     """Convert one legacy checkpoint to a self-describing .safetensors file plus sidecar.
 
@@ -195,11 +203,16 @@ def convert(
         overrides: config fields to set on top, checked against the shapes.
         model_type: only try this architecture (or, with `config`, attach it).
         dtype: "fp16", "bf16" or "fp32" to cast floating-point tensors (recorded in provenance).
-        force: overwrite an existing output or a disagreeing sidecar.
+            A cast that would turn finite values into inf is refused, naming the tensor.
+        force: overwrite an existing output or a disagreeing sidecar. Without it, an output
+            converted from the same source with the same options is skipped, and one converted
+            with other options (dtype, shard size, config, overrides, model type) is refused.
         unsafe_pickle: allow arbitrary pickles. This runs code from the file. A whole pickled
             model (`torch.save(model)`) is then read, and its `state_dict()` converted.
         max_shard_size: write shards of at most this many bytes ("2GB", an int) and an index,
             `NAME.safetensors.index.json`, when the weights do not fit in one.
+        allow_overflow: cast to `dtype` even where finite values become inf; the cast record
+            in provenance names each such tensor and its largest magnitude.
 
     Returns:
         A ConvertResult with status "converted" or "skipped".
@@ -215,7 +228,8 @@ def convert(
     batch = _Batch(force=force)
     try:
         result = _convert_one(Path(source), output, batch, config=config, overrides=overrides, model_type=model_type,
-                              dtype=dtype, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size)
+                              dtype=dtype, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size,
+                              allow_overflow=allow_overflow)
     finally:
         batch.finish()
     if result.status == "failed":
@@ -233,12 +247,13 @@ class _Plan:
     shard_size: int | None
     from_dcp: bool
     hash_source: Callable[[Path], str]
+    options: dict[str, Any]  # those that shape the output, recorded in provenance
 
 
 def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, force: bool,
-          max_shard_size: int | str | None) -> _Plan | ConvertResult:
+          max_shard_size: int | str | None, options: dict[str, Any]) -> _Plan | ConvertResult:
     """The paths of one conversion, checked; or the result of skipping it (its output already
-    records the same source)."""
+    records the same source and the same options)."""
     # A torch.distributed.checkpoint folder has its own safe reader (sources/dcp.py); from there
     # on it is converted as a .pth is.
     from_dcp = is_dcp_folder(source)
@@ -275,21 +290,39 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
                              path=index)
     elif index.exists() and not index.is_symlink() and not output.exists():
         output = index  # an earlier conversion to shards: what it recorded decides the skip
-    if output.exists() and not output.is_symlink():
-        previous = _recorded_source_sha256(output)
-        if previous is not None and not force and previous == hash_source(source):
-            return ConvertResult(source=source, status="skipped", output=output, source_sha256=previous,
-                                 note=f"already converted to {output} (same source sha256)")
+    skipped = _already_converted(source, output, hash_source, options) if not force else None
+    if skipped is not None:
+        return skipped
     check_writable(output, overwrite=force)
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
-    return _Plan(source, output, plain, shard_size, from_dcp, hash_source)
+    return _Plan(source, output, plain, shard_size, from_dcp, hash_source, options)
+
+
+def _already_converted(source: Path, output: Path, hash_source: Callable[[Path], str],
+                       options: dict[str, Any]) -> ConvertResult | None:
+    """The skip of a conversion whose output records the same source sha256 and the same
+    options; None when it records another source (then it is any existing file). The same
+    source converted with other options is refused, naming what differs."""
+    if not output.exists() or output.is_symlink():
+        return None
+    recorded = recorded_conversion(output)
+    if recorded is None or recorded[0] != hash_source(source):
+        return None
+    differences = option_differences(recorded[1], options)
+    if differences:
+        raise refuse_other_options(output, differences)
+    return ConvertResult(source=source, status="skipped", output=output, source_sha256=recorded[0],
+                         note=f"already converted to {output} (same source sha256, same options)")
 
 
 def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, *, config: Any = None,
                  overrides: Mapping[str, Any] | None = None, model_type: str | None = None, dtype: str | None = None,
-                 unsafe_pickle: bool = False, max_shard_size: int | str | None = None) -> ConvertResult:
+                 unsafe_pickle: bool = False, max_shard_size: int | str | None = None,
+                 allow_overflow: bool = False) -> ConvertResult:
     """One conversion, its sidecar left to the batch: plan, read, resolve, write."""
-    plan = _plan(source, output, dtype=dtype, force=batch.force, max_shard_size=max_shard_size)
+    options = requested_options(dtype=dtype, max_shard_size=max_shard_size, config=config, overrides=overrides,
+                                model_type=model_type)
+    plan = _plan(source, output, dtype=dtype, force=batch.force, max_shard_size=max_shard_size, options=options)
     if isinstance(plan, ConvertResult):
         return plan
     read = read_source(plan.source, unsafe_pickle=unsafe_pickle, mmap=True, hash_source=False)
@@ -307,7 +340,8 @@ def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, 
                                + ". " + WEIGHTS_ONLY_HINT)
     else:
         batch.accepts(plan.output.parent, resolution.config)
-    state_dict, cast = _cast(legacy.state_dict, cast_to) if cast_to is not None else (legacy.state_dict, None)
+    state_dict, cast = (cast_state_dict(legacy.state_dict, dtype, allow_overflow=allow_overflow, path=plan.source)
+                        if dtype is not None else (legacy.state_dict, None))
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
     index = plan.plain.with_name(plan.plain.name + ".index.json")
     result.output = index if plan.shard_size is not None and total > plan.shard_size else plan.plain
@@ -337,7 +371,9 @@ def _provenance(plan: _Plan, resolution: Resolution, cast: dict[str, Any] | None
         source_record["pickled_model"] = legacy.pickled_model
     if legacy.conversions:
         source_record["read_as_plain"] = legacy.conversions
-    extra = {"cast": cast} if cast else {}
+    extra: dict[str, Any] = {"cast": cast} if cast else {}
+    if plan.options:
+        extra["options"] = plan.options
     if resolution.identification is not None and resolution.identification.record():
         extra["identified"] = resolution.identification.record()
     return provenance_record(source=source_record, **extra)
@@ -393,26 +429,6 @@ def _is_ckptfmt_file(path: Path) -> bool:
         return looks_like_safetensors(path) and read_header(path).is_ckptfmt
     except CkptfmtError:
         return False  # read again as a source, which says what is wrong with it
-
-
-def _recorded_source_sha256(output: Path) -> str | None:
-    try:
-        return read_header(output).provenance().get("source", {}).get("sha256")
-    except CkptfmtError:
-        return None
-
-
-def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every floating-point tensor cast to `dtype`, and what provenance records of the cast."""
-    cast: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            key = DTYPE_NAMES[tensor.dtype]
-            counts[key] = counts.get(key, 0) + 1
-            tensor = tensor.to(dtype)
-        cast[name] = tensor
-    return cast, {"to": DTYPE_NAMES[dtype], "from": counts}
 
 
 def find_checkpoints(path: Path) -> FolderWalk:

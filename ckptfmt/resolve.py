@@ -284,7 +284,7 @@ def _recorded(resolution: Resolution, asked: _Asked) -> _Found | None:
                 config = ModelConfig(entry.name, **arguments)
                 if not check_state(entry.expected_state(config.params), shapes, dtypes):
                     found.append(config)
-            except Exception:  # arguments this architecture refuses, or its code failing on them
+            except (Exception, SystemExit):  # arguments this architecture refuses, or its code failing on them
                 continue
         if len(found) == 1:
             return _Found(found[0].checked(path=resolution.path), "hyper_parameters", prefix, fits=not asked.overrides)

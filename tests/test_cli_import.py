@@ -4,6 +4,7 @@ CKPTFMT_IMPORT) imports the modules that register them, found from the current f
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -59,3 +60,22 @@ def test_a_module_that_fails_to_import_is_one_error_naming_it(tmp_path):
     quits = run_cli_in_fresh_process("inspect", ".", cwd=tmp_path, env={"CKPTFMT_IMPORT": "quits"})
     assert (quits.returncode, quits.stderr.strip()) == (
         1, "Error: --import quits: the module failed to import (SystemExit: 0)")
+
+
+@pytest.mark.subprocess  # Its own processes: what a command imports is the point.
+def test_a_module_that_prints_or_hangs_at_import_neither_corrupts_nor_stalls_the_command(tmp_path):
+    """What an imported module prints is set aside (stdout carries the report and --json), and
+    one that never finishes importing is an error naming it after the wait."""
+    (tmp_path / "talks.py").write_text("print('hello from talks')\n")
+    (tmp_path / "stalls.py").write_text("import threading\nthreading.Event().wait()\n")
+    torch.save({"w": torch.ones(2, 2)}, tmp_path / "sd.pth")
+    talks = run_cli_in_fresh_process("--import", "talks", "inspect", "sd.pth", "--json", cwd=tmp_path)
+    assert talks.returncode == 0, talks.stderr
+    assert json.loads(talks.stdout)["file"] == "sd.pth"
+    assert talks.stderr.splitlines() == [
+        "warning: --import talks: the module printed while being imported; set aside: 'hello from talks'"]
+    stalls = run_cli_in_fresh_process("--import", "stalls", "inspect", "sd.pth", cwd=tmp_path,
+                                      env={"CKPTFMT_PLUGIN_TIMEOUT": "2"})
+    assert (stalls.returncode, stalls.stderr.strip()) == (
+        1, "Error: --import stalls: the module did not finish importing (still importing after 2 s; set "
+           "CKPTFMT_PLUGIN_TIMEOUT=SECONDS to wait longer)")

@@ -39,9 +39,10 @@ def plugin_site(tmp_path_factory) -> Path:
     return _install_wheel(PLUGIN, tmp_path_factory.mktemp("plugin") / "site")
 
 
-def python(code: str, *args, site: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def python(code: str, *args, site: Path | None = None, cwd: Path | None = None,
+           env: dict | None = None) -> subprocess.CompletedProcess:
     """A fresh Python process; `site` (an installed package's folder) is on its path or not."""
-    env = {**os.environ}
+    env = {**os.environ, **(env or {})}
     env.pop("PYTHONPATH", None)
     if site is not None:
         env["PYTHONPATH"] = str(site)
@@ -49,9 +50,9 @@ def python(code: str, *args, site: Path | None = None, cwd: Path | None = None) 
                           timeout=300, env=env, cwd=cwd)
 
 
-def cli(*args, site: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def cli(*args, site: Path | None = None, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     return python("import sys; from ckptfmt.cli import main; main(sys.argv[1:], prog_name='ckptfmt')",
-                  *args, site=site, cwd=cwd)
+                  *args, site=site, cwd=cwd, env=env)
 
 
 SAVE = """
@@ -217,3 +218,89 @@ def test_the_builtin_unet_loads_in_a_project_with_its_own_models_package(tmp_pat
                             capture_output=True, text=True, timeout=300, env=env, cwd=project)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "the user project own U-Net True"
+
+
+# Installed plugins that exit, raise, hang or print when imported (tests/plugin_broken), and how
+# long a command waits for one that hangs.
+BROKEN_PLUGINS = [
+    "warning: model_type 'exits_at_import': the package that provides it failed to import "
+    "(ckptfmt_brokenarch.exits:Net: SystemExit: 0)",
+    "warning: model_type 'hangs_at_import': the package that provides it did not finish importing "
+    "(ckptfmt_brokenarch.hangs:Net: still importing after 5 s; set CKPTFMT_PLUGIN_TIMEOUT=SECONDS to wait longer)",
+    "warning: model_type 'prints_at_import': the package that provides it printed while being imported "
+    "(ckptfmt_brokenarch.prints:Net); set aside: 'loading prints_at_import'",
+    "warning: model_type 'raises_at_import': the package that provides it failed to import "
+    "(ckptfmt_brokenarch.raises:Net: RuntimeError: this plugin needs a GPU)",
+]
+WAIT = {"CKPTFMT_PLUGIN_TIMEOUT": "5"}
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory) -> Path:
+    return _install_wheel(ROOT / "tests/plugin_broken", tmp_path_factory.mktemp("broken") / "site")
+
+
+@pytest.fixture
+def bare_pths(tmp_path) -> Path:
+    for name in ("a", "b"):
+        torch.save({"w": torch.ones(3, 3)}, tmp_path / f"{name}.pth")
+    return tmp_path
+
+
+def test_plugins_that_exit_raise_hang_or_print_at_import_are_said_once_and_convert_goes_on(broken_site, bare_pths):
+    """Regression: a plugin that called sys.exit() at import ended `convert bare.pth` with exit
+    code 0, no output and nothing written; one that printed wrote into the report."""
+    result = cli("convert", ".", site=broken_site, cwd=bare_pths, env=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "[OK]   a.pth -> a.safetensors  (weights only, no config)",
+        "       weights: (the whole file: a bare state dict); config: none (weights only)",
+        "[OK]   b.pth -> b.safetensors  (weights only, no config)",
+        "       weights: (the whole file: a bare state dict); config: none (weights only)",
+        "2 converted, 0 skipped, 0 failed",
+    ]
+    # Each plugin that failed to import once, by name, saying what it did; not once per file.
+    warnings = [line for line in result.stderr.splitlines() if "_at_import'" in line and "converted as" not in line]
+    assert warnings == BROKEN_PLUGINS
+    # One whose infer_config exits fails on these weights alone, said for each file.
+    assert [line for line in result.stderr.splitlines() if "infer_config raised" in line
+            and "converted as" not in line] == [
+        f"warning: {name}.pth: model_type 'exits_in_infer_config': infer_config raised SystemExit: 3"
+        for name in ("a", "b")]
+    assert (bare_pths / "a.safetensors").is_file() and (bare_pths / "b.safetensors").is_file()
+
+
+def test_inspect_json_stays_json_when_a_plugin_prints_at_import(broken_site, bare_pths):
+    """Regression: a plugin that exited at import ended `inspect bare.pth` with exit code 0
+    and no output; one that printed corrupted the JSON document."""
+    result = cli("inspect", "a.pth", "--json", site=broken_site, cwd=bare_pths, env=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["file"] == "a.pth"
+    assert result.stderr.splitlines() == BROKEN_PLUGINS
+
+
+def test_a_command_whose_only_architecture_failed_to_import_fails_naming_it(broken_site, bare_pths):
+    made = python(
+        "import sys, torch, ckptfmt\n"
+        "@ckptfmt.register_model('exits_at_import')\n"
+        "class Net(torch.nn.Linear):\n"
+        "    def __init__(self, width: int = 3):\n"
+        "        super().__init__(2, width)\n"
+        "ckptfmt.save(Net(), sys.argv[1])\n", bare_pths / "exits.safetensors")  # made where it is not installed
+    assert made.returncode == 0, made.stderr
+    failure = ("model_type 'exits_at_import': the package that provides it failed to import "
+               "(ckptfmt_brokenarch.exits:Net: SystemExit: 0)")
+    converted = cli("convert", "a.pth", "--model-type", "exits_at_import", site=broken_site, cwd=bare_pths)
+    assert converted.returncode == 1
+    assert converted.stderr.splitlines() == [f"warning: {failure}", f"[FAIL] a.pth: {failure}"]
+    assert not (bare_pths / "a.safetensors").exists()
+    verified = cli("verify", "exits.safetensors", site=broken_site, cwd=bare_pths)
+    assert verified.returncode == 1
+    assert verified.stderr.splitlines() == [
+        f"warning: {failure}", f"[FAIL] exits.safetensors: invalid embedded config: {failure}"]
+    loaded = python("import ckptfmt\n"
+                    "try:\n"
+                    "    ckptfmt.load_model('exits.safetensors')\n"
+                    "except ckptfmt.PluginError as exc:\n"
+                    "    print(exc)\n", site=broken_site, cwd=bare_pths)
+    assert loaded.stdout.strip() == f"exits.safetensors: {failure}", loaded.stderr

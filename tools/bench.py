@@ -223,6 +223,22 @@ def bench_convert(work: Path, files: dict, repeats: int) -> list[dict]:
     return rows
 
 
+def bench_cast(work: Path, files: dict, repeats: int) -> list[dict]:
+    """convert --dtype fp16 (every tensor checked for values the cast would make inf, a chunk at
+    a time, then cast) vs the same convert without a cast, at the largest size."""
+    out = work / "cast"
+    out.mkdir(exist_ok=True)
+    label, (pth, _) = max(files["convert"].items(), key=lambda item: float(item[0][:-2]))
+    cast, plain = measure(
+        [PYTHON, "-m", "ckptfmt", "convert", str(pth), "-o", str(out / "fp16.safetensors"), "--dtype", "fp16", "--force"],
+        [PYTHON, "-m", "ckptfmt", "convert", str(pth), "-o", str(out / "same.safetensors"), "--force"],
+        repeats=repeats,
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    what = f"convert {gb(pth.stat().st_size)} .pth --dtype fp16 (overflow check and cast) vs convert without a cast"
+    return [row("cast_wall", what + ": wall", cast, plain, "wall"), row("cast_rss", what + ": peak RSS", cast, plain, "rss")]
+
+
 def bench_many(work: Path, repeats: int, count: int) -> list[dict]:
     """The per-file cost of converting a folder of small checkpoints, against a minimal loop in
     one process; each side's start-up (an empty folder) is taken off before dividing."""
@@ -584,8 +600,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small files, 2 repeats: a smoke run")
     parser.add_argument("--repeats", type=int, help="fresh processes per measurement (default 5, quick 2)")
-    parser.add_argument("--only", help="comma-separated: inspect,load,convert,verify,predict,startup,distributed,"
-                        "many,folder,sharded,signatures")
+    parser.add_argument("--only", help="comma-separated: inspect,load,convert,cast,verify,predict,startup,"
+                        "distributed,many,folder,sharded,signatures")
     parser.add_argument("--device", default="cpu", help="device for the predict benchmark")
     parser.add_argument("--predict-config", default=None, help="base_filters,depth for predict (default 64,4; quick 8,3)")
     parser.add_argument("--compile", action="store_true", help="also time predict with torch.compile (CUDA)")
@@ -595,7 +611,7 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     repeats = args.repeats or (2 if args.quick else 5)
-    selected = set((args.only or "inspect,load,convert,verify,predict,startup,distributed,many,folder,sharded,"
+    selected = set((args.only or "inspect,load,convert,cast,verify,predict,startup,distributed,many,folder,sharded,"
                     "signatures").split(","))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ckptfmt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -611,7 +627,7 @@ def main() -> int:
         print(f"making U-Net base_filters={big[0]}, depth={big[1]} files ...", file=sys.stderr)
         files["big"] = make_unet_files(work, *big)
         files["small"] = make_unet_files(work, 8, 3)[1]
-    if "convert" in selected:
+    if selected & {"convert", "cast"}:
         # ~0.1, 1 and 3 GB: the parameters grow with base_filters squared.
         sizes = {"0.1GB": (10, 5), "0.4GB": (20, 5)} if args.quick else {"0.1GB": (29, 5), "1GB": (90, 5), "3GB": (157, 5)}
         files["convert"] = {label: make_unet_files(work, *arch) for label, arch in sizes.items()}
@@ -626,6 +642,7 @@ def main() -> int:
         ("inspect", lambda: bench_inspect(work, files, repeats)),
         ("load", lambda: bench_load(work, files, repeats, load_arch)),
         ("convert", lambda: bench_convert(work, files, repeats)),
+        ("cast", lambda: bench_cast(work, files, repeats)),
         ("verify", lambda: bench_verify(work, files, repeats)),
         ("predict", lambda: bench_predict(work, files, min(repeats, 3), args.device, batch, side,
                                           2 if args.quick or args.device != "cuda" else 10, args.compile)),

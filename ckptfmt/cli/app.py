@@ -142,16 +142,19 @@ def main(verbose: bool, imports: tuple[str, ...]) -> None:
 
 def import_user_modules(names: list[str]) -> None:
     """Import the user's modules that register architectures, as `python -m` finds modules: the
-    current folder first, then the installed packages. A module that fails is one error naming it."""
+    current folder first, then the installed packages. A module that fails (raises, exits, or
+    hangs) is one error naming it; what it prints is set aside, said as a warning."""
     if not names:
         return
     import importlib
+
+    from ..config.plugins import import_failure, import_guarded, printed_words
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for name in names:
         try:
-            importlib.import_module(name)
+            _, printed = import_guarded(functools.partial(importlib.import_module, name))
         except ModuleNotFoundError as exc:
             if exc.name is not None and name.startswith(exc.name):
                 raise click.ClickException(shown(
@@ -159,12 +162,13 @@ def import_user_modules(names: list[str]) -> None:
                     "packages")) from None
             raise click.ClickException(shown(f"--import {name}: the module failed to import (ModuleNotFoundError: "
                                              f"{exc})")) from None
+        except KeyboardInterrupt:
+            raise
         except BaseException as exc:  # its own code: an error, or even sys.exit(), ends this one way
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise click.ClickException(shown(
-                f"--import {name}: the module failed to import ({type(exc).__name__}: {first_line})")) from None
+            raise click.ClickException(shown(f"--import {name}: the module {import_failure(exc)}")) from None
+        if printed:
+            out(f"warning: --import {name}: the module printed while being imported; set aside: "
+                f"{printed_words(printed)}", err=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

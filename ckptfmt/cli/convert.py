@@ -22,7 +22,11 @@ from .app import echo_json, main, out, parse_set, user_errors
               help="Set a config field (repeatable); checked against the weights.")
 @click.option("--model-type", help="Only try this registered architecture (with --config: attach it).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
-              help="Cast floating-point tensors; the cast is recorded in provenance.")
+              help="Cast floating-point tensors; the cast is recorded in provenance. A cast that would turn "
+                   "finite values into inf is refused, naming the tensor.")
+@click.option("--allow-overflow", is_flag=True,
+              help="With --dtype: cast even where finite values become inf; provenance's cast record names "
+                   "each such tensor and its largest magnitude.")
 @click.option("--max-shard-size", metavar="SIZE",
               help="Write shards of at most SIZE (2GB, 500MiB, bytes) and an index, as Hugging Face does, "
                    "when the weights do not fit in one.")
@@ -32,7 +36,8 @@ from .app import echo_json, main, out, parse_set, user_errors
                    "state_dict() is converted). This RUNS CODE from the file: only for files you trust.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of the report.")
 @user_errors
-def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size, force, unsafe_pickle, as_json):
+def convert(paths, output, config_path, sets, model_type, dtype, allow_overflow, max_shard_size, force, unsafe_pickle,
+            as_json):
     """Convert legacy .pth, .pt and Lightning .ckpt checkpoints to self-describing .safetensors.
 
     PATHS are files or folders (every .pth/.pt/.ckpt under them). Each becomes NAME.safetensors
@@ -40,7 +45,9 @@ def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size,
     scheduler and scaler states go to NAME.optimizer.safetensors. The config comes from
     --config, else the sidecar beside the source, else the file's hyper_parameters, else the
     tensor shapes. Each file's report says where its keys went, and which were dropped and why.
-    Files already converted from the same source bytes are skipped.
+    Files already converted from the same source bytes with the same options are skipped; one
+    converted with other options (--dtype, --max-shard-size, --config, --set, --model-type) is
+    refused without --force.
 
     \b
     Example:
@@ -58,6 +65,7 @@ def convert(paths, output, config_path, sets, model_type, dtype, max_shard_size,
     results = convert_all(
         paths, output=output, on_start=progress, config=config_path, overrides=overrides,
         model_type=model_type, dtype=dtype, force=force, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size,
+        allow_overflow=allow_overflow,
     )
     counts = {status: sum(r.status == status for r in results) for status in ("converted", "skipped", "failed")}
     if as_json:

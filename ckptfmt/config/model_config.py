@@ -40,6 +40,7 @@ from ..errors import (
     CkptfmtError,
     ConfigError,
     MissingDependencyError,
+    PluginError,
     UnregisteredModelError,
     Words,
 )
@@ -312,7 +313,8 @@ class ModelConfig:
         if self._checked is None:
             try:
                 fields, params = check_architecture(self._fields(), dict(self._params))
-            except (ConfigError, MissingDependencyError) as exc:  # the latter: an adapter's library is not here
+            # An adapter's library not here, or a plugin that failed to import: said about this file.
+            except (ConfigError, MissingDependencyError, PluginError) as exc:
                 raise _with_path(exc, path or self._path) from None
             twin = ModelConfig.__new__(ModelConfig)
             twin._set(fields, params, checked=True, path=self._path)

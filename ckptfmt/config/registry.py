@@ -23,12 +23,14 @@ import functools
 import inspect
 import json
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CkptfmtError, ConfigError, PluginError, UnknownModelTypeError
+from ..errors import CkptfmtError, CkptfmtWarning, ConfigError, PluginError, UnknownModelTypeError
 from .arguments import RESERVED_NAMES, Signature
+from .plugins import import_failure, import_guarded, printed_words
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -150,7 +152,7 @@ class ModelEntry:
             raise
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(f"model_type {self.name!r}: its {hook} raised {type(exc).__name__}: {exc}") from None
 
     def describe_task(self, params: Mapping[str, Any]) -> Task | None:
@@ -160,7 +162,7 @@ class ModelEntry:
             return self.task(dict(params))
         except CkptfmtError:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(f"model_type {self.name!r}: its task raised {type(exc).__name__}: {exc}") from None
 
     def build(self, params: Mapping[str, Any]) -> Any:
@@ -372,7 +374,7 @@ def recognised_arguments(model: Any) -> tuple[str, dict[str, Any]] | None:
             continue
         try:
             arguments = entry.recognise(inner)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(f"model_type {name!r}: its recognise raised {type(exc).__name__}: {exc}") from None
         if arguments is not None:
             return name, arguments
@@ -390,7 +392,8 @@ def get_model_entry(name: str) -> ModelEntry:
     Raises:
         UnknownModelTypeError: `name` is not registered; the message lists the known ones and
             says how to make it known.
-        PluginError: the package that provides it fails to import.
+        PluginError: the package that provides it fails to import: it raised, exited or hung
+            (said once, as a CkptfmtWarning, when it first fails).
     """
     check_model_type_name(name)
     entry = _registry.get(name)
@@ -403,23 +406,42 @@ def get_model_entry(name: str) -> ModelEntry:
             f"Import the module that registers it (its @register_model({name!r})), or install the "
             f"package that provides it (entry-point group {ENTRY_POINT_GROUP!r})"
         )
-    if len({ep.value for ep in points}) > 1:
-        raise PluginError(
-            f"model_type {name!r} is provided by several installed packages "
-            f"({', '.join(sorted(ep.value for ep in points))}); uninstall all but one"
-        )
-    try:
-        target = points[0].load()
-    except Exception as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise PluginError(
-            f"model_type {name!r}: the package that provides it failed to import "
-            f"({points[0].value}: {type(exc).__name__}: {first_line})"
-        ) from None
-    # An entry point may name a plain class or function that never called register_model.
-    if name not in _registry:
-        register_model(name, infer_config=getattr(target, "infer_config", None))(target)
+    _load_plugin(name, points)
     return _registry[name]
+
+
+# Plugins that failed, by model_type: each is said once, as a warning, and its error raised
+# again, without importing it again, to whoever asks for it later.
+_failed: dict[str, PluginError] = {}
+
+
+def _load_plugin(name: str, points: list) -> None:
+    """Import the package behind `name` and register what it names, or raise PluginError saying
+    what it did instead (raised, exited, hung), warned of once. See `plugins` for how."""
+    if name in _failed:
+        raise _failed[name].at()
+    if len({ep.value for ep in points}) > 1:
+        failure = (f"model_type {name!r} is provided by several installed packages "
+                   f"({', '.join(sorted(ep.value for ep in points))}); uninstall all but one")
+    else:
+        try:
+            target, printed = import_guarded(points[0].load)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # its own code: even sys.exit() fails this architecture only
+            failure = f"model_type {name!r}: the package that provides it {import_failure(exc, where=points[0].value)}"
+        else:
+            if printed:
+                warnings.warn(CkptfmtWarning(
+                    f"model_type {name!r}: the package that provides it printed while being imported "
+                    f"({points[0].value}); set aside: {printed_words(printed)}"), stacklevel=2)
+            # An entry point may name a plain class or function that never called register_model.
+            if name not in _registry:
+                register_model(name, infer_config=getattr(target, "infer_config", None))(target)
+            return
+    _failed[name] = PluginError(failure)
+    warnings.warn(CkptfmtWarning(failure), stacklevel=2)
+    raise _failed[name].at()
 
 
 @functools.cache

@@ -82,8 +82,8 @@ def _strings(value: Any) -> bool:
 
 
 def check_provenance(provenance: dict[str, Any], *, path: str | os.PathLike | None, document: str = "ckptfmt.provenance") -> dict[str, Any]:
-    """When and by what a file was written; for a conversion, its source, cast, and the config
-    identified among twins."""
+    """When and by what a file was written; for a conversion, its source, cast, options, and the
+    config identified among twins."""
     for key in ("created_at", "ckptfmt", "torch"):
         if key in provenance and not isinstance(provenance[key], str):
             raise _fail(document, key, "a string", provenance[key], path)
@@ -114,4 +114,11 @@ def check_provenance(provenance: dict[str, Any], *, path: str | os.PathLike | No
         counts = cast.get("from", {})
         if not isinstance(counts, dict) or not all(isinstance(k, str) and _count(v) for k, v in counts.items()):
             raise _fail(document, "cast.from", "an object of counts by dtype", counts, path)
+        overflowed = cast.get("overflowed", {})
+        if not isinstance(overflowed, dict) or not all(
+                isinstance(k, str) and type(v) in (int, float) for k, v in overflowed.items()):
+            raise _fail(document, "cast.overflowed", "an object of magnitudes by tensor", overflowed, path)
+    options = provenance.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise _fail(document, "options", "an object of the conversion's options", options, path)
     return provenance

@@ -24,6 +24,7 @@ from ..errors import (
     ArchitectureNotRecognisedError,
     CkptfmtError,
     MissingDependencyError,
+    PluginError,
     Words,
     overrides_words,
 )
@@ -95,7 +96,8 @@ def _entries(names: list[str], reasons: list[str], failures: list[str] | None, *
             if strict:
                 raise
             reasons.append(f"{name}: " + exc.message_words)
-            if failures is not None:
+            # A plugin that failed to import was said once by the registry, not once per file.
+            if failures is not None and not isinstance(exc, PluginError):
                 failures.append(exc.message_words)
     return entries
 
@@ -120,7 +122,7 @@ def _ask(entry: ModelEntry, shapes: dict, reasons: list[str], failures: list[str
         reasons.append(f"{entry.name}: " + exc.message_words)
         if failures is not None:
             failures.append(f"model_type {entry.name!r} failed on these weights: " + exc.message_words)
-    except Exception as exc:  # a plugin's own code: its failure, not the batch's
+    except (Exception, SystemExit) as exc:  # a plugin's own code, sys.exit() included: its failure, not the batch's
         if strict:
             raise ArchitectureNotRecognisedError(f"model_type {entry.name!r}: infer_config raised {type(exc).__name__}: {exc}") from None
         message = f"infer_config raised {type(exc).__name__}: {exc}"
@@ -235,7 +237,7 @@ def _probe(candidates: list[ModelConfig], state_dict: Mapping[str, Any]) -> tupl
             model.load_state_dict(dict(state_dict), strict=True, assign=True)
             with torch.no_grad():
                 output = model.eval()(x)
-        except Exception as exc:  # a candidate that cannot run these weights on the probe
+        except (Exception, SystemExit) as exc:  # a candidate that cannot run these weights on the probe
             return False, f"the probe could not run {config.summary()} ({type(exc).__name__}: {str(exc)[:200]})"
         results.append(_flatten(output))
     first = results[0]

@@ -302,9 +302,15 @@ def test_json_the_reader_refuses_is_not_written(tmp_path):
         ("ckptfmt.provenance", {"cast": "F16"},
          "metadata 'ckptfmt.provenance': cast must be an object {\"to\": dtype, \"from\": {dtype: count}}, not "
          "'F16'; the file is damaged or was not written by ckptfmt"),
+        ("ckptfmt.provenance", {"cast": {"to": "F16", "overflowed": ["w"]}},
+         "metadata 'ckptfmt.provenance': cast.overflowed must be an object of magnitudes by tensor, not ['w']; the "
+         "file is damaged or was not written by ckptfmt"),
+        ("ckptfmt.provenance", {"options": "fp16"},
+         "metadata 'ckptfmt.provenance': options must be an object of the conversion's options, not 'fp16'; the "
+         "file is damaged or was not written by ckptfmt"),
     ],
     ids=["binding a string", "binding file a number", "binding traversal", "binding absolute", "metrics a list",
-         "epoch a string", "source a string", "cast a string"],
+         "epoch a string", "source a string", "cast a string", "cast overflowed a list", "options a string"],
 )
 def test_metadata_documents_of_the_wrong_shape_are_our_error_everywhere(tmp_path, key, document, message):
     """Validated where read, one function per document: inspect, verify and load see the same."""

@@ -1,0 +1,1 @@
+"""Modules that misbehave when imported: each is one entry point of this package."""
