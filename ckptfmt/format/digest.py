@@ -25,7 +25,7 @@ import base64
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import HeaderError, IntegrityError
@@ -33,7 +33,15 @@ from ..io.background import helpers
 from ..io.files import open_regular
 from .header import TENSOR_DIGEST_BYTES, Header, TensorInfo
 
-__all__ = ["WeightsHasher", "check_digest", "check_tensors", "digest_file", "encode_tensor_digests", "verify_read"]
+__all__ = [
+    "WeightsHasher",
+    "check_digest",
+    "check_tensors",
+    "digest_file",
+    "divide_checks",
+    "encode_tensor_digests",
+    "verify_read",
+]
 
 _CHUNK = 8 << 20
 # Below this a chunk is hashed twice in turn: handing it to another thread costs more.
@@ -223,6 +231,28 @@ def check_tensors(header: Header, names: Iterable[str]) -> int:
             path=header.path,
         )
     return sum(header.tensors[name].nbytes for name in stored)
+
+
+def divide_checks(header: Header, reads: Sequence[Iterable[str]]) -> list[list[str]]:
+    """Which tensors each of several readers (ranks) checks, so that every tensor one of them
+    reads is checked once, by a reader that reads it, the bytes balanced among them.
+
+    Example:
+        >>> divide_checks(header, [["big", "small"], ["big", "small"]])
+        [['big'], ['small']]
+    """
+    aliases = header.aliases
+    readers: dict[str, list[int]] = {}
+    for rank, names in enumerate(reads):
+        for name in dict.fromkeys(aliases.get(name, name) for name in names):
+            readers.setdefault(name, []).append(rank)
+    loads = [0] * len(reads)
+    shares: list[list[str]] = [[] for _ in reads]
+    for name in sorted(readers, key=lambda n: (-header.tensors[n].nbytes, n)):  # largest first
+        rank = min(readers[name], key=lambda r: (loads[r], r))
+        shares[rank].append(name)
+        loads[rank] += header.tensors[name].nbytes
+    return shares
 
 
 def verify_read(header: Header, names: Iterable[str]) -> None:
