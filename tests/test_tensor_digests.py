@@ -31,21 +31,30 @@ def last_tensor(path) -> str:
 
 
 def test_the_header_records_each_tensor_s_own_digest(tmp_path):
-    """128 bits of SHA-256 over [dtype, shape], a newline and the bytes, in sorted name order:
-    what anyone can recompute from the file with hashlib."""
+    """128 bits of SHA-256 over [dtype, shape], a newline and the bytes, in sorted name order;
+    and the weights digest made of the whole of each: what anyone can recompute from the file
+    with hashlib."""
     model, _ = small_model()
-    path = ckptfmt.save(model, tmp_path / "m.safetensors")
+    state_dict = {**model.state_dict(), "tied.weight": model.state_dict()["cls_head.weight"]}
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, state_dict, {"format": "pt", "ckptfmt.format_version": "3"})
     header = read_header(path)
-    assert header.format_version == "3"
+    assert header.format_version == "3" and header.aliases == {"tied.weight": "cls_head.weight"}
     raw = base64.b64decode(header.metadata["ckptfmt.tensor_digests"])
     data = path.read_bytes()[header.data_offset:]
-    for number, name in enumerate(sorted(header.tensors)):
-        info = header.tensors[name]
-        record = json.dumps([info.dtype, list(info.shape)]).encode() + b"\n"
-        expected = hashlib.sha256(record + data[info.start:info.end]).digest()[:16]
-        assert raw[16 * number:16 * (number + 1)] == expected
-        assert info.digest == expected.hex()
+    weights = hashlib.sha256()
+    for name in sorted(state_dict):
+        info = header.tensors[header.aliases.get(name, name)]
+        record = [name, info.dtype, list(info.shape), info.nbytes]
+        if name in header.aliases:
+            weights.update(json.dumps([*record, info.name]).encode() + b"\n")
+            continue
+        own = hashlib.sha256(json.dumps([info.dtype, list(info.shape)]).encode() + b"\n" + data[info.start:info.end])
+        number = sorted(header.tensors).index(name)
+        assert raw[16 * number:16 * (number + 1)] == own.digest()[:16] and info.digest == own.hexdigest()[:32]
+        weights.update(json.dumps(record).encode() + b"\n" + own.digest())
     assert len(raw) == 16 * len(header.tensors)
+    assert header.weights_sha256 == weights.hexdigest() == ckptfmt.weights_digest(state_dict)
 
 
 def test_a_sharded_checkpoint_records_the_digests_in_each_shard(tmp_path):

@@ -1,7 +1,10 @@
-"""The canonical weights digest, `ckptfmt.weights_sha256`.
+"""The canonical weights digest, `ckptfmt.weights_sha256`, and each tensor's own digest.
 
 SHA-256 over the state dict's tensors in sorted name order, each contributing a JSON record
-`[name, dtype, shape, nbytes]` and a newline, then its raw bytes. A tied tensor (an alias of a
+`[name, dtype, shape, nbytes]` and a newline, then its own digest (format 3; formats 1 and 2:
+its raw bytes). A tensor's own digest is SHA-256 over the JSON record `[dtype, shape]`, a
+newline and its raw bytes, so each byte is hashed once, and the weights digest of a set of
+files can be put together from their tensors' digests. A tied tensor (an alias of a
 stored one, see `ckptfmt.aliases`) contributes the record `[name, dtype, shape, nbytes, stored
 name]` and no bytes: its bytes are the stored tensor's, already counted, so each byte of data is
 read once however many names a file ties to it. (Format 1, written by ckptfmt 0.1.0, counted an
@@ -10,10 +13,8 @@ multiply the work past the file's own size.) The file layout plays no part other
 weights give the same digest in any file, and a `.pth` can be compared with the `.safetensors`
 made from it. Standard library only: `verify` streams a file through it without torch.
 
-Each stored tensor also has its own digest (format 3, `ckptfmt.tensor_digests`): SHA-256 over
-the JSON record `[dtype, shape]`, a newline and its raw bytes, truncated to 16 bytes. It is
-computed in the same pass as the weights digest, so the writer reads nothing more. 128 bits
-keep an accidental match out of reach (2^-128 for a changed tensor) and a crafted one costly
+The header records each stored tensor's own digest, truncated to 16 bytes (format 3,
+`ckptfmt.tensor_digests`). 128 bits keep an accidental match out of reach (2^-128 for a changed tensor) and a crafted one costly
 (2^64 hashes for a colliding pair, 2^128 to match a given tensor), at 22 bytes a tensor in the
 header; the weights digest stays the full-strength check of the whole file. With them, `diff`
 compares two files by their headers, and a load that reads part of a file checks that part.
@@ -29,7 +30,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import HeaderError, IntegrityError
-from ..io.background import helpers
 from ..io.files import open_regular
 from .header import TENSOR_DIGEST_BYTES, Header, TensorInfo
 
@@ -44,22 +44,21 @@ __all__ = [
 ]
 
 _CHUNK = 8 << 20
-# Below this a chunk is hashed twice in turn: handing it to another thread costs more.
-_PARALLEL_FROM = 1 << 20
 
 
 class WeightsHasher:
     """Feeds tensors into the canonical digest: `begin` each tensor in sorted name order,
     then `update` with its raw bytes (any bytes-like object; hashlib reads it without a copy).
-    With `per_tensor`, each stored tensor's own digest is computed in the same pass, on a
-    helper thread (hashlib lets go of the GIL), and `tensor_digests` gives them.
+    `per_tensor` (format 3) hashes each stored tensor on its own and feeds the weights digest
+    its digest; `tensor_digests` gives them. Without it (formats 1 and 2) the bytes themselves
+    go into the weights digest.
     """
 
     def __init__(self, *, per_tensor: bool = False) -> None:
         self._sha = hashlib.sha256()
         self._previous: str | None = None
         self._tensors: dict[str, hashlib._Hash] | None = {} if per_tensor else None
-        self._tensor: hashlib._Hash | None = None
+        self._tensor: hashlib._Hash | None = None  # the stored tensor being fed (per_tensor)
 
     def begin(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> None:
         self._record([name, dtype, list(shape), nbytes])
@@ -70,25 +69,25 @@ class WeightsHasher:
         """A tied tensor: its record names the stored tensor, whose bytes are already counted."""
         self._record([name, dtype, list(shape), nbytes, stored])
 
+    def _end_tensor(self) -> None:
+        if self._tensor is not None:
+            self._sha.update(self._tensor.digest())
+            self._tensor = None
+
     def _record(self, record: list) -> None:
         name = record[0]
         if self._previous is not None and name <= self._previous:
             raise ValueError(f"tensors must come in sorted name order: {name!r} after {self._previous!r}")
+        self._end_tensor()
         self._previous = name
         self._sha.update(json.dumps(record).encode() + b"\n")
 
     def update(self, data) -> None:
-        if self._tensor is None:
-            self._sha.update(data)
-        elif memoryview(data).nbytes < _PARALLEL_FROM:
-            self._sha.update(data)
-            self._tensor.update(data)
-        else:
-            pending = helpers().submit(self._tensor.update, data)
-            self._sha.update(data)
-            pending.result()
+        (self._sha if self._tensor is None else self._tensor).update(data)
 
     def hexdigest(self) -> str:
+        """The weights digest, once every tensor has been fed."""
+        self._end_tensor()
         return self._sha.hexdigest()
 
     def tensor_digests(self) -> dict[str, bytes]:
@@ -123,6 +122,13 @@ def digest_file(header: Header) -> str:
         >>> digest_file(header) == header.weights_sha256
         True
     """
+    return _digest_pass(header).hexdigest()
+
+
+def _digest_pass(header: Header) -> WeightsHasher:
+    """The file's tensors fed through the digest of its format, each stored byte read once; a
+    file that names none has the newest (written by `write_safetensors` with metadata of
+    its own)."""
     aliases = header.aliases
     counts_alias_bytes = header.format_version == "1"
     if counts_alias_bytes:
@@ -135,7 +141,7 @@ def digest_file(header: Header) -> str:
                 "crafted. Re-create it from its source",
                 path=header.path,
             )
-    hasher = WeightsHasher()
+    hasher = WeightsHasher(per_tensor=header.format_version not in ("1", "2"))
     reader = _TensorReader(header)
     try:
         for name in sorted([*header.tensors, *aliases]):
@@ -148,7 +154,7 @@ def digest_file(header: Header) -> str:
             reader.feed(info, hasher.update, name)
     finally:
         reader.close()
-    return hasher.hexdigest()
+    return hasher
 
 
 class _TensorReader:
@@ -289,11 +295,12 @@ def check_digest(header: Header) -> str:
             "records no weights digest (not written by ckptfmt), so there is nothing to verify against",
             path=header.path,
         )
-    actual = digest_file(header)
+    hasher = _digest_pass(header)
+    actual = hasher.hexdigest()
     if actual != recorded:
-        # Read a second time, only when it fails: to name what changed, where the file can say.
-        named = all(info.digest is not None for info in header.tensors.values())
-        changed = _changed_tensors(header, header.tensors) if named else []
+        # The same pass gave each tensor's digest: what changed is named where the file records them.
+        changed = sorted(name for name, digest in hasher.tensor_digests().items()
+                         if header.tensors[name].digest not in (None, digest.hex()))
         raise IntegrityError(
             f"weights digest mismatch: the tensor data was changed or corrupted (recorded "
             f"{recorded[:12]}..., actual {actual[:12]}...)" + (f" in {_named(changed)}" if changed else "")

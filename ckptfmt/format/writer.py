@@ -114,7 +114,7 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         True
     """
     stored, aliases = split_aliases(state_dict)
-    hasher = WeightsHasher()
+    hasher = WeightsHasher(per_tensor=True)
     for name in sorted(state_dict):
         tensor = state_dict[name]
         nbytes = tensor.numel() * tensor.element_size()
