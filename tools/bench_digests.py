@@ -71,12 +71,12 @@ def bench_digests(work: Path, repeats: int, architecture: tuple[int, int]) -> li
         raise RuntimeError(f"diff did not name the changed tensor:\n{ours['stdout'][-2000:]}")
     for result in (in_process, read):
         result["in_process_s"] = _median_of(result, "in_process_s")
-    what = f"diff of two {gb(size)} checkpoints differing in one tensor (from their headers)"
+    what = f"of two {gb(size)} checkpoints differing in one tensor (from their headers)"
     return [
-        row("digests_diff", f"`ckptfmt {what}` vs `ckptfmt verify` of one (reads and hashes it whole): whole "
+        row("digests_diff", f"`ckptfmt diff` {what} vs `ckptfmt verify` of one (reads and hashes it whole): whole "
             "processes", ours, verify, "wall", target=("<=", 0.1)),
-        row("digests_diff_in_process", f"{what} vs a plain read of one (page cache warm): in-process", in_process,
-            read, "in_process", target=("<=", 0.1)),
+        row("digests_diff_in_process", f"`diff()` {what} vs a plain read of one (page cache warm): in-process",
+            in_process, read, "in_process", target=("<=", 0.1)),
         row("digests_diff_read", "`ckptfmt diff` vs a plain read of one: whole processes", ours, read, "wall"),
     ]
 
