@@ -142,13 +142,13 @@ def write_safetensors(
     """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
     The data is fsynced as it is written. Then, while the last of it goes to disk, it is read
-    back once: compared byte for byte with what it was written from, and streamed through the
-    canonical weights digest, which goes into `ckptfmt.weights_sha256` (unless `metadata`
-    already sets it), and each stored tensor through its own digest, which go into
-    `ckptfmt.tensor_digests` where they fit in the metadata cap. Only a file that matches takes
-    its name. Tied tensors (see
-    `split_aliases`) are stored once and listed in `ckptfmt.aliases`. Tensors are laid out by
-    decreasing item size, then name, so each starts aligned to its item size.
+    back once: compared byte for byte with what it was written from, and each stored tensor
+    hashed on its own; those digests go into `ckptfmt.tensor_digests` (where they fit in the
+    metadata cap) and make the canonical weights digest, which goes into
+    `ckptfmt.weights_sha256` (unless `metadata` already sets it). Only a file that matches takes
+    its name. Tied tensors (see `split_aliases`) are stored once and listed in
+    `ckptfmt.aliases`. Tensors are laid out by decreasing item size, then name, so each starts
+    aligned to its item size.
 
     Args:
         fill_in: placeholders (from `placeholder()`) that occur once in `metadata`'s values,
@@ -296,9 +296,8 @@ def _read_back(
     fd: int, path: Path, spans: dict, data: dict[str, Any], sizes: dict[str, int], aliases: dict[str, str],
 ) -> tuple[str, dict[str, bytes]]:
     """Read every tensor back in name order: compare it with what it was written from (memory,
-    or the source file's bytes), and feed it to the canonical digest and its own. Each stored
-    byte is read once, in chunks into bounded buffers. Returns the weights digest and each
-    stored tensor's."""
+    or the source file's bytes), and hash it (see `WeightsHasher`). Each stored byte is read
+    once, in chunks into bounded buffers. Returns the weights digest and each stored tensor's."""
     hasher = WeightsHasher(per_tensor=True)
     buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
     original = np.empty(_READ_CHUNK, dtype=np.uint8) if any(isinstance(d, tuple) for d in data.values()) else None
