@@ -33,7 +33,7 @@ from .errors import (
     Words,
 )
 from .format.companion import OPTIMIZER_SUFFIX, write_training_state
-from .format.digest import check_digest
+from .format.digest import verify_read
 from .format.index import is_index, parse_size, write_sharded
 from .format.metadata import build_metadata, provenance_record, training_record
 from .format.writer import DTYPE_NAMES, write_safetensors
@@ -297,16 +297,16 @@ def _build(
 ) -> torch.nn.Module:
     device = resolve_device(device, opened.path)
     dtype = resolve_dtype(dtype, opened.path)
-    if verify and opened.header is not None:
-        check_digest(opened.header)
     if opened.config is not None:
         logger.info("Using architecture: %s", opened.config.summary())
     if builder is not None:
-        model = _build_with(builder, opened)
+        model = _build_with(builder, opened, strict=strict)
     else:
         model = get_model_entry(opened.config.model_type).build_on_meta(opened.config.params)
     if opened.config is not None:
         remember_file_config(model, opened.config)  # the model is what its file's config describes
+    if verify and opened.header is not None:
+        verify_read(opened.header, [name for name in model.state_dict() if name in opened.source.shapes])
     state_dict = opened.source.tensors(device)
     if opened.header is not None:
         state_dict = collections.OrderedDict(state_dict)
@@ -334,9 +334,10 @@ def _build(
     return model.eval()
 
 
-def _build_with(builder: Callable[..., torch.nn.Module], opened: Resolution) -> torch.nn.Module:
+def _build_with(builder: Callable[..., torch.nn.Module], opened: Resolution, *, strict: bool) -> torch.nn.Module:
     """The model a user's builder makes (from the config's arguments, or from nothing for a
-    weights-only file), on the meta device where it can be, checked against the file."""
+    weights-only file), on the meta device where it can be, checked against the file (not
+    strict: its tensors that the file holds, a part of the file taken)."""
     kwargs = opened.config.get_model_params() if opened.config is not None else {}
     try:
         with torch.device("meta"):
@@ -345,7 +346,7 @@ def _build_with(builder: Callable[..., torch.nn.Module], opened: Resolution) -> 
         model = builder(**kwargs)  # a builder that computes on its tensors: built for real
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"the builder returned a {type(model).__name__}, not a torch.nn.Module", path=opened.path)
-    problems = check_state(module_state(model), opened.source.shapes, opened.source.dtypes())
+    problems = check_state(module_state(model), opened.source.shapes, opened.source.dtypes(), strict=strict)
     if problems:
         more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
         raise ShapeMismatchError(
@@ -373,9 +374,12 @@ def load_model(
         device: where the weights go; on the CPU they are memory-mapped, not copied.
         dtype: cast floating-point weights after loading: a torch.dtype or "fp16", "bf16",
             "fp32", ...
-        strict: every tensor must match, as in `load_state_dict`.
-        verify: check the weights digest first (reads the whole file once; off by default
-            so that loading stays a memory map).
+        strict: every tensor must match, as in `load_state_dict`; without it, a `builder`'s
+            model may take part of the file (a backbone out of a whole network).
+        verify: check the weights against their digests first (off by default so that loading
+            stays a memory map): the whole file's, or, when the model takes part of the file
+            (`strict=False`, a `builder`'s smaller model), the tensors it takes against their
+            own digests (format 3), so that only what is loaded is read.
         unsafe_pickle: for a legacy .pth only; allow arbitrary pickles (runs code from the file).
         builder: build the model with this instead of the registered architecture: called with
             the config's arguments, or with none for a file that has no config (weights only).

@@ -4,17 +4,27 @@ The config, the training record, the provenance (its dates are shown, not compar
 conversions of one file differ in nothing else) and every tensor. Tensors of the same name with
 another dtype are common tensors with a dtype change; `values` compares them after casting both
 to the wider type. "Identical" means all of it.
+
+Two files that record each tensor's digest (format 3) are compared by their headers: a tensor is
+identical when its recorded digests are, and no tensor data is read, nor torch imported, unless
+`values` asks for the differences of those that differ. The digests are taken as recorded;
+`verify` is what checks the data against them.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config.model_config import ModelConfig, config_differences
 from .errors import CheckpointNotFoundError
+
+if TYPE_CHECKING:
+    from .resolve import Source
 
 __all__ = ["diff"]
 
@@ -26,8 +36,22 @@ class _Side:
     config: ModelConfig | None
     training: dict[str, Any]
     provenance: dict[str, Any] | None  # None for a legacy file, which records none
-    state_dict: dict[str, Any]
+    source: Source
     sha256: str = ""  # a legacy file's own digest, which its conversion records as its source
+
+    @functools.cached_property
+    def state_dict(self) -> dict[str, Any]:
+        """The tensors, read (memory-mapped) only when a comparison needs their data."""
+        return self.source.tensors()
+
+    def digests(self) -> dict[str, str]:
+        """Each tensor's own digest that the header records, by name (ties included)."""
+        header = self.source.header
+        if header is None:
+            return {}
+        aliases = header.aliases
+        return {name: header.tensors[aliases.get(name, name)].digest for name in header.shapes()
+                if header.tensors[aliases.get(name, name)].digest is not None}
 
 
 def _read(path: Path) -> _Side:
@@ -40,7 +64,7 @@ def _read(path: Path) -> _Side:
     resolution = resolve(read_source(path, light=True), check=False)
     header = resolution.header
     return _Side(resolution.config, resolution.source.training, header.provenance() if header is not None else None,
-                 resolution.source.tensors(), resolution.legacy.sha256 if resolution.legacy is not None else "")
+                 resolution.source, resolution.legacy.sha256 if resolution.legacy is not None else "")
 
 
 def _converted_from(source: _Side, converted: _Side) -> bool:
@@ -73,6 +97,49 @@ def _shown(document: dict[str, Any], key: str) -> str:
     return repr(document[key]) if key in document else "(not set)"
 
 
+def _compare_tensors(a: _Side, b: _Side, values: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The common tensors whose shape changed, and each other common tensor's verdict: by the
+    digests both headers record where they do, by the bytes otherwise."""
+    shapes_a, shapes_b = a.source.shapes, b.source.shapes
+    dtypes_a, dtypes_b = a.source.dtypes(), b.source.dtypes()
+    digests_a, digests_b = a.digests(), b.digests()
+    changed, tensors = [], []
+    for name in sorted(set(shapes_a) & set(shapes_b)):
+        if shapes_a[name] != shapes_b[name]:
+            changed.append({"name": name, "a": [dtypes_a[name], list(shapes_a[name])],
+                            "b": [dtypes_b[name], list(shapes_b[name])]})
+            continue
+        entry: dict[str, Any] = {"name": name}
+        if dtypes_a[name] != dtypes_b[name]:
+            entry["dtype"] = [dtypes_a[name], dtypes_b[name]]
+            entry["identical"] = False
+        elif name in digests_a and name in digests_b:
+            entry["identical"] = digests_a[name] == digests_b[name]
+        else:
+            entry["identical"] = _same_bytes(a.state_dict[name], b.state_dict[name])
+        if values and not entry["identical"] and math.prod(shapes_a[name]):
+            entry["max_abs_diff"] = _max_abs_diff(a.state_dict[name], b.state_dict[name])
+        tensors.append(entry)
+    return changed, tensors
+
+
+def _same_bytes(ta: Any, tb: Any) -> bool:
+    import numpy as np
+
+    from .format.writer import tensor_bytes
+
+    return bool(np.array_equal(tensor_bytes(ta), tensor_bytes(tb)))
+
+
+def _max_abs_diff(ta: Any, tb: Any) -> float:
+    import torch
+
+    wider = torch.promote_types(ta.dtype, tb.dtype)
+    if wider.is_complex:
+        return float((ta.to(wider) - tb.to(wider)).abs().max())
+    return float((ta.to(wider).double() - tb.to(wider).double()).abs().max())
+
+
 def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) -> dict[str, Any]:
     """Compare two checkpoints, .pth or .safetensors in any mix: config, training record,
     provenance and weights.
@@ -90,11 +157,6 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) ->
         >>> d["identical"], d["differs_in"]
         (True, [])
     """
-    import numpy as np
-    import torch
-
-    from .format.writer import DTYPE_NAMES, tensor_bytes
-
     side_a, side_b = _read(Path(a)), _read(Path(b))
     if side_a.config is not None and side_b.config is not None:
         config = config_differences(side_a.config, side_b.config)
@@ -115,28 +177,9 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) ->
         created = [side.provenance.get("created_at") for side in (side_a, side_b)]
         if created[0] != created[1]:
             dates = {"a": created[0], "b": created[1]}
-    changed, tensors = [], []
-    for name in sorted(set(side_a.state_dict) & set(side_b.state_dict)):
-        ta, tb = side_a.state_dict[name], side_b.state_dict[name]
-        if ta.shape != tb.shape:
-            changed.append({"name": name, "a": [DTYPE_NAMES.get(ta.dtype, str(ta.dtype)), list(ta.shape)],
-                            "b": [DTYPE_NAMES.get(tb.dtype, str(tb.dtype)), list(tb.shape)]})
-            continue
-        entry: dict[str, Any] = {"name": name}
-        if ta.dtype != tb.dtype:
-            entry["dtype"] = [DTYPE_NAMES.get(ta.dtype, str(ta.dtype)), DTYPE_NAMES.get(tb.dtype, str(tb.dtype))]
-            entry["identical"] = False
-        else:
-            entry["identical"] = bool(np.array_equal(tensor_bytes(ta), tensor_bytes(tb)))
-        if values and not entry["identical"] and ta.numel():
-            wider = torch.promote_types(ta.dtype, tb.dtype)
-            if wider.is_complex:
-                entry["max_abs_diff"] = float((ta.to(wider) - tb.to(wider)).abs().max())
-            else:
-                entry["max_abs_diff"] = float((ta.to(wider).double() - tb.to(wider).double()).abs().max())
-        tensors.append(entry)
-    only_a = sorted(set(side_a.state_dict) - set(side_b.state_dict))
-    only_b = sorted(set(side_b.state_dict) - set(side_a.state_dict))
+    changed, tensors = _compare_tensors(side_a, side_b, values)
+    only_a = sorted(set(side_a.source.shapes) - set(side_b.source.shapes))
+    only_b = sorted(set(side_b.source.shapes) - set(side_a.source.shapes))
     weights_differ = bool(only_a or only_b or changed or not all(t["identical"] for t in tensors))
     differs_in = [part for part, differs in (("config", config), ("training record", training),
                                               ("provenance", provenance), ("weights", weights_differ)) if differs]

@@ -378,12 +378,14 @@ def resolve(
         get_model_entry(model_type)  # a name not registered is refused as such, before any other check
         overrides["model_type"] = model_type
     resolution = Resolution(source)
-    from .sources.layouts import candidate_prefixes
-
     shapes = source.shapes
+    prefixes = [""]
+    if source.legacy is not None:
+        from .sources.layouts import candidate_prefixes  # it imports torch, which a header needs not (diff)
+
+        prefixes = candidate_prefixes(shapes)
     asked = _Asked(config, overrides, model_type, identify, check, replace_sidecar, read_sidecar, shapes,
-                   source.dtypes(cast_to),
-                   candidate_prefixes(shapes) if source.legacy is not None else [""])
+                   source.dtypes(cast_to), prefixes)
     found = None
     for _, ask in CONFIG_SOURCES:
         found = ask(resolution, asked)

@@ -138,8 +138,11 @@ def main(work: Path) -> None:
                           "local_bytes": sum(t.to_local().numel() * t.element_size() if hasattr(t, "to_local") else
                                              t.numel() * t.element_size() for t in big.state_dict().values())}
     outputs(big, work / f"big_rank{rank}.safetensors")
+    before = memory()
     from_shards = ckptfmt.distributed.load_model(work / "big_sharded", mesh=mesh, verify=True)
+    report["verified_read"] = memory()["read"] - before["read"]
     outputs(from_shards, work / f"big_sharded_rank{rank}.safetensors")
+    report["damaged"] = error_of(lambda: ckptfmt.distributed.load_model(work / "damaged", mesh=mesh, verify=True))
 
     # A model the user sharded, along dim 1 where FSDP2 can (even sizes): slices that are not one
     # run of bytes.

@@ -77,7 +77,7 @@ def test_file_metadata_follows_the_format(tmp_path):
     path = save_model_with_config(model, tmp_path / "m.safetensors", config, epoch=4, metrics={"dice": 0.75})
     metadata = read_header(path).metadata
     assert metadata["format"] == "pt"
-    assert metadata["ckptfmt.format_version"] == "2"
+    assert metadata["ckptfmt.format_version"] == "3"
     assert json.loads(metadata["ckptfmt.config"]) == config.to_dict()
     assert json.loads(metadata["ckptfmt.training"]) == {"epoch": 4, "metrics": {"dice": 0.75}}
     provenance = json.loads(metadata["ckptfmt.provenance"])

@@ -26,7 +26,7 @@ from ckptfmt import LegacyCheckpointError, ModelConfig, UnsafePickleError, read_
 from ckptfmt.format.companion import read_training_state
 from ckptfmt.sources.dcp import read_dcp_metadata, read_dcp_state_dict
 
-from .helpers import ROOT, run_cli, state_dicts_bit_identical, write_dcp_folder
+from .helpers import ROOT, flip_byte, run_cli, state_dicts_bit_identical, write_dcp_folder
 from .security.crafted import edit_dcp_metadata
 
 WORLD = 2
@@ -81,6 +81,8 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
     optimizer.step()
     ckptfmt.save(small, work / "single/model.safetensors", optimizer=optimizer)
     torch.save(small.state_dict(), work / "single/model.pth")
+    damaged = ckptfmt.save(small, work / "damaged/model.safetensors")
+    flip_byte(damaged, 3)
     run_ranks(work)
     return work, [json.loads((work / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
@@ -191,6 +193,23 @@ def test_errors_on_rank_0_are_raised_on_every_rank(ranks):
         "type": "LegacyCheckpointError",
         "message": f"{work / 'single/model.pth'}: is a legacy checkpoint, which cannot be read in slices; convert it "
                    "first (`ckptfmt convert`), then load the .safetensors it gives",
+    }] * WORLD
+
+
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
+def test_verify_divides_the_tensor_checks_among_the_ranks(ranks):
+    """load_model(verify=True): each tensor is checked against its own digest by one rank, so a
+    rank reads about half the file to check it (not all of it) besides its own slices; a
+    damaged tensor fails every rank, named."""
+    work, reports = ranks
+    data = read_header(work / "big_sharded/model.safetensors.index.json").data_bytes
+    assert all(report["verified_read"] < 1.1 * data for report in reports), [r["verified_read"] for r in reports]
+    path = work / "damaged/model.safetensors"
+    damaged = max(read_header(path).tensors.values(), key=lambda info: info.end).name
+    assert [report["damaged"] for report in reports] == [{
+        "type": "IntegrityError",
+        "message": f"{path}: tensor '{damaged}' was changed or corrupted: its bytes do not match its digest in the "
+                   "header; restore the file from a good copy",
     }] * WORLD
 
 

@@ -25,7 +25,7 @@ def test_inspect_shows_config_training_provenance_tensors_and_sidecar(tmp_path):
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     assert lines[0] == f"file        {path}"
-    assert lines[2] == "format      ckptfmt 2"
+    assert lines[2] == "format      ckptfmt 3"
     assert "config      embedded" in lines and "  base_filters      4" in lines and "  depth             2" in lines
     assert "training    epoch 2; dice=0.5" in lines
     assert any(line.startswith("provenance  created ") for line in lines)

@@ -27,6 +27,9 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The measurements, in the order they run; `--only` picks some.
+STEPS = ("inspect", "load", "convert", "cast", "verify", "predict", "startup", "distributed", "many", "folder",
+         "sharded", "signatures", "digests")
 PYTHON = sys.executable
 
 
@@ -600,8 +603,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small files, 2 repeats: a smoke run")
     parser.add_argument("--repeats", type=int, help="fresh processes per measurement (default 5, quick 2)")
-    parser.add_argument("--only", help="comma-separated: inspect,load,convert,cast,verify,predict,startup,"
-                        "distributed,many,folder,sharded,signatures")
+    parser.add_argument("--only", help=f"comma-separated: {','.join(STEPS)}")
     parser.add_argument("--device", default="cpu", help="device for the predict benchmark")
     parser.add_argument("--predict-config", default=None, help="base_filters,depth for predict (default 64,4; quick 8,3)")
     parser.add_argument("--compile", action="store_true", help="also time predict with torch.compile (CUDA)")
@@ -611,8 +613,7 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     repeats = args.repeats or (2 if args.quick else 5)
-    selected = set((args.only or "inspect,load,convert,cast,verify,predict,startup,distributed,many,folder,sharded,"
-                    "signatures").split(","))
+    selected = set(args.only.split(",") if args.only else STEPS)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ckptfmt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"files in {work}", file=sys.stderr)
@@ -637,6 +638,8 @@ def main() -> int:
         files["predict"] = make_unet_files(work, *predict_arch)
         files["predict_arch"] = f"base_filters={predict_arch[0]}, depth={predict_arch[1]}"
 
+    from tools.bench_digests import bench_digests
+
     rows = []
     steps = [
         ("inspect", lambda: bench_inspect(work, files, repeats)),
@@ -652,6 +655,7 @@ def main() -> int:
         ("folder", lambda: bench_inspect_folder(work, repeats, (50, 100, 200) if args.quick else (500, 1000, 2000))),
         ("sharded", lambda: bench_sharded(work, files, repeats)),
         ("signatures", lambda: bench_signatures(work, repeats)),
+        ("digests", lambda: bench_digests(work, repeats, big)),
     ]
     for name, step in steps:
         if name in selected:

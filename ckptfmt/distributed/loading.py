@@ -80,7 +80,7 @@ def load_model(
             to it; it shards the model in place. By default FSDP2 on each top-level child and
             the root (`shard_model`). Pass your own for another policy: a `fully_shard` with a
             `shard_placement_fn`, a mixed-precision policy, tensor parallelism.
-        verify: check the weights digest first (each rank reads the whole file once).
+        verify: check the tensors against their digests first (see `load_into`).
         **overrides: config fields to change, checked against the weights before building.
 
     Raises:
@@ -107,10 +107,6 @@ def load_model(
             path=path,
         )
     opened = open_checkpoint(path, overrides=overrides)
-    if verify:
-        from ..format.digest import check_digest
-
-        check_digest(opened.header)
     model = get_model_entry(opened.config.model_type).build_on_meta(opened.config.params)
     state = model.state_dict()
     unsaved = [name for name, _ in model.named_buffers() if name not in state]
@@ -125,7 +121,7 @@ def load_model(
     shard(model, mesh)
     model.to_empty(device=mesh.device_type)
     with torch.no_grad():
-        load_into(model, opened.path)
+        load_into(model, opened.path, verify=verify)
     return model.eval()
 
 
@@ -144,7 +140,10 @@ def load_into(model: torch.nn.Module, checkpoint_path: str | os.PathLike, *, str
         checkpoint_path: a .safetensors file, a sharded checkpoint's index, or their folder.
         strict: every tensor of the model must be in the file and every tensor of the file
             in the model, as in `load_state_dict`.
-        verify: check the weights digest first (each rank reads the whole file once).
+        verify: check what is read first: each tensor that a rank reads against its own
+            digest, the checks divided among the ranks that read it, so that together they
+            read each byte once; or, for a file that records no tensor digests (format 1
+            or 2), the whole file's digest on each rank.
 
     Raises:
         ShapeMismatchError: a tensor is missing, unexpected, or of another shape or kind.
@@ -167,10 +166,6 @@ def load_into(model: torch.nn.Module, checkpoint_path: str | os.PathLike, *, str
 
     path = resolve_checkpoint_path(checkpoint_path)
     header = read_header(path)
-    if verify:
-        from ..format.digest import check_digest
-
-        check_digest(header)
     targets = get_model_state_dict(model)
     held = {name: (tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype))) for name, t in targets.items()}
     problems = check_state(held, header.shapes(), header.dtypes(), strict=strict)
@@ -182,6 +177,8 @@ def load_into(model: torch.nn.Module, checkpoint_path: str | os.PathLike, *, str
             path=path,
         )
     aliases = header.aliases
+    if verify:
+        _verify_reads(header, [aliases.get(n, n) for n in targets if aliases.get(n, n) in header.tensors])
     reader = _SliceReader()
     try:
         with torch.no_grad():
@@ -198,6 +195,30 @@ def load_into(model: torch.nn.Module, checkpoint_path: str | os.PathLike, *, str
     finally:
         reader.close()
     set_model_state_dict(model, targets, options=StateDictOptions(strict=strict))
+
+
+def _verify_reads(header: Header, names: list[str]) -> None:
+    """`verify=True` of `load_into`: the tensors the ranks read, each checked by one rank; an
+    error on any rank is raised on every rank, so that none waits in a collective."""
+    import torch.distributed as dist
+
+    from ..format.digest import check_tensors, divide_checks, verify_read
+
+    if not dist.is_initialized() or any(info.digest is None for info in header.tensors.values()):
+        verify_read(header, names)
+        return
+    reads: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reads, names)
+    failure = None
+    try:
+        check_tensors(header, divide_checks(header, reads)[dist.get_rank()])
+    except errors.CkptfmtError as exc:
+        failure = (exc.message, exc.path)
+    failures: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    for found in failures:
+        if found is not None:
+            raise errors.IntegrityError(found[0], path=found[1])
 
 
 def _local_box(tensor: Any, name: str, path: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:

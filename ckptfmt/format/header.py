@@ -11,6 +11,8 @@ the embedded JSON documents, NaN, Infinity, huge integers and deep nesting are a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import struct
@@ -32,28 +34,36 @@ __all__ = [
     "KEY_FORMAT_VERSION",
     "KEY_SHARD",
     "KEY_OPTIMIZER",
+    "KEY_TENSOR_DIGESTS",
     "KEY_PROVENANCE",
     "KEY_TRAINING",
     "KEY_WEIGHTS_SHA256",
+    "TENSOR_DIGEST_BYTES",
     "TensorInfo",
     "check_format_version",
     "check_metadata",
     "check_tensor_name",
     "looks_like_safetensors",
+    "metadata_size",
     "read_header",
     "read_index",
     "shard_of",
 ]
 
 # 2: a tied tensor's digest record names the tensor it is tied to instead of counting its bytes
-# again (see digest.py). Files of format 1 (ckptfmt 0.1.0) are read as they are.
-FORMAT_VERSION = "2"
+# again (see digest.py). 3: the header records a digest of each stored tensor
+# (`ckptfmt.tensor_digests`). Files of formats 1 and 2 are read as they are.
+FORMAT_VERSION = "3"
 KEY_FORMAT = "format"
 KEY_FORMAT_VERSION = "ckptfmt.format_version"
 KEY_CONFIG = "ckptfmt.config"
 KEY_TRAINING = "ckptfmt.training"
 KEY_PROVENANCE = "ckptfmt.provenance"
 KEY_WEIGHTS_SHA256 = "ckptfmt.weights_sha256"
+# Each stored tensor's digest, truncated to TENSOR_DIGEST_BYTES, concatenated in sorted name
+# order, as one base64 string (see digest.py): about 22 bytes of metadata a tensor.
+KEY_TENSOR_DIGESTS = "ckptfmt.tensor_digests"
+TENSOR_DIGEST_BYTES = 16
 # Tied tensors are stored once; each alias names the stored tensor it shares memory with.
 KEY_ALIASES = "ckptfmt.aliases"
 # Marks an optimizer-state companion file and holds its non-tensor structure.
@@ -89,6 +99,7 @@ class TensorInfo:
     end: int
     file: Path | None = None
     base: int = 0
+    digest: str | None = None  # its own digest (hex, see digest.py) where the file records one
 
     @property
     def nbytes(self) -> int:
@@ -279,7 +290,8 @@ def _read_file_header(path: Path) -> Header:
         raise HeaderError("header is not a JSON object", path=path)
     metadata = check_metadata(document.pop("__metadata__", {}), path)
     check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
-    tensors = _check_tensors(document, file_size - 8 - header_len, path, 8 + header_len)
+    digests = _tensor_digests(metadata, document, path)
+    tensors = _check_tensors(document, file_size - 8 - header_len, path, 8 + header_len, digests)
     return Header(path, file_size, 8 + header_len, tensors, metadata, (path,))
 
 
@@ -288,7 +300,6 @@ def check_metadata(metadata: Any, path: Path | None) -> dict[str, str]:
     valid Unicode (no lone surrogate), at most 1 MiB in all."""
     if not isinstance(metadata, dict):
         raise HeaderError("__metadata__ is not a JSON object", path=path)
-    total = 0
     for key, value in metadata.items():
         if not isinstance(value, str):
             shown = "null" if value is None else type(value).__name__
@@ -306,12 +317,41 @@ def check_metadata(metadata: Any, path: Path | None) -> dict[str, str]:
                 "refuses to read",
                 path=path,
             )
-        total += len(key.encode()) + len(value.encode())
+    total = metadata_size(metadata)
     if total > MAX_METADATA_BYTES:
         raise HeaderError(
             f"metadata is {total} bytes, over the {MAX_METADATA_BYTES}-byte limit", path=path
         )
     return metadata
+
+
+def metadata_size(metadata: dict[str, str]) -> int:
+    """The bytes that count against the metadata cap: each key and value, UTF-8."""
+    # surrogatepass: the writer sizes metadata before check_metadata refuses a lone surrogate.
+    return sum(len(text.encode(errors="surrogatepass")) for item in metadata.items() for text in item)
+
+
+def _tensor_digests(metadata: dict[str, str], tensors: dict[str, Any], path: Path) -> dict[str, str]:
+    """Each stored tensor's own digest (hex) by name, from `ckptfmt.tensor_digests`; empty
+    for a file that records none (formats 1 and 2, files not written by ckptfmt)."""
+    text = metadata.get(KEY_TENSOR_DIGESTS)
+    if text is None:
+        return {}
+    names = sorted(tensors)
+    size = TENSOR_DIGEST_BYTES
+    raw = b""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    if len(raw) != size * len(names) or base64.b64encode(raw).decode() != text:
+        raise HeaderError(
+            f"metadata {KEY_TENSOR_DIGESTS!r} is not the {len(names)} tensor digests this file's tensors need "
+            f"({4 * -(-size * len(names) // 3)} base64 characters, it has {len(text)}); the file is damaged, "
+            "re-create it from its source",
+            path=path,
+        )
+    return {name: raw[i * size:(i + 1) * size].hex() for i, name in enumerate(names)}
 
 
 def check_format_version(version: str | None, path: Path) -> None:
@@ -335,7 +375,8 @@ def check_format_version(version: str | None, path: Path) -> None:
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 
 
-def _check_tensors(document: dict[str, Any], data_size: int, path: Path, data_start: int) -> dict[str, TensorInfo]:
+def _check_tensors(document: dict[str, Any], data_size: int, path: Path, data_start: int,
+                   digests: dict[str, str]) -> dict[str, TensorInfo]:
     entries = []
     numbers: list = []  # every size and offset of every tensor, checked at once: thousands of tensors cost ~1 ms
     for name, entry in document.items():
@@ -367,7 +408,7 @@ def _check_tensors(document: dict[str, Any], data_size: int, path: Path, data_st
                 f"data_offsets span {end - start}",
                 path=path,
             )
-        infos.append(TensorInfo(name, dtype, tuple(shape), start, end, path, data_start))
+        infos.append(TensorInfo(name, dtype, tuple(shape), start, end, path, data_start, digests.get(name)))
     position = 0
     for info in sorted(infos, key=lambda i: (i.start, i.end)):
         if info.start != position:

@@ -23,8 +23,20 @@ import torch
 from ..errors import HeaderError, IntegrityError
 from ..io.atomic import atomic_write, write_all
 from ..io.background import helpers
-from .digest import WeightsHasher
-from .header import DTYPE_SIZES, KEY_ALIASES, KEY_WEIGHTS_SHA256, Header, check_metadata, check_tensor_name, read_header
+from .digest import WeightsHasher, encode_tensor_digests
+from .header import (
+    DTYPE_SIZES,
+    KEY_ALIASES,
+    KEY_TENSOR_DIGESTS,
+    KEY_WEIGHTS_SHA256,
+    MAX_METADATA_BYTES,
+    TENSOR_DIGEST_BYTES,
+    Header,
+    check_metadata,
+    check_tensor_name,
+    metadata_size,
+    read_header,
+)
 
 __all__ = [
     "DTYPE_NAMES",
@@ -102,7 +114,7 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         True
     """
     stored, aliases = split_aliases(state_dict)
-    hasher = WeightsHasher()
+    hasher = WeightsHasher(per_tensor=True)
     for name in sorted(state_dict):
         tensor = state_dict[name]
         nbytes = tensor.numel() * tensor.element_size()
@@ -115,10 +127,11 @@ def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def placeholder() -> str:
-    """A unique stand-in, as long as a sha256 hex digest, for a metadata value that is only
-    known once the data is written (see `write_safetensors`' `fill_in`)."""
-    return os.urandom(32).hex()
+def placeholder(length: int = 64) -> str:
+    """A unique stand-in for a metadata value that is only known once the data is written, as
+    long as that value will be (a sha256 hex digest by default; see `write_safetensors`'
+    `fill_in`)."""
+    return os.urandom(length // 2 + 1).hex()[:length]
 
 
 def write_safetensors(
@@ -129,16 +142,18 @@ def write_safetensors(
     """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
     The data is fsynced as it is written. Then, while the last of it goes to disk, it is read
-    back once: compared byte for byte with what it was written from, and streamed through the
-    canonical weights digest, which goes into `ckptfmt.weights_sha256` (unless `metadata`
-    already sets it). Only a file that matches takes its name. Tied tensors (see
-    `split_aliases`) are stored once and listed in `ckptfmt.aliases`. Tensors are laid out by
-    decreasing item size, then name, so each starts aligned to its item size.
+    back once: compared byte for byte with what it was written from, and each stored tensor
+    hashed on its own; those digests go into `ckptfmt.tensor_digests` (where they fit in the
+    metadata cap) and make the canonical weights digest, which goes into
+    `ckptfmt.weights_sha256` (unless `metadata` already sets it). Only a file that matches takes
+    its name. Tied tensors (see `split_aliases`) are stored once and listed in
+    `ckptfmt.aliases`. Tensors are laid out by decreasing item size, then name, so each starts
+    aligned to its item size.
 
     Args:
         fill_in: placeholders (from `placeholder()`) that occur once in `metadata`'s values,
-            each with a future of its 64-character value, written into the header once the
-            data is: lets a caller hash its source while this writes.
+            each with a future of its value (as long as the placeholder), written into the
+            header once the data is: lets a caller hash its source while this writes.
         sources: for tensors whose bytes lie contiguous in another file (a memory-mapped
             `.pth`), `{name: (descriptor, offset)}`: their bytes are copied from there by the
             kernel and compared with it, and their memory is never touched, so converting a
@@ -156,7 +171,7 @@ def write_safetensors(
     for name in tensors:
         check_tensor_name(name, path)
     stored, aliases = split_aliases(tensors)
-    metadata, digest_stand_in = _metadata_to_write(metadata, aliases)
+    metadata, stand_ins = _metadata_to_write(metadata, aliases, len(stored))
     # Nothing is written that the reader, and so `verify`, would refuse.
     check_metadata(metadata, path)
     order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
@@ -164,7 +179,7 @@ def write_safetensors(
     data = {name: (sources[name] if name in sources else tensor_bytes(stored[name])) for name in order}
     sizes = {name: stored[name].numel() * stored[name].element_size() for name in order}
     header, encoded = _encoded_header(metadata, stored, order, sizes)
-    positions = _placeholder_positions(encoded, [*(fill_in or {}), *([digest_stand_in] if digest_stand_in else [])])
+    positions = _placeholder_positions(encoded, [*(fill_in or {}), *stand_ins.values()])
     data_start = 8 + len(encoded)
     spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
     with atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
@@ -172,28 +187,40 @@ def write_safetensors(
         syncing: list[Future] = []
         try:
             _write_data(fd, order, data, sizes, syncing)
-            digest = _read_back(fd, path, spans, data, sizes, aliases)
+            digest, tensor_digests = _read_back(fd, path, spans, data, sizes, aliases)
         finally:
             for future in syncing:  # none may outlive the descriptor it syncs
                 future.result()
         values = {stand_in: future.result() for stand_in, future in (fill_in or {}).items()}
-        if digest_stand_in:
-            values[digest_stand_in] = digest
+        computed = {KEY_WEIGHTS_SHA256: digest, KEY_TENSOR_DIGESTS: encode_tensor_digests(tensor_digests)}
+        values.update({stand_in: computed[key] for key, stand_in in stand_ins.items()})
         for stand_in, value in values.items():
+            if len(value) != len(stand_in):
+                raise ValueError(f"the value filled in for placeholder {stand_in!r} is not as long as it")
             os.pwrite(fd, value.encode(), positions[stand_in])
     return digest
 
 
-def _metadata_to_write(metadata: Mapping[str, str], aliases: dict[str, str]) -> tuple[dict[str, str], str | None]:
-    """`metadata` with the ties recorded and, unless it sets the weights digest, a placeholder
-    for it (returned too: the digest is only known once the data is read back)."""
+def _metadata_to_write(metadata: Mapping[str, str], aliases: dict[str, str],
+                       stored: int) -> tuple[dict[str, str], dict[str, str]]:
+    """`metadata` with the ties recorded and placeholders for the digests it does not set
+    (returned too, by key: the digests are only known once the data is read back). The
+    tensors' digests, whose length follows from their count, are left out where they would
+    take the metadata past its cap (tens of thousands of tensors in one file): the weights
+    digest still covers them."""
     metadata = dict(metadata)
     if aliases:
         metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
-    digest_stand_in = None
+    stand_ins = {}
     if KEY_WEIGHTS_SHA256 not in metadata:
-        metadata[KEY_WEIGHTS_SHA256] = digest_stand_in = placeholder()
-    return metadata, digest_stand_in
+        metadata[KEY_WEIGHTS_SHA256] = stand_ins[KEY_WEIGHTS_SHA256] = placeholder()
+    length = 4 * -(-stored * TENSOR_DIGEST_BYTES // 3)  # base64's
+    fits = metadata_size(metadata) + len(KEY_TENSOR_DIGESTS) + length <= MAX_METADATA_BYTES
+    if KEY_TENSOR_DIGESTS not in metadata and fits:
+        if stored:
+            stand_ins[KEY_TENSOR_DIGESTS] = placeholder(length)
+        metadata[KEY_TENSOR_DIGESTS] = stand_ins.get(KEY_TENSOR_DIGESTS, "")
+    return metadata, stand_ins
 
 
 def _encoded_header(metadata: dict[str, str], stored: Mapping[str, torch.Tensor], order: list[str],
@@ -217,8 +244,8 @@ def _placeholder_positions(encoded: bytes, stand_ins: list[str]) -> dict[str, in
     """Where in the file each placeholder's value is to be written."""
     positions = {}
     for stand_in in stand_ins:
-        if len(stand_in) != 64 or encoded.count(stand_in.encode()) != 1:
-            raise ValueError(f"fill_in placeholder {stand_in!r} must be 64 characters and occur once")
+        if len(stand_in) < 16 or encoded.count(stand_in.encode()) != 1:
+            raise ValueError(f"fill_in placeholder {stand_in!r} must be 16 characters or more and occur once")
         positions[stand_in] = 8 + encoded.index(stand_in.encode())
     return positions
 
@@ -267,11 +294,11 @@ def _copy_range(source: tuple[int, int], fd: int, size: int) -> None:
 
 def _read_back(
     fd: int, path: Path, spans: dict, data: dict[str, Any], sizes: dict[str, int], aliases: dict[str, str],
-) -> str:
+) -> tuple[str, dict[str, bytes]]:
     """Read every tensor back in name order: compare it with what it was written from (memory,
-    or the source file's bytes), and feed it to the canonical digest. Each stored byte is read
-    once, in chunks into bounded buffers."""
-    hasher = WeightsHasher()
+    or the source file's bytes), and hash it (see `WeightsHasher`). Each stored byte is read
+    once, in chunks into bounded buffers. Returns the weights digest and each stored tensor's."""
+    hasher = WeightsHasher(per_tensor=True)
     buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
     original = np.empty(_READ_CHUNK, dtype=np.uint8) if any(isinstance(d, tuple) for d in data.values()) else None
     for name in sorted([*spans, *aliases]):
@@ -300,7 +327,7 @@ def _read_back(
                 )
             hasher.update(buffer[:want])
             done += want
-    return hasher.hexdigest()
+    return hasher.hexdigest(), hasher.tensor_digests()
 
 
 def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

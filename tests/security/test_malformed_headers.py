@@ -193,8 +193,10 @@ def test_tied_alias_pointing_nowhere(tmp_path):
 @pytest.mark.parametrize(
     "version, message",
     [
-        ("999", "written by a newer ckptfmt (format 999); this one reads up to format 2. Upgrade ckptfmt "
+        ("999", "written by a newer ckptfmt (format 999); this one reads up to format 3. Upgrade ckptfmt "
                 "(pip install -U ckptfmt)"),
+        ("4", "written by a newer ckptfmt (format 4); this one reads up to format 3. Upgrade ckptfmt "
+              "(pip install -U ckptfmt)"),
         ("-1", "metadata 'ckptfmt.format_version' is '-1', not a format version number; the file is damaged "
                "or was not written by ckptfmt"),
         ("2.0", "metadata 'ckptfmt.format_version' is '2.0', not a format version number; the file is "
