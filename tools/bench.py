@@ -580,23 +580,23 @@ def row(name: str, what: str, ours: dict, baseline: dict | None, metric: str, ta
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small files, 2 repeats: a smoke run")
     parser.add_argument("--repeats", type=int, help="fresh processes per measurement (default 5, quick 2)")
     parser.add_argument("--only", help="comma-separated: inspect,load,convert,verify,predict,startup,distributed,"
-                        "many,folder,sharded,signatures")
+                        "many,folder,sharded,signatures,training")
     parser.add_argument("--device", default="cpu", help="device for the predict benchmark")
     parser.add_argument("--predict-config", default=None, help="base_filters,depth for predict (default 64,4; quick 8,3)")
     parser.add_argument("--compile", action="store_true", help="also time predict with torch.compile (CUDA)")
     parser.add_argument("--batch", type=int, default=None, help="predict batch size (default 8 on CPU, 32 on CUDA)")
     parser.add_argument("--json", dest="json_path", type=Path, default=ROOT / "bench-results/bench.json")
     parser.add_argument("--workdir", type=Path, help="where the test files go (default: a temp folder)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     repeats = args.repeats or (2 if args.quick else 5)
     selected = set((args.only or "inspect,load,convert,verify,predict,startup,distributed,many,folder,sharded,"
-                    "signatures").split(","))
+                    "signatures,training").split(","))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ckptfmt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"files in {work}", file=sys.stderr)
@@ -621,6 +621,8 @@ def main() -> int:
         files["predict"] = make_unet_files(work, *predict_arch)
         files["predict_arch"] = f"base_filters={predict_arch[0]}, depth={predict_arch[1]}"
 
+    from tools.bench_training import bench_training  # a module of its own, beside this one
+
     rows = []
     steps = [
         ("inspect", lambda: bench_inspect(work, files, repeats)),
@@ -635,6 +637,7 @@ def main() -> int:
         ("folder", lambda: bench_inspect_folder(work, repeats, (50, 100, 200) if args.quick else (500, 1000, 2000))),
         ("sharded", lambda: bench_sharded(work, files, repeats)),
         ("signatures", lambda: bench_signatures(work, repeats)),
+        ("training", lambda: bench_training(work, min(repeats, 3), (32, 4) if args.quick else (90, 5))),
     ]
     for name, step in steps:
         if name in selected:
