@@ -44,14 +44,16 @@ def blocked(start_save):
     return returned, time.perf_counter() - start
 
 for round in range(rounds + 1):
-    shutil.rmtree(out / "round", ignore_errors=True)
+    shutil.rmtree(out / f"round-{round - 1}", ignore_errors=True)
+    folder = out / f"round-{round}"
     os.sync()
     start = time.perf_counter()
-    ckptfmt.save(model, out / "round/blocking.safetensors")
+    ckptfmt.save(model, folder / "blocking.safetensors")
     blocking = time.perf_counter() - start
-    asynchronous, asynchronous_done = blocked(lambda: ckptfmt.async_save(model, out / "round/async.safetensors"))
+    asynchronous, asynchronous_done = blocked(lambda: ckptfmt.async_save(model, folder / "async.safetensors"))
     dcp_returned, dcp_done = blocked(lambda: dcp.async_save(
-        model.state_dict(), storage_writer=dcp.FileSystemWriter(out / "round/dcp"), no_dist=True))
+        model.state_dict(), storage_writer=dcp.FileSystemWriter(folder / "dcp"), no_dist=True))
+    assert (folder / "dcp/.metadata").exists()
     if round == 0:
         first_async = asynchronous
         continue
@@ -59,11 +61,11 @@ for round in range(rounds + 1):
                         ("dcp", dcp_returned), ("dcp_done", dcp_done)):
         times[name].append(value)
 
-written, expected = load_file(out / "round/async.safetensors"), load_file(out / "round/blocking.safetensors")
+written, expected = load_file(folder / "async.safetensors"), load_file(folder / "blocking.safetensors")
 identical = written.keys() == expected.keys() and all(
     tensor_bytes(written[k]).tobytes() == tensor_bytes(expected[k]).tobytes() for k in expected)
 print(json.dumps({"times": times, "first_async": first_async, "identical": identical,
-                  "size": (out / "round/blocking.safetensors").stat().st_size}))
+                  "size": (folder / "blocking.safetensors").stat().st_size}))
 """
 
 
