@@ -17,8 +17,11 @@ A buffer serves one save at a time: `StagingBuffer.take()` lends one (the idle o
 save gave back, else a new one), `give_back()` returns it once its save has written. One idle
 buffer is kept, so memory stays at one copy of the state per save in flight.
 
-This is the one snapshot of ckptfmt's background saves: `ckptfmt.async_save`, the
-`CheckpointManager`'s asynchronous saves, and `ckptfmt.distributed`'s, each rank its own tensors.
+This is the one snapshot of ckptfmt's background saves (`ckptfmt.async_save`, a
+`CheckpointManager`'s with `asynchronous=True`). A save of a model sharded across ranks takes it
+for each rank's own tensors (`DTensor.to_local()`): `saving_async.in_background(path, state,
+write)` snapshots `state` with it and runs `write(copy)` with the waiting, error reporting and
+wait at exit of the others.
 """
 
 from __future__ import annotations
