@@ -22,6 +22,8 @@ _EXPORTS = {
     "register_model": "config.registry",
     "registered_model_types": "config.registry",
     "save": "checkpoint",
+    "async_save": "saving_async",
+    "CheckpointManager": "manager",
     "save_model_with_config": "checkpoint",
     "load_model": "checkpoint",
     "load_model_with_config": "checkpoint",
@@ -107,6 +109,8 @@ if TYPE_CHECKING:
     from .format.header import read_header
     from .format.writer import read_state_dict, weights_digest
     from .inspect import inspect_checkpoint
+    from .manager import CheckpointManager
     from .predict import MultiTaskPredictor, Predictor
+    from .saving_async import async_save
     from .sources.identify import identify, infer_model_config
     from .verifier import verify

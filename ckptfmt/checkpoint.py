@@ -46,6 +46,7 @@ __all__ = [
     "open_checkpoint",
     "resolve_device",
     "resolve_dtype",
+    "safetensors_path",
     "save",
     "save_model_with_config",
 ]
@@ -134,6 +135,8 @@ def save(
     overwrite: bool = False,
     max_shard_size: int | str | None = None,
     state_dict: Mapping[str, torch.Tensor] | None = None,
+    global_step: int | None = None,
+    extra: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> Path:
     """Save a model of a registered architecture: the short form of `save_model_with_config`.
@@ -143,21 +146,19 @@ def save(
             class_names, normalization, seg_threshold, ...), added to the arguments the model
             was built with (or to `config`).
         state_dict: the tensors to write in place of `model.state_dict()`: a sharded model's
-            full state dict, gathered by `ckptfmt.distributed.save`.
+            full state dict, gathered by `ckptfmt.distributed.save`, or a snapshot taken by
+            `ckptfmt.async_save`.
+        global_step: the optimizer steps taken, kept in the training record beside `epoch`.
+        extra: other training state to keep in the companion beside the optimizer's (JSON
+            values and tensors, as `optimizer` takes): a trainer's loop counters, its
+            callbacks' state; `read_training_state(companion)["extra"]` gives it back.
 
     Example:
         >>> model = MLP(width=64)                        # a class under @register_model("mlp")
         >>> ckptfmt.save(model, "mlp.safetensors", description="baseline", epoch=3)
         PosixPath('mlp.safetensors')
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        real = path.with_suffix(".safetensors")
-        warnings.warn(
-            f"{path}: checkpoints are written as safetensors, not pickled; writing {real}",
-            CkptfmtWarning, stacklevel=3,
-        )
-        path = real
+    path = safetensors_path(path, stacklevel=4)
     config = _config_to_save(model, config, fields, path)
     state_dict = dict(state_dict) if state_dict is not None else unwrap_model(model).state_dict()
     shard_size = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -168,14 +169,14 @@ def save(
         dtypes={n: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for n, t in state_dict.items()}, path=path,
     )
     companion = path.with_name(path.name.split(".safetensors")[0] + OPTIMIZER_SUFFIX)
-    states = {name: state for name, state in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
-              if state is not None}
+    states = {name: state for name, state in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler),
+                                              ("extra", extra)) if state is not None}
     check_writable(path, overwrite=overwrite)
     if states:
         check_writable(companion, overwrite=overwrite)
     check_sidecar_accepts(path.parent, config, overwrite=overwrite)
 
-    training = training_record(epoch, metrics, path=path)
+    training = training_record(epoch, metrics, global_step=global_step, path=path)
     if states:
         training["optimizer"] = write_training_state(companion, states, overwrite=overwrite)
     metadata = build_metadata(config, training=training, provenance=provenance_record())
@@ -185,6 +186,23 @@ def save(
         digest = write_safetensors(path, state_dict, metadata, overwrite=overwrite)
     write_sidecar(path.parent, config, path.name, digest, overwrite=overwrite)
     return path
+
+
+def safetensors_path(path: str | os.PathLike, *, stacklevel: int = 2) -> Path:
+    """The path a checkpoint is written to: `path`, or a `.pth` (any other suffix) name as
+    `.safetensors`, with a CkptfmtWarning naming it, issued `stacklevel` frames up.
+
+    Example:
+        >>> safetensors_path("runs/best_model.pth")          # warns: writing runs/best_model.safetensors
+        PosixPath('runs/best_model.safetensors')
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return path
+    real = path.with_suffix(".safetensors")
+    warnings.warn(f"{path}: checkpoints are written as safetensors, not pickled; writing {real}",
+                  CkptfmtWarning, stacklevel=stacklevel)
+    return real
 
 
 def _config_to_save(model: torch.nn.Module, config: ModelConfig | None, fields: dict[str, Any], path: Path) -> ModelConfig:

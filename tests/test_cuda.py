@@ -55,3 +55,23 @@ def test_bf16_is_honoured_or_refused_clearly(demo_model):
     else:
         with pytest.raises(ckptfmt.DeviceError, match="precision bf16 is not supported"):
             MultiTaskPredictor(demo_model, precision="bf16")
+
+
+def test_an_async_save_of_a_cuda_model_stages_in_pinned_memory_and_writes_the_state_of_the_call(tmp_path):
+    from ckptfmt.staging import StagingBuffer
+
+    from .helpers import small_model
+
+    model = small_model(base_filters=8, depth=3)[0].cuda().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    seg, cls = model(torch.rand(2, 1, 16, 16, device="cuda"))
+    (seg.mean() + cls.mean()).backward()
+    optimizer.step()
+    blocking = ckptfmt.save(model, tmp_path / "blocking/model.safetensors", optimizer=optimizer)
+    future = ckptfmt.async_save(model, tmp_path / "async/model.safetensors", optimizer=optimizer)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(-1)
+    assert ckptfmt.read_header(future.result()).weights_sha256 == ckptfmt.read_header(blocking).weights_sha256
+    copy = StagingBuffer().snapshot(model.state_dict())
+    assert all(tensor.is_pinned() and tensor.device.type == "cpu" for tensor in copy.values())

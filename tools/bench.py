@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The measurements, in the order they run; `--only` picks some.
 STEPS = ("inspect", "load", "convert", "cast", "verify", "predict", "startup", "distributed", "many", "folder",
-         "sharded", "signatures", "digests")
+         "sharded", "signatures", "digests", "training")
 PYTHON = sys.executable
 
 
@@ -599,7 +599,7 @@ def row(name: str, what: str, ours: dict, baseline: dict | None, metric: str, ta
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small files, 2 repeats: a smoke run")
     parser.add_argument("--repeats", type=int, help="fresh processes per measurement (default 5, quick 2)")
@@ -610,7 +610,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=None, help="predict batch size (default 8 on CPU, 32 on CUDA)")
     parser.add_argument("--json", dest="json_path", type=Path, default=ROOT / "bench-results/bench.json")
     parser.add_argument("--workdir", type=Path, help="where the test files go (default: a temp folder)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     repeats = args.repeats or (2 if args.quick else 5)
     selected = set(args.only.split(",") if args.only else STEPS)
@@ -639,6 +639,7 @@ def main() -> int:
         files["predict_arch"] = f"base_filters={predict_arch[0]}, depth={predict_arch[1]}"
 
     from tools.bench_digests import bench_digests
+    from tools.bench_training import bench_training  # a module of its own, beside this one
 
     rows = []
     steps = [
@@ -656,6 +657,7 @@ def main() -> int:
         ("sharded", lambda: bench_sharded(work, files, repeats)),
         ("signatures", lambda: bench_signatures(work, repeats)),
         ("digests", lambda: bench_digests(work, repeats, big)),
+        ("training", lambda: bench_training(work, min(repeats, 3), (32, 4) if args.quick else (90, 5))),
     ]
     for name, step in steps:
         if name in selected:

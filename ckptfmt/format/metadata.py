@@ -54,13 +54,15 @@ def provenance_record(**extra: Any) -> dict[str, Any]:
     }
 
 
-def training_record(epoch: Any, metrics: Any, *, path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The training record of `save_model_with_config`'s epoch and metrics, checked."""
+def training_record(epoch: Any, metrics: Any, *, global_step: Any = None,
+                    path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The training record of `save_model_with_config`'s epoch, metrics and global step, checked."""
     training: dict[str, Any] = {}
-    if epoch is not None:
-        if type(epoch) is not int or epoch < 0:
-            raise ConfigError(f"epoch must be a non-negative int, not {epoch!r}", path=path)
-        training["epoch"] = epoch
+    for name, count in (("epoch", epoch), ("global_step", global_step)):
+        if count is not None:
+            if type(count) is not int or count < 0:
+                raise ConfigError(f"{name} must be a non-negative int, not {count!r}", path=path)
+            training[name] = count
     if metrics is not None:
         if not isinstance(metrics, Mapping):
             raise ConfigError(f"metrics must be a dict of numbers, not {type(metrics).__name__}", path=path)

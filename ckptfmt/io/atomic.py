@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import OVERWRITE_FIX, OutputExistsError, WriteError
 
-__all__ = ["atomic_write", "check_writable", "fsync_folder", "write_all"]
+__all__ = ["atomic_link", "atomic_write", "check_writable", "fsync_folder", "write_all"]
 
 _TMP_MARK = ".ckptfmt-tmp-"
 _WRITE_CHUNK = 64 << 20
@@ -89,6 +89,35 @@ def atomic_write(
         raise
     if sync_folder and durable:
         fsync_folder(path.parent)
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make `path` name the same file as `source` (a hard link), replacing what `path` named in
+    one step: a reader sees the old file or the new one, never none. Where the file system has
+    no hard links, `path` becomes a copy of `source`, written atomically.
+
+    Example:
+        >>> atomic_link("runs/step-00001200.safetensors", "runs/last_model.safetensors")
+    """
+    source, path = Path(source), Path(path)
+    check_writable(path, overwrite=True)
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        os.link(source, tmp)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise _write_error(exc, path, "linking failed") from None
+        with open(source, "rb") as copied, atomic_write(path, overwrite=True) as fd:
+            while chunk := copied.read(_WRITE_CHUNK):
+                write_all(fd, chunk)
+        return
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise _write_error(exc, path, "linking failed") from None
+    fsync_folder(path.parent)
 
 
 def write_all(fd: int, data) -> None:
