@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import HeaderError
 from ..io.files import file_in_folder, open_regular, read_capped
 from ..io.jsondoc import has_surrogate, loads_strict, shown_text
+from ..io.transaction import finish_pending
 
 __all__ = [
     "DTYPE_SIZES",
@@ -236,8 +237,16 @@ def read_header(path: str | os.PathLike) -> Header:
         3
     """
     path = Path(path)
+    # A commit of this checkpoint that a killed writer left is finished first (one lstat when
+    # there is none), so that what is read is one whole set of files, the previous or the new.
+    finish_pending(path)
     if path.name.endswith(INDEX_SUFFIX):
-        return read_index(path)
+        return _read_index(path)
+    return _read_file(path)
+
+
+def _read_file(path: Path) -> Header:
+    """The header of one .safetensors file (a checkpoint, or a shard of one)."""
     fd = open_regular(path, error=HeaderError)
     try:
         file_size = os.fstat(fd).st_size
@@ -422,6 +431,11 @@ def read_index(path: str | os.PathLike) -> Header:
             what the shards hold.
     """
     path = Path(path)
+    finish_pending(path)
+    return _read_index(path)
+
+
+def _read_index(path: Path) -> Header:
     raw = read_capped(path, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError)
     try:
         text = raw.decode("utf-8")
@@ -448,7 +462,7 @@ def read_index(path: str | os.PathLike) -> Header:
     files, size = [], 0
     for shard in sorted(by_shard):
         shard_path = shard_paths[shard]
-        header = read_header(shard_path)
+        header = _read_file(shard_path)
         belongs = header.metadata.get(KEY_SHARD)
         if belongs is not None:
             claim = loads_strict(belongs, what=f"shard {shard}'s {KEY_SHARD}", path=path)

@@ -199,10 +199,10 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-# Each folder's modification time when this process last listed it (`transaction.clean_folder`) or last
-# changed it: a
-# folder that no other process touched since holds no new leftovers, so a batch of 2,000 files
-# written into one folder costs one listing and 2,000 stats, not 2,000 listings.
+# Each folder's modification time when this process last listed it (`transaction.clean_folder`)
+# or last changed it: a folder that no other process touched since holds no new leftovers, so a
+# batch of 2,000 files written into one folder costs one listing and 2,000 stats, not 2,000
+# listings.
 _seen: dict[str, int] = {}
 
 

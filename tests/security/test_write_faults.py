@@ -181,19 +181,35 @@ def test_files_follow_the_umask_not_0600(tmp_path):
     assert stat.S_IMODE(result.sidecar.stat().st_mode) == 0o644
 
 
-def test_crash_between_weights_and_sidecar_is_reported_by_verify(converted, monkeypatch):
-    """The new weights are in place but the sidecar still binds the old ones."""
+def test_crash_before_the_sidecar_is_staged_leaves_the_previous_set(converted, monkeypatch):
+    """Regression: the new weights took their name before the sidecar was written, so a crash
+    between the two left a sidecar bound to other weights. They are one transaction now."""
+    before = snapshot(converted)
 
     def crash(*args, **kwargs):
-        raise KeyboardInterrupt  # the process dies between the two renames
+        raise KeyboardInterrupt  # the process dies with the weights written, the sidecar not
 
     monkeypatch.setattr("ckptfmt.converter.write_sidecar", crash)
     with pytest.raises(KeyboardInterrupt):
         convert(converted / "m.pth", force=True)
     monkeypatch.undo()
-    report = ckptfmt.verify(converted / "m.safetensors")
+    assert snapshot(converted) == {**before, "m.pth": (converted / "m.pth").read_bytes()}
+    assert ckptfmt.verify(converted / "m.safetensors").ok
+
+
+def test_weights_replaced_behind_the_sidecar_are_reported_by_verify(converted):
+    """Weights written over by something else than ckptfmt: the sidecar still binds the old ones."""
+    from ckptfmt.format.writer import read_state_dict, write_safetensors
+
+    path = converted / "m.safetensors"
+    header = ckptfmt.read_header(path)
+    tensors = {name: tensor + 1 if tensor.is_floating_point() else tensor
+               for name, tensor in read_state_dict(path).items()}
+    write_safetensors(path, tensors, {k: v for k, v in header.metadata.items() if k != "ckptfmt.weights_sha256"},
+                      overwrite=True)
+    report = ckptfmt.verify(path)
     assert not report.ok
-    assert report.failures[0].startswith(f"{converted / 'm.safetensors'}: sidecar is bound to other weights")
+    assert report.failures[0].startswith(f"{path}: sidecar is bound to other weights")
     result = run_cli("verify", "m.safetensors", cwd=converted)
     assert result.returncode == 1
     assert result.stderr.startswith("[FAIL] m.safetensors: sidecar is bound to other weights")
