@@ -40,7 +40,7 @@ from .io.atomic import check_writable, name_fits
 from .io.background import helpers
 from .io.files import files_sha256, open_regular, sha256_fd, sha256_file, walk_files
 from .io.jsondoc import has_surrogate
-from .io.transaction import Transaction
+from .io.transaction import Transaction, clean_folder
 from .resolve import Resolution, read_source, resolve
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder
 from .sources.legacy import LEGACY_SUFFIXES, file_identity
@@ -238,6 +238,7 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     if not from_dcp:
         os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
     output = Path(output) if output is not None else default_output(source)
+    clean_folder(output.parent)  # a commit there that a killed run left is finished before anything is looked at
     if dtype is not None and dtype not in CAST_DTYPES:
         raise ConfigError(Words(f"dtype={dtype!r} is not one of {', '.join(CAST_DTYPES)}",
                                 f"--dtype {cli_value(dtype)} is not one of {', '.join(CAST_DTYPES)}"), path=source)
