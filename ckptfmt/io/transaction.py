@@ -210,6 +210,8 @@ class Transaction:
             lock = self._place_record(renames)
         except BaseException as exc:
             self.abort()
+            if isinstance(exc, WriteError) and exc.path == str(self.record):
+                raise exc.at(main) from exc  # the record is ours, not a file the user knows
             if isinstance(exc, OSError) and not isinstance(exc, (WriteError, OutputExistsError)):
                 raise write_error(exc, main, "writing failed") from exc
             raise
