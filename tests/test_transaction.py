@@ -179,7 +179,8 @@ def test_a_record_that_cannot_be_finished_is_named(tmp_path, monkeypatch):
     with pytest.raises(WriteError) as excinfo:
         finish_pending(folder / "m.safetensors")
     assert str(excinfo.value) == (
-        f"{record}: a commit of this checkpoint was interrupted, and this process cannot finish it ({folder} is on "
+        f"{record}: a commit of this checkpoint was interrupted (its record {record.name} is left), and this process "
+        f"cannot finish it ({folder} is on "
         "a read-only file system); run any ckptfmt command on the checkpoint as a user who may write to its folder, "
         "which finishes it; until then its files are those of the previous save or of the new one")
     monkeypatch.undo()

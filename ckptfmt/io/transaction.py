@@ -334,14 +334,15 @@ def finish_record(record: Path) -> None:
             fsync_folder(folder)
             os.unlink(record)
         except OSError as exc:
-            raise _unfinished(record, write_reason(exc, record).split(";")[0]) from None
+            raise _unfinished(record, write_reason(exc, Path(os.path.abspath(record))).split(";")[0]) from None
     finally:
         os.close(fd)
 
 
 def _unfinished(record: Path, why: str) -> WriteError:
     return WriteError(
-        f"a commit of this checkpoint was interrupted, and this process cannot finish it ({why})",
+        f"a commit of this checkpoint was interrupted (its record {record.name} is left), and this process cannot "
+        f"finish it ({why})",
         path=record,
         fix="run any ckptfmt command on the checkpoint as a user who may write to its folder, which finishes it; "
             "until then its files are those of the previous save or of the new one",

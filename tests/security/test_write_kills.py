@@ -160,3 +160,31 @@ def test_interrupted_fresh_convert_does_not_block_the_rerun(tmp_path, point, sig
     assert_whole(folder / "m.safetensors", weights)
     assert sorted(p.name for p in folder.iterdir()) == ["m.optimizer.safetensors", "m.pth", "m.safetensors",
                                                         "model_config.json"]
+
+
+def test_a_reader_that_cannot_finish_a_killed_commit_names_its_record(tmp_path, monkeypatch):
+    """A folder the reader may not write to (root ignores permissions: the refusal is injected):
+    one line naming the record and what to do, never a mixed set of files."""
+    import errno
+    import os
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    legacy_file(folder / "m.pth", seed=0)
+    ckptfmt.convert(folder / "m.pth")
+    legacy_file(folder / "m.pth", seed=4)
+    kill_writer(folder, "convert", "renaming", signal.SIGKILL, "--force")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    result = run_cli("verify", "m.safetensors", cwd=folder)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "[FAIL] m.safetensors: a commit of this checkpoint was interrupted (its record .m.safetensors.ckptfmt-commit "
+        f"is left), and this process cannot finish it ({folder} is on a read-only file system); run any ckptfmt command on the "
+        "checkpoint as a user who may write to its folder, which finishes it; until then its files are those of the "
+        "previous save or of the new one"]
+    monkeypatch.undo()
+    assert_whole(folder / "m.safetensors", legacy_file(folder / "m.pth", seed=4))
