@@ -3,9 +3,10 @@
 For each file: read it with the weights-only unpickler, sort out what it holds (`layouts`),
 resolve the config (`config=` > sidecar beside the source > what the file itself gives: its
 `hyper_parameters` or a pickled model's arguments > inferred from the tensor shapes, then
-`overrides`), check it against the shapes, write the companion (optimizer, scheduler, scaler
-and other tensors), write the weights atomically, read them back and compare them byte for byte
-with the source tensors, and only then write the sidecar. The source is never modified. A
+`overrides`), check it against the shapes, then write the companion (optimizer, scheduler,
+scaler and other tensors), the weights (read back and compared byte for byte with the source
+tensors) and the sidecar's binding as one transaction, which gives them their names together
+once all are written. The source is never modified. A
 checkpoint that no registered architecture recognises is still converted, weights only, with a
 warning. The result lists where each of the file's keys went, and each key dropped, with why.
 """
