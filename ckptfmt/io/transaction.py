@@ -127,6 +127,7 @@ class Transaction:
             raise ValueError(f"{temp} is not a ckptfmt temp file in {self.folder}")
         check_writable(path, overwrite=overwrite)
         self._staged.append((temp, path))
+        _adopted.add(temp)
         if not overwrite:
             self._new.add(path)
 
@@ -148,9 +149,10 @@ class Transaction:
             return
         if len(self._staged) + len(self._removals) == 1:
             self._commit_one()
+            fsync_folder(self.folder)
         else:
             self._commit_with_record()
-        fsync_folder(self.folder)
+        _adopted.difference_update(temp for temp, _ in self._staged)
         note_folder(self.folder)
 
     def abort(self) -> None:
@@ -158,6 +160,7 @@ class Transaction:
         self._ended = True
         for temp, _ in self._staged:
             temp.unlink(missing_ok=True)
+        _adopted.difference_update(temp for temp, _ in self._staged)
         note_folder(self.folder)
 
     def __enter__(self) -> Transaction:
@@ -368,6 +371,11 @@ def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list
     return renames, removals
 
 
+# Temp files that a transaction of this process adopted from another process (a rank that may
+# have exited, or run on another host, where its process id means nothing here): not leftovers.
+_adopted: set[Path] = set()
+
+
 def clean_folder(folder: Path, *, force: bool = False) -> None:
     """Finish the commits that killed writers left in `folder`, then remove the temp files of
     ours whose process is gone; nothing to do (one stat) when the folder did not change since
@@ -388,7 +396,7 @@ def clean_folder(folder: Path, *, force: bool = False) -> None:
     if not unfinished:
         for name in names:
             pid = temp_pid(name)
-            if pid is not None and not process_alive(pid):
+            if pid is not None and not process_alive(pid) and folder / name not in _adopted:
                 try:
                     (folder / name).unlink()
                 except OSError:
