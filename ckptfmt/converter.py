@@ -39,7 +39,7 @@ from .format.metadata import build_metadata, provenance_record
 from .format.writer import DTYPE_NAMES, placeholder, write_safetensors
 from .io.atomic import check_writable, name_fits
 from .io.background import helpers
-from .io.files import files_sha256, open_regular, sha256_fd, sha256_file, walk_files
+from .io.files import files_sha256, is_regular_file, open_regular, sha256_fd, sha256_file, walk_files
 from .io.jsondoc import has_surrogate
 from .io.transaction import Transaction, clean_folder
 from .resolve import Resolution, read_source, resolve
@@ -142,13 +142,16 @@ class _Batch:
         elif folder not in self.written:
             check_sidecar_accepts(folder, config, overwrite=self.force)
 
-    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult,
-             transaction: Transaction) -> None:
-        """Stage the folder's sidecar, binding `name`, in the conversion's transaction."""
+    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str,
+             transaction: Transaction) -> dict[str, str]:
+        """Stage the folder's sidecar, binding `name`, in the conversion's transaction; the
+        bindings it holds, for `committed` once the transaction is."""
         bindings = {**self.written.get(folder, (config, {}))[1], name: digest}
         write_sidecar(folder, config, bindings=bindings, overwrite=self.force, transaction=transaction)
+        return bindings
+
+    def committed(self, folder: Path, config: ModelConfig, bindings: dict[str, str]) -> None:
         self.written[folder] = (config, bindings)
-        result.sidecar = folder / SIDECAR_NAME
 
 
 def default_output(source: Path) -> Path:
@@ -367,7 +370,10 @@ def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tens
             if source_fd is not None:
                 os.close(source_fd)
         if resolution.config is not None:
-            batch.bind(output.parent, resolution.config, output.name, digest, result, transaction)
+            bindings = batch.bind(output.parent, resolution.config, output.name, digest, transaction)
+    if resolution.config is not None:  # a conversion that failed binds nothing in the next one's sidecar
+        batch.committed(output.parent, resolution.config, bindings)
+        result.sidecar = output.parent / SIDECAR_NAME
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
 
 
@@ -376,6 +382,8 @@ def _refuse_shared_outputs(jobs: list[tuple[Path, Path | None]]) -> None:
     (`m.pth` and `m.ckpt` in one folder): the second would replace the first."""
     claimed: dict[str, Path] = {}
     for source, target in jobs:
+        if not (source.is_dir() or is_regular_file(source)):
+            continue  # a FIFO or a file that went away fails alone, saying so
         output = target if target is not None else default_output(source)
         earlier = claimed.setdefault(os.path.abspath(output), source)
         if earlier != source:

@@ -200,6 +200,16 @@ def test_a_crafted_record_renames_nothing_but_its_own_temps(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "precious"
 
 
+def test_a_crafted_record_removes_nothing_but_safetensors_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    record_path(tmp_path / "m.safetensors").write_text(json.dumps({"format": "ckptfmt-commit-1", "renames": [],
+                                                                   "removals": ["notes.txt"]}))
+    with pytest.raises(WriteError, match=r"cannot finish it \(it removes 'notes.txt', which is not a .safetensors "
+                                         r"file\)"):
+        finish_pending(tmp_path / "m.safetensors")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_leftovers_of_a_dead_process_go_with_the_next_write_in_the_folder(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = tmp_path / f".m.safetensors.ckptfmt-tmp-{int(dead.stdout)}-0badf00d"

@@ -58,6 +58,7 @@ __all__ = ["RECORD_MARK", "Transaction", "clean_folder", "finish_pending", "fini
 
 RECORD_MARK = ".ckptfmt-commit"
 _RECORD_FORMAT = "ckptfmt-commit-1"
+REMOVABLE_SUFFIX = ".safetensors"
 _RECORD_LIMIT = 64 << 20  # some 100,000 renames of long names: a predictions run with its masks
 
 
@@ -133,8 +134,11 @@ class Transaction:
 
     def remove(self, path: Path) -> None:
         """Remove, after the commit, a file of the previous set that the new set replaces without
-        naming it (a stale shard of the same checkpoint)."""
+        naming it: a stale shard of the same checkpoint, so a `.safetensors` file (a record that
+        removes anything else is not one ckptfmt wrote)."""
         path = Path(path)
+        if not path.name.endswith(REMOVABLE_SUFFIX):
+            raise ValueError(f"{path} is not a {REMOVABLE_SUFFIX} file; a transaction removes stale shards only")
         if os.path.abspath(path.parent) != os.path.abspath(self.folder):
             raise ValueError(f"{path} is not in the transaction's folder {self.folder}")
         if any(final == path for _, final in self._staged) or path in self._removals:
@@ -324,7 +328,7 @@ def finish_record(record: Path) -> None:
             return  # finished while we waited
         if not stat.S_ISREG(status.st_mode) or status.st_size > _RECORD_LIMIT:
             raise _unfinished(record, "it is not a commit record ckptfmt wrote")
-        renames, removals = _read_record(os.pread(fd, _RECORD_LIMIT + 1, 0), record)
+        renames, removals = _read_record(os.pread(fd, status.st_size, 0), record)
         folder = record.parent
         try:
             for temp, final in renames:
@@ -368,6 +372,9 @@ def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list
     for temp, final in renames:
         if temp_pid(temp) is None or temp != hidden_name(final, temp[temp.rindex(TMP_MARK):]):
             raise _unfinished(record, f"{temp!r} is not a temp file of {final!r}")
+    for name in removals:
+        if not name.endswith(REMOVABLE_SUFFIX):
+            raise _unfinished(record, f"it removes {name!r}, which is not a {REMOVABLE_SUFFIX} file")
     return renames, removals
 
 

@@ -373,3 +373,27 @@ def test_an_output_name_of_255_bytes_is_written_with_its_companion(tmp_path):
     assert str(excinfo.value).endswith(", 270 bytes, over the file system's limit of 255; give it a name at least "
                                        "15 bytes shorter, or write it unsharded")
     assert snapshot(tmp_path) == before
+
+
+def test_a_conversion_failing_at_its_commit_leaves_its_previous_file_bound(tmp_path, monkeypatch):
+    """In a folder converted in one run, a file whose commit fails keeps its previous weights and
+    its previous binding: the next file's sidecar does not bind weights that were never named."""
+    from ckptfmt import convert_all
+
+    for name in "abc":
+        torch.save(small_model(seed=0)[0].state_dict(), tmp_path / f"{name}.pth")
+    convert_all([tmp_path])
+    for name in "abc":
+        torch.save(small_model(seed=4)[0].state_dict(), tmp_path / f"{name}.pth")
+    real_link = os.link
+
+    def full_at_bs_commit(source, target, *args, **kwargs):
+        if str(target).endswith(".b.safetensors.ckptfmt-commit"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_link(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", full_at_bs_commit)
+    results = convert_all([tmp_path], force=True)
+    monkeypatch.undo()
+    assert [result.status for result in results] == ["converted", "failed", "converted"]
+    assert all(ckptfmt.verify(tmp_path / f"{name}.safetensors").ok for name in "abc")

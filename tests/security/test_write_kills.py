@@ -188,3 +188,15 @@ def test_a_reader_that_cannot_finish_a_killed_commit_names_its_record(tmp_path, 
         "previous save or of the new one"]
     monkeypatch.undo()
     assert_whole(folder / "m.safetensors", legacy_file(folder / "m.pth", seed=4))
+
+
+def test_a_first_save_killed_past_its_commit_point_loads_whole(tmp_path):
+    """The main file takes its name last: a reader asking for it finishes the commit first,
+    rather than saying there is no such file."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    kill_writer(folder, "save", "renaming", signal.SIGKILL)
+    assert not (folder / "m.safetensors").exists()
+    loaded = ckptfmt.load_model(folder / "m.safetensors")
+    assert state_dicts_bit_identical(loaded.state_dict(), trained(4)[0].state_dict())
+    assert_whole(folder / "m.safetensors", trained(4)[0].state_dict())
