@@ -57,6 +57,25 @@ def test_removals_happen_with_the_commit(tmp_path):
     assert names(tmp_path) == ["m-00001-of-00002.safetensors", "m-00001-of-00003.safetensors"]
 
 
+def test_files_another_rank_staged_are_committed_by_the_rank_that_commits(tmp_path):
+    """A rank stages its shard and sends `staged` to rank 0, which adopts it into its own
+    transaction (here both in one process: the hand-over is what is tested)."""
+    other_rank = Transaction(tmp_path, "m.safetensors.index.json")
+    with other_rank.stage(tmp_path / "m-00002-of-00002.safetensors", overwrite=False) as fd:
+        write_all(fd, b"shard 2")
+    sent = other_rank.staged  # handed over: that rank neither commits nor aborts
+    assert names(tmp_path) == [sent[0][0].name]
+    with Transaction(tmp_path, "m.safetensors.index.json") as rank0:
+        with rank0.stage(tmp_path / "m-00001-of-00002.safetensors", overwrite=False) as fd:
+            write_all(fd, b"shard 1")
+        for temp, final in sent:
+            rank0.adopt(temp, final, overwrite=False)
+        with rank0.stage(tmp_path / "m.safetensors.index.json", overwrite=False) as fd:
+            write_all(fd, b"{}")
+    assert contents(tmp_path) == {"m-00001-of-00002.safetensors": b"shard 1", "m-00002-of-00002.safetensors": b"shard 2",
+                                  "m.safetensors.index.json": b"{}"}
+
+
 def test_an_existing_file_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "model_config.json").write_text("theirs")
     with pytest.raises(OutputExistsError, match="model_config.json: already exists; pass overwrite=True"):
