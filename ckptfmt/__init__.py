@@ -82,8 +82,8 @@ if TYPE_CHECKING:
     from .checkpoint import load_model, load_model_with_config, save, save_model_with_config
     from .compare import diff
     from .config.model_config import ModelConfig
-    from .config.sidecar import read_sidecar
     from .config.registry import Task, create_model, register_model, registered_model_types
+    from .config.sidecar import read_sidecar
     from .converter import ConvertResult, convert, convert_all
     from .errors import (
         AmbiguousArchitectureError,

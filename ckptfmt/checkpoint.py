@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from .config.model_config import SIDECAR_NAME, ModelConfig, remember_file_config
-from .config.sidecar import check_sidecar_accepts, write_sidecar
 from .config.registry import get_model_entry, unwrap_model
 from .config.shapes import check_shapes, check_state, module_state
+from .config.sidecar import check_sidecar_accepts, write_sidecar
 from .errors import (
     CkptfmtWarning,
     ConfigError,
@@ -32,12 +32,13 @@ from .errors import (
     UnregisteredModelError,
     Words,
 )
-from .format.companion import OPTIMIZER_SUFFIX, write_training_state
+from .format.companion import companion_for, write_training_state
 from .format.digest import verify_read
-from .format.index import is_index, parse_size, write_sharded
+from .format.index import check_shard_names, is_index, parse_size, write_sharded
 from .format.metadata import build_metadata, provenance_record, training_record
 from .format.writer import DTYPE_NAMES, write_safetensors
 from .io.atomic import check_writable
+from .io.transaction import Transaction
 from .resolve import Resolution, read_source, resolve
 
 __all__ = [
@@ -168,23 +169,31 @@ def save(
         config, {n: tuple(t.shape) for n, t in state_dict.items()},
         dtypes={n: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for n, t in state_dict.items()}, path=path,
     )
-    companion = path.with_name(path.name.split(".safetensors")[0] + OPTIMIZER_SUFFIX)
+    companion = companion_for(path)
     states = {name: state for name, state in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler),
                                               ("extra", extra)) if state is not None}
+    if is_index(path):
+        check_shard_names(path)
     check_writable(path, overwrite=overwrite)
     if states:
         check_writable(companion, overwrite=overwrite)
     check_sidecar_accepts(path.parent, config, overwrite=overwrite)
 
     training = training_record(epoch, metrics, global_step=global_step, path=path)
-    if states:
-        training["optimizer"] = write_training_state(companion, states, overwrite=overwrite)
-    metadata = build_metadata(config, training=training, provenance=provenance_record())
-    if is_index(path):
-        digest = write_sharded(path, state_dict, metadata, max_shard_size=shard_size, overwrite=overwrite)
-    else:
-        digest = write_safetensors(path, state_dict, metadata, overwrite=overwrite)
-    write_sidecar(path.parent, config, path.name, digest, overwrite=overwrite)
+    # One transaction: the companion, the weights (or shards and index) and the sidecar that
+    # binds them take their names together, so a kill or a full disk at any point leaves the
+    # previous save whole.
+    with Transaction(path.parent, path.name) as transaction:
+        if states:
+            training["optimizer"] = write_training_state(companion, states, overwrite=overwrite,
+                                                         transaction=transaction)
+        metadata = build_metadata(config, training=training, provenance=provenance_record())
+        if is_index(path):
+            digest = write_sharded(path, state_dict, metadata, max_shard_size=shard_size, overwrite=overwrite,
+                                   transaction=transaction)
+        else:
+            digest = write_safetensors(path, state_dict, metadata, overwrite=overwrite, transaction=transaction)
+        write_sidecar(path.parent, config, path.name, digest, overwrite=overwrite, transaction=transaction)
     return path
 
 

@@ -3,9 +3,10 @@
 For each file: read it with the weights-only unpickler, sort out what it holds (`layouts`),
 resolve the config (`config=` > sidecar beside the source > what the file itself gives: its
 `hyper_parameters` or a pickled model's arguments > inferred from the tensor shapes, then
-`overrides`), check it against the shapes, write the companion (optimizer, scheduler, scaler
-and other tensors), write the weights atomically, read them back and compare them byte for byte
-with the source tensors, and only then write the sidecar. The source is never modified. A
+`overrides`), check it against the shapes, then write the companion (optimizer, scheduler,
+scaler and other tensors), the weights (read back and compared byte for byte with the source
+tensors) and the sidecar's binding as one transaction, which gives them their names together
+once all are written. The source is never modified. A
 checkpoint that no registered architecture recognises is still converted, weights only, with a
 warning. The result lists where each of the file's keys went, and each key dropped, with why.
 """
@@ -39,15 +40,16 @@ from .errors import (
     WriteError,
     cli_value,
 )
-from .format.companion import OPTIMIZER_SUFFIX, write_training_state
+from .format.companion import companion_for, write_training_state
 from .format.header import INDEX_SUFFIX, looks_like_safetensors, read_header
-from .format.index import is_foreign_index, is_index, parse_size, write_sharded
+from .format.index import check_shard_names, is_foreign_index, is_index, parse_size, write_sharded
 from .format.metadata import build_metadata, provenance_record
 from .format.writer import placeholder, write_safetensors
-from .io.atomic import check_writable, fsync_folder
+from .io.atomic import check_writable, name_fits
 from .io.background import helpers
-from .io.files import FolderWalk, files_sha256, open_regular, sha256_fd, sha256_file, walk_files
+from .io.files import FolderWalk, files_sha256, is_regular_file, open_regular, sha256_fd, sha256_file, walk_files
 from .io.jsondoc import has_surrogate
+from .io.transaction import Transaction, clean_folder
 from .resolve import Resolution, read_source, resolve
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder
 from .sources.legacy import LEGACY_SUFFIXES, file_identity
@@ -120,14 +122,13 @@ class ConvertResult:
 
 @dataclass
 class _Batch:
-    """A run of conversions: each folder's sidecar read once and written once, after all the
-    weights bound in it, and each folder fsynced once. A folder of 500 checkpoints costs 500
-    weights files, not 500 sidecar rewrites and 1,500 fsyncs."""
+    """A run of conversions: each folder's sidecar read once, and the bindings that this run adds
+    to it, which each conversion's transaction writes with its own (a run with `force` starts a
+    sidecar afresh once, not once per file)."""
 
     force: bool
     sidecars: dict[Path, Any] = field(default_factory=dict)
-    pending: dict[Path, tuple[ModelConfig, dict[str, str], list[ConvertResult]]] = field(default_factory=dict)
-    folders: set[Path] = field(default_factory=set)
+    written: dict[Path, tuple[ModelConfig, dict[str, str]]] = field(default_factory=dict)
 
     def sidecar(self, folder: Path):
         if folder not in self.sidecars:
@@ -135,9 +136,9 @@ class _Batch:
         return self.sidecars[folder]
 
     def accepts(self, folder: Path, config: ModelConfig) -> None:
-        """As `check_sidecar_accepts`, counting the bindings this batch has yet to write."""
-        if folder in self.pending and not self.force:
-            differences = config_differences(self.pending[folder][0], config)
+        """As `check_sidecar_accepts`, knowing what this batch wrote there."""
+        if folder in self.written and not self.force:
+            differences = config_differences(self.written[folder][0], config)
             if differences:
                 raise ConfigError(
                     f"is about to hold another config, of a file converted before this one "
@@ -145,27 +146,19 @@ class _Batch:
                     fix=Words("pass force=True to replace it, or give this file another output folder",
                               "pass --force to replace it, or give this file another output folder"),
                 )
-        elif folder not in self.pending:
+        elif folder not in self.written:
             check_sidecar_accepts(folder, config, overwrite=self.force)
 
-    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult) -> None:
-        _, bindings, results = self.pending.setdefault(folder, (config, {}, []))
-        self.pending[folder] = (config, {**bindings, name: digest}, [*results, result])
-        result.sidecar = folder / SIDECAR_NAME
+    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str,
+             transaction: Transaction) -> dict[str, str]:
+        """Stage the folder's sidecar, binding `name`, in the conversion's transaction; the
+        bindings it holds, for `committed` once the transaction is."""
+        bindings = {**self.written.get(folder, (config, {}))[1], name: digest}
+        write_sidecar(folder, config, bindings=bindings, overwrite=self.force, transaction=transaction)
+        return bindings
 
-    def finish(self) -> None:
-        """Write each folder's sidecar, then make every name written durable. A sidecar that
-        cannot be written fails the conversions bound in it (their weights are written)."""
-        for folder, (config, bindings, results) in self.pending.items():
-            try:
-                write_sidecar(folder, config, bindings=bindings, overwrite=self.force, sync_folder=False)
-            except CkptfmtError as exc:
-                for result in results:
-                    result.status, result.error, result.failure = "failed", _failure(result.source, exc), exc
-        self.pending.clear()
-        for folder in sorted(self.folders):
-            fsync_folder(folder)
-        self.folders.clear()
+    def committed(self, folder: Path, config: ModelConfig, bindings: dict[str, str]) -> None:
+        self.written[folder] = (config, bindings)
 
 
 def default_output(source: Path) -> Path:
@@ -225,13 +218,9 @@ def convert(
         >>> result.output, result.config.depth
         (PosixPath('checkpoints/multitask_joint/best_model.safetensors'), 3)
     """
-    batch = _Batch(force=force)
-    try:
-        result = _convert_one(Path(source), output, batch, config=config, overrides=overrides, model_type=model_type,
-                              dtype=dtype, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size,
-                              allow_overflow=allow_overflow)
-    finally:
-        batch.finish()
+    result = _convert_one(Path(source), output, _Batch(force=force), config=config, overrides=overrides,
+                          model_type=model_type, dtype=dtype, unsafe_pickle=unsafe_pickle, max_shard_size=max_shard_size,
+                          allow_overflow=allow_overflow)
     if result.status == "failed":
         raise result.failure
     return result
@@ -268,6 +257,7 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     if not from_dcp:
         os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
     output = Path(output) if output is not None else default_output(source)
+    clean_folder(output.parent)  # a commit there that a killed run left is finished before anything is looked at
     if dtype is not None and dtype not in CAST_DTYPES:
         raise ConfigError(Words(f"dtype={dtype!r} is not one of {', '.join(CAST_DTYPES)}",
                                 f"--dtype {cli_value(dtype)} is not one of {', '.join(CAST_DTYPES)}"), path=source)
@@ -288,7 +278,7 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
         if max_shard_size is not None:
             raise WriteError("would be written over the shards it is converted from; choose another output (-o)",
                              path=index)
-    elif index.exists() and not index.is_symlink() and not output.exists():
+    elif name_fits(index.name) and index.exists() and not index.is_symlink() and not output.exists():
         output = index  # an earlier conversion to shards: what it recorded decides the skip
     skipped = _already_converted(source, output, hash_source, options) if not force else None
     if skipped is not None:
@@ -345,6 +335,8 @@ def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, 
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
     index = plan.plain.with_name(plan.plain.name + ".index.json")
     result.output = index if plan.shard_size is not None and total > plan.shard_size else plan.plain
+    if is_index(result.output):
+        check_shard_names(result.output)
     check_writable(result.output, overwrite=batch.force)
     result.carried = {key: list(keys) for key, keys in legacy.destinations.items()}
     if resolution.origin == "hyper_parameters":
@@ -381,46 +373,62 @@ def _provenance(plan: _Plan, resolution: Resolution, cast: dict[str, Any] | None
 
 def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tensor], cast: dict[str, Any] | None,
            result: ConvertResult, batch: _Batch) -> None:
-    """Write the companion and the weights (read back and compared), and bind them in the batch."""
+    """Write the companion, the weights (read back and compared) and the sidecar's binding as one
+    transaction: they take their names together, after everything is written and checked."""
     legacy, output = resolution.legacy, result.output
     training = dict(legacy.training)
-    written_here = None
-    if legacy.companion:
-        companion = plan.plain.with_name(plan.plain.stem + OPTIMIZER_SUFFIX)
-        existed = companion.exists()
-        training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=batch.force,
-                                                     sync_folder=False)
-        result.optimizer_file, written_here = companion, None if existed else companion
-    # The source's sha256 is computed while the output is written, and filled in after.
-    sha_stand_in = placeholder()
-    metadata = build_metadata(resolution.config, training=training,
-                              provenance=_provenance(plan, resolution, cast, sha_stand_in))
-    source_fd = None if plan.from_dcp else open_regular(plan.source, error=LegacyCheckpointError)
-    try:
-        if legacy.mapped and file_identity(source_fd) != legacy.identity:
-            raise LegacyCheckpointError("changed while it was being converted; nothing was written. Convert it again",
-                                        path=plan.source)
-        # Mapped tensors are copied from the source file by offset, and compared with it there.
-        sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
-                   if (offset := legacy.file_offset(tensor)) is not None}
-        # One file is hashed through the descriptor already open: the bytes read are those
-        # converted, even when the output takes the source's name (a rewrite in place).
-        source_sha256 = (helpers().submit(sha256_fd, source_fd) if plan.hash_source is sha256_file
-                         else helpers().submit(plan.hash_source, plan.source))
-        write = partial(write_sharded, max_shard_size=plan.shard_size) if is_index(output) else write_safetensors
-        digest = write(output, state_dict, metadata, overwrite=batch.force, sync_folder=False,
-                       fill_in={sha_stand_in: source_sha256}, sources=sources)
-    except BaseException:
-        if written_here is not None:  # no companion is left behind without the weights it belongs to
-            written_here.unlink(missing_ok=True)
-        raise
-    finally:
-        if source_fd is not None:
-            os.close(source_fd)
+    with Transaction(output.parent, output.name) as transaction:
+        if legacy.companion:
+            companion = companion_for(plan.plain)
+            training["optimizer"] = write_training_state(companion, legacy.companion, overwrite=batch.force,
+                                                         transaction=transaction)
+            result.optimizer_file = companion
+        # The source's sha256 is computed while the output is written, and filled in after.
+        sha_stand_in = placeholder()
+        metadata = build_metadata(resolution.config, training=training,
+                                  provenance=_provenance(plan, resolution, cast, sha_stand_in))
+        source_fd = None if plan.from_dcp else open_regular(plan.source, error=LegacyCheckpointError)
+        try:
+            if legacy.mapped and file_identity(source_fd) != legacy.identity:
+                raise LegacyCheckpointError("changed while it was being converted; nothing was written. Convert it "
+                                            "again", path=plan.source)
+            # Mapped tensors are copied from the source file by offset, and compared with it there.
+            sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
+                       if (offset := legacy.file_offset(tensor)) is not None}
+            # One file is hashed through the descriptor already open: the bytes read are those
+            # converted, even when the output takes the source's name (a rewrite in place).
+            source_sha256 = (helpers().submit(sha256_fd, source_fd) if plan.hash_source is sha256_file
+                             else helpers().submit(plan.hash_source, plan.source))
+            write = partial(write_sharded, max_shard_size=plan.shard_size) if is_index(output) else write_safetensors
+            digest = write(output, state_dict, metadata, overwrite=batch.force, transaction=transaction,
+                           fill_in={sha_stand_in: source_sha256}, sources=sources)
+        finally:
+            if source_fd is not None:
+                os.close(source_fd)
+        if resolution.config is not None:
+            bindings = batch.bind(output.parent, resolution.config, output.name, digest, transaction)
+    if resolution.config is not None:  # a conversion that failed binds nothing in the next one's sidecar
+        batch.committed(output.parent, resolution.config, bindings)
+        result.sidecar = output.parent / SIDECAR_NAME
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
-    batch.folders.add(output.parent)
-    if resolution.config is not None:
-        batch.bind(output.parent, resolution.config, output.name, digest, result)
+
+
+def _refuse_shared_outputs(jobs: list[tuple[Path, Path | None]]) -> None:
+    """Refuse, before anything is written, two sources that would be converted to one output
+    (`m.pth` and `m.ckpt` in one folder): the second would replace the first."""
+    claimed: dict[str, Path] = {}
+    for source, target in jobs:
+        if not (source.is_dir() or is_regular_file(source)):
+            continue  # a FIFO or a file that went away fails alone, saying so
+        output = target if target is not None else default_output(source)
+        earlier = claimed.setdefault(os.path.abspath(output), source)
+        if earlier != source:
+            raise WriteError(
+                f"would be the output of both {earlier} and {source}, and the second would replace the first",
+                path=output,
+                fix=Words("convert one of them on its own with output= naming another file, or move it away",
+                          "convert one of them on its own with -o naming another file, or move it away"),
+            )
 
 
 def _is_ckptfmt_file(path: Path) -> bool:
@@ -478,29 +486,27 @@ def convert_all(
             f"is one file but there are {len(jobs)} sources; give a folder as the output",
             path=output,
         )
+    _refuse_shared_outputs(jobs)
     results = []
     batch = _Batch(force=options.pop("force", False))
-    try:
-        for index, (source, target) in enumerate(jobs):
-            if on_start is not None:
-                on_start(index, len(jobs), source)
-            try:
-                if source in unreadable:
-                    raise unreadable[source]
-                results.append(_convert_one(source, target, batch, **options))
-            except (CkptfmtError, OSError) as exc:
-                results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc),
-                                             failure=exc))
-            except Exception as exc:
-                # A bug, here or in torch, met by one file: that file fails alone and the batch
-                # goes on; the traceback on request, as the CLI gives it.
-                if os.environ.get("CKPTFMT_TRACEBACK"):
-                    raise
-                first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-                results.append(ConvertResult(source=source, status="failed", output=target,
-                                             error=f"{source}: unexpected {type(exc).__name__}: {first_line}"))
-    finally:
-        batch.finish()
+    for index, (source, target) in enumerate(jobs):
+        if on_start is not None:
+            on_start(index, len(jobs), source)
+        try:
+            if source in unreadable:
+                raise unreadable[source]
+            results.append(_convert_one(source, target, batch, **options))
+        except (CkptfmtError, OSError) as exc:
+            results.append(ConvertResult(source=source, status="failed", output=target, error=_failure(source, exc),
+                                         failure=exc))
+        except Exception as exc:
+            # A bug, here or in torch, met by one file: that file fails alone and the batch
+            # goes on; the traceback on request, as the CLI gives it.
+            if os.environ.get("CKPTFMT_TRACEBACK"):
+                raise
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            results.append(ConvertResult(source=source, status="failed", output=target,
+                                         error=f"{source}: unexpected {type(exc).__name__}: {first_line}"))
     return results
 
 

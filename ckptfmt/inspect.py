@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .config.model_config import ModelConfig, config_differences
-from .config.sidecar import read_sidecar
 from .config.registry import registered_model_types
+from .config.sidecar import read_sidecar
 from .errors import CheckpointNotFoundError, CkptfmtError
 from .format.header import DTYPE_SIZES, KEY_CONFIG, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
 from .format.index import without_shards

@@ -33,8 +33,14 @@ import torch
 from .checkpoint import load_model, save
 from .config.registry import unwrap_model
 from .config.sidecar import read_sidecar, write_sidecar
-from .errors import (CheckpointNotFoundError, CkptfmtError, ConfigError, HeaderError, OutputExistsError,
-                     ShapeMismatchError)
+from .errors import (
+    CheckpointNotFoundError,
+    CkptfmtError,
+    ConfigError,
+    HeaderError,
+    OutputExistsError,
+    ShapeMismatchError,
+)
 from .format.companion import OPTIMIZER_SUFFIX, load_training_state
 from .format.digest import check_digest
 from .format.header import read_header

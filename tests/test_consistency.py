@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckptfmt.models.multitask_unet import MultiTaskUNet
 from safetensors.torch import save_file
 
 import ckptfmt
-from ckptfmt.models.multitask_unet import MultiTaskUNet
 from ckptfmt.resolve import read_source, resolve
 
 from .helpers import small_model

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import OVERWRITE_FIX, CkptfmtError, ConfigError
 from ..io.atomic import atomic_write, write_all
+from ..io.transaction import Transaction
 from .model_config import SIDECAR_NAME, ModelConfig, config_differences, read_config_file
 
 __all__ = ["SIDECAR_NAME", "Sidecar", "check_sidecar_accepts", "read_sidecar", "write_sidecar"]
@@ -67,7 +68,7 @@ def check_sidecar_accepts(folder: str | os.PathLike, config: ModelConfig, *, ove
 def write_sidecar(
     folder: str | os.PathLike, config: ModelConfig, weights_file: str | None = None,
     weights_sha256: str | None = None, *, overwrite: bool = False, bindings: Mapping[str, str] | None = None,
-    sync_folder: bool = True,
+    sync_folder: bool = True, transaction: Transaction | None = None,
 ) -> Path:
     """Write or update `folder/model_config.json`, binding `weights_file` (or each of
     `bindings`, file name -> digest) to its digest.
@@ -75,7 +76,8 @@ def write_sidecar(
     Several checkpoints of one architecture share a folder's sidecar (best_model and
     last_model, as in the seed), each with its own binding; legacy .pth files get none. A
     sidecar holding another config is an error naming the fields, unless `overwrite`, which
-    starts it afresh.
+    starts it afresh. With a `transaction` (the checkpoint's), it is staged there, to take its
+    name with the weights it binds.
     """
     existing = check_sidecar_accepts(folder, config, overwrite=overwrite)
     bindings = {**(bindings or {}), **({weights_file: weights_sha256} if weights_file else {})}
@@ -83,6 +85,8 @@ def write_sidecar(
         bindings = {**existing.weights, **bindings}
     document = {**config.to_dict(), "weights": dict(sorted(bindings.items()))}
     path = Path(folder) / SIDECAR_NAME
-    with atomic_write(path, overwrite=existing is not None, sync_folder=sync_folder) as fd:
+    opened = atomic_write(path, overwrite=existing is not None, sync_folder=sync_folder) if transaction is None \
+        else transaction.stage(path, overwrite=existing is not None)
+    with opened as fd:
         write_all(fd, (json.dumps(document, sort_keys=True, indent=2) + "\n").encode())
     return path

@@ -26,20 +26,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, ConfigError, HeaderError, IntegrityError
+from ..io.atomic import hidden_name, name_fits
 from ..io.files import file_in_folder
 from ..io.jsondoc import dumps_strict, loads_strict
 from .digest import digest_file
-from .header import FORMAT_VERSION, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_OPTIMIZER, Header, read_header
+from .header import FORMAT_VERSION, INDEX_SUFFIX, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_OPTIMIZER, Header, read_header
 from .index import resolve_checkpoint_path
 
 if TYPE_CHECKING:  # verify checks a companion without torch; reading and writing one import it
     import torch
+
+    from ..io.transaction import Transaction
 
 __all__ = [
     "OPTIMIZER_SUFFIX",
     "SECTIONS",
     "check_storable",
     "companion_digest",
+    "companion_for",
     "companion_path",
     "load_training_state",
     "read_training_state",
@@ -140,9 +144,13 @@ def check_storable(sections: Mapping[str, Any], *, path: str | os.PathLike | Non
 
 def write_training_state(
     path: str | os.PathLike, sections: Mapping[str, Any], *, overwrite: bool = False, sync_folder: bool = True,
+    transaction: Transaction | None = None,
 ) -> dict[str, str]:
     """Write the companion: `sections` maps `optimizer`, `scheduler`, `scaler` (state dicts, or
     lists of them) and `extra` to what they hold; objects with a `state_dict()` are asked for it.
+
+    With a `transaction` (the checkpoint's), the companion is staged in it, to take its name
+    with the weights that bind it; with None it is written on its own.
 
     Returns:
         The training record's binding, `{"file": name, "sha256": digest}` (`companion_digest`).
@@ -162,8 +170,26 @@ def write_training_state(
     tensors: dict[str, torch.Tensor] = {}
     text = _document(sections, tensors, path)
     metadata = {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_OPTIMIZER: text}
-    tensors_sha256 = write_safetensors(path, tensors, metadata, overwrite=overwrite, sync_folder=sync_folder)
+    tensors_sha256 = write_safetensors(path, tensors, metadata, overwrite=overwrite, sync_folder=sync_folder,
+                                       transaction=transaction)
     return {"file": path.name, "sha256": companion_digest(text, tensors_sha256)}
+
+
+def companion_for(checkpoint: Path) -> Path:
+    """Where the companion of the checkpoint `checkpoint` (its .safetensors or its index) is
+    written: `NAME.optimizer.safetensors` beside it. Where that name would be over the file
+    system's limit (255 bytes), NAME is cut and followed by `~` and 16 hex digits of its sha256;
+    the training record binds the companion by its name, so readers find it either way.
+
+    Example:
+        >>> companion_for(Path("runs/best_model.safetensors"))
+        PosixPath('runs/best_model.optimizer.safetensors')
+    """
+    name = checkpoint.name
+    stem = name[: -len(INDEX_SUFFIX)] if name.endswith(INDEX_SUFFIX) else name.removesuffix(".safetensors")
+    if name_fits(stem + OPTIMIZER_SUFFIX):
+        return checkpoint.with_name(stem + OPTIMIZER_SUFFIX)
+    return checkpoint.with_name(hidden_name(stem, OPTIMIZER_SUFFIX)[1:])  # the same rule, less its leading dot
 
 
 def companion_path(checkpoint: str | os.PathLike, binding: Mapping[str, Any]) -> Path:

@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import HeaderError
 from ..io.files import file_in_folder, open_regular, read_capped
 from ..io.jsondoc import has_surrogate, loads_strict, shown_text
+from ..io.transaction import finish_pending
 
 __all__ = [
     "DTYPE_SIZES",
@@ -248,8 +249,11 @@ def read_header(path: str | os.PathLike) -> Header:
         3
     """
     path = Path(path)
+    # A commit of this checkpoint that a killed writer left is finished first (one lstat when
+    # there is none), so that what is read is one whole set of files, the previous or the new.
+    finish_pending(path)
     if path.name.endswith(INDEX_SUFFIX):
-        return read_index(path)
+        return _read_index(path)
     return _read_file_header(path)
 
 
@@ -470,6 +474,11 @@ def read_index(path: str | os.PathLike) -> Header:
             what the shards hold.
     """
     path = Path(path)
+    finish_pending(path)
+    return _read_index(path)
+
+
+def _read_index(path: Path) -> Header:
     raw = read_capped(path, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError)
     try:
         text = raw.decode("utf-8")

@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointNotFoundError, CkptfmtError, ConfigError, HeaderError, Words
+from ..errors import CheckpointNotFoundError, CkptfmtError, ConfigError, HeaderError, Words, WriteError
 from ..io.files import read_capped
+from ..io.transaction import Transaction, finish_pending
 from .header import (
     INDEX_SUFFIX,
     KEY_ALIASES,
@@ -41,6 +42,7 @@ from .header import (
 )
 
 __all__ = [
+    "check_shard_names",
     "find_checkpoint",
     "is_foreign_index",
     "is_index",
@@ -148,6 +150,10 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
             return find_checkpoint(path)
         if path.exists() or path.is_symlink():  # a link loop too: opening it says what it is
             return path
+        # A first save killed past its commit point has not renamed its main file yet (it goes last).
+        finish_pending(path)
+        if path.exists():
+            return path
     except OSError:
         return path  # it cannot even be looked at (a folder on its way is locked): opening it says so, by name
     if path.suffix in (".pth", ".pt"):
@@ -162,14 +168,16 @@ def write_sharded(
     path: Path, state_dict: Mapping[str, Any], metadata: Mapping[str, str], *, max_shard_size: int,
     overwrite: bool = False, fill_in: Mapping[str, Any] | None = None,
     sources: Mapping[str, tuple[int, int]] | None = None, sync_folder: bool = True,
+    transaction: Transaction | None = None,
 ) -> str:
     """Write a state dict as shards of at most `max_shard_size` bytes (a tensor larger than that
     gets a shard of its own) and their index at `path` (NAME.safetensors.index.json).
 
-    Each shard is written as every ckptfmt file is (atomically, read back and compared); the
-    index is written last, so a crash leaves no index that names a missing shard, and the
-    shards this call wrote are removed when it fails. Shards of an earlier save of the same
-    name that the new index does not name are removed once it is written.
+    Each shard is written as every ckptfmt file is (read back and compared), and the shards and
+    the index take their names together, in one transaction: `transaction`, the checkpoint's,
+    or one of their own when it is None. With `overwrite`, the shards that the previous index
+    of the same name named and the new one does not are removed with the commit; no other file
+    is ever removed.
 
     `fill_in` and `sources` are as for `write_safetensors`: each shard gets them, and the index
     the filled-in values. The whole state dict's digest is computed from the shards as written,
@@ -178,12 +186,54 @@ def write_sharded(
     Returns:
         The canonical digest of the whole state dict (in the index's metadata).
     """
-    from ..io.atomic import atomic_write, check_writable, write_all
+    from ..io.atomic import check_writable, write_all
     from .digest import digest_file
     from .writer import split_aliases, write_safetensors
 
+    if transaction is None:
+        with Transaction(path.parent, path.name) as own:
+            return write_sharded(path, state_dict, metadata, max_shard_size=max_shard_size, overwrite=overwrite,
+                                 fill_in=fill_in, sources=sources, transaction=own)
     stem = path.name[: -len(INDEX_SUFFIX)]
     stored, aliases = split_aliases(state_dict)
+    groups = _groups(stored, max_shard_size)
+    names = shard_names(stem, len(groups))
+    check_shard_names(path, names)
+    check_writable(path, overwrite=overwrite)
+    for name in names:
+        check_writable(path.parent / name, overwrite=overwrite)
+    stale = [path.parent / name for name in _previous_shards(path) if name not in names] if overwrite else []
+    shard_metadata = {key: value for key, value in metadata.items() if key not in (KEY_WEIGHTS_SHA256, KEY_ALIASES)}
+    written: list[Path] = []
+    weight_map = {}
+    for number, (name, group) in enumerate(zip(names, groups), start=1):
+        belongs = json.dumps({"index": path.name, "shard": number, "of": len(groups)}, sort_keys=True)
+        write_safetensors(path.parent / name, {n: stored[n] for n in group},
+                          {**shard_metadata, KEY_SHARD: belongs}, overwrite=overwrite, transaction=transaction,
+                          fill_in={k: v for k, v in (fill_in or {}).items() if k in json.dumps(shard_metadata)},
+                          sources={n: span for n, span in (sources or {}).items() if n in group})
+        written.append(transaction.staged[-1][0])  # read back below before it takes its name
+        weight_map.update({tensor: name for tensor in group})
+    index_metadata = dict(metadata)
+    for stand_in, future in (fill_in or {}).items():
+        index_metadata = {key: value.replace(stand_in, future.result()) for key, value in index_metadata.items()}
+    if aliases:
+        index_metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
+    written_header = Header(path, 0, 0, {t: info for shard in written for t, info in read_header(shard).tensors.items()},
+                            {**index_metadata, KEY_WEIGHTS_SHA256: ""}, tuple(written))
+    digest = index_metadata[KEY_WEIGHTS_SHA256] = digest_file(written_header)
+    check_metadata(index_metadata, path)
+    total = sum(t.numel() * t.element_size() for t in stored.values())
+    document = {"metadata": {"total_size": total, **index_metadata}, "weight_map": dict(sorted(weight_map.items()))}
+    with transaction.stage(path, overwrite=overwrite) as fd:
+        write_all(fd, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    for shard in stale:
+        transaction.remove(shard)
+    return digest
+
+
+def _groups(stored: Mapping[str, Any], max_shard_size: int) -> list[list[str]]:
+    """Tensor names in shards of at most `max_shard_size` bytes, a larger tensor alone."""
     groups: list[list[str]] = [[]]
     size = 0
     for name, tensor in stored.items():
@@ -193,44 +243,34 @@ def write_sharded(
             size = 0
         groups[-1].append(name)
         size += nbytes
-    names = shard_names(stem, len(groups))
-    check_writable(path, overwrite=overwrite)
-    for name in names:
-        check_writable(path.parent / name, overwrite=overwrite)
-    shard_metadata = {key: value for key, value in metadata.items() if key not in (KEY_WEIGHTS_SHA256, KEY_ALIASES)}
-    written: list[Path] = []
+    return groups
+
+
+def check_shard_names(index: Path, names: Sequence[str] = ()) -> None:
+    """Refuse, before anything is written, an index or shard name over the file system's limit:
+    those names follow Hugging Face's convention, which other tools rely on, so they are not
+    shortened as ckptfmt's hidden names are."""
+    from ..io.atomic import NAME_MAX, name_fits
+
+    stem = index.name[: -len(INDEX_SUFFIX)]
+    longest = max([index.name, *names, *shard_names(stem, 1)], key=lambda n: len(os.fsencode(n)))
+    if not name_fits(longest):
+        over = len(os.fsencode(longest)) - NAME_MAX
+        raise WriteError(
+            f"its shards would be named like {longest[:40]}..., {len(os.fsencode(longest))} bytes, over the file "
+            f"system's limit of {NAME_MAX}",
+            path=index.with_name(stem + ".safetensors"),
+            fix=f"give it a name at least {over} bytes shorter, or write it unsharded",
+        )
+
+
+def _previous_shards(index: Path) -> list[str]:
+    """The shard names that the index at `index` names (none when there is no readable one):
+    the only files of the previous set that a new save of it may remove."""
     try:
-        weight_map = {}
-        for number, (name, group) in enumerate(zip(names, groups), start=1):
-            belongs = json.dumps({"index": path.name, "shard": number, "of": len(groups)}, sort_keys=True)
-            write_safetensors(path.parent / name, {n: stored[n] for n in group},
-                              {**shard_metadata, KEY_SHARD: belongs}, overwrite=overwrite, sync_folder=sync_folder,
-                              fill_in={k: v for k, v in (fill_in or {}).items() if k in json.dumps(shard_metadata)},
-                              sources={n: span for n, span in (sources or {}).items() if n in group})
-            written.append(path.parent / name)
-            weight_map.update({tensor: name for tensor in group})
-        index_metadata = dict(metadata)
-        for stand_in, future in (fill_in or {}).items():
-            index_metadata = {key: value.replace(stand_in, future.result()) for key, value in index_metadata.items()}
-        if aliases:
-            index_metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
-        written_header = Header(path, 0, 0, {t: info for shard in written for t, info in read_header(shard).tensors.items()},
-                                {**index_metadata, KEY_WEIGHTS_SHA256: ""}, tuple(written))
-        digest = index_metadata[KEY_WEIGHTS_SHA256] = digest_file(written_header)
-        check_metadata(index_metadata, path)
-        total = sum(t.numel() * t.element_size() for t in stored.values())
-        document = {"metadata": {"total_size": total, **index_metadata}, "weight_map": dict(sorted(weight_map.items()))}
-        with atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
-            write_all(fd, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
-    except BaseException:
-        for shard in written:
-            shard.unlink(missing_ok=True)
-        raise
-    for stale in path.parent.glob(f"{_glob_escape(stem)}-*-of-*.safetensors"):
-        if stale.name not in names and re.fullmatch(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.safetensors", stale.name):
-            stale.unlink(missing_ok=True)
-    return digest
-
-
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?[])", r"[\1]", text)
+        document = json.loads(read_capped(index, limit=MAX_INDEX_BYTES, what="a checkpoint index", error=HeaderError))
+        shards = document["weight_map"].values()
+    except (CheckpointNotFoundError, HeaderError, ValueError, KeyError, TypeError, AttributeError, OSError):
+        return []
+    return sorted({shard for shard in shards if isinstance(shard, str) and re.fullmatch(
+        rf"{re.escape(index.name[: -len(INDEX_SUFFIX)])}-\d{{5}}-of-\d{{5}}\.safetensors", shard)})

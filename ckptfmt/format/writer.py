@@ -1,8 +1,8 @@
 """Tensors in and out of .safetensors files, with torch.
 
 The writer is our own rather than `safetensors.torch.save_file`, for three reasons: it writes
-through `atomic_write` (temp file, fsync, rename, mode from the umask, where save_file writes
-0600 in place); it streams each tensor's bytes straight from memory, where save_file first
+through `atomic_write`, or stages it in a checkpoint's `Transaction` (temp file, fsync, rename,
+mode from the umask, where save_file writes 0600 in place); it streams each tensor's bytes straight from memory, where save_file first
 copies every tensor into a bytes object (twice the memory for a 1 GB checkpoint); and it
 stores tied tensors once, recording the ties in `ckptfmt.aliases`, where save_file refuses
 them. The output is a plain safetensors file that `safetensors.torch.load_file` reads.
@@ -23,6 +23,7 @@ import torch
 from ..errors import HeaderError, IntegrityError
 from ..io.atomic import atomic_write, write_all
 from ..io.background import helpers
+from ..io.transaction import Transaction
 from .digest import WeightsHasher, encode_tensor_digests
 from .header import (
     DTYPE_SIZES,
@@ -138,6 +139,7 @@ def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     *, overwrite: bool = False, fill_in: Mapping[str, Future] | None = None,
     sources: Mapping[str, tuple[int, int]] | None = None, sync_folder: bool = True,
+    transaction: Transaction | None = None,
 ) -> str:
     """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
@@ -159,6 +161,8 @@ def write_safetensors(
             kernel and compared with it, and their memory is never touched, so converting a
             file costs bounded memory whatever its size.
         sync_folder: see `atomic_write`.
+        transaction: stage the file in this checkpoint's transaction, to take its name when the
+            transaction commits; with None it is written on its own (`atomic_write`).
 
     Returns:
         The canonical weights digest of what was written.
@@ -182,7 +186,9 @@ def write_safetensors(
     positions = _placeholder_positions(encoded, [*(fill_in or {}), *stand_ins.values()])
     data_start = 8 + len(encoded)
     spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
-    with atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) as fd:
+    opened = atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) if transaction is None \
+        else transaction.stage(path, overwrite=overwrite)
+    with opened as fd:
         write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
         syncing: list[Future] = []
         try:

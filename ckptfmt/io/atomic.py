@@ -4,8 +4,12 @@ Every output goes to a temp file in the same folder (so the final rename never c
 system), is flushed and fsynced, then takes its name: by `os.link` when nothing may be
 overwritten (which fails, atomically, if the name was taken meanwhile), by `os.replace` when
 overwriting was asked for. The folder is fsynced after the rename. On any failure the temp file
-is removed; one left by a killed process has a recognisable name, `.NAME.ckptfmt-tmp-PID-XXXX`,
-and the next write to the same name removes it once its process is gone.
+is removed; one left by a killed process has a recognisable name, `.NAME.ckptfmt-tmp-PID-XXXX`
+(see `hidden_name` for names near the file-system limit), and the next write into the same
+folder removes it once its process is gone.
+
+This is the one-file case; the files of one checkpoint are committed together by
+`transaction.Transaction`, which stages them with `write_temp` below.
 
 Files are created with mode 0o666 and so follow the umask, as `open()` would.
 """
@@ -13,6 +17,7 @@ Files are created with mode 0o666 and so follow the umask, as `open()` would.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,14 +25,46 @@ from pathlib import Path
 
 from ..errors import OVERWRITE_FIX, OutputExistsError, WriteError
 
-__all__ = ["atomic_link", "atomic_write", "check_writable", "fsync_folder", "write_all"]
+__all__ = ["NAME_MAX", "atomic_link", "atomic_write", "check_writable", "fsync_folder", "hidden_name", "name_fits",
+           "write_all", "write_temp"]
 
-_TMP_MARK = ".ckptfmt-tmp-"
+NAME_MAX = 255  # bytes in one file name: ext4, xfs, btrfs, tmpfs, APFS and NTFS (in UTF-16 units) alike
+TMP_MARK = ".ckptfmt-tmp-"
 _WRITE_CHUNK = 64 << 20
 
 
+def name_fits(name: str) -> bool:
+    """Whether a file name is within the file-system limit of `NAME_MAX` bytes."""
+    return len(os.fsencode(name)) <= NAME_MAX
+
+
+def hidden_name(name: str, suffix: str) -> str:
+    """The hidden name `.NAME` + `suffix` that ckptfmt derives from a file's name (temp files, the
+    commit record), kept within `NAME_MAX` bytes: where it would be longer, NAME is cut (at a
+    character boundary) and followed by `~` and 16 hex digits of the sha256 of the whole name,
+    so that two long names still derive two names.
+
+    Example:
+        >>> hidden_name("m.safetensors", ".ckptfmt-commit")
+        '.m.safetensors.ckptfmt-commit'
+    """
+    full = f".{name}{suffix}"
+    if name_fits(full):
+        return full
+    raw = os.fsencode(name)
+    room = NAME_MAX - 1 - len(os.fsencode(suffix)) - 17
+    while 0 < room < len(raw) and raw[room] & 0xC0 == 0x80:  # a UTF-8 character is not split
+        room -= 1
+    return f".{os.fsdecode(raw[:room])}~{hashlib.sha256(raw).hexdigest()[:16]}{suffix}"
+
+
 def check_writable(path: Path, *, overwrite: bool) -> None:
-    """Refuse early what the final rename would refuse: a symlink, a folder, an existing file."""
+    """Refuse early what the final rename would refuse: a symlink, a folder, an existing file;
+    after finishing what killed writers left in the folder (`transaction.clean_folder`), so that
+    the checks see the files as they are to be."""
+    from .transaction import clean_folder  # it builds on this module
+
+    clean_folder(path.parent)
     if path.is_symlink():
         raise WriteError(
             f"is a symbolic link (to {os.readlink(path)}); ckptfmt does not write through links. "
@@ -47,6 +84,50 @@ def check_writable(path: Path, *, overwrite: bool) -> None:
 
 
 @contextmanager
+def write_temp(path: Path, *, overwrite: bool, durable: bool = True) -> Iterator[tuple[int, Path]]:
+    """A temp file in `path`'s folder, for `path`: checked as `check_writable`, its folder made.
+    Yields its
+    descriptor and its path; on normal exit it is fsynced (unless not `durable`) and closed, and
+    kept for the caller to name; on failure it is removed and an OSError becomes a WriteError."""
+    check_writable(path, overwrite=overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, path, "cannot create its folder") from None
+    tmp = path.with_name(hidden_name(path.name, f"{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"))
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        raise write_error(exc, path, "cannot create a file in its folder") from None
+    note_folder(path.parent)
+    try:
+        try:
+            yield fd, tmp
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as exc:
+        error = discard_temp(tmp, exc, path)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def discard_temp(tmp: Path, exc: BaseException, path: Path) -> BaseException:
+    """Remove a temp file that will not take its name; the exception to raise for `exc`: an
+    OSError said as a WriteError about `path`, anything else as it is."""
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    note_folder(tmp.parent)
+    if isinstance(exc, OSError) and not isinstance(exc, (WriteError, OutputExistsError)):
+        return write_error(exc, path, "writing failed")
+    return exc
+
+
+@contextmanager
 def atomic_write(
     path: str | os.PathLike, *, overwrite: bool = False, sync_folder: bool = True, durable: bool = True,
 ) -> Iterator[int]:
@@ -60,33 +141,16 @@ def atomic_write(
         ...     write_all(fd, b"{}")
     """
     path = Path(path)
-    check_writable(path, overwrite=overwrite)
+    with write_temp(path, overwrite=overwrite, durable=durable) as (fd, tmp):
+        yield fd
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _write_error(exc, path, "cannot create its folder") from None
-    _remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as exc:
-        raise _write_error(exc, path, "cannot create a file in its folder") from None
-    try:
-        try:
-            yield fd
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        _commit(tmp, path, overwrite=overwrite)
+        name_temp(tmp, path, overwrite=overwrite)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError) and not isinstance(exc, (WriteError, OutputExistsError)):
-            raise _write_error(exc, path, "writing failed") from exc
-        raise
+        error = discard_temp(tmp, exc, path)
+        if error is exc:
+            raise
+        raise error from exc
+    note_folder(path.parent)
     if sync_folder and durable:
         fsync_folder(path.parent)
 
@@ -101,13 +165,12 @@ def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
     """
     source, path = Path(source), Path(path)
     check_writable(path, overwrite=True)
-    _remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}")
+    tmp = path.with_name(hidden_name(path.name, f"{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"))
     try:
         os.link(source, tmp)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
-            raise _write_error(exc, path, "linking failed") from None
+            raise write_error(exc, path, "linking failed") from None
         with open(source, "rb") as copied, atomic_write(path, overwrite=True) as fd:
             while chunk := copied.read(_WRITE_CHUNK):
                 write_all(fd, chunk)
@@ -116,7 +179,7 @@ def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         os.unlink(tmp)
-        raise _write_error(exc, path, "linking failed") from None
+        raise write_error(exc, path, "linking failed") from None
     fsync_folder(path.parent)
 
 
@@ -128,7 +191,8 @@ def write_all(fd: int, data) -> None:
         view = view[written:]
 
 
-def _commit(tmp: Path, path: Path, *, overwrite: bool) -> None:
+def name_temp(tmp: Path, path: Path, *, overwrite: bool) -> None:
+    """Give a written temp file its name: replacing what is there only when `overwrite`."""
     if overwrite:
         os.replace(tmp, path)
         return
@@ -147,29 +211,15 @@ def _commit(tmp: Path, path: Path, *, overwrite: bool) -> None:
         os.unlink(tmp)
 
 
-# Folders whose stale temp files this process has removed: one listing per folder, not one per
-# file written there (a folder of 2,000 checkpoints would cost 2,000 listings of 2,000 names).
-_cleaned: set[Path] = set()
+def temp_pid(name: str) -> int | None:
+    """The process id in a temp file name of ours, or None for another name."""
+    if not name.startswith(".") or TMP_MARK not in name:
+        return None
+    pid = name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0]
+    return int(pid) if pid.isdigit() else None
 
 
-def _remove_stale_temps(path: Path) -> None:
-    if path.parent in _cleaned:
-        return
-    _cleaned.add(path.parent)
-    try:
-        candidates = [p for p in path.parent.iterdir() if _TMP_MARK in p.name and p.name.startswith(".")]
-    except OSError:
-        return
-    for candidate in candidates:
-        pid = candidate.name.rsplit(_TMP_MARK, 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            try:
-                candidate.unlink()
-            except OSError:
-                pass
-
-
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -177,6 +227,29 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# Each folder's modification time when this process last listed it (`transaction.clean_folder`)
+# or last changed it: a folder that no other process touched since holds no new leftovers, so a
+# batch of 2,000 files written into one folder costs one listing and 2,000 stats, not 2,000
+# listings.
+_seen: dict[str, int] = {}
+
+
+def seen_unchanged(folder: Path) -> bool:
+    """Whether `folder` is as this process last listed or changed it (one stat)."""
+    try:
+        return _seen.get(os.path.abspath(folder)) == os.stat(folder).st_mtime_ns
+    except OSError:
+        return False
+
+
+def note_folder(folder: Path) -> None:
+    """Record that this process changed `folder` (see `transaction.clean_folder`)."""
+    try:
+        _seen[os.path.abspath(folder)] = os.stat(folder).st_mtime_ns
+    except OSError:
+        pass
 
 
 def fsync_folder(folder: Path) -> None:
@@ -193,13 +266,21 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_error(exc: OSError, path: Path, what: str) -> WriteError:
+def write_reason(exc: OSError, path: Path) -> str:
+    """Why writing `path` failed, in words a user can act on."""
     reasons = {
         errno.ENOSPC: "no space left on device; free some space and retry",
         errno.EDQUOT: "disk quota exceeded; free some space and retry",
+        errno.EFBIG: "the file is larger than this process may write (its file-size limit); raise the limit "
+                     "(ulimit -f) and retry",
         errno.EACCES: f"permission denied in {path.parent}; choose a writable output folder (-o)",
         errno.EPERM: f"permission denied in {path.parent}; choose a writable output folder (-o)",
         errno.EROFS: f"{path.parent} is on a read-only file system; choose another output folder (-o)",
+        errno.ENAMETOOLONG: f"its name is over the file system's limit of {NAME_MAX} bytes; choose a shorter one",
     }
-    reason = reasons.get(exc.errno, exc.strerror or str(exc))
-    return WriteError(f"{what}: {reason}. Any previous file there is intact", path=path)
+    return reasons.get(exc.errno, exc.strerror or str(exc))
+
+
+def write_error(exc: OSError, path: Path, what: str) -> WriteError:
+    """A write that failed before its commit point, which leaves the previous files untouched."""
+    return WriteError(f"{what}: {write_reason(exc, path)}. Any previous file there is intact", path=path)

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from ..errors import OVERWRITE_FIX, CkptfmtError, InputError, Words
-from ..io.atomic import atomic_write, write_all
+from ..io.atomic import write_all
 from ..io.files import read_capped
 from ..io.images import MAX_PIXELS, read_image
 from ..io.jsondoc import loads_strict
+from ..io.transaction import Transaction, finish_pending
 from .predictor import MultiTaskPredictor, Prediction
 
 __all__ = ["FileResult", "predict_files"]
@@ -80,17 +81,20 @@ def predict_files(
     previous = {} if overwrite else _previous_rows(table, table_format, checkpoint_sha256)
     results: list[FileResult] = []
     stems: set[str] = set()
-    for path in inputs:
-        done = _predict_file(predictor, path, out_dir, previous, stems, threshold=threshold, overwrite=overwrite,
-                             max_pixels=max_pixels)
-        results += done
-        if on_done is not None:
-            on_done(done)
-    rows = [r.row for r in results if r.row is not None]
-    names = [predictor.config.class_name(i) for i in range(predictor.task.classes or 0)]
-    text = _table_text(rows, names, table_format, predictor, checkpoint_sha256)
-    with atomic_write(table, overwrite=overwrite or table.exists()) as fd:
-        write_all(fd, text.encode())
+    # The masks and the table that records them take their names together: a run killed or out
+    # of space leaves the previous run's files as they were, and nothing that blocks a rerun.
+    with Transaction(out_dir, table.name) as transaction:
+        for path in inputs:
+            done = _predict_file(predictor, path, out_dir, previous, stems, transaction, threshold=threshold,
+                                 overwrite=overwrite, max_pixels=max_pixels)
+            results += done
+            if on_done is not None:
+                on_done(done)
+        rows = [r.row for r in results if r.row is not None]
+        names = [predictor.config.class_name(i) for i in range(predictor.task.classes or 0)]
+        text = _table_text(rows, names, table_format, predictor, checkpoint_sha256)
+        with transaction.stage(table, overwrite=overwrite or table.exists()) as fd:
+            write_all(fd, text.encode())
     return results, table
 
 
@@ -106,6 +110,7 @@ _REDO = Words("choose another out_dir=, or pass overwrite=True to replace it",
 def _previous_rows(table: Path, table_format: str, checkpoint_sha256: str) -> dict[tuple[str, Any], dict]:
     """The rows of an earlier run's table, by (input, index); refused when that run used another
     checkpoint (its outputs are not this one's)."""
+    finish_pending(table)
     if not table.exists():
         return {}
     try:
@@ -164,7 +169,8 @@ def _is_row(row: Any) -> bool:
 
 
 def _predict_file(
-    predictor: MultiTaskPredictor, path: Path, out_dir: Path, previous: dict, stems: set[str], *,
+    predictor: MultiTaskPredictor, path: Path, out_dir: Path, previous: dict, stems: set[str],
+    transaction: Transaction, *,
     threshold: float | None, overwrite: bool, max_pixels: int,
 ) -> list[FileResult]:
     from ..io.files import sha256_file
@@ -215,7 +221,7 @@ def _predict_file(
                     fix=OVERWRITE_FIX,
                 )
         for result in results:
-            _write_mask(result)
+            _write_mask(result, transaction)
             result.row = {"input": _as_text(path), "index": result.index, "input_sha256": sha256,
                           "outputs": [_as_text(o) for o in result.outputs], **result.prediction.to_dict()}
         return results
@@ -268,7 +274,7 @@ def _output_paths(out_dir: Path, result: FileResult) -> tuple[Path, ...]:
     return out_dir / f"{result.name}_mask.png", out_dir / f"{result.name}_mask.npy"
 
 
-def _write_mask(result: FileResult) -> None:
+def _write_mask(result: FileResult, transaction: Transaction) -> None:
     from PIL import Image
 
     if not result.outputs:
@@ -278,11 +284,11 @@ def _write_mask(result: FileResult) -> None:
     planes = mask if mask.ndim == 2 else np.concatenate(list(mask), axis=0)
     buffer = io.BytesIO()
     Image.fromarray(planes.astype(np.uint8) * 255).save(buffer, format="PNG")
-    with atomic_write(png, overwrite=True) as fd:  # existence was checked, naming the input
+    with transaction.stage(png, overwrite=True) as fd:  # existence was checked, naming the input
         write_all(fd, buffer.getvalue())
     buffer = io.BytesIO()
     np.save(buffer, mask)
-    with atomic_write(npy, overwrite=True) as fd:
+    with transaction.stage(npy, overwrite=True) as fd:
         write_all(fd, buffer.getvalue())
 
 

@@ -22,7 +22,6 @@ from ckptfmt.format.writer import tensor_bytes, write_safetensors
 from ..helpers import save_small
 from .crafted import assert_our_error, fresh_python
 
-
 _PLACEHOLDER = "PLACEHOLDER-FOR-THE-LAUGHS"
 
 

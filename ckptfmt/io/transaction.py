@@ -1,0 +1,411 @@
+"""Transactions: the files of one checkpoint (weights or shards and index, companion, sidecar)
+take their names together, or none of them does.
+
+Each file is staged as `atomic_write` writes one (a temp file in the same folder, fsynced) but
+not named. `commit` then writes the commit record, `.NAME.ckptfmt-commit` beside the main file:
+a small JSON document listing each rename (temp -> final name) and each removal (stale shards
+the new set does not name), written to a temp file, fsynced, and linked into place, the folder
+fsynced. That link is the commit point. The renames follow (members first, the main file last),
+then the removals, a folder fsync, and the record is deleted.
+
+Why a kill or a full disk at any point leaves a complete set:
+- before the record takes its name, no name of the previous set has changed: only temp files
+  were written, which the next write in the folder removes once their process is gone;
+- once it has, every new file is complete and fsynced, and the record says which name each
+  takes, so finishing is a matter of renames that need no space: whoever next reads or writes
+  the checkpoint rolls it forward (`finish_pending`, `recover`), and a reader that cannot write
+  there says so, naming the record, rather than reading a mixed set.
+A commit holds an exclusive `flock` on its record from before it is linked until it is
+deleted, so a reader that finds the record of a commit under way waits for it rather than
+finishing it twice; a killed writer's lock goes with its process.
+
+A transaction of one file and no removal needs no record: its rename is atomic.
+
+Derived names stay within the file-system limit of 255 bytes: see `atomic.hidden_name`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+from ..errors import OutputExistsError, WriteError
+from .atomic import (
+    TMP_MARK,
+    check_writable,
+    discard_temp,
+    fsync_folder,
+    hidden_name,
+    name_temp,
+    note_folder,
+    process_alive,
+    seen_unchanged,
+    temp_pid,
+    write_all,
+    write_error,
+    write_reason,
+    write_temp,
+)
+from .files import check_plain_name
+
+__all__ = ["RECORD_MARK", "Transaction", "clean_folder", "finish_pending", "finish_record", "record_path", "recover"]
+
+RECORD_MARK = ".ckptfmt-commit"
+_RECORD_FORMAT = "ckptfmt-commit-1"
+REMOVABLE_SUFFIX = ".safetensors"
+_RECORD_LIMIT = 64 << 20  # some 100,000 renames of long names: a predictions run with its masks
+
+
+def record_path(path: Path) -> Path:
+    """The commit record of the checkpoint whose main file is `path`.
+
+    Example:
+        >>> record_path(Path("runs/m.safetensors"))
+        PosixPath('runs/.m.safetensors.ckptfmt-commit')
+    """
+    return path.with_name(hidden_name(path.name, RECORD_MARK))
+
+
+class Transaction:
+    """The files of one checkpoint, committed together (see the module's docstring).
+
+    Args:
+        folder: the checkpoint's folder; every file of the transaction is in it.
+        name: the checkpoint's main file (the `.safetensors`, or the index of shards), whose
+            commit record is a hidden file beside it.
+
+    Example:
+        >>> with Transaction(folder, "m.safetensors") as transaction:
+        ...     with transaction.stage(folder / "m.safetensors", overwrite=True) as fd:
+        ...         write_all(fd, data)
+        ...     write_sidecar(folder, config, "m.safetensors", digest, transaction=transaction)
+    """
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = Path(folder)
+        self.name = name
+        self._staged: list[tuple[Path, Path]] = []
+        self._new: set[Path] = set()  # staged to take a name that nothing may hold (overwrite=False)
+        self._removals: list[Path] = []
+        self._ended = False
+
+    @property
+    def staged(self) -> list[tuple[Path, Path]]:
+        """(temp, final) pairs registered so far: what a rank sends to the rank that commits."""
+        return list(self._staged)
+
+    @property
+    def record(self) -> Path:
+        return record_path(self.folder / self.name)
+
+    @contextmanager
+    def stage(self, path: Path, *, overwrite: bool) -> Iterator[int]:
+        """Write a file of the set: checked and written as `atomic_write` does (yielding its file
+        descriptor), fsynced, and registered to take its name at `commit`.
+
+        Example:
+            >>> with transaction.stage(folder / "m.safetensors", overwrite=False) as fd:
+            ...     write_all(fd, data)
+        """
+        path = self._member(Path(path))
+        with write_temp(path, overwrite=overwrite) as (fd, tmp):
+            yield fd
+        self._staged.append((tmp, path))
+        if not overwrite:
+            self._new.add(path)
+
+    def adopt(self, temp: Path, path: Path, *, overwrite: bool) -> None:
+        """Register a temp file that another process (another rank) wrote and fsynced in the
+        folder, to take the name `path` at `commit`."""
+        path, temp = self._member(Path(path)), Path(temp)
+        if os.path.abspath(temp.parent) != os.path.abspath(self.folder) or temp_pid(temp.name) is None:
+            raise ValueError(f"{temp} is not a ckptfmt temp file in {self.folder}")
+        check_writable(path, overwrite=overwrite)
+        self._staged.append((temp, path))
+        _adopted.add(temp)
+        if not overwrite:
+            self._new.add(path)
+
+    def remove(self, path: Path) -> None:
+        """Remove, after the commit, a file of the previous set that the new set replaces without
+        naming it: a stale shard of the same checkpoint, so a `.safetensors` file (a record that
+        removes anything else is not one ckptfmt wrote)."""
+        path = Path(path)
+        if not path.name.endswith(REMOVABLE_SUFFIX):
+            raise ValueError(f"{path} is not a {REMOVABLE_SUFFIX} file; a transaction removes stale shards only")
+        if os.path.abspath(path.parent) != os.path.abspath(self.folder):
+            raise ValueError(f"{path} is not in the transaction's folder {self.folder}")
+        if any(final == path for _, final in self._staged) or path in self._removals:
+            raise ValueError(f"{path} is already part of this transaction")
+        self._removals.append(path)
+
+    def commit(self) -> None:
+        """Give every staged file its name and remove the files to remove, all or none (see the
+        module's docstring)."""
+        self._end()
+        if not self._staged and not self._removals:
+            return
+        if len(self._staged) + len(self._removals) == 1:
+            self._commit_one()
+            fsync_folder(self.folder)
+        else:
+            self._commit_with_record()
+        _adopted.difference_update(temp for temp, _ in self._staged)
+        note_folder(self.folder)
+
+    def abort(self) -> None:
+        """Remove the staged temp files; no name of the folder changes."""
+        self._ended = True
+        for temp, _ in self._staged:
+            temp.unlink(missing_ok=True)
+        _adopted.difference_update(temp for temp, _ in self._staged)
+        note_folder(self.folder)
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if exc is None:
+            self.commit()
+        elif not self._ended:
+            self.abort()
+
+    def _member(self, path: Path) -> Path:
+        if self._ended:
+            raise ValueError(f"the transaction of {self.name} is already committed or aborted")
+        if os.path.abspath(path.parent) != os.path.abspath(self.folder):
+            raise ValueError(f"{path} is not in the transaction's folder {self.folder}")
+        if any(final == path for _, final in self._staged) or path in self._removals:
+            raise ValueError(f"{path} is already part of this transaction")
+        return path
+
+    def _end(self) -> None:
+        if self._ended:
+            raise ValueError(f"the transaction of {self.name} is already committed or aborted")
+        self._ended = True
+
+    def _commit_one(self) -> None:
+        if self._removals:
+            self._removals[0].unlink(missing_ok=True)
+            return
+        temp, path = self._staged[0]
+        try:
+            name_temp(temp, path, overwrite=path not in self._new)
+        except BaseException as exc:
+            error = discard_temp(temp, exc, path)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _ordered(self) -> list[tuple[Path, Path]]:
+        """Members first, the main file last: a reader that does not look for the record sees the
+        main file of the new set only once the rest of it is there."""
+        return sorted(self._staged, key=lambda pair: pair[1].name == self.name)
+
+    def _commit_with_record(self) -> None:
+        renames, main = self._ordered(), self.folder / self.name
+        try:
+            for _, path in renames:  # the early checks again, just before the commit point
+                check_writable(path, overwrite=path not in self._new)
+            lock = self._place_record(renames)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, WriteError) and exc.path == str(self.record):
+                raise exc.at(main) from exc  # the record is ours, not a file the user knows
+            if isinstance(exc, OSError) and not isinstance(exc, (WriteError, OutputExistsError)):
+                raise write_error(exc, main, "writing failed") from exc
+            raise
+        try:
+            done = 0
+            try:
+                for done, (temp, path) in enumerate(renames):
+                    os.replace(temp, path)
+                done = len(renames)
+                for path in self._removals:
+                    path.unlink(missing_ok=True)
+            except BaseException as exc:
+                self._stopped(exc, done, len(renames))
+            fsync_folder(self.folder)
+            self.record.unlink(missing_ok=True)
+        finally:
+            os.close(lock)
+
+    def _stopped(self, exc: BaseException, done: int, total: int) -> None:
+        """A commit stopped past its commit point, by an error or an interrupt. Where no file had
+        taken its name yet, it is undone whole; otherwise its record stays, for the next reader
+        or writer to finish, and the error says so."""
+        main = self.folder / self.name
+        if done == 0:
+            self.record.unlink(missing_ok=True)
+            self.abort()
+            if isinstance(exc, OSError):
+                raise write_error(exc, main, "writing failed") from exc
+            raise exc
+        if isinstance(exc, OSError):
+            raise WriteError(
+                f"committing stopped after {done} of {total} files took their names: "
+                f"{write_reason(exc, main)}",
+                path=main,
+                fix=f"its commit record {self.record.name} lists the rest, and the next ckptfmt command that "
+                    "reads or writes this checkpoint finishes it",
+            ) from exc
+        raise exc
+
+    def _place_record(self, renames: list[tuple[Path, Path]]) -> int:
+        """Write the record and link it into place, locked: the commit point. Returns the
+        descriptor that holds the lock, to be closed once the record is deleted."""
+        record = self.record
+        document = {
+            "format": _RECORD_FORMAT,
+            "renames": [[temp.name, path.name] for temp, path in renames],
+            "removals": [path.name for path in self._removals],
+        }
+        with write_temp(record, overwrite=True) as (fd, tmp):
+            write_all(fd, (json.dumps(document, indent=1) + "\n").encode())
+        lock = None
+        try:
+            lock = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                name_temp(tmp, record, overwrite=False)
+            except OutputExistsError:  # a killed commit of the same checkpoint: finished first
+                finish_record(record)
+                name_temp(tmp, record, overwrite=False)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if lock is not None:
+                os.close(lock)
+            raise
+        fsync_folder(self.folder)
+        return lock
+
+
+def finish_pending(path: Path) -> None:
+    """For a reader about to open the checkpoint `path`: finish the commit that a killed writer
+    left of it, if any (one `lstat` when there is none), waiting for one under way.
+
+    Raises:
+        WriteError: naming the record, when it cannot be finished from here (a read-only
+            folder, another user's files).
+    """
+    record = record_path(Path(path))
+    try:
+        os.lstat(record)
+    except OSError:
+        return
+    finish_record(record)
+
+
+def recover(folder: Path) -> None:
+    """Finish (roll forward) each commit record that a killed commit left in `folder`, and remove
+    the temp files of ours whose process is gone. Safe to call often and concurrently.
+
+    Example:
+        >>> recover(Path("runs"))
+    """
+    clean_folder(Path(folder), force=True)
+
+
+def finish_record(record: Path) -> None:
+    """Roll forward the commit whose record this is, holding its lock; nothing when it is gone."""
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _unfinished(record, exc.strerror or str(exc)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a commit under way holds it: wait for it to end
+        status = os.fstat(fd)
+        if status.st_nlink == 0:
+            return  # finished while we waited
+        if not stat.S_ISREG(status.st_mode) or status.st_size > _RECORD_LIMIT:
+            raise _unfinished(record, "it is not a commit record ckptfmt wrote")
+        renames, removals = _read_record(os.pread(fd, status.st_size, 0), record)
+        folder = record.parent
+        try:
+            for temp, final in renames:
+                try:
+                    os.replace(folder / temp, folder / final)
+                except FileNotFoundError:
+                    pass  # renamed by the commit that wrote the record
+            for name in removals:
+                (folder / name).unlink(missing_ok=True)
+            fsync_folder(folder)
+            os.unlink(record)
+        except OSError as exc:
+            raise _unfinished(record, write_reason(exc, Path(os.path.abspath(record))).split(";")[0]) from None
+    finally:
+        os.close(fd)
+
+
+def _unfinished(record: Path, why: str) -> WriteError:
+    return WriteError(
+        f"a commit of this checkpoint was interrupted (its record {record.name} is left), and this process cannot "
+        f"finish it ({why})",
+        path=record,
+        fix="run any ckptfmt command on the checkpoint as a user who may write to its folder, which finishes it; "
+            "until then its files are those of the previous save or of the new one",
+    )
+
+
+def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """The renames and removals a record lists, each a plain name of its folder, and each temp
+    file the temp of its own final name (so a crafted record renames nothing else)."""
+    try:
+        document = json.loads(data)
+        if document.get("format") != _RECORD_FORMAT:
+            raise ValueError
+        renames = [(str(temp), str(final)) for temp, final in document["renames"]]
+        removals = [str(name) for name in document["removals"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise _unfinished(record, "it is not a commit record ckptfmt wrote") from None
+    for name in (*(n for pair in renames for n in pair), *removals):
+        check_plain_name(name, key="a name in the commit record", path=record, error=WriteError)
+    for temp, final in renames:
+        if temp_pid(temp) is None or temp != hidden_name(final, temp[temp.rindex(TMP_MARK):]):
+            raise _unfinished(record, f"{temp!r} is not a temp file of {final!r}")
+    for name in removals:
+        if not name.endswith(REMOVABLE_SUFFIX):
+            raise _unfinished(record, f"it removes {name!r}, which is not a {REMOVABLE_SUFFIX} file")
+    return renames, removals
+
+
+# Temp files that a transaction of this process adopted from another process (a rank that may
+# have exited, or run on another host, where its process id means nothing here): not leftovers.
+_adopted: set[Path] = set()
+
+
+def clean_folder(folder: Path, *, force: bool = False) -> None:
+    """Finish the commits that killed writers left in `folder`, then remove the temp files of
+    ours whose process is gone; nothing to do (one stat) when the folder did not change since
+    this process last cleaned or wrote it, unless `force`."""
+    if not force and seen_unchanged(folder):
+        return
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    unfinished = False
+    for name in names:
+        if name.startswith(".") and name.endswith(RECORD_MARK):
+            try:
+                finish_record(folder / name)
+            except WriteError:
+                unfinished = True  # its temps are the new set: kept for whoever can finish it
+    if not unfinished:
+        for name in names:
+            pid = temp_pid(name)
+            if pid is not None and not process_alive(pid) and folder / name not in _adopted:
+                try:
+                    (folder / name).unlink()
+                except OSError:
+                    pass
+    note_folder(folder)
