@@ -1,0 +1,166 @@
+"""Each rank's part of a distributed save: gather the tensors it owns, one at a time, and write
+them into its shards, staged in its own transaction.
+
+The ranks walk one schedule, the same on all of them: the owned tensors of every rank taken in
+turn (rank 0's first, rank 1's first, ..., rank 0's second, ...), so that every rank has a
+shard filling from the start. Each gather involves every rank (`gather_to_owner`); the writing
+runs on a thread of each rank's own, so that a rank writing a shard still sends its pieces of
+the others' tensors, and the ranks write in parallel. A rank holds at most `2 * shard_bytes` of
+gathered tensors (or one larger tensor alone): before it gathers one more, it waits for its
+writer to finish a shard, which frees that shard's tensors.
+
+A failed write does not stop the schedule (the other ranks are waiting for this rank's pieces):
+it is kept, the rest of this rank's tensors are gathered and dropped, and the error is reported
+with the staged files for rank 0 to decide (see `saving`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..format.header import KEY_SHARD
+from ..format.index import shard_names
+from .gathering import gather_to_owner
+from .ownership import Plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..io.transaction import Transaction
+
+__all__ = ["Part", "write_owned"]
+
+
+@dataclass
+class Part:
+    """One sharded file set of a save: the weights, or the optimizer's companion.
+
+    Attributes:
+        index: the index the shards belong to (`NAME.safetensors.index.json`).
+        tensors: name -> tensor or DTensor, as the ranks hold them.
+        plan: who writes which shard (`plan_shards`).
+        metadata: each shard's header metadata (its `ckptfmt.shard` is added).
+    """
+
+    index: Path
+    tensors: Mapping[str, Any]
+    plan: Plan
+    metadata: dict[str, str]
+    names: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = shard_names(self.index.name.removesuffix(".safetensors.index.json"), len(self.plan.shards))
+
+    def shard_path(self, number: int) -> Path:
+        return self.index.parent / self.names[number]
+
+
+def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overwrite: bool,
+                budget: int) -> BaseException | None:
+    """Gather this rank's tensors of every part and stage its shards in `transaction`; every
+    rank calls it. Returns the error of a failed write (the files staged before it stay staged,
+    for the caller to abort), or None.
+
+    Example:
+        >>> error = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=128 << 20)
+    """
+    writer = _ShardWriter(transaction, overwrite, budget)
+    held: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    try:
+        for part_number, shard, name in _schedule(parts):
+            part = parts[part_number]
+            owner = part.plan.shard_owners[shard]
+            if owner == rank:
+                writer.make_room(part.plan.sizes[name], sum(_bytes(t) for t in held.get((part_number, shard), {}).values()))
+            whole = gather_to_owner(part.tensors[name], owner)
+            if owner != rank:
+                continue
+            tensors = held.setdefault((part_number, shard), {})
+            tensors[name] = whole
+            if len(tensors) == len(part.plan.shards[shard]):
+                writer.submit(part, shard, held.pop((part_number, shard)))
+    finally:
+        error = writer.finish()
+    return error
+
+
+def _schedule(parts: list[Part]) -> list[tuple[int, int, str]]:
+    """(part, shard, tensor name) in the order every rank gathers them: each rank's list of
+    owned tensors (part by part, shard by shard, in name order) interleaved rank by rank."""
+    queues: dict[int, list[tuple[int, int, str]]] = {}
+    for part_number, part in enumerate(parts):
+        for shard, (names, owner) in enumerate(zip(part.plan.shards, part.plan.shard_owners)):
+            queues.setdefault(owner, []).extend((part_number, shard, name) for name in names)
+    order = []
+    for turn in range(max((len(queue) for queue in queues.values()), default=0)):
+        order.extend(queue[turn] for _, queue in sorted(queues.items()) if turn < len(queue))
+    return order
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class _ShardWriter:
+    """One thread writing this rank's shards in turn, and the count of gathered bytes not yet
+    written, which `make_room` keeps under the budget."""
+
+    def __init__(self, transaction: Transaction, overwrite: bool, budget: int) -> None:
+        self._transaction, self._overwrite, self._budget = transaction, overwrite, budget
+        self._queue: list[tuple[Part, int, dict[str, torch.Tensor]]] = []
+        self._pending = 0  # bytes submitted and not yet written
+        self._closed = False
+        self.error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="ckptfmt-shard-writer", daemon=True)
+        self._thread.start()
+
+    def make_room(self, size: int, gathering: int) -> None:
+        """Wait until `size` more bytes fit beside those submitted and those being gathered
+        (`gathering`), or nothing submitted is left to wait for."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending == 0 or self._pending + gathering + size <= self._budget)
+
+    def submit(self, part: Part, shard: int, tensors: dict[str, torch.Tensor]) -> None:
+        with self._changed:
+            if self.error is not None:
+                return  # dropped: this rank's save has failed; its pieces were still sent
+            self._queue.append((part, shard, tensors))
+            self._pending += sum(_bytes(t) for t in tensors.values())
+            self._changed.notify_all()
+
+    def finish(self) -> BaseException | None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+        return self.error
+
+    def _run(self) -> None:
+        from ..format.writer import write_safetensors
+
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return
+                part, shard, tensors = self._queue[0]
+            size = sum(_bytes(t) for t in tensors.values())
+            try:
+                if self.error is None:
+                    belongs = json.dumps({"index": part.index.name, "shard": shard + 1, "of": len(part.plan.shards)},
+                                         sort_keys=True)
+                    write_safetensors(part.shard_path(shard), tensors, {**part.metadata, KEY_SHARD: belongs},
+                                      overwrite=self._overwrite, transaction=self._transaction)
+            except BaseException as exc:  # reported to rank 0, which fails the save on every rank
+                self.error = exc
+            with self._changed:
+                self._queue.pop(0)
+                self._pending -= size
+                del tensors
+                self._changed.notify_all()
