@@ -132,13 +132,14 @@ def without_shards(paths: list[Path]) -> list[Path]:
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     """The file to read. `NAME.pth` that was saved as `NAME.safetensors` (as
     save_model_with_config does), or as shards with `NAME.safetensors.index.json`, is found
-    there, so the seed's paths keep working; a folder gives the one checkpoint it holds."""
+    there, so the seed's paths keep working; so is `NAME.safetensors` saved as shards (as
+    `ckptfmt.distributed.save` saves it). A folder gives the one checkpoint it holds."""
     path = Path(path)
     if path.is_dir():
         return find_checkpoint(path)
     if path.exists():
         return path
-    if path.suffix in (".pth", ".pt"):
+    if path.suffix in (".pth", ".pt", ".safetensors"):
         for saved_as in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")):
             if saved_as.exists():
                 logger.info("%s: reading %s, which it was saved as", path, saved_as)
