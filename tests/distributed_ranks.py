@@ -3,11 +3,13 @@
 
     python tests/distributed_ranks.py WORKDIR
     python tests/distributed_ranks.py WORKDIR --save-until-killed
+    python tests/distributed_ranks.py WORKDIR --save-in-background
 
 WORKDIR holds `big/model.safetensors`, `big_sharded/` and `single/` (written by the test). Each rank writes what
 it saw to `WORKDIR/rank{N}.json`, and the checkpoints and outputs the test then checks. With
 `--save-until-killed`, the ranks save one checkpoint, say so (`WORKDIR/saved_once`), then save it again and
-again, for the test to kill a rank in the middle of a save.
+again, for the test to kill a rank in the middle of a save. With `--save-in-background`, they save with
+`async_save` and train on (and save again) while it writes.
 """
 
 from __future__ import annotations
@@ -215,8 +217,32 @@ def save_until_killed(work: Path) -> None:
         ckptfmt.distributed.save(model, path, max_shard_size="1MB", overwrite=True)
 
 
+def save_in_background(work: Path) -> None:
+    """Save the state of a step in the background, and train on and save again while it is written:
+    `at_call` is the same state saved by a blocking save, `trained_on` the state after."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = MultiTaskUNet(**SMALL)
+    ckptfmt.distributed.shard_model(model, init_device_mesh("cpu", (world,)))
+    optimizer = new_optimizer(model)
+    train(model, optimizer, range(STOP), rank, world)
+    agree_on_buffers(model)
+    ckptfmt.distributed.save(model, work / "at_call/model.safetensors", optimizer=optimizer, epoch=STOP)
+    future = ckptfmt.distributed.async_save(model, work / "background/model.safetensors", optimizer=optimizer,
+                                            epoch=STOP)
+    train(model, optimizer, range(STOP, STEPS), rank, world)
+    agree_on_buffers(model)
+    ckptfmt.distributed.save(model, work / "trained_on/model.safetensors", optimizer=optimizer)
+    (work / f"rank{rank}.json").write_text(json.dumps({"background": str(future.result())}))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["--save-until-killed"]:
         save_until_killed(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["--save-in-background"]:
+        save_in_background(Path(sys.argv[1]))
     else:
         main(Path(sys.argv[1]))

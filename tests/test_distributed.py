@@ -52,9 +52,9 @@ def start_ranks(work: Path, *arguments: str) -> list[subprocess.Popen]:
     return ranks
 
 
-def run_ranks(work: Path) -> None:
+def run_ranks(work: Path, *arguments: str) -> None:
     """Run the ranks and wait for all, stopping the others as soon as one fails."""
-    ranks = start_ranks(work)
+    ranks = start_ranks(work, *arguments)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while any(process.poll() is None for process in ranks):
@@ -162,6 +162,19 @@ def test_replicated_buffers_that_differ_across_ranks_are_refused_naming_one(rank
                    "model.buffers(): dist.broadcast(b, src=0))",
     }] * WORLD
     assert not (work / "disagree").exists()
+
+
+@pytest.mark.subprocess  # Ranks, one process each, as torchrun starts them.
+def test_an_async_save_on_two_ranks_holds_the_state_at_the_call_while_training_goes_on(tmp_path):
+    run_ranks(tmp_path, "--save-in-background")
+    path = tmp_path / "background/model.safetensors.index.json"
+    assert [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)] == [
+        {"background": str(path)}] * WORLD
+    assert ckptfmt.verify(path).ok
+    at_call, trained_on = (tmp_path / f"{run}/model.safetensors.index.json" for run in ("at_call", "trained_on"))
+    assert read_header(path).weights_sha256 == read_header(at_call).weights_sha256 != read_header(trained_on).weights_sha256
+    companions = [p.with_name("model.optimizer.safetensors.index.json") for p in (path, at_call)]
+    assert state_dicts_bit_identical(*(ckptfmt.read_state_dict(companion) for companion in companions))
 
 
 @pytest.mark.subprocess  # A rank killed by SIGKILL in the middle of a save: only a real kill shows it.

@@ -10,6 +10,9 @@
   ckptfmt's own writer; rank 0 writes the index, the sidecar and the optimizer companion's
   index, and commits the set in one transaction. It keeps every guarantee of `ckptfmt.save`
   (read back and compared, digest, atomic: a kill of any rank leaves the previous checkpoint).
+- `async_save(model, path)`: the same save, with the caller blocked only while each rank copies
+  its pieces of the state into host memory; the rest runs on a thread, talking through a gloo
+  group of its own.
 - `load_training_state(path, model, optimizer)`: the optimizer state saved with the checkpoint
   (keyed by parameter name) is read on rank 0 and scattered to the shards by torch's
   `set_optimizer_state_dict`; save, resume, step equals never stopping, bit for bit.
@@ -20,6 +23,6 @@ Loading lives in `loading`, saving in `saving` (the plan in `ownership`, the gat
 
 from .loading import load_into, load_model, shard_model
 from .resuming import load_training_state
-from .saving import save
+from .saving import async_save, save
 
-__all__ = ["load_into", "load_model", "load_training_state", "save", "shard_model"]
+__all__ = ["async_save", "load_into", "load_model", "load_training_state", "save", "shard_model"]

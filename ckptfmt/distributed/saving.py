@@ -24,9 +24,12 @@ The folder must be one that every rank sees (a shared file system, or one host).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +37,7 @@ from ..errors import CkptfmtError, CkptfmtWarning, ConfigError
 from ..format.header import FORMAT_VERSION, INDEX_SUFFIX, KEY_FORMAT, KEY_FORMAT_VERSION
 from ..format.index import check_shard_names, parse_size
 from ..io.transaction import Transaction
-from .gathering import replica_digests
+from .gathering import Piece, piece_of, replica_digests
 from .ownership import model_ties, plan_shards
 from .rank_zero import on_rank0, shared
 from .shards import Part, write_owned
@@ -42,7 +45,7 @@ from .shards import Part, write_owned
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["save"]
+__all__ = ["async_save", "save"]
 
 # Shards of at most 64 MiB unless asked otherwise: a rank holds two shards' tensors at most
 # while it writes, so this bounds what a save costs beyond the model's own shards.
@@ -102,6 +105,95 @@ def save(
 
     error = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite, budget=2 * job.shard_bytes)
     return commit_save(job, error)
+
+
+def async_save(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    config: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    epoch: int | None = None,
+    metrics: Mapping[str, float] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
+    wait: bool = True,
+    **fields: Any,
+) -> Future[Path]:
+    """`save` in the background: return once each rank has copied its pieces of the state into
+    host memory; gathering to the owners, writing, digests, fsync and the commit run on a thread.
+
+    Call it on every rank, as `save`. The caller is blocked while the ranks agree on the plan
+    and rank 0 checks the save (as `save` does, so a refusal is raised here), then while each
+    rank copies what it holds of each tensor (its rows of a sharded one, its owned replicated
+    ones) into a staging buffer that the next save reuses (pinned for CUDA tensors): about its
+    share of the state, as DCP's own `async_save` copies. Train on at once: the checkpoint holds
+    the state at the call. The background part talks through a process group of its own (gloo),
+    so it never mixes with the training's collectives; background saves run one after another,
+    in the order they were called, on every rank.
+
+    This is `ckptfmt.async_save`'s mechanism (`saving_async.in_background`): at most one save
+    in flight per path (a second call waits, or raises WriteError with `wait=False`), an error
+    on `.result()` and again at the next save if nobody asked, and the interpreter waits at exit.
+    Wait for the futures before `dist.destroy_process_group()`.
+
+    Args:
+        wait: for a save to the same path still in flight: wait for it (True) or raise.
+        the others: as for `save`.
+
+    Returns:
+        A `concurrent.futures.Future` whose `result()` is the index written, on every rank.
+
+    Example:
+        >>> future = ckptfmt.distributed.async_save(model, "runs/step_1000.safetensors", optimizer=optimizer)
+        >>> train_step(model, optimizer)      # the checkpoint holds the weights of the call
+        >>> future.result()
+        PosixPath('runs/step_1000.safetensors.index.json')
+    """
+    import torch.distributed as dist
+
+    from ..saving_async import in_background
+
+    job = prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                       epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
+    group = _background_group()
+    pieces = [{name: piece_of(part.tensors[name], owner) for names, owner in zip(part.plan.shards, part.plan.shard_owners)
+               for name in names} for part in job.parts]
+    with _order:
+        previous = _last[0] if _last else None
+
+        def write(copy: dict[str, Any]) -> Path:
+            if previous is not None:  # the same order on every rank: one background save at a time
+                wait_for([previous])
+            parts = [replace(part, tensors={name: Piece(copy[str(number)][name], piece.shape, piece.rows)
+                                            for name, piece in pieces[number].items()})
+                     for number, part in enumerate(job.parts)]
+            error = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite,
+                                budget=2 * job.shard_bytes, group=group)
+            return commit_save(job, error, group=group)
+
+        state = {str(number): {name: piece.local for name, piece in table.items()} for number, table in enumerate(pieces)}
+        future = in_background(job.index, state, write, wait=wait)
+        _last[:] = [future]
+    return future
+
+
+_order = threading.Lock()
+_last: list[Future] = []  # the latest background save of this process, which the next one waits for
+_groups: dict[Any, Any] = {}
+
+
+def _background_group() -> Any:
+    """The gloo group that background saves talk through, one per default group, made (by every
+    rank, as any group is) at the first background save."""
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    if world not in _groups:
+        _groups[world] = dist.new_group(backend="gloo")
+    return _groups[world]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..format.header import KEY_SHARD
 from ..format.index import shard_names
-from .gathering import gather_to_owner
+from .gathering import Piece, gather_to_owner, piece_of
 from .ownership import Plan
 
 if TYPE_CHECKING:
@@ -42,7 +42,8 @@ class Part:
 
     Attributes:
         index: the index the shards belong to (`NAME.safetensors.index.json`).
-        tensors: name -> tensor or DTensor, as the ranks hold them.
+        tensors: name -> tensor or DTensor, as the ranks hold them, or this rank's `Piece` of
+            it (a background save's snapshot).
         plan: who writes which shard (`plan_shards`).
         metadata: each shard's header metadata (its `ckptfmt.shard` is added).
     """
@@ -61,10 +62,10 @@ class Part:
 
 
 def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overwrite: bool,
-                budget: int) -> BaseException | None:
+                budget: int, group: Any = None) -> BaseException | None:
     """Gather this rank's tensors of every part and stage its shards in `transaction`; every
-    rank calls it. Returns the error of a failed write (the files staged before it stay staged,
-    for the caller to abort), or None.
+    rank calls it. Rows travel through `group` (the default group when None). Returns the error
+    of a failed write (the files staged before it stay staged, for rank 0 to remove), or None.
 
     Example:
         >>> error = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=128 << 20)
@@ -77,7 +78,8 @@ def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overw
             owner = part.plan.shard_owners[shard]
             if owner == rank:
                 writer.make_room(part.plan.sizes[name], sum(_bytes(t) for t in held.get((part_number, shard), {}).values()))
-            whole = gather_to_owner(part.tensors[name], owner)
+            value = part.tensors[name]
+            whole = gather_to_owner(value if isinstance(value, Piece) else piece_of(value, owner), owner, group=group)
             if owner != rank:
                 continue
             tensors = held.setdefault((part_number, shard), {})
