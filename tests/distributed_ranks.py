@@ -187,6 +187,7 @@ def main(work: Path) -> None:
     ckptfmt.distributed.load_into(own, work / "big/model.safetensors")
     report["placements"] = sorted({str(t.placements) for t in own.state_dict().values() if hasattr(t, "placements")})
     outputs(own, work / f"own_rank{rank}.safetensors")
+    ckptfmt.distributed.save(own, work / "own_saved/model.safetensors")  # dim-1 shards: assembled by DTensor
 
     with torch.device("meta"):
         other = MultiTaskUNet(base_filters=32, depth=3)

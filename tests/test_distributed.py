@@ -219,6 +219,9 @@ def test_it_loads_into_two_ranks_and_into_one_process_with_identical_outputs(ran
             outputs = load_file(work / f"{loaded}_rank{rank}.safetensors")
             assert torch.equal(outputs["seg"], seg) and torch.equal(outputs["cls"], cls), (loaded, rank)
     assert all(report["placements"] == ["(Shard(dim=0),)", "(Shard(dim=1),)"] for report in reports)
+    # saved again from the dim-1 shards: the same weights
+    assert read_header(work / "own_saved/model.safetensors.index.json").weights_sha256 == \
+        read_header(work / "big/model.safetensors").weights_sha256
 
 
 @pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.

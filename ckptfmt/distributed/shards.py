@@ -1,9 +1,9 @@
 """Each rank's part of a distributed save: gather the tensors it owns, one at a time, and write
 them into its shards, staged in its own transaction.
 
-The ranks walk one schedule, the same on all of them: the owned tensors of every rank taken in
-turn (rank 0's first, rank 1's first, ..., rank 0's second, ...), so that every rank has a
-shard filling from the start. Each gather involves every rank (`gather_to_owner`); the writing
+The ranks walk one schedule, the same on all of them: turns of one tensor per owner (rank 0's
+first, rank 1's first, ...; then the seconds), so that every rank has a shard filling from the
+start, and the transfers of a turn run at once (`gather_to_owners`). The writing
 runs on a thread of each rank's own, so that a rank writing a shard still sends its pieces of
 the others' tensors, and the ranks write in parallel. A rank holds at most `2 * shard_bytes` of
 gathered tensors (or one larger tensor alone): before it gathers one more, it waits for its
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..format.header import KEY_SHARD
 from ..format.index import shard_names
-from .gathering import Piece, gather_to_owner, piece_of
+from .gathering import Piece, gather_to_owners, piece_of
 from .ownership import Plan
 
 if TYPE_CHECKING:
@@ -73,35 +73,39 @@ def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overw
     writer = _ShardWriter(transaction, overwrite, budget)
     held: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     try:
-        for part_number, shard, name in _schedule(parts):
-            part = parts[part_number]
-            owner = part.plan.shard_owners[shard]
-            if owner == rank:
-                writer.make_room(part.plan.sizes[name], sum(_bytes(t) for t in held.get((part_number, shard), {}).values()))
-            value = part.tensors[name]
-            whole = gather_to_owner(value if isinstance(value, Piece) else piece_of(value, owner), owner, group=group)
-            if owner != rank:
-                continue
-            tensors = held.setdefault((part_number, shard), {})
-            tensors[name] = whole
-            if len(tensors) == len(part.plan.shards[shard]):
-                writer.submit(part, shard, held.pop((part_number, shard)))
+        for turn in _schedule(parts):
+            pieces = []
+            for part_number, shard, name in turn:
+                part = parts[part_number]
+                owner = part.plan.shard_owners[shard]
+                if owner == rank:
+                    gathering = sum(_bytes(t) for t in held.get((part_number, shard), {}).values())
+                    writer.make_room(part.plan.sizes[name], gathering)
+                value = part.tensors[name]
+                pieces.append((value if isinstance(value, Piece) else piece_of(value, owner), owner))
+            for (part_number, shard, name), whole in zip(turn, gather_to_owners(pieces, group=group)):
+                if whole is None:
+                    continue
+                part = parts[part_number]
+                tensors = held.setdefault((part_number, shard), {})
+                tensors[name] = whole
+                if len(tensors) == len(part.plan.shards[shard]):
+                    writer.submit(part, shard, held.pop((part_number, shard)))
     finally:
         error = writer.finish()
     return error
 
 
-def _schedule(parts: list[Part]) -> list[tuple[int, int, str]]:
-    """(part, shard, tensor name) in the order every rank gathers them: each rank's list of
-    owned tensors (part by part, shard by shard, in name order) interleaved rank by rank."""
+def _schedule(parts: list[Part]) -> list[list[tuple[int, int, str]]]:
+    """Turns of (part, shard, tensor name), in the order every rank gathers them: each rank's
+    list of owned tensors (part by part, shard by shard, in name order), one of each rank's per
+    turn, so that each turn has one tensor per owner and its transfers run at once."""
     queues: dict[int, list[tuple[int, int, str]]] = {}
     for part_number, part in enumerate(parts):
         for shard, (names, owner) in enumerate(zip(part.plan.shards, part.plan.shard_owners)):
             queues.setdefault(owner, []).extend((part_number, shard, name) for name in names)
-    order = []
-    for turn in range(max((len(queue) for queue in queues.values()), default=0)):
-        order.extend(queue[turn] for _, queue in sorted(queues.items()) if turn < len(queue))
-    return order
+    return [[queue[turn] for _, queue in sorted(queues.items()) if turn < len(queue)]
+            for turn in range(max((len(queue) for queue in queues.values()), default=0))]
 
 
 def _bytes(tensor: torch.Tensor) -> int:
