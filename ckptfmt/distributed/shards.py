@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..format.header import KEY_SHARD
+from ..format.header import INDEX_SUFFIX, KEY_SHARD
 from ..format.index import shard_names
 from .gathering import Piece, gather_to_owners, piece_of
 from .ownership import Plan
@@ -55,7 +55,7 @@ class Part:
     names: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.names = shard_names(self.index.name.removesuffix(".safetensors.index.json"), len(self.plan.shards))
+        self.names = shard_names(self.index.name.removesuffix(INDEX_SUFFIX), len(self.plan.shards))
 
     def shard_path(self, number: int) -> Path:
         return self.index.parent / self.names[number]
