@@ -25,7 +25,7 @@ from tools.bench import _median_of, gb, measure, python_child, row
 # sharded and filled first. Prints the rank's seconds, peak RSS during the timed part, and RSS
 # after start-up (before any of the model).
 DISTRIBUTED_RANK = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 import torch, torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -65,8 +65,11 @@ else:
     dcp.save(get_model_state_dict(model), storage_writer=dcp.FileSystemWriter(out / "dcp", overwrite=True))
 seconds = time.perf_counter() - start
 dist.barrier()
-print(json.dumps({"rank": dist.get_rank(), "s": seconds, "peak": status("VmHWM:"), "base": base}))
-dist.destroy_process_group()
+print(json.dumps({"rank": dist.get_rank(), "s": seconds, "peak": status("VmHWM:"), "base": base}), flush=True)
+dist.barrier()
+# gloo's teardown at exit now and then aborts a rank (std::terminate) after all is done; the
+# figures are out, so the rank ends here.
+os._exit(0)
 """
 
 # Starts the ranks as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), without

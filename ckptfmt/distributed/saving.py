@@ -99,12 +99,12 @@ def save(
         >>> ckptfmt.distributed.save(model, "runs/step_1000.safetensors", optimizer=optimizer, epoch=3)
         PosixPath('runs/step_1000.safetensors.index.json')
     """
-    job = prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                       epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
     import torch.distributed as dist
 
+    job = _prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
     error = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite, budget=2 * job.shard_bytes)
-    return commit_save(job, error)
+    return _commit_save(job, error)
 
 
 def async_save(
@@ -156,8 +156,8 @@ def async_save(
 
     from ..saving_async import in_background
 
-    job = prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                       epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
+    job = _prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
     group = _background_group()
     pieces = [{name: piece_of(part.tensors[name], owner) for names, owner in zip(part.plan.shards, part.plan.shard_owners)
                for name in names} for part in job.parts]
@@ -172,7 +172,7 @@ def async_save(
                      for number, part in enumerate(job.parts)]
             error = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite,
                                 budget=2 * job.shard_bytes, group=group)
-            return commit_save(job, error, group=group)
+            return _commit_save(job, error, group=group)
 
         state = {str(number): {name: piece.local for name, piece in table.items()} for number, table in enumerate(pieces)}
         future = in_background(job.index, state, write, wait=wait)
@@ -197,7 +197,7 @@ def _background_group() -> Any:
 
 
 @dataclass
-class SaveJob:
+class _SaveJob:
     """What the ranks agreed to write: the parts (weights, companion), each rank's transaction,
     and on rank 0 what it needs to write the indexes and the sidecar."""
 
@@ -209,13 +209,13 @@ class SaveJob:
     decided: tuple | None  # rank 0: (config, training record, provenance, companion JSON text)
 
 
-def prepare_save(model: torch.nn.Module, path: str | os.PathLike, *, config: Any, optimizer: Any, scheduler: Any,
-                 scaler: Any, epoch: Any, metrics: Any, overwrite: bool, max_shard_size: Any,
-                 fields: dict[str, Any]) -> SaveJob:
+def _prepare_save(model: torch.nn.Module, path: str | os.PathLike, *, config: Any, optimizer: Any, scheduler: Any,
+                  scaler: Any, epoch: Any, metrics: Any, overwrite: bool, max_shard_size: Any,
+                  fields: dict[str, Any]) -> _SaveJob:
     """Steps 1 and 2 of a save (see the module's docstring), on every rank.
 
     Example:
-        >>> job = prepare_save(model, "m.safetensors", config=None, optimizer=None, scheduler=None, scaler=None,
+        >>> job = _prepare_save(model, "m.safetensors", config=None, optimizer=None, scheduler=None, scaler=None,
         ...                    epoch=None, metrics=None, overwrite=False, max_shard_size=None, fields={})
     """
     import torch.distributed as dist
@@ -250,7 +250,7 @@ def prepare_save(model: torch.nn.Module, path: str | os.PathLike, *, config: Any
         companion_index = companion.with_name(companion.name + ".index.json")
         parts.append(Part(companion_index, moments, plans["companion"],
                           {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION}))
-    return SaveJob(index, parts, Transaction(index.parent, index.name), overwrite, shard_bytes, decided)
+    return _SaveJob(index, parts, Transaction(index.parent, index.name), overwrite, shard_bytes, decided)
 
 
 def _index_path(path: Path) -> Path:
@@ -324,13 +324,13 @@ def _decide(model: Any, index: Path, companion: Path | None, weights: Mapping[st
     return config, training, provenance, build_metadata(config, training={}, provenance=provenance)
 
 
-def commit_save(job: SaveJob, error: BaseException | None, *, group: Any = None) -> Path:
+def _commit_save(job: _SaveJob, error: BaseException | None, *, group: Any = None) -> Path:
     """Step 4 of a save (see the module's docstring), on every rank: rank 0 commits what every
     rank staged, or, when a rank failed, removes it; the outcome is raised or returned on every
     rank.
 
     Example:
-        >>> commit_save(job, write_owned(job.parts, rank, job.transaction, overwrite=False, budget=1 << 27))
+        >>> _commit_save(job, write_owned(job.parts, rank, job.transaction, overwrite=False, budget=1 << 27))
         PosixPath('m.safetensors.index.json')
     """
     import torch.distributed as dist
@@ -342,7 +342,7 @@ def commit_save(job: SaveJob, error: BaseException | None, *, group: Any = None)
     return shared(on_rank0(lambda: _commit_on_rank0(job, reports, error), group=group))
 
 
-def _commit_on_rank0(job: SaveJob, reports: list[Any], error: BaseException | None) -> Path:
+def _commit_on_rank0(job: _SaveJob, reports: list[Any], error: BaseException | None) -> Path:
     folder = job.index.parent
     others = [(folder / temp, folder / final) for rank, (staged, _) in enumerate(reports) if rank != 0
               for temp, final in staged]
@@ -365,7 +365,7 @@ def _commit_on_rank0(job: SaveJob, reports: list[Any], error: BaseException | No
     return job.index
 
 
-def _write_indexes(job: SaveJob, transaction: Transaction) -> None:
+def _write_indexes(job: _SaveJob, transaction: Transaction) -> None:
     """The companion's index, the checkpoint's index and the sidecar, staged in `transaction`
     beside the shards, whose staged temp files they are computed from."""
     from ..config.sidecar import write_sidecar
