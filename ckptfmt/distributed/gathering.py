@@ -4,9 +4,10 @@ replicated tensors (BatchNorm statistics, an optimizer's step) agree across rank
 Only the owner receives: a tensor sharded along its first dimension over a one-dimensional mesh
 of all ranks (FSDP2's layout, `Shard(0)`) comes to its owner by torch's point-to-point `isend`
 and `irecv`, each rank's rows straight into their place in the owner's tensor, which is all the
-memory it takes; tensors of different owners travel at once. torch's `gather` would do the same in one call, but its gloo backend receives
-into a flat buffer of its own and copies out of it: twice the tensor at the owner (measured:
-150 MB gathered cost 300 MB of peak memory, against 150 MB this way). Any other layout (a 2-D
+memory it takes; tensors of different owners travel at once. torch's `gather` would do the same
+in one call, but its gloo backend receives into a flat buffer of its own and copies out of it:
+twice the tensor at the owner (measured: 150 MB gathered cost 300 MB of peak memory, against
+150 MB this way). Any other layout (a 2-D
 mesh, `Shard(1)`, tensor parallelism) is assembled by DTensor's own `full_tensor()`, which
 every rank takes part in and all but the owner drop. A replicated tensor is the owner's own.
 
