@@ -3,9 +3,10 @@
 For each file: read it with the weights-only unpickler, sort out what it holds (`layouts`),
 resolve the config (`config=` > sidecar beside the source > what the file itself gives: its
 `hyper_parameters` or a pickled model's arguments > inferred from the tensor shapes, then
-`overrides`), check it against the shapes, write the companion (optimizer, scheduler, scaler
-and other tensors), write the weights atomically, read them back and compare them byte for byte
-with the source tensors, and only then write the sidecar. The source is never modified. A
+`overrides`), check it against the shapes, then write the companion (optimizer, scheduler,
+scaler and other tensors), the weights (read back and compared byte for byte with the source
+tensors) and the sidecar's binding as one transaction, which gives them their names together
+once all are written. The source is never modified. A
 checkpoint that no registered architecture recognises is still converted, weights only, with a
 warning. The result lists where each of the file's keys went, and each key dropped, with why.
 """
@@ -38,9 +39,9 @@ from .format.metadata import build_metadata, provenance_record
 from .format.writer import DTYPE_NAMES, placeholder, write_safetensors
 from .io.atomic import check_writable, name_fits
 from .io.background import helpers
-from .io.files import files_sha256, open_regular, sha256_fd, sha256_file, walk_files
+from .io.files import files_sha256, is_regular_file, open_regular, sha256_fd, sha256_file, walk_files
 from .io.jsondoc import has_surrogate
-from .io.transaction import Transaction
+from .io.transaction import Transaction, clean_folder
 from .resolve import Resolution, read_source, resolve
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder
 from .sources.legacy import LEGACY_SUFFIXES, file_identity
@@ -141,13 +142,16 @@ class _Batch:
         elif folder not in self.written:
             check_sidecar_accepts(folder, config, overwrite=self.force)
 
-    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult,
-             transaction: Transaction) -> None:
-        """Stage the folder's sidecar, binding `name`, in the conversion's transaction."""
+    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str,
+             transaction: Transaction) -> dict[str, str]:
+        """Stage the folder's sidecar, binding `name`, in the conversion's transaction; the
+        bindings it holds, for `committed` once the transaction is."""
         bindings = {**self.written.get(folder, (config, {}))[1], name: digest}
         write_sidecar(folder, config, bindings=bindings, overwrite=self.force, transaction=transaction)
+        return bindings
+
+    def committed(self, folder: Path, config: ModelConfig, bindings: dict[str, str]) -> None:
         self.written[folder] = (config, bindings)
-        result.sidecar = folder / SIDECAR_NAME
 
 
 def default_output(source: Path) -> Path:
@@ -238,6 +242,7 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     if not from_dcp:
         os.close(open_regular(source, error=LegacyCheckpointError))  # a FIFO, a device, unreadable: said here
     output = Path(output) if output is not None else default_output(source)
+    clean_folder(output.parent)  # a commit there that a killed run left is finished before anything is looked at
     if dtype is not None and dtype not in CAST_DTYPES:
         raise ConfigError(Words(f"dtype={dtype!r} is not one of {', '.join(CAST_DTYPES)}",
                                 f"--dtype {cli_value(dtype)} is not one of {', '.join(CAST_DTYPES)}"), path=source)
@@ -365,7 +370,10 @@ def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tens
             if source_fd is not None:
                 os.close(source_fd)
         if resolution.config is not None:
-            batch.bind(output.parent, resolution.config, output.name, digest, result, transaction)
+            bindings = batch.bind(output.parent, resolution.config, output.name, digest, transaction)
+    if resolution.config is not None:  # a conversion that failed binds nothing in the next one's sidecar
+        batch.committed(output.parent, resolution.config, bindings)
+        result.sidecar = output.parent / SIDECAR_NAME
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
 
 
@@ -374,6 +382,8 @@ def _refuse_shared_outputs(jobs: list[tuple[Path, Path | None]]) -> None:
     (`m.pth` and `m.ckpt` in one folder): the second would replace the first."""
     claimed: dict[str, Path] = {}
     for source, target in jobs:
+        if not (source.is_dir() or is_regular_file(source)):
+            continue  # a FIFO or a file that went away fails alone, saying so
         output = target if target is not None else default_output(source)
         earlier = claimed.setdefault(os.path.abspath(output), source)
         if earlier != source:

@@ -424,3 +424,33 @@ def test_a_damaged_image_is_named_and_a_colour_image_read_as_one_channel_says_so
             "image format Pillow reads") in result.stderr
     assert (f"warning: {tmp_path / 'in/colour.png'}: is a colour image (RGB); the model takes one channel, so it is "
             "read as its luminance") in result.stderr
+
+
+def test_a_run_that_runs_out_of_space_leaves_the_previous_masks_and_table(demo_model, held_out, tmp_path, monkeypatch):
+    """The masks and the table that records them are one transaction: a run that fails writing
+    the table (here: out of space) leaves the previous run's masks and table as they were,
+    rather than new masks that no table records."""
+    import errno
+    import os
+
+    from ckptfmt.predict.files import predict_files
+
+    images = tmp_path / "scans"
+    images.mkdir()
+    np.save(images / "a.npy", held_out[0][1, 0])
+    predictor = MultiTaskPredictor(demo_model)
+    predict_files(predictor, [images / "a.npy"], tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    np.save(images / "a.npy", held_out[0][3, 0])
+    real_write = os.write
+
+    def table_full(fd, data):
+        if ".predictions.json.ckptfmt-tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", table_full)
+    with pytest.raises(ckptfmt.WriteError, match="predictions.json: writing failed: no space left on device"):
+        predict_files(predictor, [images / "a.npy"], tmp_path / "out", overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

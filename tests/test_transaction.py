@@ -57,6 +57,25 @@ def test_removals_happen_with_the_commit(tmp_path):
     assert names(tmp_path) == ["m-00001-of-00002.safetensors", "m-00001-of-00003.safetensors"]
 
 
+def test_files_another_rank_staged_are_committed_by_the_rank_that_commits(tmp_path):
+    """A rank stages its shard and sends `staged` to rank 0, which adopts it into its own
+    transaction (here both in one process: the hand-over is what is tested)."""
+    other_rank = Transaction(tmp_path, "m.safetensors.index.json")
+    with other_rank.stage(tmp_path / "m-00002-of-00002.safetensors", overwrite=False) as fd:
+        write_all(fd, b"shard 2")
+    sent = other_rank.staged  # handed over: that rank neither commits nor aborts
+    assert names(tmp_path) == [sent[0][0].name]
+    with Transaction(tmp_path, "m.safetensors.index.json") as rank0:
+        with rank0.stage(tmp_path / "m-00001-of-00002.safetensors", overwrite=False) as fd:
+            write_all(fd, b"shard 1")
+        for temp, final in sent:
+            rank0.adopt(temp, final, overwrite=False)
+        with rank0.stage(tmp_path / "m.safetensors.index.json", overwrite=False) as fd:
+            write_all(fd, b"{}")
+    assert contents(tmp_path) == {"m-00001-of-00002.safetensors": b"shard 1", "m-00002-of-00002.safetensors": b"shard 2",
+                                  "m.safetensors.index.json": b"{}"}
+
+
 def test_an_existing_file_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "model_config.json").write_text("theirs")
     with pytest.raises(OutputExistsError, match="model_config.json: already exists; pass overwrite=True"):
@@ -179,7 +198,8 @@ def test_a_record_that_cannot_be_finished_is_named(tmp_path, monkeypatch):
     with pytest.raises(WriteError) as excinfo:
         finish_pending(folder / "m.safetensors")
     assert str(excinfo.value) == (
-        f"{record}: a commit of this checkpoint was interrupted, and this process cannot finish it ({folder} is on "
+        f"{record}: a commit of this checkpoint was interrupted (its record {record.name} is left), and this process "
+        f"cannot finish it ({folder} is on "
         "a read-only file system); run any ckptfmt command on the checkpoint as a user who may write to its folder, "
         "which finishes it; until then its files are those of the previous save or of the new one")
     monkeypatch.undo()
@@ -197,6 +217,16 @@ def test_a_crafted_record_renames_nothing_but_its_own_temps(tmp_path):
                                          r"'precious.txt'\)"):
         finish_pending(tmp_path / "m.safetensors")
     assert (tmp_path / "precious.txt").read_text() == "precious"
+
+
+def test_a_crafted_record_removes_nothing_but_safetensors_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    record_path(tmp_path / "m.safetensors").write_text(json.dumps({"format": "ckptfmt-commit-1", "renames": [],
+                                                                   "removals": ["notes.txt"]}))
+    with pytest.raises(WriteError, match=r"cannot finish it \(it removes 'notes.txt', which is not a .safetensors "
+                                         r"file\)"):
+        finish_pending(tmp_path / "m.safetensors")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_leftovers_of_a_dead_process_go_with_the_next_write_in_the_folder(tmp_path):

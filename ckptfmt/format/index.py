@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import CheckpointNotFoundError, ConfigError, HeaderError, Words, WriteError
 from ..io.files import read_capped
-from ..io.transaction import Transaction
+from ..io.transaction import Transaction, finish_pending
 from .header import (
     INDEX_SUFFIX,
     KEY_ALIASES,
@@ -139,8 +139,13 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
         return find_checkpoint(path)
     if path.exists():
         return path
+    # A first save killed past its commit point has not renamed its main file yet (it goes last).
+    finish_pending(path)
+    if path.exists():
+        return path
     if path.suffix in (".pth", ".pt", ".safetensors"):
         for saved_as in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")):
+            finish_pending(saved_as)
             if saved_as.exists():
                 logger.info("%s: reading %s, which it was saved as", path, saved_as)
                 return saved_as

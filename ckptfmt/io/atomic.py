@@ -59,7 +59,12 @@ def hidden_name(name: str, suffix: str) -> str:
 
 
 def check_writable(path: Path, *, overwrite: bool) -> None:
-    """Refuse early what the final rename would refuse: a symlink, a folder, an existing file."""
+    """Refuse early what the final rename would refuse: a symlink, a folder, an existing file;
+    after finishing what killed writers left in the folder (`transaction.clean_folder`), so that
+    the checks see the files as they are to be."""
+    from .transaction import clean_folder  # it builds on this module
+
+    clean_folder(path.parent)
     if path.is_symlink():
         raise WriteError(
             f"is a symbolic link (to {os.readlink(path)}); ckptfmt does not write through links. "
@@ -80,18 +85,15 @@ def check_writable(path: Path, *, overwrite: bool) -> None:
 
 @contextmanager
 def write_temp(path: Path, *, overwrite: bool, durable: bool = True) -> Iterator[tuple[int, Path]]:
-    """A temp file in `path`'s folder, for `path`: checked as `check_writable`, its folder made
-    and cleaned of what killed writers left (see `transaction.clean_folder`). Yields its
+    """A temp file in `path`'s folder, for `path`: checked as `check_writable`, its folder made.
+    Yields its
     descriptor and its path; on normal exit it is fsynced (unless not `durable`) and closed, and
     kept for the caller to name; on failure it is removed and an OSError becomes a WriteError."""
-    from .transaction import clean_folder  # it builds on this module
-
     check_writable(path, overwrite=overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(exc, path, "cannot create its folder") from None
-    clean_folder(path.parent)
     tmp = path.with_name(hidden_name(path.name, f"{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"))
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)

@@ -58,6 +58,7 @@ __all__ = ["RECORD_MARK", "Transaction", "clean_folder", "finish_pending", "fini
 
 RECORD_MARK = ".ckptfmt-commit"
 _RECORD_FORMAT = "ckptfmt-commit-1"
+REMOVABLE_SUFFIX = ".safetensors"
 _RECORD_LIMIT = 64 << 20  # some 100,000 renames of long names: a predictions run with its masks
 
 
@@ -127,13 +128,17 @@ class Transaction:
             raise ValueError(f"{temp} is not a ckptfmt temp file in {self.folder}")
         check_writable(path, overwrite=overwrite)
         self._staged.append((temp, path))
+        _adopted.add(temp)
         if not overwrite:
             self._new.add(path)
 
     def remove(self, path: Path) -> None:
         """Remove, after the commit, a file of the previous set that the new set replaces without
-        naming it (a stale shard of the same checkpoint)."""
+        naming it: a stale shard of the same checkpoint, so a `.safetensors` file (a record that
+        removes anything else is not one ckptfmt wrote)."""
         path = Path(path)
+        if not path.name.endswith(REMOVABLE_SUFFIX):
+            raise ValueError(f"{path} is not a {REMOVABLE_SUFFIX} file; a transaction removes stale shards only")
         if os.path.abspath(path.parent) != os.path.abspath(self.folder):
             raise ValueError(f"{path} is not in the transaction's folder {self.folder}")
         if any(final == path for _, final in self._staged) or path in self._removals:
@@ -148,9 +153,10 @@ class Transaction:
             return
         if len(self._staged) + len(self._removals) == 1:
             self._commit_one()
+            fsync_folder(self.folder)
         else:
             self._commit_with_record()
-        fsync_folder(self.folder)
+        _adopted.difference_update(temp for temp, _ in self._staged)
         note_folder(self.folder)
 
     def abort(self) -> None:
@@ -158,6 +164,7 @@ class Transaction:
         self._ended = True
         for temp, _ in self._staged:
             temp.unlink(missing_ok=True)
+        _adopted.difference_update(temp for temp, _ in self._staged)
         note_folder(self.folder)
 
     def __enter__(self) -> Transaction:
@@ -210,6 +217,8 @@ class Transaction:
             lock = self._place_record(renames)
         except BaseException as exc:
             self.abort()
+            if isinstance(exc, WriteError) and exc.path == str(self.record):
+                raise exc.at(main) from exc  # the record is ours, not a file the user knows
             if isinstance(exc, OSError) and not isinstance(exc, (WriteError, OutputExistsError)):
                 raise write_error(exc, main, "writing failed") from exc
             raise
@@ -319,7 +328,7 @@ def finish_record(record: Path) -> None:
             return  # finished while we waited
         if not stat.S_ISREG(status.st_mode) or status.st_size > _RECORD_LIMIT:
             raise _unfinished(record, "it is not a commit record ckptfmt wrote")
-        renames, removals = _read_record(os.pread(fd, _RECORD_LIMIT + 1, 0), record)
+        renames, removals = _read_record(os.pread(fd, status.st_size, 0), record)
         folder = record.parent
         try:
             for temp, final in renames:
@@ -332,14 +341,15 @@ def finish_record(record: Path) -> None:
             fsync_folder(folder)
             os.unlink(record)
         except OSError as exc:
-            raise _unfinished(record, write_reason(exc, record).split(";")[0]) from None
+            raise _unfinished(record, write_reason(exc, Path(os.path.abspath(record))).split(";")[0]) from None
     finally:
         os.close(fd)
 
 
 def _unfinished(record: Path, why: str) -> WriteError:
     return WriteError(
-        f"a commit of this checkpoint was interrupted, and this process cannot finish it ({why})",
+        f"a commit of this checkpoint was interrupted (its record {record.name} is left), and this process cannot "
+        f"finish it ({why})",
         path=record,
         fix="run any ckptfmt command on the checkpoint as a user who may write to its folder, which finishes it; "
             "until then its files are those of the previous save or of the new one",
@@ -362,7 +372,15 @@ def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list
     for temp, final in renames:
         if temp_pid(temp) is None or temp != hidden_name(final, temp[temp.rindex(TMP_MARK):]):
             raise _unfinished(record, f"{temp!r} is not a temp file of {final!r}")
+    for name in removals:
+        if not name.endswith(REMOVABLE_SUFFIX):
+            raise _unfinished(record, f"it removes {name!r}, which is not a {REMOVABLE_SUFFIX} file")
     return renames, removals
+
+
+# Temp files that a transaction of this process adopted from another process (a rank that may
+# have exited, or run on another host, where its process id means nothing here): not leftovers.
+_adopted: set[Path] = set()
 
 
 def clean_folder(folder: Path, *, force: bool = False) -> None:
@@ -385,7 +403,7 @@ def clean_folder(folder: Path, *, force: bool = False) -> None:
     if not unfinished:
         for name in names:
             pid = temp_pid(name)
-            if pid is not None and not process_alive(pid):
+            if pid is not None and not process_alive(pid) and folder / name not in _adopted:
                 try:
                     (folder / name).unlink()
                 except OSError:

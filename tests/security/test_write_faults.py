@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ckptfmt
-from ckptfmt import WriteError, convert
+from ckptfmt import OutputExistsError, WriteError, convert, read_header
 
 from ..helpers import run_cli, run_cli_in_fresh_process, small_model
 
@@ -231,3 +231,169 @@ def test_data_read_back_wrong_replaces_nothing(converted, monkeypatch):
         convert(converted / "m.pth", force=True)
     monkeypatch.undo()
     assert snapshot(converted) == {**before, "m.pth": (converted / "m.pth").read_bytes()}
+
+
+def _legacy_with_optimizer(path: Path, seed: int) -> None:
+    model, _ = small_model(seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sum(output.sum() for output in model(torch.zeros(1, 1, 16, 16))).backward()
+    optimizer.step()
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict()}, path)
+
+
+@pytest.fixture
+def converted_with_companion(tmp_path):
+    """A converted checkpoint with its companion and sidecar, and a changed source."""
+    _legacy_with_optimizer(tmp_path / "m.pth", seed=0)
+    convert(tmp_path / "m.pth")
+    _legacy_with_optimizer(tmp_path / "m.pth", seed=4)
+    return tmp_path
+
+
+def test_disk_full_at_each_write_leaves_the_previous_set(converted_with_companion, monkeypatch):
+    """Every write of convert --force fails in turn (companion, weights, sidecar, commit record):
+    each time the previous set is untouched and verifies, and the message says so truly."""
+    folder = converted_with_companion
+    before = snapshot(folder)
+    real_write = os.write
+    failed_at = set()
+    for failing in range(1, 200):
+        calls = 0
+
+        def write(fd, data):
+            nonlocal calls
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)):
+                calls += 1
+                if calls == failing:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", write)
+        try:
+            convert(folder / "m.pth", force=True)
+            break
+        except WriteError as exc:
+            failed_at.add(exc.path)
+            assert str(exc) == (f"{exc.path}: writing failed: no space left on device; free some space and retry. "
+                                "Any previous file there is intact")
+        finally:
+            monkeypatch.undo()
+        assert snapshot(folder) == before
+        assert ckptfmt.verify(folder / "m.safetensors").ok
+    assert failed_at == {str(folder / name) for name in ("m.optimizer.safetensors", "m.safetensors",
+                                                          "model_config.json")}
+    assert ckptfmt.verify(folder / "m.safetensors").ok and snapshot(folder) != before
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("limit", [64, 4096, 20000])
+def test_file_size_limit_leaves_the_previous_set(converted_with_companion, limit):
+    """A real refusal of the kernel (RLIMIT_FSIZE, as a quota gives) wherever it falls."""
+    folder = converted_with_companion
+    before = snapshot(folder)
+    code = ("import resource, sys\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+            "from ckptfmt.cli import main\n"
+            "main(['convert', 'm.pth', '--force'])\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("[FAIL] m.pth: m.")
+    assert result.stderr.rstrip().endswith(": writing failed: the file is larger than this process may write (its "
+                                           "file-size limit); raise the limit (ulimit -f) and retry. Any previous "
+                                           "file there is intact")
+    assert snapshot(folder) == before
+    assert run_cli("verify", "m.safetensors", cwd=folder).returncode == 0
+
+
+def test_sharded_convert_never_deletes_shards_it_did_not_write(tmp_path):
+    """Regression: convert --max-shard-size deleted every NAME-0000X-of-0000N.safetensors it had
+    not named, someone else's files included."""
+    _legacy_with_optimizer(tmp_path / "m.pth", seed=0)
+    theirs = {name: name.encode() for name in ("m-00001-of-00009.safetensors", "m-00002-of-00009.safetensors")}
+    for name, data in theirs.items():
+        (tmp_path / name).write_bytes(data)
+    first = convert(tmp_path / "m.pth", max_shard_size="8KB")
+    ours = {p.name for p in read_header(first.output).files}
+    assert len(ours) > 2 and all((tmp_path / name).read_bytes() == data for name, data in theirs.items())
+    _legacy_with_optimizer(tmp_path / "m.pth", seed=4)
+    second = convert(tmp_path / "m.pth", max_shard_size="16KB", force=True)
+    kept = {p.name for p in read_header(second.output).files}
+    assert 1 < len(kept) < len(ours)
+    assert ckptfmt.verify(second.output).ok
+    shards = {p.name for p in tmp_path.glob("m-*-of-*.safetensors")}
+    assert shards == kept | set(theirs)  # the first convert's other shards went, theirs stayed
+    assert all((tmp_path / name).read_bytes() == data for name, data in theirs.items())
+
+
+def test_sharded_convert_does_not_replace_a_shard_it_did_not_write(tmp_path, tmp_path_factory):
+    _legacy_with_optimizer(tmp_path / "m.pth", seed=0)
+    shards = read_header(convert(tmp_path / "m.pth", output=tmp_path_factory.mktemp("elsewhere") / "m.safetensors",
+                                 max_shard_size="8KB").output).files
+    (tmp_path / shards[1].name).write_bytes(b"theirs")
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputExistsError, match=f"{shards[1].name}: already exists; pass overwrite=True to "
+                                                "replace it"):
+        convert(tmp_path / "m.pth", max_shard_size="8KB")
+    assert snapshot(tmp_path) == before
+
+
+def test_two_sources_of_one_output_are_refused_naming_both(tmp_path):
+    """Regression: m.pth and m.ckpt in one folder were both "converted" into m.safetensors, the
+    first lost."""
+    model, _ = small_model()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    torch.save(small_model(seed=4)[0].state_dict(), tmp_path / "m.ckpt")
+    before = snapshot(tmp_path)
+    result = run_cli("convert", ".", "--force", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Error: m.safetensors: would be the output of both m.ckpt and m.pth, and the second would replace the "
+        "first; convert one of them on its own with -o naming another file, or move it away"]
+    assert snapshot(tmp_path) == before
+
+
+def test_an_output_name_of_255_bytes_is_written_with_its_companion(tmp_path):
+    """Regression: convert probed NAME.safetensors.index.json, 11 bytes longer, and failed with
+    "File name too long". Hidden names (temps, the commit record) and the companion are shortened
+    by a hash; the index and the shards, whose names other tools derive, are refused by name."""
+    stem = "é" * 121 + "x"  # 243 bytes: the output NAME.safetensors is 255
+    _legacy_with_optimizer(tmp_path / f"{stem}.pth", seed=0)
+    result = run_cli("convert", f"{stem}.pth", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    output = tmp_path / f"{stem}.safetensors"
+    assert len(output.name.encode()) == 255
+    assert ckptfmt.verify(output).ok
+    companion = ckptfmt.convert(tmp_path / f"{stem}.pth", force=True).optimizer_file
+    assert len(companion.name.encode()) <= 255 and companion.name.endswith(".optimizer.safetensors")
+    assert ckptfmt.verify(output).ok and ckptfmt.load_model(output) is not None
+    before = snapshot(tmp_path)
+    with pytest.raises(WriteError) as excinfo:
+        convert(tmp_path / f"{stem}.pth", max_shard_size="8KB", force=True)
+    assert str(excinfo.value).startswith(f"{output}: its shards would be named like ")
+    assert str(excinfo.value).endswith(", 270 bytes, over the file system's limit of 255; give it a name at least "
+                                       "15 bytes shorter, or write it unsharded")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_conversion_failing_at_its_commit_leaves_its_previous_file_bound(tmp_path, monkeypatch):
+    """In a folder converted in one run, a file whose commit fails keeps its previous weights and
+    its previous binding: the next file's sidecar does not bind weights that were never named."""
+    from ckptfmt import convert_all
+
+    for name in "abc":
+        torch.save(small_model(seed=0)[0].state_dict(), tmp_path / f"{name}.pth")
+    convert_all([tmp_path])
+    for name in "abc":
+        torch.save(small_model(seed=4)[0].state_dict(), tmp_path / f"{name}.pth")
+    real_link = os.link
+
+    def full_at_bs_commit(source, target, *args, **kwargs):
+        if str(target).endswith(".b.safetensors.ckptfmt-commit"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_link(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", full_at_bs_commit)
+    results = convert_all([tmp_path], force=True)
+    monkeypatch.undo()
+    assert [result.status for result in results] == ["converted", "failed", "converted"]
+    assert all(ckptfmt.verify(tmp_path / f"{name}.safetensors").ok for name in "abc")
