@@ -424,13 +424,6 @@ def bench_startup(work: Path, files: dict, repeats: int) -> list[dict]:
     ]
 
 
-def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -> list[dict]:
-    """See tools/bench_distributed.py, imported only when its rows are asked for."""
-    from tools.bench_distributed import bench_distributed as measure_ranks
-
-    return measure_ranks(work, repeats, architecture)
-
-
 def bench_signatures(work: Path, repeats: int) -> list[dict]:
     """ckptfmt convert of a bare timm state dict, which identifies it through the libraries'
     signature indexes: with them cached, against the first run, which builds them (timm's, and
@@ -527,6 +520,8 @@ def main() -> int:
     if selected & {"predict", "startup"}:
         files["predict"] = make_unet_files(work, *predict_arch)
         files["predict_arch"] = f"base_filters={predict_arch[0]}, depth={predict_arch[1]}"
+
+    from tools.bench_distributed import bench_distributed  # a module of its own, beside this one
 
     rows = []
     steps = [

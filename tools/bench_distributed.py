@@ -11,15 +11,17 @@
 
 Each rank restarts its peak (VmHWM) just before the timed part, so that the peak is the save's
 or the load's, not the setup's.
+
+    python tools/bench_distributed.py          # the same as: python tools/bench.py --only distributed
+    python tools/bench_distributed.py --repeats 3
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 from pathlib import Path
-
-from tools.bench import _median_of, gb, measure, python_child, row
 
 # One rank. `sliced`, `full`: the loads; `save_ours`, `save_dcp`: the saves, from a model
 # sharded and filled first. Prints the rank's seconds, peak RSS during the timed part, and RSS
@@ -96,6 +98,7 @@ print(json.dumps({"in_process_s": max(r["s"] for r in reports), "rank_peaks": [r
 def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -> list[dict]:
     """The rows: loads on 2 ranks, saves on 2 and 4 ranks, each beside its baseline."""
     import torch
+    from tools.bench import _median_of, gb, measure, python_child, row
     from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     import ckptfmt
@@ -145,3 +148,11 @@ def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -
                         saves[4][index]["growth"], saves[2][index]["growth"], "rss",
                         target=("<=", 0.6) if index == 0 else None))
     return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tools.bench import main
+
+    sys.argv[1:1] = ["--only", "distributed"]
+    sys.exit(main())
