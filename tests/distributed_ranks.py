@@ -2,9 +2,14 @@
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment, one fresh process per rank).
 
     python tests/distributed_ranks.py WORKDIR
+    python tests/distributed_ranks.py WORKDIR --save-until-killed
+    python tests/distributed_ranks.py WORKDIR --save-in-background
 
 WORKDIR holds `big/model.safetensors`, `big_sharded/` and `single/` (written by the test). Each rank writes what
-it saw to `WORKDIR/rank{N}.json`, and the checkpoints and outputs the test then checks.
+it saw to `WORKDIR/rank{N}.json`, and the checkpoints and outputs the test then checks. With
+`--save-until-killed`, the ranks save one checkpoint, say so (`WORKDIR/saved_once`), then save it again and
+again, for the test to kill a rank in the middle of a save. With `--save-in-background`, they save with
+`async_save` and train on (and save again) while it writes.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from ckptfmt.models.multitask_unet import MultiTaskUNet
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard
@@ -48,6 +53,25 @@ def train(model, optimizer, steps, rank, world) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def agree_on_buffers(model) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does: FSDP2 leaves each rank
+    its own, and ckptfmt.distributed.save refuses replicated tensors that differ."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def save_full_state(model, optimizer, path: Path) -> None:
+    """The model's and the optimizer's full state as torch gathers them, on rank 0: the reference that a
+    checkpoint must give back bit for bit."""
+    model_state, optimizer_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        moments = {f"{name}.{key}": value for name, state in optimizer_state["state"].items()
+                   for key, value in state.items()}
+        save_file({**{f"model.{k}": v for k, v in model_state.items()},
+                   **{f"optimizer.{k}": v for k, v in moments.items()}}, path)
 
 
 def new_optimizer(model):
@@ -101,6 +125,8 @@ def main(work: Path) -> None:
     ckptfmt.distributed.shard_model(model, mesh)
     optimizer = new_optimizer(model)
     train(model, optimizer, range(STOP), rank, world)
+    agree_on_buffers(model)
+    save_full_state(model, optimizer, work / "first_full.safetensors")
     saved = ckptfmt.distributed.save(model, work / "first/model.safetensors", optimizer=optimizer, epoch=STOP,
                                      description="two ranks")
     report["saved"] = str(saved)
@@ -112,6 +138,7 @@ def main(work: Path) -> None:
              storage_writer=dcp.FileSystemWriter(work / "dcp"),
              planner=dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=True))
     train(model, optimizer, range(STOP, STEPS), rank, world)
+    agree_on_buffers(model)
     ckptfmt.distributed.save(model, work / "straight/model.safetensors", optimizer=optimizer)
     report["exists"] = error_of(lambda: ckptfmt.distributed.save(model, work / "straight/model.safetensors"))
 
@@ -119,13 +146,22 @@ def main(work: Path) -> None:
     resumed = ckptfmt.distributed.load_model(work / "first/model.safetensors", mesh=mesh).train()
     optimizer = new_optimizer(resumed)
     report["record"] = ckptfmt.distributed.load_training_state(work / "first/model.safetensors", resumed, optimizer)
+    save_full_state(resumed, optimizer, work / "reloaded_full.safetensors")
     train(resumed, optimizer, range(STOP, STEPS), rank, world)
+    agree_on_buffers(resumed)
     ckptfmt.distributed.save(resumed, work / "resumed/model.safetensors", optimizer=optimizer)
+
+    # Replicated buffers that differ between the ranks are refused, naming one; nothing is written.
+    if rank == 1:
+        with torch.no_grad():
+            resumed.get_buffer("enc.0.1.running_mean").add_(1)
+    report["disagree"] = error_of(lambda: ckptfmt.distributed.save(resumed, work / "disagree/model.safetensors"))
 
     # A checkpoint saved by one process (its optimizer state keyed by position) resumes here too.
     single = ckptfmt.distributed.load_model(work / "single/model.safetensors", mesh=mesh).train()
     optimizer = new_optimizer(single)
     ckptfmt.distributed.load_training_state(work / "single/model.safetensors", single, optimizer)
+    agree_on_buffers(single)
     ckptfmt.distributed.save(single, work / "single_resumed/model.safetensors", optimizer=optimizer)
 
     # A larger model, loaded in slices: what this rank's memory and reads grew by.
@@ -154,6 +190,7 @@ def main(work: Path) -> None:
     ckptfmt.distributed.load_into(own, work / "big/model.safetensors")
     report["placements"] = sorted({str(t.placements) for t in own.state_dict().values() if hasattr(t, "placements")})
     outputs(own, work / f"own_rank{rank}.safetensors")
+    ckptfmt.distributed.save(own, work / "own_saved/model.safetensors")  # dim-1 shards: assembled by DTensor
 
     with torch.device("meta"):
         other = MultiTaskUNet(base_filters=32, depth=3)
@@ -166,5 +203,50 @@ def main(work: Path) -> None:
     dist.destroy_process_group()
 
 
+def save_until_killed(work: Path) -> None:
+    """Save a checkpoint, say so, then save it again and again, each time with other weights, until
+    the test kills a rank."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    model = MultiTaskUNet(base_filters=64, depth=3)
+    ckptfmt.distributed.shard_model(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    path = work / "victim/model.safetensors"
+    ckptfmt.distributed.save(model, path, max_shard_size="1MB")
+    if dist.get_rank() == 0:
+        (work / "saved_once").touch()
+    while True:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1)
+        ckptfmt.distributed.save(model, path, max_shard_size="1MB", overwrite=True)
+
+
+def save_in_background(work: Path) -> None:
+    """Save the state of a step in the background, and train on and save again while it is written:
+    `at_call` is the same state saved by a blocking save, `trained_on` the state after."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = MultiTaskUNet(**SMALL)
+    ckptfmt.distributed.shard_model(model, init_device_mesh("cpu", (world,)))
+    optimizer = new_optimizer(model)
+    train(model, optimizer, range(STOP), rank, world)
+    agree_on_buffers(model)
+    ckptfmt.distributed.save(model, work / "at_call/model.safetensors", optimizer=optimizer, epoch=STOP)
+    future = ckptfmt.distributed.async_save(model, work / "background/model.safetensors", optimizer=optimizer,
+                                            epoch=STOP)
+    train(model, optimizer, range(STOP, STEPS), rank, world)
+    agree_on_buffers(model)
+    ckptfmt.distributed.save(model, work / "trained_on/model.safetensors", optimizer=optimizer)
+    (work / f"rank{rank}.json").write_text(json.dumps({"background": str(future.result())}))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["--save-until-killed"]:
+        save_until_killed(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["--save-in-background"]:
+        save_in_background(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))

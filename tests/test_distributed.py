@@ -33,9 +33,9 @@ WORLD = 2
 TIMEOUT_S = 300
 
 
-def run_ranks(work: Path) -> None:
-    """Start one process per rank with the environment torchrun gives them, and wait for all,
-    stopping the others as soon as one fails."""
+def start_ranks(work: Path, *arguments: str) -> list[subprocess.Popen]:
+    """Start one process per rank of tests/distributed_ranks.py with the environment torchrun gives
+    them, each logging to WORK/rank{N}.log."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -44,10 +44,16 @@ def run_ranks(work: Path) -> None:
     for rank in range(WORLD):
         log = open(work / f"rank{rank}.log", "w")
         ranks.append(subprocess.Popen(
-            [sys.executable, str(ROOT / "tests/distributed_ranks.py"), str(work)], stdout=log, stderr=subprocess.STDOUT,
-            env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=ROOT,
+            [sys.executable, str(ROOT / "tests/distributed_ranks.py"), str(work), *arguments], stdout=log,
+            stderr=subprocess.STDOUT, env={**environment, "RANK": str(rank), "LOCAL_RANK": str(rank)}, cwd=ROOT,
         ))
         log.close()
+    return ranks
+
+
+def run_ranks(work: Path, *arguments: str) -> None:
+    """Run the ranks and wait for all, stopping the others as soon as one fails."""
+    ranks = start_ranks(work, *arguments)
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while any(process.poll() is None for process in ranks):
@@ -90,18 +96,111 @@ def ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
 @pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_a_two_rank_model_saves_to_one_self_describing_checkpoint(ranks):
     work, reports = ranks
-    path = work / "first/model.safetensors"
+    path = work / "first/model.safetensors.index.json"
     assert [report["saved"] for report in reports] == [str(path)] * WORLD
     assert ckptfmt.verify(path).ok  # digest, config against shapes, sidecar, optimizer companion
     header = read_header(path)
     assert ModelConfig.from_dict(header.config_dict()) == ModelConfig(
         "multitask", base_filters=4, depth=2, description="two ranks")
     assert header.training()["epoch"] == 3
+    assert header.training()["optimizer"]["file"] == "model.optimizer.safetensors.index.json"
+    assert sorted(p.name for p in (work / "first").iterdir()) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",  # one by each rank
+        "model.optimizer-00001-of-00002.safetensors", "model.optimizer-00002-of-00002.safetensors",
+        "model.optimizer.safetensors.index.json", "model.safetensors.index.json", "model_config.json",
+    ]
     assert json.loads((work / "first/model_config.json").read_text())["weights"] == {path.name: header.weights_sha256}
     index = work / "first_sharded/model.safetensors.index.json"
     assert len(set(json.loads(index.read_text())["weight_map"].values())) > 1
     assert ckptfmt.verify(index).ok
     assert read_header(index).weights_sha256 == header.weights_sha256
+
+
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
+def test_a_distributed_save_reloads_bit_identical_in_one_process_and_on_two_ranks(ranks):
+    """The model and the optimizer as torch gathers them when saved (first_full) are what loading
+    the checkpoint gives: in one process, and on two ranks (reloaded_full, gathered after
+    `distributed.load_model` and `distributed.load_training_state`)."""
+    work, _ = ranks
+    path = work / "first/model.safetensors.index.json"
+    reference = load_file(work / "first_full.safetensors")
+    assert state_dicts_bit_identical(load_file(work / "reloaded_full.safetensors"), reference)
+    model = ckptfmt.load_model(path).train()
+    assert state_dicts_bit_identical({f"model.{k}": v for k, v in model.state_dict().items()},
+                                     {k: v for k, v in reference.items() if k.startswith("model.")})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ckptfmt.load_training_state(path, optimizer)
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    moments = {f"optimizer.{names[id(p)]}.{key}": value for p, state in optimizer.state.items() for key, value in state.items()}
+    assert state_dicts_bit_identical(moments, {k: v for k, v in reference.items() if k.startswith("optimizer.")})
+
+
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
+def test_safetensors_and_huggingface_hub_read_a_distributed_save(ranks):
+    from huggingface_hub import load_torch_model
+
+    work, _ = ranks
+    reference = {k.removeprefix("model."): v for k, v in load_file(work / "first_full.safetensors").items()
+                 if k.startswith("model.")}
+    index = json.loads((work / "first/model.safetensors.index.json").read_text())
+    shards = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        shards.update(load_file(work / "first" / shard))
+    assert state_dicts_bit_identical(shards, reference)
+    model = MultiTaskUNet(base_filters=4, depth=2)
+    load_torch_model(model, work / "first", strict=True)
+    assert state_dicts_bit_identical(model.state_dict(), reference)
+
+
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
+def test_replicated_buffers_that_differ_across_ranks_are_refused_naming_one(ranks):
+    work, reports = ranks
+    assert [report["disagree"] for report in reports] == [{
+        "type": "ConfigError",
+        "message": f"{work / 'disagree/model.safetensors.index.json'}: the replicated tensor 'enc.0.1.running_mean' of "
+                   "the model holds other values on rank 1 than on rank 0; ranks that do not sync their buffers (FSDP2 "
+                   "does not) must agree before saving: use SyncBatchNorm, or broadcast rank 0's (for b in "
+                   "model.buffers(): dist.broadcast(b, src=0))",
+    }] * WORLD
+    assert not (work / "disagree").exists()
+
+
+@pytest.mark.subprocess  # Ranks, one process each, as torchrun starts them.
+def test_an_async_save_on_two_ranks_holds_the_state_at_the_call_while_training_goes_on(tmp_path):
+    run_ranks(tmp_path, "--save-in-background")
+    path = tmp_path / "background/model.safetensors.index.json"
+    assert [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)] == [
+        {"background": str(path)}] * WORLD
+    assert ckptfmt.verify(path).ok
+    at_call, trained_on = (tmp_path / f"{run}/model.safetensors.index.json" for run in ("at_call", "trained_on"))
+    assert read_header(path).weights_sha256 == read_header(at_call).weights_sha256 != read_header(trained_on).weights_sha256
+    companions = [p.with_name("model.optimizer.safetensors.index.json") for p in (path, at_call)]
+    assert state_dicts_bit_identical(*(ckptfmt.read_state_dict(companion) for companion in companions))
+
+
+@pytest.mark.subprocess  # A rank killed by SIGKILL in the middle of a save: only a real kill shows it.
+def test_a_rank_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
+    """Regression guard: shards staged by the ranks take their names only at rank 0's commit, so a
+    kill before it leaves every name of the previous set as it was, and it verifies."""
+    ranks = start_ranks(tmp_path, "--save-until-killed")
+    folder = tmp_path / "victim"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (tmp_path / "saved_once").exists() or not any(".ckptfmt-tmp-" in p.name for p in folder.iterdir()):
+            assert time.monotonic() < deadline and all(rank.poll() is None for rank in ranks), (
+                (tmp_path / "rank0.log").read_text()[-3000:])
+            time.sleep(0.005)
+        ranks[1].kill()  # in the middle of a later save: its staged shards exist
+        ranks[1].wait()
+        time.sleep(1)  # rank 0 goes on alone until it waits for rank 1
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    index = folder / "model.safetensors.index.json"
+    report = ckptfmt.verify(index)
+    assert report.ok, report
+    assert ckptfmt.load_model(index).state_dict().keys() == MultiTaskUNet(64, 3).state_dict().keys()
 
 
 @pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
@@ -121,6 +220,9 @@ def test_it_loads_into_two_ranks_and_into_one_process_with_identical_outputs(ran
             outputs = load_file(work / f"{loaded}_rank{rank}.safetensors")
             assert torch.equal(outputs["seg"], seg) and torch.equal(outputs["cls"], cls), (loaded, rank)
     assert all(report["placements"] == ["(Shard(dim=0),)", "(Shard(dim=1),)"] for report in reports)
+    # saved again from the dim-1 shards: the same weights
+    assert read_header(work / "own_saved/model.safetensors.index.json").weights_sha256 == \
+        read_header(work / "big/model.safetensors").weights_sha256
 
 
 @pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
@@ -139,10 +241,10 @@ def test_each_rank_reads_only_its_own_slices_and_holds_no_more(ranks):
 def test_resuming_on_two_ranks_then_stepping_equals_never_stopping(ranks):
     work, reports = ranks
     assert all(report["record"]["epoch"] == 3 for report in reports)
-    straight, resumed = work / "straight/model.safetensors", work / "resumed/model.safetensors"
+    straight, resumed = (work / f"{run}/model.safetensors.index.json" for run in ("straight", "resumed"))
     assert read_header(resumed).weights_sha256 == read_header(straight).weights_sha256
-    companions = [path.with_name("model.optimizer.safetensors") for path in (straight, resumed)]
-    assert state_dicts_bit_identical(*(load_file(companion) for companion in companions))
+    companions = [path.with_name("model.optimizer.safetensors.index.json") for path in (straight, resumed)]
+    assert state_dicts_bit_identical(*(ckptfmt.read_state_dict(companion) for companion in companions))
     sections = [read_training_state(companion) for companion in companions]
     assert sections[0]["optimizer"]["param_groups"] == sections[1]["optimizer"]["param_groups"]
     names = sorted(name for name, _ in MultiTaskUNet(4, 2).named_parameters())
@@ -153,7 +255,7 @@ def test_resuming_on_two_ranks_then_stepping_equals_never_stopping(ranks):
 def test_a_checkpoint_saved_by_one_process_resumes_on_two_ranks(ranks):
     work, _ = ranks
     saved = load_file(work / "single/model.optimizer.safetensors")  # keyed by position
-    resumed = load_file(work / "single_resumed/model.optimizer.safetensors")  # keyed by name
+    resumed = ckptfmt.read_state_dict(work / "single_resumed/model.optimizer.safetensors.index.json")  # keyed by name
     names = [name for name, _ in MultiTaskUNet(4, 2).named_parameters()]
     assert 0 < len(saved) < len(resumed) == 3 * len(names)  # only the classification path had gradients
     for position, name in enumerate(names):
@@ -169,7 +271,7 @@ def test_a_checkpoint_saved_by_one_process_resumes_on_two_ranks(ranks):
 @pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_a_distributed_save_resumes_in_one_process_too(ranks):
     work, _ = ranks
-    path = work / "first/model.safetensors"
+    path = work / "first/model.safetensors.index.json"
     model = ckptfmt.load_model(path).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     assert ckptfmt.load_training_state(path, optimizer)["epoch"] == 3
@@ -181,7 +283,7 @@ def test_errors_on_rank_0_are_raised_on_every_rank(ranks):
     work, reports = ranks
     assert [report["exists"] for report in reports] == [{
         "type": "OutputExistsError",
-        "message": f"{work / 'straight/model.safetensors'}: already exists; pass overwrite=True to replace it",
+        "message": f"{work / 'straight/model.safetensors.index.json'}: already exists; pass overwrite=True to replace it",
     }] * WORLD
     assert [report["mismatch"] for report in reports] == [{
         "type": "ShapeMismatchError",
@@ -218,7 +320,7 @@ def test_a_dcp_folder_from_two_ranks_reads_back_whole(ranks):
     work, _ = ranks
     saved = read_dcp_state_dict(work / "dcp")
     assert sorted(saved) == ["extra", "model", "optim"]
-    assert state_dicts_bit_identical(saved["model"], ckptfmt.read_state_dict(work / "first/model.safetensors"))
+    assert state_dicts_bit_identical(saved["model"], ckptfmt.read_state_dict(work / "first/model.safetensors.index.json"))
     assert saved["extra"] == {"epoch": 3, "note": "two ranks"}
     assert saved["optim"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert sorted(saved["optim"]["state"]) == sorted(name for name, _ in MultiTaskUNet(4, 2).named_parameters())
@@ -231,7 +333,7 @@ def test_a_dcp_folder_converts_to_a_checkpoint(ranks, tmp_path):
     assert result.status == "converted" and result.config_source == "inferred"
     assert result.carried == {"weights": ["model"], "companion": ["optim"], "training": ["extra"]}
     converted = ckptfmt.load_model(result.output)
-    assert state_dicts_bit_identical(converted.state_dict(), ckptfmt.load_model(work / "first/model.safetensors").state_dict())
+    assert state_dicts_bit_identical(converted.state_dict(), ckptfmt.load_model(work / "first").state_dict())
     provenance = read_header(result.output).provenance()["source"]
     assert provenance["file"] == "dcp" and provenance["serialization"] == "torch.distributed.checkpoint"
     assert read_header(result.output).training()["extra"] == {"extra": {"epoch": 3, "note": "two ranks"}}

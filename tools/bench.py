@@ -443,106 +443,6 @@ def bench_startup(work: Path, files: dict, repeats: int) -> list[dict]:
     ]
 
 
-# One rank of the 2-rank measurements. `sliced`: ckptfmt.distributed.load_model, each rank
-# reading its slices; `full`: what a rank does without it (build on meta, the same FSDP2
-# sharding, load the whole file, torch's set_model_state_dict with full_state_dict=True);
-# `save_gather`: ckptfmt.distributed.save (gather to rank 0, ckptfmt's writer); `save_dcp`:
-# DCP's own save, each rank writing its shards to its own file. The peak is the rank's own
-# (VmHWM: a process started by exec begins its own count).
-DISTRIBUTED_RANK = """
-import json, sys, time
-from pathlib import Path
-import torch, torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-import ckptfmt.distributed
-from ckptfmt.models.multitask_unet import MultiTaskUNet
-
-mode, path, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-dist.init_process_group("gloo")
-mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-config = ckptfmt.read_header(path).config_dict()
-with torch.device("meta"):
-    model = MultiTaskUNet(base_filters=config["base_filters"], depth=config["depth"])
-if mode.startswith("save"):
-    ckptfmt.distributed.shard_model(model, mesh)
-    model.to_empty(device="cpu")
-    ckptfmt.distributed.load_into(model, path)
-dist.barrier()
-start = time.perf_counter()
-if mode == "sliced":
-    model = ckptfmt.distributed.load_model(path, mesh=mesh)
-elif mode == "full":
-    ckptfmt.distributed.shard_model(model, mesh)
-    model.to_empty(device="cpu")
-    set_model_state_dict(model, load_file(path), options=StateDictOptions(full_state_dict=True))
-elif mode == "save_gather":
-    ckptfmt.distributed.save(model, out / "model.safetensors", overwrite=True)
-else:
-    dcp.save(get_model_state_dict(model), storage_writer=dcp.FileSystemWriter(out / "dcp"))
-seconds = time.perf_counter() - start
-dist.barrier()
-status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-print(json.dumps({"rank": dist.get_rank(), "s": seconds, "peak": int(status["VmHWM"].split()[0]) * 1024}))
-dist.destroy_process_group()
-"""
-
-# Starts the ranks as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), without
-# importing torch itself, and prints their reports: the slowest rank's seconds and the largest
-# rank's peak RSS.
-DISTRIBUTED_LAUNCH = """
-import json, os, socket, subprocess, sys
-script, world, *arguments = sys.argv[1:]
-with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-env = {**os.environ, "WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-ranks = [subprocess.Popen([sys.executable, script, *arguments], stdout=subprocess.PIPE, env={**env, "RANK": str(rank)})
-         for rank in range(int(world))]
-reports = [json.loads(rank.communicate(timeout=600)[0].decode().splitlines()[-1]) for rank in ranks]
-if any(rank.returncode for rank in ranks):
-    sys.exit(1)
-print(json.dumps({"in_process_s": max(r["s"] for r in reports), "rank_peaks": [r["peak"] for r in reports],
-                  "rank_peak": max(r["peak"] for r in reports)}))
-"""
-
-
-def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -> list[dict]:
-    import torch
-    from ckptfmt.models.multitask_unet import MultiTaskUNet
-
-    import ckptfmt
-
-    path = work / f"distributed_{architecture[0]}_{architecture[1]}/model.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        ckptfmt.save(MultiTaskUNet(*architecture), path)
-    script = work / "distributed_rank.py"
-    script.write_text(textwrap.dedent(DISTRIBUTED_RANK))
-    out = work / "distributed_out"
-    out.mkdir(exist_ok=True)
-
-    def ranks(mode: str) -> list[str]:
-        return python_child(DISTRIBUTED_LAUNCH) + [str(script), "2", mode, str(path), str(out)]
-
-    results = measure(ranks("sliced"), ranks("full"), ranks("save_gather"), ranks("save_dcp"), repeats=repeats)
-    for result in results:
-        result["in_process_s"] = _median_of(result, "in_process_s")
-        result["peak_rss_bytes"] = max(json.loads(stdout)["rank_peak"] for stdout in result["stdouts"])
-    sliced, full, gather, own = results
-    size = gb(path.stat().st_size)
-    return [
-        row("distributed_load_rss", f"2-rank load of a {size} U-Net, each rank its slices, vs each rank loading the "
-            "full state dict: peak RSS of the larger rank", sliced, full, "rss", target=("<=", 0.6)),
-        row("distributed_load_wall", "the same: load time of the slower rank", sliced, full, "in_process"),
-        row("distributed_save_rss", f"2-rank save of the {size} U-Net to one checkpoint (gathered to rank 0) vs DCP's "
-            "own save (each rank its own file): peak RSS of the larger rank", gather, own, "rss"),
-        row("distributed_save_wall", "the same: save time of the slower rank", gather, own, "in_process"),
-    ]
-
-
 def bench_signatures(work: Path, repeats: int) -> list[dict]:
     """ckptfmt convert of a bare timm state dict, which identifies it through the libraries'
     signature indexes: with them cached, against the first run, which builds them (timm's, and
@@ -639,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         files["predict_arch"] = f"base_filters={predict_arch[0]}, depth={predict_arch[1]}"
 
     from tools.bench_digests import bench_digests
-    from tools.bench_training import bench_training  # a module of its own, beside this one
+    from tools.bench_distributed import bench_distributed
+    from tools.bench_training import bench_training
 
     rows = []
     steps = [

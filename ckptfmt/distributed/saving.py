@@ -1,25 +1,55 @@
-"""Saving a sharded model (`save`) and resuming its training state (`load_training_state`): rank 0
-does the file work with ckptfmt's own writer and reader, and every collective is torch's
-(`get_model_state_dict`, `get/set_optimizer_state_dict`, and `broadcast_object_list` to tell
-every rank what rank 0's part did, so that a failure there is raised on every rank instead of
-leaving them waiting).
+"""Saving a sharded model without gathering it (`save`): every rank writes the whole tensors it
+owns into shards, in parallel, and rank 0 commits the set.
+
+1. Every rank takes torch's sharded state dicts (`get_model_state_dict`, and
+   `get_optimizer_state_dict` when an optimizer is given) and makes the same plan on its own
+   (`ownership.plan_shards`: owners by balanced bytes, shard names known in advance). The
+   ranks check with one `all_gather_object` that their plans agree and that their replicated
+   tensors (BatchNorm statistics, an optimizer's step) hold the same values, a digest of each.
+2. Rank 0 decides the config, the training record and the provenance, and checks what a save
+   checks before writing (shapes against the config, existing files, the sidecar); its
+   verdict reaches every rank (`broadcast_object_list`), so a refusal is raised everywhere.
+3. Every rank gathers its tensors one at a time and writes its shards with the one writer
+   (`shards.write_owned`), staged in a `Transaction` of its own: temp files in the folder,
+   fsynced, read back and compared, digested.
+4. `gather_object` brings rank 0 every rank's staged temp names and errors. Rank 0 adopts the
+   temps into its transaction, writes the companion's index, the index (whose digest of the
+   whole state is computed from the staged shards, as `write_sharded` computes it) and the
+   sidecar, and commits: a kill of any rank before the commit record leaves the previous
+   checkpoint as it was, and one after it is rolled forward by the next reader or writer.
+
+The folder must be one that every rank sees (a shared file system, or one host).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+import threading
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointNotFoundError, CkptfmtError, ConfigError
-from ..format.header import read_header
-from ..format.index import resolve_checkpoint_path
+from ..errors import CkptfmtError, CkptfmtWarning, ConfigError
+from ..format.header import FORMAT_VERSION, INDEX_SUFFIX, KEY_FORMAT, KEY_FORMAT_VERSION
+from ..format.index import check_shard_names, parse_size
+from ..io.transaction import Transaction
+from .gathering import Piece, piece_of, replica_digests
+from .ownership import model_ties, plan_shards
+from .rank_zero import on_rank0, shared
+from .shards import Part, write_owned
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["load_training_state", "save"]
+__all__ = ["async_save", "save"]
+
+# Shards of at most 64 MiB unless asked otherwise: a rank holds two shards' tensors at most
+# while it writes, so this bounds what a save costs beyond the model's own shards.
+DEFAULT_SHARD_BYTES = 64 << 20
 
 
 def save(
@@ -36,221 +66,322 @@ def save(
     max_shard_size: int | str | None = None,
     **fields: Any,
 ) -> Path:
-    """Save a sharded model as one self-describing checkpoint (or shards and an index).
+    """Save a sharded model as one self-describing sharded checkpoint, each rank writing the
+    tensors it owns: `NAME-0000K-of-0000N.safetensors` and `NAME.safetensors.index.json`.
 
-    Call it on every rank. The full state dict is gathered to rank 0's CPU memory (and the
-    full optimizer state, when an optimizer is given); rank 0 writes them with ckptfmt's
-    writer, exactly as `ckptfmt.save` writes a model in one process: config from the
-    arguments the model was built with, training record, atomic write, read back and
-    compared, digest, sidecar, the optimizer companion. Replicated buffers are rank 0's.
-
-    Rank 0 needs host memory for one full copy of the weights (and of the optimizer state).
+    Call it on every rank. No rank holds the full state: each gathers only the tensors it owns,
+    one at a time, and writes them (see the module's docstring for the steps). The checkpoint
+    is what `ckptfmt.save` writes for a sharded model: config from the arguments the model was
+    built with, training record, digest of the whole state, sidecar, and the optimizer's state
+    in companion shards (`NAME.optimizer-0000K-of-0000N.safetensors` and their index, keyed by
+    parameter name), all committed together. Replicated tensors (BatchNorm statistics) must
+    agree across ranks; the owner's copy is written.
 
     Args:
-        model: a model sharded with FSDP2 (or any model; it need not be sharded).
-        path: where to write (on rank 0's file system).
-        optimizer: its full state goes to the companion `NAME.optimizer.safetensors`, keyed by
-            parameter name, for `load_training_state` on any number of ranks.
-        config, scheduler, scaler, epoch, metrics, overwrite, max_shard_size, fields: as for
-            `ckptfmt.save`.
+        model: a model sharded with FSDP2 (or DTensor), or any model held alike on every rank.
+        path: where to write, on a file system every rank sees: `NAME.safetensors` (the index
+            is `NAME.safetensors.index.json`) or the index's name itself.
+        optimizer: its sharded state goes to the companion shards, for `load_training_state`
+            on any number of ranks (or `ckptfmt.load_training_state` in one process).
+        max_shard_size: at most this many bytes per shard ("2GB", "500MiB", an int; a larger
+            tensor gets a shard of its own); 64 MiB by default. A rank holds up to two shards'
+            tensors at a time, so this bounds the memory a save takes.
+        config, scheduler, scaler, epoch, metrics, overwrite, fields: as for `ckptfmt.save`.
 
     Returns:
-        The path written, on every rank.
+        The index written, on every rank.
 
     Raises:
-        Whatever `ckptfmt.save` raises, on every rank: rank 0's error is sent to the others.
+        ConfigError: the ranks' replicated tensors differ (named), or they hold different models.
+        Whatever `ckptfmt.save` raises, on every rank.
 
     Example:
-        >>> ckptfmt.distributed.save(model, "runs/step_1000.safetensors", optimizer=optimizer,
-        ...                          epoch=3, max_shard_size="5GB")
+        >>> ckptfmt.distributed.save(model, "runs/step_1000.safetensors", optimizer=optimizer, epoch=3)
         PosixPath('runs/step_1000.safetensors.index.json')
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    import torch.distributed as dist
 
-    from ..checkpoint import save as save_checkpoint
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state_dict = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
-
-    def write() -> Path:
-        return save_checkpoint(
-            model, path, state_dict=_tied(model, state_dict), config=config, optimizer=optimizer_state,
-            scheduler=scheduler, scaler=scaler, epoch=epoch, metrics=metrics, overwrite=overwrite,
-            max_shard_size=max_shard_size, **fields,
-        )
-
-    return _shared(_on_rank0(write))
+    job = _prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
+    error = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite, budget=2 * job.shard_bytes)
+    return _commit_save(job, error)
 
 
-def _tied(model: torch.nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """The gathered state dict with tied parameters as one tensor again, as a model's own
-    state dict has them, so that the file stores them once (the gather copies each name)."""
-    names: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(parameter), []).append(name)
-    tied = dict(state_dict)
-    for group in names.values():
-        present = [name for name in group if name in tied]
-        for alias in present[1:]:
-            tied[alias] = tied[present[0]]
-    return tied
-
-
-def load_training_state(
-    checkpoint_path: str | os.PathLike,
+def async_save(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    path: str | os.PathLike,
     *,
+    config: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     scaler: Any = None,
-) -> dict[str, Any]:
-    """Restore, on every rank, the optimizer, scheduler and scaler saved with a checkpoint,
-    and return its training record.
+    epoch: int | None = None,
+    metrics: Mapping[str, float] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str | None = None,
+    wait: bool = True,
+    **fields: Any,
+) -> Future[Path]:
+    """`save` in the background: return once each rank has copied its pieces of the state into
+    host memory; gathering to the owners, writing, digests, fsync and the commit run on a thread.
 
-    Call it on every rank, after loading the model (`load_model`) and building the optimizer
-    over its parameters as when saving. Rank 0 reads the companion (its digest checked) and
-    torch's `set_optimizer_state_dict` (`full_state_dict=True, broadcast_from_rank0=True`)
-    sends each rank the part of the state that belongs to its shards; the scheduler's and the
-    scaler's states are sent whole. Rank 0 holds the full optimizer state while it does.
-    A companion saved in one process (`ckptfmt.save(..., optimizer=)`) resumes the same way.
+    Call it on every rank, as `save`. The caller is blocked while the ranks agree on the plan
+    and rank 0 checks the save (as `save` does, so a refusal is raised here), then while each
+    rank copies what it holds of each tensor (its rows of a sharded one, its owned replicated
+    ones) into a staging buffer that the next save reuses (pinned for CUDA tensors): about its
+    share of the state, as DCP's own `async_save` copies. Train on at once: the checkpoint holds
+    the state at the call. The background part talks through a process group of its own (gloo),
+    so it never mixes with the training's collectives; background saves run one after another,
+    in the order they were called, on every rank.
 
-    Raises:
-        CheckpointNotFoundError: one of them was asked for and not saved.
-        IntegrityError, HeaderError: the companion is damaged or not the checkpoint's.
-        ConfigError: a saved state does not fit the object given.
+    This is `ckptfmt.async_save`'s mechanism (`saving_async.in_background`): at most one save
+    in flight per path (a second call waits, or raises WriteError with `wait=False`), an error
+    on `.result()` and again at the next save if nobody asked, and the interpreter waits at exit.
+    Wait for the futures before `dist.destroy_process_group()`.
+
+    Args:
+        wait: for a save to the same path still in flight: wait for it (True) or raise.
+        the others: as for `save`.
+
+    Returns:
+        A `concurrent.futures.Future` whose `result()` is the index written, on every rank.
 
     Example:
-        >>> model = ckptfmt.distributed.load_model(path, mesh=mesh).train()
-        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        >>> ckptfmt.distributed.load_training_state(path, model, optimizer)["epoch"]
-        3
+        >>> future = ckptfmt.distributed.async_save(model, "runs/step_1000.safetensors", optimizer=optimizer)
+        >>> train_step(model, optimizer)      # the checkpoint holds the weights of the call
+        >>> future.result()
+        PosixPath('runs/step_1000.safetensors.index.json')
     """
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    from ..format.companion import companion_path, read_training_state
+    from ..saving_async import in_background
 
-    path = resolve_checkpoint_path(checkpoint_path)
-    training = read_header(path).training()
-    wanted = {name: target for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler))
-              if target is not None}
-    if not wanted:
-        return training
+    job = _prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                        epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
+    group = _background_group()
+    pieces = [{name: piece_of(part.tensors[name], owner) for names, owner in zip(part.plan.shards, part.plan.shard_owners)
+               for name in names} for part in job.parts]
+    with _order:
+        previous = _last[0] if _last else None
 
-    def read() -> dict[str, Any]:
-        binding = training.get("optimizer")
-        sections = read_training_state(companion_path(path, binding), sha256=binding["sha256"]) if binding else {}
-        for name in wanted:
-            if name not in sections:
-                raise CheckpointNotFoundError(
-                    f"was saved without {name} state; pass {name}= to ckptfmt.distributed.save to keep it", path=path
-                )
-        if optimizer is not None:
-            sections["optimizer"] = _keyed_by_name(sections["optimizer"], model, optimizer, path)
-        return sections
+        def write(copy: dict[str, Any]) -> Path:
+            if previous is not None:  # the same order on every rank: one background save at a time
+                wait_for([previous])
+            parts = [replace(part, tensors={name: Piece(copy[str(number)][name], piece.shape, piece.rows)
+                                            for name, piece in pieces[number].items()})
+                     for number, part in enumerate(job.parts)]
+            error = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite,
+                                budget=2 * job.shard_bytes, group=group)
+            return _commit_save(job, error, group=group)
 
-    sections = _shared(_on_rank0(read, share=lambda s: {k: v for k, v in s.items() if k in ("scheduler", "scaler")}))
-    if optimizer is not None:
-        # The broadcast gives tuples (AdamW's betas) back as lists: they are made tuples again, as
-        # the optimizer has them, so that saving again writes the same companion.
-        tuples = [{key for key, value in group.items() if isinstance(value, tuple)} for group in optimizer.param_groups]
-        try:
-            # strict=False: a parameter that never had a gradient has no state, which
-            # `optimizer.load_state_dict` allows too; the param groups were checked on rank 0.
-            set_optimizer_state_dict(
-                model, optimizer, sections.get("optimizer", {}) if dist.get_rank() == 0 else {},
-                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
-            )
-        except Exception as exc:  # torch's own checks, whatever they raise
-            raise ConfigError(
-                f"its saved optimizer state does not fit the {type(optimizer).__name__} given ({type(exc).__name__}: "
-                f"{(str(exc).strip().splitlines() or [''])[0][:200]}); build it as it was built when saved",
-                path=path,
-            ) from None
-        for group, keys in zip(optimizer.param_groups, tuples):
-            group.update({key: tuple(group[key]) for key in keys if isinstance(group.get(key), list)})
-    for name in ("scheduler", "scaler"):
-        if name in wanted:
-            _restore(name, wanted[name], sections[name], path)
-    return training
+        state = {str(number): {name: piece.local for name, piece in table.items()} for number, table in enumerate(pieces)}
+        future = in_background(job.index, state, write, wait=wait)
+        _last[:] = [future]
+    return future
 
 
-def _keyed_by_name(state: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> Any:
-    """An optimizer state dict keyed by parameter name, as `set_optimizer_state_dict` takes it.
-    One saved in one process is keyed by position in the param groups: each position is
-    named after the parameter that holds it in `optimizer`."""
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups) or any(
-        not isinstance(saved, dict) or len(saved.get("params", ())) != len(live["params"])
-        for saved, live in zip(groups, optimizer.param_groups)
-    ):
-        raise ConfigError(
-            f"its saved optimizer state does not fit the {type(optimizer).__name__} given (other param groups or "
-            "parameter counts); build it over the same parameters, in the same order, as when saved",
-            path=path,
-        )
-    if all(isinstance(key, str) for group in groups for key in group["params"]):
-        return state
+_order = threading.Lock()
+_last: list[Future] = []  # the latest background save of this process, which the next one waits for
+_groups: dict[Any, Any] = {}
+
+
+def _background_group() -> Any:
+    """The gloo group that background saves talk through, one per default group, made (by every
+    rank, as any group is) at the first background save."""
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    if world not in _groups:
+        _groups[world] = dist.new_group(backend="gloo")
+    return _groups[world]
+
+
+@dataclass
+class _SaveJob:
+    """What the ranks agreed to write: the parts (weights, companion), each rank's transaction,
+    and on rank 0 what it needs to write the indexes and the sidecar."""
+
+    index: Path
+    parts: list[Part]
+    transaction: Transaction
+    overwrite: bool
+    shard_bytes: int
+    decided: tuple | None  # rank 0: (config, training record, provenance, companion JSON text)
+
+
+def _prepare_save(model: torch.nn.Module, path: str | os.PathLike, *, config: Any, optimizer: Any, scheduler: Any,
+                  scaler: Any, epoch: Any, metrics: Any, overwrite: bool, max_shard_size: Any,
+                  fields: dict[str, Any]) -> _SaveJob:
+    """Steps 1 and 2 of a save (see the module's docstring), on every rank.
+
+    Example:
+        >>> job = _prepare_save(model, "m.safetensors", config=None, optimizer=None, scheduler=None, scaler=None,
+        ...                    epoch=None, metrics=None, overwrite=False, max_shard_size=None, fields={})
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     from ..config.registry import unwrap_model
+    from ..format.companion import companion_for, training_document
 
-    # The names torch's optimizer state dict gives: no torch.compile or DDP wrapper, and no
-    # activation-checkpoint wrapper, in them.
-    names = {id(parameter): name.replace("_checkpoint_wrapped_module.", "")
-             for name, parameter in unwrap_model(model).named_parameters()}
-    renamed: dict[Any, str] = {}
-    for saved, live in zip(groups, optimizer.param_groups):
-        renamed.update({key: names[id(parameter)] for key, parameter in zip(saved["params"], live["params"])})
-    return {
-        "state": {renamed[key]: value for key, value in state.get("state", {}).items()},
-        "param_groups": [{**group, "params": [renamed[key] for key in group["params"]]} for group in groups],
-    }
+    index = _index_path(Path(path))
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_SHARD_BYTES
+    world = dist.get_world_size()
+    weights = get_model_state_dict(model)
+    sections = {name: state.state_dict() for name, state in (("scheduler", scheduler), ("scaler", scaler))
+                if state is not None}
+    if optimizer is not None:
+        sections = {"optimizer": get_optimizer_state_dict(model, optimizer), **sections}
+    plans = {"weights": plan_shards(weights, world, shard_bytes=shard_bytes, ties=model_ties(unwrap_model(model)))}
+    companion = companion_for(index)
+    text, moments = training_document(sections, path=companion) if sections else (None, {})
+    if sections:
+        plans["companion"] = plan_shards(moments, world, shard_bytes=shard_bytes)
+    _check_ranks_agree({"weights": weights, "companion": moments}, plans, index)
+
+    def decide() -> tuple:
+        return _decide(model, index, companion if sections else None, weights, plans, config=config, epoch=epoch,
+                       metrics=metrics, overwrite=overwrite, fields=fields)
+
+    result, shard_metadata = on_rank0(decide, share=lambda result: result[-1])
+    decided = (*result[:-1], text) if dist.get_rank() == 0 else None
+    parts = [Part(index, weights, plans["weights"], shard_metadata)]
+    if sections:
+        companion_index = companion.with_name(companion.name + ".index.json")
+        parts.append(Part(companion_index, moments, plans["companion"],
+                          {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION}))
+    return _SaveJob(index, parts, Transaction(index.parent, index.name), overwrite, shard_bytes, decided)
 
 
-def _restore(name: str, target: Any, state: Any, path: Path) -> None:
+def _index_path(path: Path) -> Path:
+    """The index to write for `path`: `NAME.safetensors.index.json` (a `.pth` name is written
+    as `.safetensors`, with a warning, as `ckptfmt.save` does)."""
+    if path.name.endswith(INDEX_SUFFIX):
+        return path
+    if path.suffix != ".safetensors":
+        real = path.with_suffix(".safetensors")
+        warnings.warn(f"{path}: checkpoints are written as safetensors, not pickled; writing {real}",
+                      CkptfmtWarning, stacklevel=4)
+        path = real
+    return path.with_name(path.name + ".index.json")
+
+
+def _check_ranks_agree(states: dict[str, Mapping[str, Any]], plans: dict, index: Path) -> None:
+    """One `all_gather_object` of each rank's plans and replicated-tensor digests: the same plan
+    everywhere (the same model and optimizer), and the same values of each replicated tensor.
+    Every rank sees every rank's report, so every rank raises the same error."""
+    import torch.distributed as dist
+
+    mine = ({name: plan.fingerprint for name, plan in plans.items()},
+            {part: replica_digests(state) for part, state in states.items()})
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine)
+    for rank, (fingerprints, digests) in enumerate(reports):
+        if fingerprints != reports[0][0]:
+            raise ConfigError(
+                f"rank {rank} holds another model or optimizer than rank 0 (other tensor names, shapes or dtypes); "
+                "call ckptfmt.distributed.save on every rank with the same model",
+                path=index,
+            )
+        for part, table in digests.items():
+            differing = sorted(name for name, digest in table.items() if reports[0][1][part].get(name) != digest)
+            if differing:
+                where = "the optimizer's state" if part == "companion" else "the model"
+                raise ConfigError(
+                    f"the replicated tensor {differing[0]!r} of {where} holds other values on rank {rank} than on rank 0"
+                    f"{f' (and {len(differing) - 1} more)' if len(differing) > 1 else ''}; ranks that do not sync "
+                    "their buffers (FSDP2 does not) must agree before saving: use SyncBatchNorm, or broadcast rank 0's "
+                    "(for b in model.buffers(): dist.broadcast(b, src=0))",
+                    path=index,
+                )
+
+
+def _decide(model: Any, index: Path, companion: Path | None, weights: Mapping[str, Any], plans: dict, *,
+            config: Any, epoch: Any, metrics: Any, overwrite: bool, fields: dict[str, Any]) -> tuple:
+    """Rank 0's checks before anything is written, as `ckptfmt.save` makes them; returns
+    (config, training record, provenance, each shard's metadata)."""
+    from ..checkpoint import _config_to_save
+    from ..config.shapes import check_shapes
+    from ..config.sidecar import check_sidecar_accepts
+    from ..format.index import shard_names
+    from ..format.metadata import build_metadata, provenance_record, training_record
+    from ..format.writer import DTYPE_NAMES
+    from ..io.atomic import check_writable
+
+    config = _config_to_save(model, config, fields, index)
+    check_shapes(config, {n: tuple(t.shape) for n, t in weights.items()},
+                 dtypes={n: DTYPE_NAMES.get(t.dtype, str(t.dtype)) for n, t in weights.items()}, path=index)
+    indexes = [(index, plans["weights"])] + ([(companion.with_name(companion.name + ".index.json"),
+                                               plans["companion"])] if companion else [])
+    for each, plan in indexes:
+        names = shard_names(each.name[: -len(INDEX_SUFFIX)], len(plan.shards))
+        check_shard_names(each, names)
+        for name in [each.name, *names]:
+            check_writable(each.parent / name, overwrite=overwrite)
+    check_sidecar_accepts(index.parent, config, overwrite=overwrite)
+    training = training_record(epoch, metrics, path=index)
+    provenance = provenance_record()
+    return config, training, provenance, build_metadata(config, training={}, provenance=provenance)
+
+
+def _commit_save(job: _SaveJob, error: BaseException | None, *, group: Any = None) -> Path:
+    """Step 4 of a save (see the module's docstring), on every rank: rank 0 commits what every
+    rank staged, or, when a rank failed, removes it; the outcome is raised or returned on every
+    rank.
+
+    Example:
+        >>> _commit_save(job, write_owned(job.parts, rank, job.transaction, overwrite=False, budget=1 << 27))
+        PosixPath('m.safetensors.index.json')
+    """
+    import torch.distributed as dist
+
+    failure = None if error is None else error if isinstance(error, CkptfmtError) else f"{type(error).__name__}: {error}"
+    mine = ([(temp.name, final.name) for temp, final in job.transaction.staged], failure)
+    reports: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, reports, dst=0, group=group)
+    return shared(on_rank0(lambda: _commit_on_rank0(job, reports, error), group=group))
+
+
+def _commit_on_rank0(job: _SaveJob, reports: list[Any], error: BaseException | None) -> Path:
+    folder = job.index.parent
+    others = [(folder / temp, folder / final) for rank, (staged, _) in enumerate(reports) if rank != 0
+              for temp, final in staged]
+    adopted = 0
     try:
-        target.load_state_dict(state)
-    except Exception as exc:  # torch's own checks, whatever they raise
-        raise ConfigError(
-            f"its saved {name} state does not fit the {type(target).__name__} given ({type(exc).__name__}: "
-            f"{(str(exc).strip().splitlines() or [''])[0][:200]}); build it as it was built when saved",
-            path=path,
-        ) from None
+        with job.transaction as transaction:
+            if error is not None:
+                raise error
+            for rank, (_, failure) in enumerate(reports):
+                if failure is not None:
+                    raise failure if isinstance(failure, CkptfmtError) else CkptfmtError(
+                        f"rank {rank} failed writing its shards: {failure}", path=job.index)
+            for temp, final in others:
+                transaction.adopt(temp, final, overwrite=job.overwrite)
+                adopted += 1
+            _write_indexes(job, transaction)
+    finally:
+        for temp, _ in others[adopted:]:  # staged by ranks whose save is given up: removed with rank 0's
+            temp.unlink(missing_ok=True)
+    return job.index
 
 
-# -- rank 0's part, and telling the others --------------------------------------------------
+def _write_indexes(job: _SaveJob, transaction: Transaction) -> None:
+    """The companion's index, the checkpoint's index and the sidecar, staged in `transaction`
+    beside the shards, whose staged temp files they are computed from."""
+    from ..config.sidecar import write_sidecar
+    from ..format.companion import write_training_index
+    from ..format.index import write_index
+    from ..format.metadata import build_metadata
 
-
-def _on_rank0(work: Callable[[], Any], *, share: Callable[[Any], Any] = lambda result: result) -> tuple:
-    """Run `work` on rank 0 and tell every rank how it went: `(result on rank 0, shared)`,
-    where `shared` is `share(result)`, sent to every rank. An error on rank 0 is raised on
-    every rank (rank 0 raises its own), so that no rank goes on to wait for the others."""
-    import torch.distributed as dist
-
-    outcome: list[Any] = [None]
-    result = error = None
-    if dist.get_rank() == 0:
-        try:
-            result = work()
-            outcome = [("ok", share(result))]
-        except BaseException as exc:
-            error = exc
-            # Our error travels whole (its class and fields, the fix in both spellings); anything
-            # else, which may not pickle, as its text.
-            failure = exc if isinstance(exc, CkptfmtError) else f"{type(exc).__name__}: {exc}"
-            outcome = [("error", failure)]
-    dist.broadcast_object_list(outcome, src=0)
-    if error is not None:
-        raise error
-    status, shared = outcome[0]
-    if status == "error":
-        raise shared if isinstance(shared, CkptfmtError) else CkptfmtError(f"rank 0 failed: {shared}")
-    return result, shared
-
-
-def _shared(outcome: tuple) -> Any:
-    """The result on rank 0, what rank 0 shared elsewhere."""
-    import torch.distributed as dist
-
-    result, shared = outcome
-    return result if dist.get_rank() == 0 else shared
+    config, training, provenance, text = job.decided
+    staged = {final.name: temp for temp, final in transaction.staged}
+    weights, *companion = job.parts
+    if companion:
+        part = companion[0]
+        training = {**training, "optimizer": write_training_index(
+            part.index, text, [(staged[name], name) for name in part.names], overwrite=job.overwrite,
+            transaction=transaction)}
+    metadata = build_metadata(config, training=training, provenance=provenance)
+    digest = write_index(job.index, [(staged[name], name) for name in weights.names], metadata,
+                         aliases=weights.plan.aliases, overwrite=job.overwrite, transaction=transaction)
+    write_sidecar(job.index.parent, config, job.index.name, digest, overwrite=job.overwrite, transaction=transaction)

@@ -47,8 +47,10 @@ __all__ = [
     "companion_path",
     "load_training_state",
     "read_training_state",
+    "training_document",
     "unstorable_tensor",
     "verify_training_state",
+    "write_training_index",
     "write_training_state",
 ]
 
@@ -166,12 +168,49 @@ def write_training_state(
     from .writer import write_safetensors
 
     path = Path(path)
-    sections = {name: value.state_dict() if hasattr(value, "state_dict") else value for name, value in sections.items()}
-    tensors: dict[str, torch.Tensor] = {}
-    text = _document(sections, tensors, path)
+    text, tensors = training_document(sections, path=path)
     metadata = {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_OPTIMIZER: text}
     tensors_sha256 = write_safetensors(path, tensors, metadata, overwrite=overwrite, sync_folder=sync_folder,
                                        transaction=transaction)
+    return {"file": path.name, "sha256": companion_digest(text, tensors_sha256)}
+
+
+def training_document(sections: Mapping[str, Any], *, path: str | os.PathLike | None = None,
+                      ) -> tuple[str, dict[str, torch.Tensor]]:
+    """A companion's JSON text (`ckptfmt.optimizer`) and its tensors by name, from `sections`
+    as `write_training_state` takes them. The names depend only on where each tensor sits, so
+    ranks holding the same structure of DTensors get the same names and text.
+
+    Example:
+        >>> text, tensors = training_document({"optimizer": optimizer.state_dict()})
+        >>> sorted(tensors)[:1]
+        ['optimizer.state.0.exp_avg']
+    """
+    sections = {name: value.state_dict() if hasattr(value, "state_dict") else value for name, value in sections.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    text = _document(sections, tensors, Path(path) if path is not None else None)
+    return text, tensors
+
+
+def write_training_index(
+    path: Path, text: str, shards: Sequence[tuple[Path, str]], *, transaction: Transaction, overwrite: bool = False,
+) -> dict[str, str]:
+    """Stage the index of a companion written as shards (`NAME.optimizer-0000K-of-0000N.safetensors`,
+    staged in `transaction` and given as (staged file, name)): the index holds the JSON text
+    and the digest of all the shards' tensors, and reads back as one companion.
+
+    Returns:
+        The training record's binding, `{"file": index name, "sha256": digest}`.
+
+    Example:
+        >>> write_training_index(folder / "m.optimizer.safetensors.index.json", text, staged,
+        ...                      transaction=transaction)
+        {'file': 'm.optimizer.safetensors.index.json', 'sha256': '...'}
+    """
+    from .index import write_index
+
+    metadata = {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_OPTIMIZER: text}
+    tensors_sha256 = write_index(path, shards, metadata, overwrite=overwrite, transaction=transaction)
     return {"file": path.name, "sha256": companion_digest(text, tensors_sha256)}
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "resolve_checkpoint_path",
     "shard_names",
     "without_shards",
+    "write_index",
     "write_sharded",
 ]
 
@@ -100,7 +101,8 @@ def is_foreign_index(path: Path) -> bool:
 def find_checkpoint(folder: Path) -> Path:
     """The checkpoint a folder holds: its one index, or its one .safetensors (optimizer and
     other companions aside)."""
-    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
+    # An optimizer's companion written as shards has an index too (companion.OPTIMIZER_SUFFIX): not a checkpoint.
+    indexes = [p for p in sorted(folder.glob(f"*{INDEX_SUFFIX}")) if not p.name.endswith(".optimizer" + INDEX_SUFFIX)]
     if len(indexes) == 1:
         return indexes[0]
     if not indexes:
@@ -143,7 +145,8 @@ def _is_shard_of(path: Path, index: Path) -> bool:
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     """The file to read. `NAME.pth` that was saved as `NAME.safetensors` (as
     save_model_with_config does), or as shards with `NAME.safetensors.index.json`, is found
-    there, so the seed's paths keep working; a folder gives the one checkpoint it holds."""
+    there, so the seed's paths keep working; so is `NAME.safetensors` saved as shards (as
+    `ckptfmt.distributed.save` saves it). A folder gives the one checkpoint it holds."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -156,8 +159,9 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
             return path
     except OSError:
         return path  # it cannot even be looked at (a folder on its way is locked): opening it says so, by name
-    if path.suffix in (".pth", ".pt"):
+    if path.suffix in (".pth", ".pt", ".safetensors"):
         for saved_as in (path.with_suffix(".safetensors"), path.with_suffix(".safetensors.index.json")):
+            finish_pending(saved_as)
             if saved_as.exists():
                 logger.info("%s: reading %s, which it was saved as", path, saved_as)
                 return saved_as
@@ -186,8 +190,7 @@ def write_sharded(
     Returns:
         The canonical digest of the whole state dict (in the index's metadata).
     """
-    from ..io.atomic import check_writable, write_all
-    from .digest import digest_file
+    from ..io.atomic import check_writable
     from .writer import split_aliases, write_safetensors
 
     if transaction is None:
@@ -202,28 +205,56 @@ def write_sharded(
     check_writable(path, overwrite=overwrite)
     for name in names:
         check_writable(path.parent / name, overwrite=overwrite)
-    stale = [path.parent / name for name in _previous_shards(path) if name not in names] if overwrite else []
     shard_metadata = {key: value for key, value in metadata.items() if key not in (KEY_WEIGHTS_SHA256, KEY_ALIASES)}
-    written: list[Path] = []
-    weight_map = {}
+    written: list[tuple[Path, str]] = []
     for number, (name, group) in enumerate(zip(names, groups), start=1):
         belongs = json.dumps({"index": path.name, "shard": number, "of": len(groups)}, sort_keys=True)
         write_safetensors(path.parent / name, {n: stored[n] for n in group},
                           {**shard_metadata, KEY_SHARD: belongs}, overwrite=overwrite, transaction=transaction,
                           fill_in={k: v for k, v in (fill_in or {}).items() if k in json.dumps(shard_metadata)},
                           sources={n: span for n, span in (sources or {}).items() if n in group})
-        written.append(transaction.staged[-1][0])  # read back below before it takes its name
-        weight_map.update({tensor: name for tensor in group})
+        written.append((transaction.staged[-1][0], name))  # read back by write_index before it takes its name
     index_metadata = dict(metadata)
     for stand_in, future in (fill_in or {}).items():
         index_metadata = {key: value.replace(stand_in, future.result()) for key, value in index_metadata.items()}
+    return write_index(path, written, index_metadata, aliases=aliases, overwrite=overwrite, transaction=transaction)
+
+
+def write_index(
+    path: Path, shards: Sequence[tuple[Path, str]], metadata: Mapping[str, str], *, transaction: Transaction,
+    aliases: Mapping[str, str] | None = None, overwrite: bool = False,
+) -> str:
+    """Stage the index at `path` of shards already staged in `transaction`, each given as (the
+    file it is staged as, its name in the set): its weight map, total size and metadata, with
+    the digest of the whole state dict computed from the staged files and the ties recorded.
+    With `overwrite`, the shards of the previous index of the same name that the new set does
+    not name are removed with the commit. The shards may have been staged by other processes
+    (the ranks of `ckptfmt.distributed.save`) and adopted.
+
+    Returns:
+        The canonical digest of the whole state dict (in the index's metadata).
+
+    Example:
+        >>> write_index(folder / "m.safetensors.index.json", [(temp, "m-00001-of-00001.safetensors")],
+        ...             metadata, transaction=transaction)
+        '3b1f...'
+    """
+    from ..io.atomic import write_all
+    from .digest import digest_file
+
+    names = [name for _, name in shards]
+    stale = [path.parent / name for name in _previous_shards(path) if name not in names] if overwrite else []
+    headers = [(read_header(file), name) for file, name in shards]
+    tensors = {tensor: info for header, _ in headers for tensor, info in header.tensors.items()}
+    weight_map = {tensor: name for header, name in headers for tensor in header.tensors}
+    index_metadata = dict(metadata)
     if aliases:
-        index_metadata[KEY_ALIASES] = json.dumps(aliases, sort_keys=True)
-    written_header = Header(path, 0, 0, {t: info for shard in written for t, info in read_header(shard).tensors.items()},
-                            {**index_metadata, KEY_WEIGHTS_SHA256: ""}, tuple(written))
+        index_metadata[KEY_ALIASES] = json.dumps(dict(aliases), sort_keys=True)
+    written_header = Header(path, 0, 0, tensors, {**index_metadata, KEY_WEIGHTS_SHA256: ""},
+                            tuple(file for file, _ in shards))
     digest = index_metadata[KEY_WEIGHTS_SHA256] = digest_file(written_header)
     check_metadata(index_metadata, path)
-    total = sum(t.numel() * t.element_size() for t in stored.values())
+    total = sum(info.nbytes for info in tensors.values())
     document = {"metadata": {"total_size": total, **index_metadata}, "weight_map": dict(sorted(weight_map.items()))}
     with transaction.stage(path, overwrite=overwrite) as fd:
         write_all(fd, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
