@@ -98,10 +98,10 @@ print(json.dumps({"in_process_s": max(r["s"] for r in reports), "rank_peaks": [r
 def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -> list[dict]:
     """The rows: loads on 2 ranks, saves on 2 and 4 ranks, each beside its baseline."""
     import torch
-    from tools.bench import _median_of, gb, measure, python_child, row
     from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     import ckptfmt
+    from tools.bench import _median_of, gb, measure, python_child, row
 
     path = work / f"distributed_{architecture[0]}_{architecture[1]}/model.safetensors"
     if not path.exists():
