@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .config.model_config import SIDECAR_NAME, ModelConfig, config_differences
-from .config.sidecar import check_sidecar_accepts, read_sidecar, write_sidecar
+from .config.model_config import ModelConfig, config_differences
+from .config.sidecar import Sidecar, check_sidecar_accepts, read_sidecar, sidecar_path, write_sidecar
 from .errors import (
     CkptfmtError,
     ConfigError,
@@ -113,45 +113,55 @@ class ConvertResult:
 
 @dataclass
 class _Batch:
-    """A run of conversions: each folder's sidecar read once and written once, after all the
-    weights bound in it, and each folder fsynced once. A folder of 500 checkpoints costs 500
-    weights files, not 500 sidecar rewrites and 1,500 fsyncs."""
+    """A run of conversions: each sidecar read once and written once, after all the weights
+    bound in it, and each folder fsynced once. A folder of 500 checkpoints costs 500 weights
+    files, not 500 sidecar rewrites and 1,500 fsyncs."""
 
     force: bool
     sidecars: dict[Path, Any] = field(default_factory=dict)
     pending: dict[Path, tuple[ModelConfig, dict[str, str], list[ConvertResult]]] = field(default_factory=dict)
     folders: set[Path] = field(default_factory=set)
 
-    def sidecar(self, folder: Path):
-        if folder not in self.sidecars:
-            self.sidecars[folder] = read_sidecar(folder)
-        return self.sidecars[folder]
+    def sidecar(self, path: Path):
+        if path not in self.sidecars:
+            self.sidecars[path] = read_sidecar(path)
+        return self.sidecars[path]
 
-    def accepts(self, folder: Path, config: ModelConfig) -> None:
-        """As `check_sidecar_accepts`, counting the bindings this batch has yet to write."""
-        if folder in self.pending and not self.force:
-            differences = config_differences(self.pending[folder][0], config)
+    def _planned(self, path: Path):
+        """The sidecar at `path` as this batch is about to leave it."""
+        if path in self.pending:
+            config, bindings, _ = self.pending[path]
+            return Sidecar(path, config, bindings)
+        return self.sidecar(path)
+
+    def accepts(self, output: Path, config: ModelConfig) -> Path:
+        """The sidecar to bind `output` in, as `check_sidecar_accepts` chooses it, counting the
+        bindings this batch has yet to write."""
+        path = sidecar_path(output, config, writing=True, read=self._planned)
+        if path in self.pending and not self.force:
+            differences = config_differences(self.pending[path][0], config)
             if differences:
                 raise ConfigError(
                     f"is about to hold another config, of a file converted before this one "
-                    f"({'; '.join(differences)})", path=folder / SIDECAR_NAME,
+                    f"({'; '.join(differences)})", path=path,
                     fix=Words("pass force=True to replace it, or give this file another output folder",
                               "pass --force to replace it, or give this file another output folder"),
                 )
-        elif folder not in self.pending:
-            check_sidecar_accepts(folder, config, overwrite=self.force)
+        elif path not in self.pending:
+            check_sidecar_accepts(output, config, overwrite=self.force, read=self.sidecar)
+        return path
 
-    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult) -> None:
-        _, bindings, results = self.pending.setdefault(folder, (config, {}, []))
-        self.pending[folder] = (config, {**bindings, name: digest}, [*results, result])
-        result.sidecar = folder / SIDECAR_NAME
+    def bind(self, path: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult) -> None:
+        _, bindings, results = self.pending.setdefault(path, (config, {}, []))
+        self.pending[path] = (config, {**bindings, name: digest}, [*results, result])
 
     def finish(self) -> None:
-        """Write each folder's sidecar, then make every name written durable. A sidecar that
-        cannot be written fails the conversions bound in it (their weights are written)."""
-        for folder, (config, bindings, results) in self.pending.items():
+        """Write each sidecar, then make every name written durable. A sidecar that cannot be
+        written fails the conversions bound in it (their weights are written)."""
+        for path, (config, bindings, results) in self.pending.items():
             try:
-                write_sidecar(folder, config, bindings=bindings, overwrite=self.force, sync_folder=False)
+                write_sidecar(path.parent, config, bindings=bindings, overwrite=self.force, sync_folder=False,
+                              path=path)
             except CkptfmtError as exc:
                 for result in results:
                     result.status, result.error, result.failure = "failed", _failure(result.source, exc), exc
@@ -306,7 +316,7 @@ def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, 
         result.warnings.append("converted as weights only, with no config: " + resolution.unresolved.message_words
                                + ". " + WEIGHTS_ONLY_HINT)
     else:
-        batch.accepts(plan.output.parent, resolution.config)
+        result.sidecar = batch.accepts(plan.output, resolution.config)
     state_dict, cast = _cast(legacy.state_dict, cast_to) if cast_to is not None else (legacy.state_dict, None)
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
     index = plan.plain.with_name(plan.plain.name + ".index.json")
@@ -384,7 +394,7 @@ def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tens
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
     batch.folders.add(output.parent)
     if resolution.config is not None:
-        batch.bind(output.parent, resolution.config, output.name, digest, result)
+        batch.bind(result.sidecar, resolution.config, output.name, digest, result)
 
 
 def _is_ckptfmt_file(path: Path) -> bool:

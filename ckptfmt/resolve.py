@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .config.model_config import ModelConfig, config_differences
-from .config.sidecar import Sidecar, read_sidecar
+from .config.sidecar import Sidecar, checkpoint_stem, read_sidecar, sidecar_path
 from .errors import (
     AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
@@ -209,8 +209,9 @@ def _embedded(resolution: Resolution, asked: _Asked) -> _Found | None:
     if document is None:
         return None
     config = ModelConfig.from_dict(document, path=resolution.path)
-    sidecar = asked.read_sidecar(resolution.path.parent)
-    if sidecar is not None and resolution.path.name in sidecar.weights:
+    described_by = sidecar_path(resolution.path, config, read=asked.read_sidecar)
+    sidecar = asked.read_sidecar(described_by) if described_by is not None else None
+    if sidecar is not None:
         differences = config_differences(config, sidecar.config)
         if differences:
             resolution.warnings.append(CkptfmtWarning(
@@ -220,10 +221,13 @@ def _embedded(resolution: Resolution, asked: _Asked) -> _Found | None:
 
 
 def _sidecar(resolution: Resolution, asked: _Asked) -> _Found | None:
-    """`model_config.json` beside the file: the original system's layout, and the mirror of a
-    ckptfmt file. It can drift from the weights, so it must fit them: one that does not is
-    refused, or, asked to replace it, passed over for what the file itself says."""
-    sidecar = asked.read_sidecar(resolution.path.parent)
+    """The sidecar that describes the file (`NAME.model_config.json`, else the folder's
+    `model_config.json`): the original system's layout, and the mirror of a ckptfmt file. It can
+    drift from the weights, so it must fit them: one that does not is refused, or, asked to
+    replace it, passed over for what the file itself says. A folder's sidecar bound to other
+    checkpoints that does not fit describes other weights, and is passed over."""
+    described_by = sidecar_path(resolution.path, read=asked.read_sidecar)
+    sidecar = asked.read_sidecar(described_by) if described_by is not None else None
     if sidecar is None:
         return None
     config = sidecar.config
@@ -240,6 +244,8 @@ def _sidecar(resolution: Resolution, asked: _Asked) -> _Found | None:
             first_problem = first_problem or exc
             continue
         return _Found(config, "sidecar", prefix, fits=True)
+    if sidecar.binds_others(checkpoint_stem(resolution.path.name)):
+        return None
     if asked.overrides:  # the override is what does not fit: said as such
         raise first_problem
     if asked.replace_sidecar:
@@ -358,7 +364,7 @@ def resolve(
             refuses it (the caller has no such option).
         cast_to: the dtype every floating-point tensor is about to be cast to, for the dtype
             check.
-        read_sidecar: how to read a folder's sidecar (a batch over one folder reads it once).
+        read_sidecar: how to read a sidecar file (a batch reads each once).
 
     Raises:
         ShapeMismatchError: the config does not fit the weights; the message names the field
