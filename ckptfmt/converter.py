@@ -42,6 +42,7 @@ from .io.files import files_sha256, open_regular, sha256_fd, sha256_file, walk_f
 from .io.jsondoc import has_surrogate
 from .resolve import Resolution, read_source, resolve
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder
+from .sources.foreign import HUB_CONFIG_NAME, HUB_WEIGHTS_NAME
 from .sources.legacy import LEGACY_SUFFIXES, file_identity
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
@@ -252,8 +253,9 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     # A torch.distributed.checkpoint folder has its own safe reader (sources/dcp.py); from there
     # on it is converted as a .pth is.
     from_dcp = is_dcp_folder(source)
-    if not from_dcp and source.is_dir():  # a folder of Hugging Face shards: its index
-        source = next((found for found in find_checkpoints(source) if is_index(found)), source)
+    if not from_dcp and source.is_dir():  # a Hugging Face folder: its index of shards, or its weights
+        source = next((found for found in find_checkpoints(source)
+                       if is_index(found) or found.name == HUB_WEIGHTS_NAME), source)
     # Shards written by someone else (no ckptfmt metadata) are read safely, as a .pth is.
     from_shards = not from_dcp and is_index(source)
     if from_shards and not is_foreign_index(source) or not from_dcp and _is_ckptfmt_file(source):
@@ -427,14 +429,25 @@ def _cast(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict
 
 def find_checkpoints(path: Path) -> list[Path]:
     """A file as is, and a DCP folder; another folder as every `.pth`/`.pt`/`.ckpt` under it,
-    and every index of shards that ckptfmt did not write, recursively, in sorted order (not
-    following links out of it)."""
+    every index of shards that ckptfmt did not write, and the `model.safetensors` of a
+    Hub-style folder (beside its `config.json`) that ckptfmt did not write, recursively, in
+    sorted order (not following links out of it)."""
     if is_dcp_folder(path):
         return [path]
     if path.is_dir():
-        return [found for found in walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX))
-                if not is_index(found) or is_foreign_index(found)]
+        return [found for found in walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX, HUB_WEIGHTS_NAME))
+                if _is_source(found)]
     return [path]
+
+
+def _is_source(found: Path) -> bool:
+    """Whether a file a folder's walk found is one to convert."""
+    if is_index(found):
+        return is_foreign_index(found)
+    if found.name.endswith(".safetensors"):
+        return (found.name == HUB_WEIGHTS_NAME and (found.parent / HUB_CONFIG_NAME).exists()
+                and not _is_ckptfmt_file(found))
+    return True
 
 
 def convert_all(
