@@ -115,7 +115,8 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
         "training": legacy.training,
         "has_optimizer_state": legacy.optimizer_state is not None,
         "tensors": _tensor_summary([(n, d, s) for n, d, s in infos if d in DTYPE_SIZES]),
-        "sidecar": {"status": "present", "path": str(described_by)} if described_by is not None else {"status": "missing"},
+        "sidecar": {"status": "present", "path": str(described_by)} if described_by is not None
+        else {"status": "missing"},
     }
     if tensors:
         info["tensor_list"] = [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in infos]

@@ -143,7 +143,8 @@ def test_sidecar_binds_several_files_of_one_config_and_gives_another_config_one_
     with pytest.raises(ConfigError, match=r"holds another config \(base_filters: 16 != 32\); pass overwrite=True to replace it"):
         write_sidecar(tmp_path, ModelConfig(base_filters=32), "best_model.safetensors", "d" * 64)
     write_sidecar(tmp_path, ModelConfig(base_filters=32), "best_model.safetensors", "d" * 64, overwrite=True)
-    assert (read_sidecar(own).config.base_filters, read_sidecar(own).weights) == (32, {"best_model.safetensors": "d" * 64})
+    assert read_sidecar(own).config.base_filters == 32
+    assert read_sidecar(own).weights == {"best_model.safetensors": "d" * 64}
     assert read_sidecar(tmp_path) == sidecar
 
 

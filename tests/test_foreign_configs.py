@@ -44,8 +44,9 @@ def registered(monkeypatch):
     from ckptfmt.config import registry
 
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
-    task = lambda params: Task("classification", in_channels=1, classes=params["num_classes"],  # noqa: E731
-                               input_size=(1, params["width"]))
+    def task(params):
+        return Task("classification", in_channels=1, classes=params["num_classes"], input_size=(1, params["width"]))
+
     registry.register_model("classifier", task=task, read_foreign_config=_read)(_Classifier)
 
 
@@ -70,7 +71,8 @@ def test_a_hub_folder_converts_with_the_config_its_config_json_gives(tmp_path, r
         f"[OK]   {folder}/model.safetensors -> {tmp_path}/out/model.safetensors  classifier(num_classes=3, width=4)",
         "       weights: (the whole file: a bare state dict); config: config.json"]
     config = ModelConfig.from_checkpoint(tmp_path / "out/model.safetensors")
-    assert (config.class_names, config.normalization) == (("a", "b", "c"), {"mode": "fixed", "mean": [0.5], "std": [0.25]})
+    assert config.class_names == ("a", "b", "c")
+    assert config.normalization == {"mode": "fixed", "mean": [0.5], "std": [0.25]}
     assert run_cli("verify", tmp_path / "out").returncode == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")

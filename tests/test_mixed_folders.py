@@ -46,10 +46,12 @@ def test_a_folder_of_two_configs_converts_and_verifies_each(tmp_path):
     assert result.stdout.splitlines()[-1] == "2 converted, 0 skipped, 0 failed"
     assert _sidecars(folder) == {"model_config.json": (8, ["big.safetensors"]),
                                  "small.model_config.json": (4, ["small.safetensors"])}
-    assert _verified(folder) == [f"[OK]   {folder}/big.safetensors", f"[OK]   {folder}/small.safetensors", "2 verified, 0 failed"]
+    assert _verified(folder) == [f"[OK]   {folder}/big.safetensors", f"[OK]   {folder}/small.safetensors",
+                                 "2 verified, 0 failed"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert (ckptfmt.load_model(folder / "small.safetensors").depth, ckptfmt.load_model(folder / "big.safetensors").depth) == (2, 3)
+        assert ckptfmt.load_model(folder / "small.safetensors").depth == 2
+        assert ckptfmt.load_model(folder / "big.safetensors").depth == 3
     shown = run_cli("inspect", folder / "small.safetensors").stdout.splitlines()
     assert "sidecar     consistent (small.model_config.json)" in shown
     assert "sidecar     consistent" in run_cli("inspect", folder / "big.safetensors").stdout.splitlines()

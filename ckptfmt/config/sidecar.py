@@ -115,14 +115,14 @@ def sidecar_path(
     if shared is None:
         return shared_path if writing else None
     if writing:
-        ours = shared.stems == {stem} or config is not None and not _same_config(shared.config, config)
+        ours = shared.stems == {stem} or config is not None and not _differences(shared.config, config)
         return shared_path if ours else own
     if config is None or not shared.binds_others(stem) or not config_differences(config, shared.config):
         return shared_path
     return None
 
 
-def _same_config(existing: ModelConfig, config: ModelConfig) -> list[str]:
+def _differences(existing: ModelConfig, config: ModelConfig) -> list[str]:
     """Differences between a sidecar's config and the one about to be written, both complete."""
     try:
         existing = existing.checked()
@@ -131,10 +131,13 @@ def _same_config(existing: ModelConfig, config: ModelConfig) -> list[str]:
     return config_differences(existing, config)
 
 
-def _accepts(path: Path, config: ModelConfig, *, overwrite: bool, read: Callable[[Path], Sidecar | None]) -> Sidecar | None:
+def _accepts(
+    path: Path, config: ModelConfig, *, overwrite: bool, read: Callable[[Path], Sidecar | None],
+) -> Sidecar | None:
+    """The sidecar at `path` (or None), after checking that `config` may be written there."""
     existing = read(path)
     if existing is not None and not overwrite:
-        differences = _same_config(existing.config, config)
+        differences = _differences(existing.config, config)
         if differences:
             raise ConfigError(
                 f"holds another config ({'; '.join(differences)})", path=existing.path, fix=OVERWRITE_FIX,
@@ -185,7 +188,7 @@ def write_sidecar(
             else Path(folder) / SIDECAR_NAME
     path = Path(path)
     existing = _accepts(path, config, overwrite=overwrite, read=read_sidecar)
-    if existing is not None and not _same_config(existing.config, config):
+    if existing is not None and not _differences(existing.config, config):
         bindings = {**existing.weights, **bindings}
     document = {**config.to_dict(), "weights": dict(sorted(bindings.items()))}
     with atomic_write(path, overwrite=existing is not None, sync_folder=sync_folder) as fd:

@@ -41,8 +41,8 @@ def test_a_timm_hub_folder_converts_with_its_config_json(tmp_path):
     result = run_cli("convert", folder, "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[:2] == [
-        f"[OK]   {folder}/model.safetensors -> {tmp_path}/out/model.safetensors  timm(global_pool=\"avg\", in_chans=2, "
-        "model_name=\"test_efficientnet\", num_classes=3)",
+        (f"[OK]   {folder}/model.safetensors -> {tmp_path}/out/model.safetensors  timm(global_pool=\"avg\", in_chans=2, "
+         "model_name=\"test_efficientnet\", num_classes=3)"),
         "       weights: (the whole file: a bare state dict); config: config.json",
     ]
     config = ModelConfig.from_checkpoint(tmp_path / "out/model.safetensors")
