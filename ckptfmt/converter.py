@@ -149,7 +149,7 @@ class _Batch:
                               "pass --force to replace it, or give this file another output folder"),
                 )
         elif path not in self.pending:
-            check_sidecar_accepts(output, config, overwrite=self.force, read=self.sidecar)
+            check_sidecar_accepts(output, config, overwrite=self.force, read=self._planned)
         return path
 
     def bind(self, path: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult) -> None:
