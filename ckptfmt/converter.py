@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .config.model_config import SIDECAR_NAME, ModelConfig, config_differences
-from .config.sidecar import check_sidecar_accepts, read_sidecar, write_sidecar
+from .config.model_config import ModelConfig, config_differences
+from .config.sidecar import Sidecar, check_sidecar_accepts, read_sidecar, sidecar_path, write_sidecar
 from .convert_options import (
     CAST_DTYPES,
     cast_state_dict,
@@ -50,6 +50,7 @@ from .io.files import FolderWalk, files_sha256, open_regular, sha256_fd, sha256_
 from .io.jsondoc import has_surrogate
 from .resolve import Resolution, read_source, resolve
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder
+from .sources.foreign import HUB_CONFIG_NAME, HUB_WEIGHTS_NAME
 from .sources.legacy import LEGACY_SUFFIXES, file_identity
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
@@ -120,45 +121,55 @@ class ConvertResult:
 
 @dataclass
 class _Batch:
-    """A run of conversions: each folder's sidecar read once and written once, after all the
-    weights bound in it, and each folder fsynced once. A folder of 500 checkpoints costs 500
-    weights files, not 500 sidecar rewrites and 1,500 fsyncs."""
+    """A run of conversions: each sidecar read once and written once, after all the weights
+    bound in it, and each folder fsynced once. A folder of 500 checkpoints costs 500 weights
+    files, not 500 sidecar rewrites and 1,500 fsyncs."""
 
     force: bool
     sidecars: dict[Path, Any] = field(default_factory=dict)
     pending: dict[Path, tuple[ModelConfig, dict[str, str], list[ConvertResult]]] = field(default_factory=dict)
     folders: set[Path] = field(default_factory=set)
 
-    def sidecar(self, folder: Path):
-        if folder not in self.sidecars:
-            self.sidecars[folder] = read_sidecar(folder)
-        return self.sidecars[folder]
+    def sidecar(self, path: Path):
+        if path not in self.sidecars:
+            self.sidecars[path] = read_sidecar(path)
+        return self.sidecars[path]
 
-    def accepts(self, folder: Path, config: ModelConfig) -> None:
-        """As `check_sidecar_accepts`, counting the bindings this batch has yet to write."""
-        if folder in self.pending and not self.force:
-            differences = config_differences(self.pending[folder][0], config)
+    def _planned(self, path: Path):
+        """The sidecar at `path` as this batch is about to leave it."""
+        if path in self.pending:
+            config, bindings, _ = self.pending[path]
+            return Sidecar(path, config, bindings)
+        return self.sidecar(path)
+
+    def accepts(self, output: Path, config: ModelConfig) -> Path:
+        """The sidecar to bind `output` in, as `check_sidecar_accepts` chooses it, counting the
+        bindings this batch has yet to write."""
+        path = sidecar_path(output, config, writing=True, read=self._planned)
+        if path in self.pending and not self.force:
+            differences = config_differences(self.pending[path][0], config)
             if differences:
                 raise ConfigError(
                     f"is about to hold another config, of a file converted before this one "
-                    f"({'; '.join(differences)})", path=folder / SIDECAR_NAME,
+                    f"({'; '.join(differences)})", path=path,
                     fix=Words("pass force=True to replace it, or give this file another output folder",
                               "pass --force to replace it, or give this file another output folder"),
                 )
-        elif folder not in self.pending:
-            check_sidecar_accepts(folder, config, overwrite=self.force)
+        elif path not in self.pending:
+            check_sidecar_accepts(output, config, overwrite=self.force, read=self._planned)
+        return path
 
-    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult) -> None:
-        _, bindings, results = self.pending.setdefault(folder, (config, {}, []))
-        self.pending[folder] = (config, {**bindings, name: digest}, [*results, result])
-        result.sidecar = folder / SIDECAR_NAME
+    def bind(self, path: Path, config: ModelConfig, name: str, digest: str, result: ConvertResult) -> None:
+        _, bindings, results = self.pending.setdefault(path, (config, {}, []))
+        self.pending[path] = (config, {**bindings, name: digest}, [*results, result])
 
     def finish(self) -> None:
-        """Write each folder's sidecar, then make every name written durable. A sidecar that
-        cannot be written fails the conversions bound in it (their weights are written)."""
-        for folder, (config, bindings, results) in self.pending.items():
+        """Write each sidecar, then make every name written durable. A sidecar that cannot be
+        written fails the conversions bound in it (their weights are written)."""
+        for path, (config, bindings, results) in self.pending.items():
             try:
-                write_sidecar(folder, config, bindings=bindings, overwrite=self.force, sync_folder=False)
+                write_sidecar(path.parent, config, bindings=bindings, overwrite=self.force, sync_folder=False,
+                              path=path)
             except CkptfmtError as exc:
                 for result in results:
                     result.status, result.error, result.failure = "failed", _failure(result.source, exc), exc
@@ -257,8 +268,9 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     # A torch.distributed.checkpoint folder has its own safe reader (sources/dcp.py); from there
     # on it is converted as a .pth is.
     from_dcp = is_dcp_folder(source)
-    if not from_dcp and source.is_dir():  # a folder of Hugging Face shards: its index
-        source = next((found for found in find_checkpoints(source).files if is_index(found)), source)
+    if not from_dcp and source.is_dir():  # a Hugging Face folder: its index of shards, or its weights
+        source = next((found for found in find_checkpoints(source).files
+                       if is_index(found) or found.name == HUB_WEIGHTS_NAME), source)
     # Shards written by someone else (no ckptfmt metadata) are read safely, as a .pth is.
     from_shards = not from_dcp and is_index(source)
     if from_shards and not is_foreign_index(source) or not from_dcp and _is_ckptfmt_file(source):
@@ -339,7 +351,7 @@ def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, 
         result.warnings.append("converted as weights only, with no config: " + resolution.unresolved.message_words
                                + ". " + WEIGHTS_ONLY_HINT)
     else:
-        batch.accepts(plan.output.parent, resolution.config)
+        result.sidecar = batch.accepts(plan.output, resolution.config)
     state_dict, cast = (cast_state_dict(legacy.state_dict, dtype, allow_overflow=allow_overflow, path=plan.source)
                         if dtype is not None else (legacy.state_dict, None))
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
@@ -420,7 +432,7 @@ def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tens
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
     batch.folders.add(output.parent)
     if resolution.config is not None:
-        batch.bind(output.parent, resolution.config, output.name, digest, result)
+        batch.bind(result.sidecar, resolution.config, output.name, digest, result)
 
 
 def _is_ckptfmt_file(path: Path) -> bool:
@@ -433,13 +445,23 @@ def _is_ckptfmt_file(path: Path) -> bool:
 
 def find_checkpoints(path: Path) -> FolderWalk:
     """A file as is, and a DCP folder; another folder as every `.pth`/`.pt`/`.ckpt` under it,
-    and every index of shards that ckptfmt did not write, recursively, in sorted order (not
-    following links out of it), with what under it could not be read."""
+    every index of shards that ckptfmt did not write, and the `model.safetensors` of a
+    Hub-style folder (beside its `config.json`) that ckptfmt did not write, recursively, in
+    sorted order (not following links out of it), with what under it could not be read."""
     if path.is_dir() and not is_dcp_folder(path):
-        walk = walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX))
-        return FolderWalk([found for found in walk.files if not is_index(found) or is_foreign_index(found)],
-                          walk.unreadable)
+        walk = walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX, HUB_WEIGHTS_NAME))
+        return FolderWalk([found for found in walk.files if _is_source(found)], walk.unreadable)
     return FolderWalk([path], [])
+
+
+def _is_source(found: Path) -> bool:
+    """Whether a file a folder's walk found is one to convert."""
+    if is_index(found):
+        return is_foreign_index(found)
+    if found.name.endswith(".safetensors"):
+        return (found.name == HUB_WEIGHTS_NAME and (found.parent / HUB_CONFIG_NAME).exists()
+                and not _is_ckptfmt_file(found))
+    return True
 
 
 def convert_all(
