@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from .config.model_config import SIDECAR_NAME, ModelConfig, remember_file_config
+from .config.model_config import ModelConfig, remember_file_config
 from .config.registry import get_model_entry, unwrap_model
 from .config.shapes import check_shapes, check_state, module_state
-from .config.sidecar import check_sidecar_accepts, write_sidecar
+from .config.sidecar import check_sidecar_accepts, sidecar_path, write_sidecar
 from .errors import (
     CkptfmtWarning,
     ConfigError,
@@ -177,7 +177,7 @@ def save(
     check_writable(path, overwrite=overwrite)
     if states:
         check_writable(companion, overwrite=overwrite)
-    check_sidecar_accepts(path.parent, config, overwrite=overwrite)
+    check_sidecar_accepts(path, config, overwrite=overwrite)
 
     training = training_record(epoch, metrics, global_step=global_step, path=path)
     # One transaction: the companion, the weights (or shards and index) and the sidecar that
@@ -281,7 +281,7 @@ def open_checkpoint(
             "no config embedded and no model_config.json beside it; architecture inferred from the weights: "
             f"{config.summary()}. Convert it (`ckptfmt convert`) to record it", path=path), stacklevel=3)
     elif config is not None:
-        logger.info("Loaded model config from: %s", path.parent / SIDECAR_NAME if resolution.origin == "sidecar"
+        logger.info("Loaded model config from: %s", sidecar_path(path) if resolution.origin == "sidecar"
                     else f"{path} ({resolution.origin})")
     return resolution
 

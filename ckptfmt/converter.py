@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from .config.model_config import SIDECAR_NAME, ModelConfig, config_differences
-from .config.sidecar import check_sidecar_accepts, read_sidecar, write_sidecar
+from .config.model_config import ModelConfig, config_differences
+from .config.sidecar import Sidecar, check_sidecar_accepts, read_sidecar, sidecar_path, write_sidecar
 from .convert_options import (
     CAST_DTYPES,
     cast_state_dict,
@@ -52,6 +52,7 @@ from .io.jsondoc import has_surrogate
 from .io.transaction import Transaction, clean_folder
 from .resolve import Resolution, read_source, resolve
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder
+from .sources.foreign import HUB_CONFIG_NAME, HUB_WEIGHTS_NAME
 from .sources.legacy import LEGACY_SUFFIXES, file_identity
 
 __all__ = ["ConvertResult", "convert", "convert_all", "find_checkpoints"]
@@ -122,43 +123,54 @@ class ConvertResult:
 
 @dataclass
 class _Batch:
-    """A run of conversions: each folder's sidecar read once, and the bindings that this run adds
-    to it, which each conversion's transaction writes with its own (a run with `force` starts a
-    sidecar afresh once, not once per file)."""
+    """A run of conversions: each sidecar read once, and the bindings that this run adds to it,
+    which each conversion's transaction writes with its own (a run with `force` starts a sidecar
+    afresh once, not once per file)."""
 
     force: bool
     sidecars: dict[Path, Any] = field(default_factory=dict)
     written: dict[Path, tuple[ModelConfig, dict[str, str]]] = field(default_factory=dict)
 
-    def sidecar(self, folder: Path):
-        if folder not in self.sidecars:
-            self.sidecars[folder] = read_sidecar(folder)
-        return self.sidecars[folder]
+    def sidecar(self, path: Path):
+        if path not in self.sidecars:
+            self.sidecars[path] = read_sidecar(path)
+        return self.sidecars[path]
 
-    def accepts(self, folder: Path, config: ModelConfig) -> None:
-        """As `check_sidecar_accepts`, knowing what this batch wrote there."""
-        if folder in self.written and not self.force:
-            differences = config_differences(self.written[folder][0], config)
+    def _planned(self, path: Path):
+        """The sidecar at `path` as this batch has left it."""
+        if path in self.written:
+            config, bindings = self.written[path]
+            return Sidecar(path, config, bindings)
+        return self.sidecar(path)
+
+    def accepts(self, output: Path, config: ModelConfig) -> Path:
+        """The sidecar to bind `output` in, as `check_sidecar_accepts` chooses it, knowing what
+        this batch wrote there."""
+        path = sidecar_path(output, config, writing=True, read=self._planned)
+        if path in self.written and not self.force:
+            differences = config_differences(self.written[path][0], config)
             if differences:
                 raise ConfigError(
                     f"is about to hold another config, of a file converted before this one "
-                    f"({'; '.join(differences)})", path=folder / SIDECAR_NAME,
+                    f"({'; '.join(differences)})", path=path,
                     fix=Words("pass force=True to replace it, or give this file another output folder",
                               "pass --force to replace it, or give this file another output folder"),
                 )
-        elif folder not in self.written:
-            check_sidecar_accepts(folder, config, overwrite=self.force)
+        elif path not in self.written:
+            check_sidecar_accepts(output, config, overwrite=self.force, read=self._planned)
+        return path
 
-    def bind(self, folder: Path, config: ModelConfig, name: str, digest: str,
+    def bind(self, path: Path, config: ModelConfig, name: str, digest: str,
              transaction: Transaction) -> dict[str, str]:
-        """Stage the folder's sidecar, binding `name`, in the conversion's transaction; the
+        """Stage the sidecar at `path`, binding `name`, in the conversion's transaction; the
         bindings it holds, for `committed` once the transaction is."""
-        bindings = {**self.written.get(folder, (config, {}))[1], name: digest}
-        write_sidecar(folder, config, bindings=bindings, overwrite=self.force, transaction=transaction)
+        bindings = {**self.written.get(path, (config, {}))[1], name: digest}
+        write_sidecar(path.parent, config, bindings=bindings, overwrite=self.force, transaction=transaction,
+                      path=path)
         return bindings
 
-    def committed(self, folder: Path, config: ModelConfig, bindings: dict[str, str]) -> None:
-        self.written[folder] = (config, bindings)
+    def committed(self, path: Path, config: ModelConfig, bindings: dict[str, str]) -> None:
+        self.written[path] = (config, bindings)
 
 
 def default_output(source: Path) -> Path:
@@ -246,8 +258,9 @@ def _plan(source: Path, output: str | os.PathLike | None, *, dtype: str | None, 
     # A torch.distributed.checkpoint folder has its own safe reader (sources/dcp.py); from there
     # on it is converted as a .pth is.
     from_dcp = is_dcp_folder(source)
-    if not from_dcp and source.is_dir():  # a folder of Hugging Face shards: its index
-        source = next((found for found in find_checkpoints(source).files if is_index(found)), source)
+    if not from_dcp and source.is_dir():  # a Hugging Face folder: its index of shards, or its weights
+        source = next((found for found in find_checkpoints(source).files
+                       if is_index(found) or found.name == HUB_WEIGHTS_NAME), source)
     # Shards written by someone else (no ckptfmt metadata) are read safely, as a .pth is.
     from_shards = not from_dcp and is_index(source)
     if from_shards and not is_foreign_index(source) or not from_dcp and _is_ckptfmt_file(source):
@@ -329,7 +342,7 @@ def _convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, 
         result.warnings.append("converted as weights only, with no config: " + resolution.unresolved.message_words
                                + ". " + WEIGHTS_ONLY_HINT)
     else:
-        batch.accepts(plan.output.parent, resolution.config)
+        result.sidecar = batch.accepts(plan.output, resolution.config)
     state_dict, cast = (cast_state_dict(legacy.state_dict, dtype, allow_overflow=allow_overflow, path=plan.source)
                         if dtype is not None else (legacy.state_dict, None))
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
@@ -406,10 +419,9 @@ def _write(plan: _Plan, resolution: Resolution, state_dict: dict[str, torch.Tens
             if source_fd is not None:
                 os.close(source_fd)
         if resolution.config is not None:
-            bindings = batch.bind(output.parent, resolution.config, output.name, digest, transaction)
+            bindings = batch.bind(result.sidecar, resolution.config, output.name, digest, transaction)
     if resolution.config is not None:  # a conversion that failed binds nothing in the next one's sidecar
-        batch.committed(output.parent, resolution.config, bindings)
-        result.sidecar = output.parent / SIDECAR_NAME
+        batch.committed(result.sidecar, resolution.config, bindings)
     result.source_sha256, result.weights_sha256, result.tensors = source_sha256.result(), digest, len(state_dict)
 
 
@@ -441,13 +453,23 @@ def _is_ckptfmt_file(path: Path) -> bool:
 
 def find_checkpoints(path: Path) -> FolderWalk:
     """A file as is, and a DCP folder; another folder as every `.pth`/`.pt`/`.ckpt` under it,
-    and every index of shards that ckptfmt did not write, recursively, in sorted order (not
-    following links out of it), with what under it could not be read."""
+    every index of shards that ckptfmt did not write, and the `model.safetensors` of a
+    Hub-style folder (beside its `config.json`) that ckptfmt did not write, recursively, in
+    sorted order (not following links out of it), with what under it could not be read."""
     if path.is_dir() and not is_dcp_folder(path):
-        walk = walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX))
-        return FolderWalk([found for found in walk.files if not is_index(found) or is_foreign_index(found)],
-                          walk.unreadable)
+        walk = walk_files(path, (*LEGACY_SUFFIXES, INDEX_SUFFIX, HUB_WEIGHTS_NAME))
+        return FolderWalk([found for found in walk.files if _is_source(found)], walk.unreadable)
     return FolderWalk([path], [])
+
+
+def _is_source(found: Path) -> bool:
+    """Whether a file a folder's walk found is one to convert."""
+    if is_index(found):
+        return is_foreign_index(found)
+    if found.name.endswith(".safetensors"):
+        return (found.name == HUB_WEIGHTS_NAME and (found.parent / HUB_CONFIG_NAME).exists()
+                and not _is_ckptfmt_file(found))
+    return True
 
 
 def convert_all(

@@ -16,7 +16,7 @@ from typing import Any
 
 from .config.model_config import ModelConfig, config_differences
 from .config.registry import registered_model_types
-from .config.sidecar import read_sidecar
+from .config.sidecar import Sidecar, read_sidecar, sidecar_path
 from .errors import CheckpointNotFoundError, CkptfmtError
 from .format.header import DTYPE_SIZES, KEY_CONFIG, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
 from .format.index import without_shards
@@ -95,6 +95,7 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
 
     resolution = resolve(read_source(path), check=False)
     legacy = resolution.legacy
+    described_by = sidecar_path(path, resolution.config)
     infos = [(n, DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in legacy.state_dict.items()]
     config = resolution.config.to_dict() if resolution.config is not None else None
     info = {
@@ -114,8 +115,8 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
         "training": legacy.training,
         "has_optimizer_state": legacy.optimizer_state is not None,
         "tensors": _tensor_summary([(n, d, s) for n, d, s in infos if d in DTYPE_SIZES]),
-        "sidecar": {"status": "present", "path": str(path.parent / "model_config.json")}
-        if resolution.origin == "sidecar" or (path.parent / "model_config.json").exists() else {"status": "missing"},
+        "sidecar": {"status": "present", "path": str(described_by)} if described_by is not None
+        else {"status": "missing"},
     }
     if tensors:
         info["tensor_list"] = [{"name": n, "dtype": d, "shape": list(s)} for n, d, s in infos]
@@ -123,7 +124,8 @@ def _inspect_legacy(path: Path, *, tensors: bool) -> dict[str, Any]:
 
 
 def sidecar_status(header: Header, embedded: ModelConfig | None, *, memo: _WalkMemo | None = None) -> dict[str, Any]:
-    """Whether `model_config.json` beside the file agrees with it (`embedded` is the file's
+    """Whether the sidecar that describes the file (`NAME.model_config.json`, else the folder's
+    `model_config.json`: see `sidecar_path`) agrees with it (`embedded` is the file's
     own config, already parsed; None when it has none or it is invalid). `memo` keeps what a
     walk over many files reads once.
 
@@ -135,10 +137,11 @@ def sidecar_status(header: Header, embedded: ModelConfig | None, *, memo: _WalkM
 
 
 def _sidecar_status(path: Path, weights_sha256: str | None, embedded: ModelConfig | None, memo: _WalkMemo) -> dict[str, Any]:
-    folder = path.parent
-    sidecar = memo.sidecar(folder)
-    if isinstance(sidecar, CkptfmtError):
-        return {"status": "invalid", "path": str(folder / "model_config.json"), "message": sidecar.message}
+    try:
+        described_by = sidecar_path(path, embedded, read=memo.sidecar)
+        sidecar = memo.sidecar(described_by) if described_by is not None else None
+    except CkptfmtError as exc:
+        return {"status": "invalid", "path": exc.path, "message": exc.message}
     if sidecar is None:
         return {"status": "missing"}
     status: dict[str, Any] = {"status": "consistent", "path": str(sidecar.path)}
@@ -293,13 +296,16 @@ class _WalkMemo:
             self._registered = registered_model_types()
         return self._registered
 
-    def sidecar(self, folder: Path) -> Any:
-        if folder not in self.sidecars:
+    def sidecar(self, path: Path) -> Sidecar | None:
+        """The sidecar at `path`, read once; one that cannot be read raises its error each time."""
+        if path not in self.sidecars:
             try:
-                self.sidecars[folder] = read_sidecar(folder)
+                self.sidecars[path] = read_sidecar(path)
             except CkptfmtError as exc:
-                self.sidecars[folder] = exc
-        return self.sidecars[folder]
+                self.sidecars[path] = exc
+        if isinstance(self.sidecars[path], CkptfmtError):
+            raise self.sidecars[path]
+        return self.sidecars[path]
 
     def differences(self, embedded: ModelConfig, sidecar) -> list[str]:
         key = (id(embedded), sidecar.path)

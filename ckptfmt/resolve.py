@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .config.model_config import ModelConfig, config_differences
-from .config.sidecar import Sidecar, read_sidecar
+from .config.sidecar import Sidecar, checkpoint_stem, read_sidecar, sidecar_path
 from .errors import (
     AmbiguousArchitectureError,
     ArchitectureNotRecognisedError,
@@ -39,7 +39,7 @@ from .errors import (
     Words,
     overrides_words,
 )
-from .format.header import Header, looks_like_safetensors, read_header
+from .format.header import INDEX_SUFFIX, Header, looks_like_safetensors, read_header
 from .format.index import is_index, resolve_checkpoint_path
 
 if TYPE_CHECKING:
@@ -132,12 +132,12 @@ def read_source(
 class Resolution:
     """A source with its one config.
 
-    `origin` says where the config came from ("--config", "embedded", "sidecar", "pickled
-    model", "hyper_parameters", "inferred", or "--model-type and --set"), and `overridden`
-    whether the caller's overrides changed it; `config` is None for weights only, and
-    `unresolved` then says why. `warnings` are what the user should know
-    of the resolution itself (a sidecar that disagrees, a plugin that failed); what reading a
-    legacy file noticed is in `legacy.notes`.
+    `origin` says where the config came from ("--config", "embedded", "sidecar", "config.json",
+    "pickled model", "hyper_parameters", "inferred", or "--model-type and --set"), and
+    `overridden` whether the caller's overrides changed it; `config` is None for weights only,
+    and `unresolved` then says why. `warnings` are what the user should know of the resolution
+    itself (a sidecar that disagrees, a plugin that failed); what reading a legacy file noticed
+    is in `legacy.notes`.
     """
 
     source: Source
@@ -209,8 +209,9 @@ def _embedded(resolution: Resolution, asked: _Asked) -> _Found | None:
     if document is None:
         return None
     config = ModelConfig.from_dict(document, path=resolution.path)
-    sidecar = asked.read_sidecar(resolution.path.parent)
-    if sidecar is not None and resolution.path.name in sidecar.weights:
+    described_by = sidecar_path(resolution.path, config, read=asked.read_sidecar)
+    sidecar = asked.read_sidecar(described_by) if described_by is not None else None
+    if sidecar is not None:
         differences = config_differences(config, sidecar.config)
         if differences:
             resolution.warnings.append(CkptfmtWarning(
@@ -220,26 +221,24 @@ def _embedded(resolution: Resolution, asked: _Asked) -> _Found | None:
 
 
 def _sidecar(resolution: Resolution, asked: _Asked) -> _Found | None:
-    """`model_config.json` beside the file: the original system's layout, and the mirror of a
-    ckptfmt file. It can drift from the weights, so it must fit them: one that does not is
-    refused, or, asked to replace it, passed over for what the file itself says."""
-    sidecar = asked.read_sidecar(resolution.path.parent)
+    """The sidecar that describes the file (`NAME.model_config.json`, else the folder's
+    `model_config.json`): the original system's layout, and the mirror of a ckptfmt file. It can
+    drift from the weights, so it must fit them: one that does not is refused, or, asked to
+    replace it, passed over for what the file itself says. A folder's sidecar bound to other
+    checkpoints that does not fit describes other weights, and is passed over."""
+    described_by = sidecar_path(resolution.path, read=asked.read_sidecar)
+    sidecar = asked.read_sidecar(described_by) if described_by is not None else None
     if sidecar is None:
         return None
     config = sidecar.config
     if not asked.check:
         return _Found(config, "sidecar")  # checked by whoever builds the model
     config = config.checked(path=sidecar.path)
-    overridden = _overridden(config, asked, resolution.path)
-    first_problem = None
-    for prefix in asked.prefixes:
-        shapes, dtypes = _under(prefix, asked)
-        try:
-            _check(overridden, shapes, dtypes, asked, resolution.path)
-        except ShapeMismatchError as exc:
-            first_problem = first_problem or exc
-            continue
+    prefix, first_problem = _fit(config, asked, resolution.path)
+    if first_problem is None:
         return _Found(config, "sidecar", prefix, fits=True)
+    if sidecar.binds_others(checkpoint_stem(resolution.path.name)):
+        return None
     if asked.overrides:  # the override is what does not fit: said as such
         raise first_problem
     if asked.replace_sidecar:
@@ -254,6 +253,30 @@ def _sidecar(resolution: Resolution, asked: _Asked) -> _Found | None:
     raise first_problem.at(
         resolution.path, problem=f"its sidecar {sidecar.path.name} does not fit the weights: " + first_problem.message_words
         + ".", fix=fix)
+
+
+def _hub_config(resolution: Resolution, asked: _Asked) -> _Found | None:
+    """A Hub-style folder's `config.json` beside weights that someone else wrote (timm's
+    `push_to_hub`), read by the registered architecture whose library wrote it. After the
+    sidecar, ckptfmt's own statement; before what a file records, since it describes these very
+    weights. It must fit them: one that does not is refused, naming it."""
+    header = resolution.header
+    if header is not None and header.is_ckptfmt or not resolution.path.name.endswith((".safetensors", INDEX_SUFFIX)):
+        return None
+    from .sources.foreign import HUB_CONFIG_NAME, read_hub_config
+
+    config = read_hub_config(resolution.path, model_type=asked.model_type)
+    if config is None:
+        return None
+    if not asked.check:
+        return _Found(config, HUB_CONFIG_NAME)  # checked by whoever builds the model
+    config = config.checked(path=resolution.path.with_name(HUB_CONFIG_NAME))
+    prefix, problem = _fit(config, asked, resolution.path)
+    if problem is None:
+        return _Found(config, HUB_CONFIG_NAME, prefix, fits=True)
+    raise problem if asked.overrides else problem.at(
+        resolution.path, problem=f"its {HUB_CONFIG_NAME} does not fit the weights: " + problem.message_words + ".",
+        fix=Words("Pass config= to say what it is", "Pass --config to say what it is"))
 
 
 def _recorded(resolution: Resolution, asked: _Asked) -> _Found | None:
@@ -329,6 +352,7 @@ CONFIG_SOURCES: tuple[tuple[str, Callable[[Resolution, _Asked], _Found | None]],
     ("given", _given),
     ("embedded", _embedded),
     ("sidecar", _sidecar),
+    ("hub config", _hub_config),
     ("recorded", _recorded),
     ("identified", _identified),
 )
@@ -358,7 +382,7 @@ def resolve(
             refuses it (the caller has no such option).
         cast_to: the dtype every floating-point tensor is about to be cast to, for the dtype
             check.
-        read_sidecar: how to read a folder's sidecar (a batch over one folder reads it once).
+        read_sidecar: how to read a sidecar file (a batch reads each once).
 
     Raises:
         ShapeMismatchError: the config does not fit the weights; the message names the field
@@ -416,6 +440,22 @@ def _overridden(config: ModelConfig, asked: _Asked, path: Path) -> ModelConfig:
         return config.replace(**asked.overrides)
     except ConfigError as exc:
         raise exc.at(path, problem=overrides_words(asked.overrides) + " rejected: " + exc.problem) from None
+
+
+def _fit(config: ModelConfig, asked: _Asked, path: Path) -> tuple[str, ShapeMismatchError | None]:
+    """The first candidate prefix where `config`, overrides on top, fits the tensors; or the
+    first problem, when it fits under none."""
+    overridden = _overridden(config, asked, path)
+    first_problem = None
+    for prefix in asked.prefixes:
+        shapes, dtypes = _under(prefix, asked)
+        try:
+            _check(overridden, shapes, dtypes, asked, path)
+        except ShapeMismatchError as exc:
+            first_problem = first_problem or exc
+            continue
+        return prefix, None
+    return "", first_problem
 
 
 def _under(prefix: str, asked: _Asked) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

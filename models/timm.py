@@ -14,7 +14,9 @@ taken from the model's pretrained config as timm does.
 A model built by timm itself is recognised when saved (timm records its name and arguments). A
 bare state dict is identified through an index of every timm model's tensor names and shapes
 (see `_signatures.SignatureIndex`), with `num_classes` and `in_chans` read off the classifier and the
-first convolution, then confirmed by building the model on the meta device.
+first convolution, then confirmed by building the model on the meta device. A Hub-style folder's
+`config.json` (timm's `push_to_hub`) is read as the config of the weights beside it
+(`read_foreign_config`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ._library import check_model_name, import_library, refuse_downloads, requir
 from ._meta import build_empty, build_for_shapes, shapes_of
 from ._signatures import SignatureIndex, index_entry
 
-__all__ = ["INDEX", "index_entries", "infer_config", "timm_model"]
+__all__ = ["INDEX", "index_entries", "infer_config", "read_foreign_config", "timm_model"]
 
 MODEL_TYPE = "timm"
 # What would make timm fetch or read weights or configs.
@@ -163,10 +165,49 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any] | list
     return INDEX.identify(shapes)
 
 
+# -- a Hub-style folder's config.json ---------------------------------------------------------
+
+
+def read_foreign_config(document: dict[str, Any]) -> dict[str, Any] | None:
+    """The config that a `config.json` as timm's `push_to_hub` and `save_for_hf` write it gives
+    the weights beside it: the architecture with its arguments, the normalisation its
+    `pretrained_cfg` gives (mean and std, for images scaled to [0, 1]) and its `label_names` as
+    the class names; None for another library's document. An export of an older timm, which
+    keeps the pretrained config at the top level, is read too.
+
+    Example:
+        >>> config = read_foreign_config(json.loads(Path("hub/config.json").read_text()))
+        >>> config["model_name"], config["in_chans"], config["normalization"]["mean"], config["class_names"]
+        ('resnet18', 1, [0.449], ['cat', 'dog', 'owl'])
+    """
+    name, pretrained = document.get("architecture"), document.get("pretrained_cfg", document)
+    if not isinstance(name, str) or not isinstance(pretrained, dict):
+        return None
+    arguments = document.get("model_args")
+    config = {k: v for k, v in arguments.items() if k not in _DOWNLOADS} if isinstance(arguments, dict) else {}
+    config = {"model_name": name, **config}
+    classes = document.get("num_classes", pretrained.get("num_classes"))
+    if classes is not None:
+        config["num_classes"] = classes
+    size = pretrained.get("input_size")
+    if "in_chans" not in config and isinstance(size, list) and size:
+        config["in_chans"] = size[0]
+    if "mean" in pretrained and "std" in pretrained:
+        config["normalization"] = {"mode": "fixed", "mean": pretrained["mean"], "std": pretrained["std"]}
+    labels = document.get("label_names", pretrained.get("label_names", pretrained.get("labels")))
+    if isinstance(labels, dict):  # class index -> name, where the indexes may have gaps
+        labels = [labels[str(i)] for i in range(len(labels))] if set(labels) == {str(i) for i in range(len(labels))} \
+            else None
+    if labels:
+        config["class_names"] = labels
+    return config
+
+
 @register_model(
     MODEL_TYPE, infer_config=infer_config, check=check, task=task, defaults=defaults,
     recognise=recognise, build_empty=lambda params: build_empty(lambda: _build(params)), fallback=True,
     preference=40, example={"model_name": "test_convnext", "num_classes": 3, "in_chans": 2},
+    read_foreign_config=read_foreign_config,
 )
 def timm_model(model_name: str, **kwargs: Any) -> nn.Module:
     """A timm model, built without downloading anything; it remembers its arguments.

@@ -128,16 +128,34 @@ def test_replace_validates_and_names_unknown_fields():
         ModelConfig().replace(detph=3)
 
 
-def test_sidecar_binds_several_files_of_one_config_and_refuses_another(tmp_path):
+def test_sidecar_binds_several_files_of_one_config_and_gives_another_config_one_of_its_own(tmp_path):
+    """Regression: writing another config for best_model started the folder's model_config.json
+    afresh, so last_model, bound there before, lost its sidecar."""
     config = ModelConfig(base_filters=8)
     write_sidecar(tmp_path, config, "best_model.safetensors", "a" * 64)
     write_sidecar(tmp_path, config, "last_model.safetensors", "b" * 64)
     sidecar = read_sidecar(tmp_path)
     assert sidecar.weights == {"best_model.safetensors": "a" * 64, "last_model.safetensors": "b" * 64}
+    own = write_sidecar(tmp_path, ModelConfig(base_filters=16), "best_model.safetensors", "c" * 64)
+    assert own == tmp_path / "best_model.model_config.json"
+    assert read_sidecar(tmp_path) == sidecar
+    assert read_sidecar(own).weights == {"best_model.safetensors": "c" * 64}
+    with pytest.raises(ConfigError, match=r"holds another config \(base_filters: 16 != 32\); pass overwrite=True to replace it"):
+        write_sidecar(tmp_path, ModelConfig(base_filters=32), "best_model.safetensors", "d" * 64)
+    write_sidecar(tmp_path, ModelConfig(base_filters=32), "best_model.safetensors", "d" * 64, overwrite=True)
+    assert read_sidecar(own).config.base_filters == 32
+    assert read_sidecar(own).weights == {"best_model.safetensors": "d" * 64}
+    assert read_sidecar(tmp_path) == sidecar
+
+
+def test_a_folder_sidecar_bound_to_one_checkpoint_alone_is_replaced_only_when_asked(tmp_path):
+    write_sidecar(tmp_path, ModelConfig(base_filters=8), "m.safetensors", "a" * 64)
     with pytest.raises(ConfigError, match=r"holds another config \(base_filters: 8 != 16\); pass overwrite=True to replace it"):
-        write_sidecar(tmp_path, ModelConfig(base_filters=16), "best_model.safetensors", "c" * 64)
-    write_sidecar(tmp_path, ModelConfig(base_filters=16), "best_model.safetensors", "c" * 64, overwrite=True)
-    assert read_sidecar(tmp_path).weights == {"best_model.safetensors": "c" * 64}
+        write_sidecar(tmp_path, ModelConfig(base_filters=16), "m.safetensors", "c" * 64)
+    assert write_sidecar(tmp_path, ModelConfig(base_filters=16), "m.safetensors", "c" * 64, overwrite=True) == \
+        tmp_path / "model_config.json"
+    assert read_sidecar(tmp_path).weights == {"m.safetensors": "c" * 64}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_config.json"]
 
 
 @pytest.mark.subprocess  # Its own process: only a fresh one shows what reading imports.

@@ -116,6 +116,8 @@ def test_set_overrides_are_checked_against_the_weights(tmp_path):
 
 
 def test_a_sidecar_that_does_not_fit_is_an_error_unless_forced(tmp_path):
+    """Forced, the file gets a sidecar of its own: a hand-written model_config.json may be the
+    config of the folder's other .pth files, and stays theirs."""
     model, _ = small_model(base_filters=4)
     torch.save(model.state_dict(), tmp_path / "m.pth")
     ModelConfig(base_filters=8, depth=2).save(tmp_path / "model_config.json")
@@ -123,7 +125,10 @@ def test_a_sidecar_that_does_not_fit_is_an_error_unless_forced(tmp_path):
         convert(tmp_path / "m.pth")
     result = convert(tmp_path / "m.pth", force=True)
     assert result.config.base_filters == 4
-    assert ModelConfig.load(tmp_path / "model_config.json").base_filters == 4
+    assert result.sidecar == tmp_path / "m.model_config.json"
+    assert ModelConfig.load(tmp_path / "m.model_config.json").base_filters == 4
+    assert ModelConfig.load(tmp_path / "model_config.json").base_filters == 8
+    assert ckptfmt.verify(result.output).ok and convert(tmp_path / "m.pth").status == "skipped"
 
 
 def test_unrecognised_weights_convert_as_weights_only(tmp_path):

@@ -41,13 +41,14 @@ def convert(paths, output, config_path, sets, model_type, dtype, allow_overflow,
     """Convert legacy .pth, .pt and Lightning .ckpt checkpoints to self-describing .safetensors.
 
     PATHS are files or folders (every .pth/.pt/.ckpt under them). Each becomes NAME.safetensors
-    with the architecture config embedded, plus model_config.json beside it; optimizer,
-    scheduler and scaler states go to NAME.optimizer.safetensors. The config comes from
-    --config, else the sidecar beside the source, else the file's hyper_parameters, else the
-    tensor shapes. Each file's report says where its keys went, and which were dropped and why.
-    Files already converted from the same source bytes with the same options are skipped; one
-    converted with other options (--dtype, --max-shard-size, --config, --set, --model-type) is
-    refused without --force.
+    with the architecture config embedded, plus model_config.json beside it (or
+    NAME.model_config.json, when the folder's describes another config); optimizer, scheduler
+    and scaler states go to NAME.optimizer.safetensors. The config comes from --config, else
+    the sidecar beside the source, else a Hub folder's config.json, else the file's
+    hyper_parameters, else the tensor shapes. Each file's report says where its keys went, and
+    which were dropped and why. Files already converted from the same source bytes with the
+    same options are skipped; one converted with other options (--dtype, --max-shard-size,
+    --config, --set, --model-type) is refused without --force.
 
     \b
     Example:

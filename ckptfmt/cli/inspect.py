@@ -104,7 +104,11 @@ def _render_inspect(info: dict[str, Any]) -> None:
     out(f"tensors     {tensors['count']} tensors, {tensors['parameters']:,} parameters; {dtypes}")
     sidecar = info.get("sidecar")
     if sidecar:
+        from ..config.sidecar import SIDECAR_NAME
+
         line = sidecar["status"]
+        if sidecar.get("path") and Path(sidecar["path"]).name != SIDECAR_NAME:  # the checkpoint's own
+            line += f" ({Path(sidecar['path']).name})"
         if sidecar.get("differences"):
             line += ": " + "; ".join(sidecar["differences"])
         if sidecar.get("message"):

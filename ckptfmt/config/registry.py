@@ -126,6 +126,7 @@ class ModelEntry:
     preference: int = 0
     defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     signature: Signature = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    read_foreign_config: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
 
     @property
     def parameter_names(self) -> tuple[str, ...]:
@@ -206,6 +207,7 @@ def register_model(
     recognise: Callable[[Any], dict[str, Any] | None] | None = None,
     build_empty: Callable[[dict[str, Any]], Any] | None = None, fallback: bool = False, preference: int = 0,
     defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    read_foreign_config: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ):
     """Register an architecture under `name`; use as a decorator on an `nn.Module` class or on
     a factory function that returns one.
@@ -235,6 +237,9 @@ def register_model(
         defaults: optional `f(arguments) -> defaults`, for a builder whose signature cannot show
             its defaults (a library's factory, whose defaults depend on the model's name); the
             arguments given win, and the defaults are written out like the signature's.
+        read_foreign_config: optional `f(document) -> config fields or None`: the config that
+            another library's `config.json` beside its weights gives them (timm's `push_to_hub`
+            writes one), or None for a document that is not that library's.
 
     infer_config may return a list of argument dicts when several models of the architecture
     fit the shapes; convert then tells them apart with a probe, or refuses, listing them.
@@ -275,7 +280,7 @@ def register_model(
             registered = _recording_factory(builder, name)
         _registry[name] = ModelEntry(
             name, registered, infer_config, check, task, example, recognise, build_empty, fallback, preference,
-            defaults, signature,
+            defaults, signature, read_foreign_config,
         )
         return registered
 
