@@ -62,13 +62,15 @@ class Part:
 
 
 def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overwrite: bool,
-                budget: int, group: Any = None) -> BaseException | None:
+                budget: int, group: Any = None) -> tuple[BaseException | None, dict[str, dict[str, bytes]]]:
     """Gather this rank's tensors of every part and stage its shards in `transaction`; every
     rank calls it. Rows travel through `group` (the default group when None). Returns the error
-    of a failed write (the files staged before it stay staged, for rank 0 to remove), or None.
+    of a failed write (the files staged before it stay staged, for rank 0 to remove) or None,
+    and the full digest of each tensor written, by part (its index's name), from which rank 0
+    puts the digest of the whole set together (`write_index`).
 
     Example:
-        >>> error = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=128 << 20)
+        >>> error, digests = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=128 << 20)
     """
     writer = _ShardWriter(transaction, overwrite, budget)
     held: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -93,7 +95,7 @@ def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overw
                     writer.submit(part, shard, held.pop((part_number, shard)))
     finally:
         error = writer.finish()
-    return error
+    return error, writer.digests
 
 
 def _schedule(parts: list[Part]) -> list[list[tuple[int, int, str]]]:
@@ -122,6 +124,7 @@ class _ShardWriter:
         self._pending = 0  # bytes submitted and not yet written
         self._closed = False
         self.error: BaseException | None = None
+        self.digests: dict[str, dict[str, bytes]] = {}  # by part's index name: each written tensor's full digest
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ckptfmt-shard-writer", daemon=True)
         self._thread.start()
@@ -162,7 +165,8 @@ class _ShardWriter:
                     belongs = json.dumps({"index": part.index.name, "shard": shard + 1, "of": len(part.plan.shards)},
                                          sort_keys=True)
                     write_safetensors(part.shard_path(shard), tensors, {**part.metadata, KEY_SHARD: belongs},
-                                      overwrite=self._overwrite, transaction=self._transaction)
+                                      overwrite=self._overwrite, transaction=self._transaction,
+                                      digests=self.digests.setdefault(part.index.name, {}))
             except BaseException as exc:  # reported to rank 0, which fails the save on every rank
                 self.error = exc
             with self._changed:

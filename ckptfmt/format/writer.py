@@ -139,7 +139,7 @@ def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     *, overwrite: bool = False, fill_in: Mapping[str, Future] | None = None,
     sources: Mapping[str, tuple[int, int]] | None = None, sync_folder: bool = True,
-    transaction: Transaction | None = None,
+    transaction: Transaction | None = None, digests: dict[str, bytes] | None = None,
 ) -> str:
     """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
@@ -163,6 +163,9 @@ def write_safetensors(
         sync_folder: see `atomic_write`.
         transaction: stage the file in this checkpoint's transaction, to take its name when the
             transaction commits; with None it is written on its own (`atomic_write`).
+        digests: a dict to receive each stored tensor's full (32-byte) digest from the
+            read-back, by name: what the digest of a set of shards is put together from
+            (`digest.compose_digest`, `index.write_index`) without reading them again.
 
     Returns:
         The canonical weights digest of what was written.
@@ -194,6 +197,8 @@ def write_safetensors(
         try:
             _write_data(fd, order, data, sizes, syncing)
             digest, tensor_digests = _read_back(fd, path, spans, data, sizes, aliases)
+            if digests is not None:
+                digests.update(tensor_digests)
         finally:
             for future in syncing:  # none may outlive the descriptor it syncs
                 future.result()
@@ -303,7 +308,8 @@ def _read_back(
 ) -> tuple[str, dict[str, bytes]]:
     """Read every tensor back in name order: compare it with what it was written from (memory,
     or the source file's bytes), and hash it (see `WeightsHasher`). Each stored byte is read
-    once, in chunks into bounded buffers. Returns the weights digest and each stored tensor's."""
+    once, in chunks into bounded buffers. Returns the weights digest and each stored tensor's
+    full one."""
     hasher = WeightsHasher(per_tensor=True)
     buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
     original = np.empty(_READ_CHUNK, dtype=np.uint8) if any(isinstance(d, tuple) for d in data.values()) else None
@@ -333,7 +339,7 @@ def _read_back(
                 )
             hasher.update(buffer[:want])
             done += want
-    return hasher.hexdigest(), hasher.tensor_digests()
+    return hasher.hexdigest(), hasher.tensor_digests(full=True)
 
 
 def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
