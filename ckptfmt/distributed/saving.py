@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 
 __all__ = ["async_save", "save"]
 
-# Shards of at most 64 MiB unless asked otherwise: a rank holds two shards' tensors at most
-# while it writes, so this bounds what a save costs beyond the model's own shards.
+# Shards of at most 64 MiB unless asked otherwise: beyond its own rows, a rank holds one shard's
+# worth of rows received from the others at most (or one larger tensor's), so this bounds what a
+# save costs beyond the model's own shards.
 DEFAULT_SHARD_BYTES = 64 << 20
 
 
@@ -85,8 +86,9 @@ def save(
         optimizer: its sharded state goes to the companion shards, for `load_training_state`
             on any number of ranks (or `ckptfmt.load_training_state` in one process).
         max_shard_size: at most this many bytes per shard ("2GB", "500MiB", an int; a larger
-            tensor gets a shard of its own); 64 MiB by default. A rank holds up to two shards'
-            tensors at a time, so this bounds the memory a save takes.
+            tensor gets a shard of its own); 64 MiB by default. Beyond its own rows, a rank holds
+            up to this many bytes received from the others (or one larger tensor's), so this
+            bounds the memory a save takes.
         config, scheduler, scaler, epoch, metrics, overwrite, fields: as for `ckptfmt.save`.
 
     Returns:
@@ -105,7 +107,7 @@ def save(
     job = _prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
     error, digests = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite,
-                                 budget=2 * job.shard_bytes)
+                                 budget=job.shard_bytes)
     return _commit_save(job, error, digests)
 
 
@@ -173,7 +175,7 @@ def async_save(
                                             for name, piece in pieces[number].items()})
                      for number, part in enumerate(job.parts)]
             error, digests = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite,
-                                         budget=2 * job.shard_bytes, group=group)
+                                         budget=job.shard_bytes, group=group)
             return _commit_save(job, error, digests, group=group)
 
         state = {str(number): {name: piece.local for name, piece in table.items()} for number, table in enumerate(pieces)}

@@ -7,9 +7,9 @@ start, and the transfers of a turn run at once (`gather_to_owners`). The writing
 runs on a thread of each rank's own, so that a rank writing a shard still sends its pieces of
 the others' tensors, and the ranks write in parallel. A tensor is written from its pieces where
 they lie: the owner's own rows in its model, the others' rows in the buffers they were received
-into (`gather_to_owners`). A rank holds at most `2 * shard_bytes` of what it received (or one
-larger tensor's alone) beyond its own: before it gathers one more tensor, it waits for its
-writer to finish a shard, which frees that shard's buffers.
+into (`gather_to_owners`). Beyond its own, a rank holds at most `budget` bytes of what it
+received (the shard size; or one larger tensor's alone): before it gathers one more tensor, it
+waits for its writer to finish a shard, which frees that shard's buffers.
 
 A failed write does not stop the schedule (the other ranks are waiting for this rank's pieces):
 it is kept, the rest of this rank's tensors are gathered and dropped, and the error is reported
@@ -72,7 +72,7 @@ def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overw
     puts the digest of the whole set together (`write_index`).
 
     Example:
-        >>> error, digests = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=128 << 20)
+        >>> error, digests = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=64 << 20)
     """
     writer = _ShardWriter(transaction, overwrite, budget)
     held: dict[tuple[int, int], dict[str, _Gathered]] = {}
