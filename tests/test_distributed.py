@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 import ckptfmt
 from ckptfmt import LegacyCheckpointError, ModelConfig, UnsafePickleError, read_header
 from ckptfmt.format.companion import read_training_state
+from ckptfmt.format.digest import digest_file
+from ckptfmt.format.writer import weights_digest
 from ckptfmt.sources.dcp import read_dcp_metadata, read_dcp_state_dict
 
 from .helpers import ROOT, flip_byte, run_cli, state_dicts_bit_identical, write_dcp_folder
@@ -114,6 +116,18 @@ def test_a_two_rank_model_saves_to_one_self_describing_checkpoint(ranks):
     assert len(set(json.loads(index.read_text())["weight_map"].values())) > 1
     assert ckptfmt.verify(index).ok
     assert read_header(index).weights_sha256 == header.weights_sha256
+
+
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
+def test_the_digest_of_a_distributed_save_is_that_of_the_state_in_memory(ranks):
+    """Put together on rank 0 from the digests each rank's writer computed: the same value as
+    the state dict's digest in memory (first_full, gathered when saved) and as verify's pass."""
+    work, _ = ranks
+    path = work / "first/model.safetensors.index.json"
+    in_memory = {name.removeprefix("model."): tensor for name, tensor in load_file(work / "first_full.safetensors").items()
+                 if name.startswith("model.")}
+    header = read_header(path)
+    assert header.weights_sha256 == weights_digest(in_memory) == digest_file(header)
 
 
 @pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.

@@ -3,8 +3,10 @@ replicated tensors (BatchNorm statistics, an optimizer's step) agree across rank
 
 Only the owner receives: a tensor sharded along its first dimension over a one-dimensional mesh
 of all ranks (FSDP2's layout, `Shard(0)`) comes to its owner by torch's point-to-point `isend`
-and `irecv`, each rank's rows straight into their place in the owner's tensor, which is all the
-memory it takes; tensors of different owners travel at once. torch's `gather` would do the same
+and `irecv`, as its rows in order: the owner's own where they lie, the rows before them and
+those after each received straight into one buffer, which is all the memory it takes (half the
+tensor on two ranks); the writer writes the pieces one after another (`write_safetensors`'
+`pieces`), so the whole tensor is never assembled. Tensors of different owners travel at once. torch's `gather` would do the same
 in one call, but its gloo backend receives into a flat buffer of its own and copies out of it:
 twice the tensor at the owner (measured: 150 MB gathered cost 300 MB of peak memory, against
 150 MB this way). Any other layout (a 2-D
@@ -80,8 +82,9 @@ def piece_of(tensor: Any, owner: int) -> Piece:
     return Piece(whole.detach() if rank == owner else None, shape, rows=False)
 
 
-def gather_to_owners(pieces: list[tuple[Piece, int]], *, group: Any = None) -> list[torch.Tensor | None]:
-    """Each (piece, owner) as the whole tensor on the CPU of its owner, None elsewhere. Every rank
+def gather_to_owners(pieces: list[tuple[Piece, int]], *, group: Any = None) -> list[list[torch.Tensor] | None]:
+    """Each (piece, owner) as the whole tensor's pieces, in order, on its owner (see the module's
+    docstring; a tensor of another layout is one piece), None elsewhere. Every rank
     calls it with the same tensors, in the same order; their transfers run at once (each owner
     receiving its own, every rank sending its rows to each owner), so give it tensors of
     different owners. Rows travel through `group` (the default group, when None), which spans
@@ -89,17 +92,17 @@ def gather_to_owners(pieces: list[tuple[Piece, int]], *, group: Any = None) -> l
 
     Example:
         >>> gather_to_owners([(piece_of(state["a"], owner=0), 0), (piece_of(state["b"], owner=1), 1)])
-        [tensor([...]), None]                                   # on rank 0
+        [[tensor([...]), tensor([...])], None]                  # on rank 0: its rows, rank 1's
     """
     import torch
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    results: list[torch.Tensor | None] = []
-    transfers, copies = [], []
+    results: list[list[torch.Tensor] | None] = []
+    transfers = []
     for piece, owner in pieces:
         if not piece.rows:
-            results.append(piece.local.to("cpu") if rank == owner else None)
+            results.append([piece.local] if rank == owner else None)
             continue
         bounds = _row_bounds(piece, rank, world)
         if rank != owner:
@@ -107,24 +110,18 @@ def gather_to_owners(pieces: list[tuple[Piece, int]], *, group: Any = None) -> l
                 transfers.append(dist.isend(piece.local.contiguous(), dst=owner, group=group))
             results.append(None)
             continue
-        whole = torch.empty(piece.shape, dtype=piece.local.dtype)
+        own_start, own_end = bounds[rank]
+        rows = piece.shape[0]
+        # The rows before the owner's and those after: each one buffer, on the device they travel to.
+        received = [torch.empty((end - start, *piece.shape[1:]), dtype=piece.local.dtype, device=piece.local.device)
+                    for start, end in ((0, own_start), (own_end, rows))]
         for source, (start, end) in enumerate(bounds):
-            if start == end:
-                continue
-            if source == rank:
-                whole[start:end].copy_(piece.local)
-            elif piece.local.device.type == "cpu":
-                transfers.append(dist.irecv(whole[start:end], src=source, group=group))
-            else:  # a GPU backend receives into device memory
-                received = torch.empty((end - start, *piece.shape[1:]), dtype=piece.local.dtype,
-                                       device=piece.local.device)
-                transfers.append(dist.irecv(received, src=source, group=group))
-                copies.append((whole[start:end], received))
-        results.append(whole)
+            if start != end and source != rank:
+                buffer, offset = (received[0], 0) if start < own_start else (received[1], own_end)
+                transfers.append(dist.irecv(buffer[start - offset:end - offset], src=source, group=group))
+        results.append([received[0], piece.local, received[1]])
     for transfer in transfers:
         transfer.wait()
-    for target, received in copies:
-        target.copy_(received)
     return results
 
 

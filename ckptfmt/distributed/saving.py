@@ -14,7 +14,8 @@ owns into shards, in parallel, and rank 0 commits the set.
    fsynced, read back and compared, digested.
 4. `gather_object` brings rank 0 every rank's staged temp names and errors. Rank 0 adopts the
    temps into its transaction, writes the companion's index, the index (whose digest of the
-   whole state is computed from the staged shards, as `write_sharded` computes it) and the
+   whole state is put together from the per-tensor digests each rank's writer computed in its
+   read-back, sent with the temp names, as `write_sharded` puts it together) and the
    sidecar, and commits: a kill of any rank before the commit record leaves the previous
    checkpoint as it was, and one after it is rolled forward by the next reader or writer.
 
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
 
 __all__ = ["async_save", "save"]
 
-# Shards of at most 64 MiB unless asked otherwise: a rank holds two shards' tensors at most
-# while it writes, so this bounds what a save costs beyond the model's own shards.
+# Shards of at most 64 MiB unless asked otherwise: beyond its own rows, a rank holds one shard's
+# worth of rows received from the others at most (or one larger tensor's), so this bounds what a
+# save costs beyond the model's own shards.
 DEFAULT_SHARD_BYTES = 64 << 20
 
 
@@ -84,8 +86,9 @@ def save(
         optimizer: its sharded state goes to the companion shards, for `load_training_state`
             on any number of ranks (or `ckptfmt.load_training_state` in one process).
         max_shard_size: at most this many bytes per shard ("2GB", "500MiB", an int; a larger
-            tensor gets a shard of its own); 64 MiB by default. A rank holds up to two shards'
-            tensors at a time, so this bounds the memory a save takes.
+            tensor gets a shard of its own); 64 MiB by default. Beyond its own rows, a rank holds
+            up to this many bytes received from the others (or one larger tensor's), so this
+            bounds the memory a save takes.
         config, scheduler, scaler, epoch, metrics, overwrite, fields: as for `ckptfmt.save`.
 
     Returns:
@@ -103,8 +106,9 @@ def save(
 
     job = _prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
-    error = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite, budget=2 * job.shard_bytes)
-    return _commit_save(job, error)
+    error, digests = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite,
+                                 budget=job.shard_bytes)
+    return _commit_save(job, error, digests)
 
 
 def async_save(
@@ -170,9 +174,9 @@ def async_save(
             parts = [replace(part, tensors={name: Piece(copy[str(number)][name], piece.shape, piece.rows)
                                             for name, piece in pieces[number].items()})
                      for number, part in enumerate(job.parts)]
-            error = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite,
-                                budget=2 * job.shard_bytes, group=group)
-            return _commit_save(job, error, group=group)
+            error, digests = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite,
+                                         budget=job.shard_bytes, group=group)
+            return _commit_save(job, error, digests, group=group)
 
         state = {str(number): {name: piece.local for name, piece in table.items()} for number, table in enumerate(pieces)}
         future = in_background(job.index, state, write, wait=wait)
@@ -324,19 +328,20 @@ def _decide(model: Any, index: Path, companion: Path | None, weights: Mapping[st
     return config, training, provenance, build_metadata(config, training={}, provenance=provenance)
 
 
-def _commit_save(job: _SaveJob, error: BaseException | None, *, group: Any = None) -> Path:
+def _commit_save(job: _SaveJob, error: BaseException | None, digests: dict[str, dict[str, bytes]], *,
+                 group: Any = None) -> Path:
     """Step 4 of a save (see the module's docstring), on every rank: rank 0 commits what every
     rank staged, or, when a rank failed, removes it; the outcome is raised or returned on every
-    rank.
+    rank. `digests`: this rank's tensors' full digests, by part (see `write_owned`).
 
     Example:
-        >>> _commit_save(job, write_owned(job.parts, rank, job.transaction, overwrite=False, budget=1 << 27))
+        >>> _commit_save(job, *write_owned(job.parts, rank, job.transaction, overwrite=False, budget=1 << 27))
         PosixPath('m.safetensors.index.json')
     """
     import torch.distributed as dist
 
     failure = None if error is None else error if isinstance(error, CkptfmtError) else f"{type(error).__name__}: {error}"
-    mine = ([(temp.name, final.name) for temp, final in job.transaction.staged], failure)
+    mine = ([(temp.name, final.name) for temp, final in job.transaction.staged], failure, digests)
     reports: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine, reports, dst=0, group=group)
     return shared(on_rank0(lambda: _commit_on_rank0(job, reports, error), group=group))
@@ -344,30 +349,35 @@ def _commit_save(job: _SaveJob, error: BaseException | None, *, group: Any = Non
 
 def _commit_on_rank0(job: _SaveJob, reports: list[Any], error: BaseException | None) -> Path:
     folder = job.index.parent
-    others = [(folder / temp, folder / final) for rank, (staged, _) in enumerate(reports) if rank != 0
+    others = [(folder / temp, folder / final) for rank, (staged, _, _) in enumerate(reports) if rank != 0
               for temp, final in staged]
     adopted = 0
     try:
         with job.transaction as transaction:
             if error is not None:
                 raise error
-            for rank, (_, failure) in enumerate(reports):
+            for rank, (_, failure, _) in enumerate(reports):
                 if failure is not None:
                     raise failure if isinstance(failure, CkptfmtError) else CkptfmtError(
                         f"rank {rank} failed writing its shards: {failure}", path=job.index)
             for temp, final in others:
                 transaction.adopt(temp, final, overwrite=job.overwrite)
                 adopted += 1
-            _write_indexes(job, transaction)
+            digests: dict[str, dict[str, bytes]] = {}
+            for _, _, theirs in reports:
+                for index, table in theirs.items():
+                    digests.setdefault(index, {}).update(table)
+            _write_indexes(job, transaction, digests)
     finally:
         for temp, _ in others[adopted:]:  # staged by ranks whose save is given up: removed with rank 0's
             temp.unlink(missing_ok=True)
     return job.index
 
 
-def _write_indexes(job: _SaveJob, transaction: Transaction) -> None:
+def _write_indexes(job: _SaveJob, transaction: Transaction, digests: dict[str, dict[str, bytes]]) -> None:
     """The companion's index, the checkpoint's index and the sidecar, staged in `transaction`
-    beside the shards, whose staged temp files they are computed from."""
+    beside the shards: computed from the staged files' headers and every rank's digests of the
+    tensors it wrote (by part), no shard's data read again."""
     from ..config.sidecar import write_sidecar
     from ..format.companion import write_training_index
     from ..format.index import write_index
@@ -380,8 +390,9 @@ def _write_indexes(job: _SaveJob, transaction: Transaction) -> None:
         part = companion[0]
         training = {**training, "optimizer": write_training_index(
             part.index, text, [(staged[name], name) for name in part.names], overwrite=job.overwrite,
-            transaction=transaction)}
+            digests=digests.get(part.index.name, {}), transaction=transaction)}
     metadata = build_metadata(config, training=training, provenance=provenance)
     digest = write_index(job.index, [(staged[name], name) for name in weights.names], metadata,
-                         aliases=weights.plan.aliases, overwrite=job.overwrite, transaction=transaction)
+                         digests=digests.get(job.index.name, {}), aliases=weights.plan.aliases,
+                         overwrite=job.overwrite, transaction=transaction)
     write_sidecar(job.index.parent, config, job.index.name, digest, overwrite=job.overwrite, transaction=transaction)

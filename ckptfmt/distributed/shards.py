@@ -5,9 +5,11 @@ The ranks walk one schedule, the same on all of them: turns of one tensor per ow
 first, rank 1's first, ...; then the seconds), so that every rank has a shard filling from the
 start, and the transfers of a turn run at once (`gather_to_owners`). The writing
 runs on a thread of each rank's own, so that a rank writing a shard still sends its pieces of
-the others' tensors, and the ranks write in parallel. A rank holds at most `2 * shard_bytes` of
-gathered tensors (or one larger tensor alone): before it gathers one more, it waits for its
-writer to finish a shard, which frees that shard's tensors.
+the others' tensors, and the ranks write in parallel. A tensor is written from its pieces where
+they lie: the owner's own rows in its model, the others' rows in the buffers they were received
+into (`gather_to_owners`). Beyond its own, a rank holds at most `budget` bytes of what it
+received (the shard size; or one larger tensor's alone): before it gathers one more tensor, it
+waits for its writer to finish a shard, which frees that shard's buffers.
 
 A failed write does not stop the schedule (the other ranks are waiting for this rank's pieces):
 it is kept, the rest of this rank's tensors are gathered and dropped, and the error is reported
@@ -62,38 +64,41 @@ class Part:
 
 
 def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overwrite: bool,
-                budget: int, group: Any = None) -> BaseException | None:
+                budget: int, group: Any = None) -> tuple[BaseException | None, dict[str, dict[str, bytes]]]:
     """Gather this rank's tensors of every part and stage its shards in `transaction`; every
     rank calls it. Rows travel through `group` (the default group when None). Returns the error
-    of a failed write (the files staged before it stay staged, for rank 0 to remove), or None.
+    of a failed write (the files staged before it stay staged, for rank 0 to remove) or None,
+    and the full digest of each tensor written, by part (its index's name), from which rank 0
+    puts the digest of the whole set together (`write_index`).
 
     Example:
-        >>> error = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=128 << 20)
+        >>> error, digests = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=64 << 20)
     """
     writer = _ShardWriter(transaction, overwrite, budget)
-    held: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    held: dict[tuple[int, int], dict[str, _Gathered]] = {}
     try:
         for turn in _schedule(parts):
             pieces = []
             for part_number, shard, name in turn:
                 part = parts[part_number]
                 owner = part.plan.shard_owners[shard]
-                if owner == rank:
-                    gathering = sum(_bytes(t) for t in held.get((part_number, shard), {}).values())
-                    writer.make_room(part.plan.sizes[name], gathering)
                 value = part.tensors[name]
-                pieces.append((value if isinstance(value, Piece) else piece_of(value, owner), owner))
-            for (part_number, shard, name), whole in zip(turn, gather_to_owners(pieces, group=group)):
-                if whole is None:
+                piece = value if isinstance(value, Piece) else piece_of(value, owner)
+                if owner == rank:
+                    gathering = sum(tensor.extra for tensor in held.get((part_number, shard), {}).values())
+                    writer.make_room(_extra(piece, part.plan.sizes[name]), gathering)
+                pieces.append((piece, owner))
+            for (part_number, shard, name), (piece, _), got in zip(turn, pieces, gather_to_owners(pieces, group=group)):
+                if got is None:
                     continue
                 part = parts[part_number]
                 tensors = held.setdefault((part_number, shard), {})
-                tensors[name] = whole
+                tensors[name] = _Gathered(piece.shape, got, _extra(piece, part.plan.sizes[name]))
                 if len(tensors) == len(part.plan.shards[shard]):
                     writer.submit(part, shard, held.pop((part_number, shard)))
     finally:
         error = writer.finish()
-    return error
+    return error, writer.digests
 
 
 def _schedule(parts: list[Part]) -> list[list[tuple[int, int, str]]]:
@@ -108,8 +113,20 @@ def _schedule(parts: list[Part]) -> list[list[tuple[int, int, str]]]:
             for turn in range(max((len(queue) for queue in queues.values()), default=0))]
 
 
-def _bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+@dataclass(frozen=True)
+class _Gathered:
+    """A tensor on its owner: its shape, its pieces in order (`gather_to_owners`), and the bytes
+    the gathering added to the rank's own (the rows received, or a whole tensor)."""
+
+    shape: tuple[int, ...]
+    pieces: list[torch.Tensor]
+    extra: int
+
+
+def _extra(piece: Piece, size: int) -> int:
+    """What gathering the tensor of `size` bytes adds on its owner: the other ranks' rows, or
+    the whole tensor (counted whole even when replicated: those are small)."""
+    return size - piece.local.numel() * piece.local.element_size() if piece.rows else size
 
 
 class _ShardWriter:
@@ -118,10 +135,11 @@ class _ShardWriter:
 
     def __init__(self, transaction: Transaction, overwrite: bool, budget: int) -> None:
         self._transaction, self._overwrite, self._budget = transaction, overwrite, budget
-        self._queue: list[tuple[Part, int, dict[str, torch.Tensor]]] = []
+        self._queue: list[tuple[Part, int, dict[str, _Gathered]]] = []
         self._pending = 0  # bytes submitted and not yet written
         self._closed = False
         self.error: BaseException | None = None
+        self.digests: dict[str, dict[str, bytes]] = {}  # by part's index name: each written tensor's full digest
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="ckptfmt-shard-writer", daemon=True)
         self._thread.start()
@@ -132,12 +150,12 @@ class _ShardWriter:
         with self._changed:
             self._changed.wait_for(lambda: self._pending == 0 or self._pending + gathering + size <= self._budget)
 
-    def submit(self, part: Part, shard: int, tensors: dict[str, torch.Tensor]) -> None:
+    def submit(self, part: Part, shard: int, tensors: dict[str, _Gathered]) -> None:
         with self._changed:
             if self.error is not None:
                 return  # dropped: this rank's save has failed; its pieces were still sent
             self._queue.append((part, shard, tensors))
-            self._pending += sum(_bytes(t) for t in tensors.values())
+            self._pending += sum(tensor.extra for tensor in tensors.values())
             self._changed.notify_all()
 
     def finish(self) -> BaseException | None:
@@ -148,6 +166,8 @@ class _ShardWriter:
         return self.error
 
     def _run(self) -> None:
+        import torch
+
         from ..format.writer import write_safetensors
 
         while True:
@@ -156,13 +176,17 @@ class _ShardWriter:
                 if not self._queue:
                     return
                 part, shard, tensors = self._queue[0]
-            size = sum(_bytes(t) for t in tensors.values())
+            size = sum(tensor.extra for tensor in tensors.values())
             try:
                 if self.error is None:
                     belongs = json.dumps({"index": part.index.name, "shard": shard + 1, "of": len(part.plan.shards)},
                                          sort_keys=True)
-                    write_safetensors(part.shard_path(shard), tensors, {**part.metadata, KEY_SHARD: belongs},
-                                      overwrite=self._overwrite, transaction=self._transaction)
+                    shapes = {name: torch.empty(tensor.shape, dtype=tensor.pieces[0].dtype, device="meta")
+                              for name, tensor in tensors.items()}
+                    write_safetensors(part.shard_path(shard), shapes, {**part.metadata, KEY_SHARD: belongs},
+                                      overwrite=self._overwrite, transaction=self._transaction,
+                                      digests=self.digests.setdefault(part.index.name, {}),
+                                      pieces={name: tensor.pieces for name, tensor in tensors.items()})
             except BaseException as exc:  # reported to rank 0, which fails the save on every rank
                 self.error = exc
             with self._changed:

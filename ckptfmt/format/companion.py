@@ -193,24 +193,26 @@ def training_document(sections: Mapping[str, Any], *, path: str | os.PathLike | 
 
 
 def write_training_index(
-    path: Path, text: str, shards: Sequence[tuple[Path, str]], *, transaction: Transaction, overwrite: bool = False,
+    path: Path, text: str, shards: Sequence[tuple[Path, str]], *, transaction: Transaction,
+    digests: Mapping[str, bytes], overwrite: bool = False,
 ) -> dict[str, str]:
     """Stage the index of a companion written as shards (`NAME.optimizer-0000K-of-0000N.safetensors`,
     staged in `transaction` and given as (staged file, name)): the index holds the JSON text
-    and the digest of all the shards' tensors, and reads back as one companion.
+    and the digest of all the shards' tensors (from their writers' `digests`, see
+    `index.write_index`), and reads back as one companion.
 
     Returns:
         The training record's binding, `{"file": index name, "sha256": digest}`.
 
     Example:
         >>> write_training_index(folder / "m.optimizer.safetensors.index.json", text, staged,
-        ...                      transaction=transaction)
+        ...                      digests=digests, transaction=transaction)
         {'file': 'm.optimizer.safetensors.index.json', 'sha256': '...'}
     """
     from .index import write_index
 
     metadata = {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION, KEY_OPTIMIZER: text}
-    tensors_sha256 = write_index(path, shards, metadata, overwrite=overwrite, transaction=transaction)
+    tensors_sha256 = write_index(path, shards, metadata, digests=digests, overwrite=overwrite, transaction=transaction)
     return {"file": path.name, "sha256": companion_digest(text, tensors_sha256)}
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "WeightsHasher",
     "check_digest",
     "check_tensors",
+    "compose_digest",
     "digest_file",
     "divide_checks",
     "encode_tensor_digests",
@@ -65,6 +66,14 @@ class WeightsHasher:
         if self._tensors is not None:
             self._tensor = self._tensors[name] = _tensor_hash(dtype, shape)
 
+    def digested(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int, digest: bytes) -> None:
+        """A stored tensor given by its own full digest (`tensor_digests(full=True)` of the pass
+        that read it), its bytes not fed again (`per_tensor` only)."""
+        if self._tensors is None or len(digest) != hashlib.sha256().digest_size:
+            raise ValueError(f"tensor {name!r}: a full per-tensor digest is fed to a per-tensor hasher only")
+        self._record([name, dtype, list(shape), nbytes])
+        self._sha.update(digest)
+
     def alias(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int, stored: str) -> None:
         """A tied tensor: its record names the stored tensor, whose bytes are already counted."""
         self._record([name, dtype, list(shape), nbytes, stored])
@@ -90,9 +99,11 @@ class WeightsHasher:
         self._end_tensor()
         return self._sha.hexdigest()
 
-    def tensor_digests(self) -> dict[str, bytes]:
-        """Each stored tensor's own digest, by name (`per_tensor` only)."""
-        return {name: sha.digest()[:TENSOR_DIGEST_BYTES] for name, sha in (self._tensors or {}).items()}
+    def tensor_digests(self, *, full: bool = False) -> dict[str, bytes]:
+        """Each stored tensor's own digest, by name (`per_tensor` only): as the header records
+        it, or `full` (32 bytes, what the weights digest is made of; see `compose_digest`)."""
+        size = None if full else TENSOR_DIGEST_BYTES
+        return {name: sha.digest()[:size] for name, sha in (self._tensors or {}).items()}
 
 
 def _tensor_hash(dtype: str, shape: tuple[int, ...]) -> hashlib._Hash:
@@ -100,14 +111,42 @@ def _tensor_hash(dtype: str, shape: tuple[int, ...]) -> hashlib._Hash:
 
 
 def encode_tensor_digests(digests: Mapping[str, bytes]) -> str:
-    """The value of `ckptfmt.tensor_digests`: the digests in sorted name order, as one base64
-    string, whose length depends on their count alone.
+    """The value of `ckptfmt.tensor_digests`: the digests in sorted name order, each cut to
+    the header's length, as one base64 string, whose length depends on their count alone.
 
     Example:
         >>> encode_tensor_digests({"b": bytes(16), "a": bytes([255]) * 16})
         '/////////////////////wAAAAAAAAAAAAAAAAAAAAA='
     """
-    return base64.b64encode(b"".join(digests[name] for name in sorted(digests))).decode()
+    return base64.b64encode(b"".join(digests[name][:TENSOR_DIGEST_BYTES] for name in sorted(digests))).decode()
+
+
+def compose_digest(header: Header, digests: Mapping[str, bytes]) -> str:
+    """The weights digest (format 3) of the tensors `header` lists, put together from each stored
+    tensor's full digest, as the pass that wrote it computed it (`write_safetensors`' `digests`):
+    no byte of data is read. The same value as `digest_file` of the files those tensors are in.
+
+    Raises:
+        ValueError: a stored tensor has no full digest in `digests`.
+
+    Example:
+        >>> digests = {}
+        >>> write_safetensors("m.safetensors", tensors, metadata, digests=digests)
+        >>> compose_digest(read_header("m.safetensors"), digests) == weights_digest(tensors)
+        True
+    """
+    aliases = header.aliases
+    hasher = WeightsHasher(per_tensor=True)
+    for name in sorted([*header.tensors, *aliases]):
+        stored = aliases.get(name, name)
+        info = header.tensors[stored]
+        if stored != name:
+            hasher.alias(name, info.dtype, info.shape, info.nbytes, stored)
+        elif name not in digests:
+            raise ValueError(f"tensor {name!r} has no digest from the pass that wrote it")
+        else:
+            hasher.digested(name, info.dtype, info.shape, info.nbytes, digests[name])
+    return hasher.hexdigest()
 
 
 def digest_file(header: Header) -> str:

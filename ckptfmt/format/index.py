@@ -197,6 +197,7 @@ def write_sharded(
         with Transaction(path.parent, path.name) as own:
             return write_sharded(path, state_dict, metadata, max_shard_size=max_shard_size, overwrite=overwrite,
                                  fill_in=fill_in, sources=sources, transaction=own)
+    digests: dict[str, bytes] = {}
     stem = path.name[: -len(INDEX_SUFFIX)]
     stored, aliases = split_aliases(state_dict)
     groups = _groups(stored, max_shard_size)
@@ -212,21 +213,24 @@ def write_sharded(
         write_safetensors(path.parent / name, {n: stored[n] for n in group},
                           {**shard_metadata, KEY_SHARD: belongs}, overwrite=overwrite, transaction=transaction,
                           fill_in={k: v for k, v in (fill_in or {}).items() if k in json.dumps(shard_metadata)},
-                          sources={n: span for n, span in (sources or {}).items() if n in group})
-        written.append((transaction.staged[-1][0], name))  # read back by write_index before it takes its name
+                          sources={n: span for n, span in (sources or {}).items() if n in group}, digests=digests)
+        written.append((transaction.staged[-1][0], name))
     index_metadata = dict(metadata)
     for stand_in, future in (fill_in or {}).items():
         index_metadata = {key: value.replace(stand_in, future.result()) for key, value in index_metadata.items()}
-    return write_index(path, written, index_metadata, aliases=aliases, overwrite=overwrite, transaction=transaction)
+    return write_index(path, written, index_metadata, digests=digests, aliases=aliases, overwrite=overwrite,
+                       transaction=transaction)
 
 
 def write_index(
     path: Path, shards: Sequence[tuple[Path, str]], metadata: Mapping[str, str], *, transaction: Transaction,
-    aliases: Mapping[str, str] | None = None, overwrite: bool = False,
+    digests: Mapping[str, bytes], aliases: Mapping[str, str] | None = None, overwrite: bool = False,
 ) -> str:
     """Stage the index at `path` of shards already staged in `transaction`, each given as (the
     file it is staged as, its name in the set): its weight map, total size and metadata, with
-    the digest of the whole state dict computed from the staged files and the ties recorded.
+    the ties recorded and the digest of the whole state dict, put together from `digests`, the
+    full digest of each stored tensor that the shards' writers computed as they read them back
+    (`write_safetensors`' `digests`): only the shards' headers are read.
     With `overwrite`, the shards of the previous index of the same name that the new set does
     not name are removed with the commit. The shards may have been staged by other processes
     (the ranks of `ckptfmt.distributed.save`) and adopted.
@@ -236,11 +240,11 @@ def write_index(
 
     Example:
         >>> write_index(folder / "m.safetensors.index.json", [(temp, "m-00001-of-00001.safetensors")],
-        ...             metadata, transaction=transaction)
+        ...             metadata, digests=digests, transaction=transaction)
         '3b1f...'
     """
     from ..io.atomic import write_all
-    from .digest import digest_file
+    from .digest import compose_digest
 
     names = [name for _, name in shards]
     stale = [path.parent / name for name in _previous_shards(path) if name not in names] if overwrite else []
@@ -252,7 +256,7 @@ def write_index(
         index_metadata[KEY_ALIASES] = json.dumps(dict(aliases), sort_keys=True)
     written_header = Header(path, 0, 0, tensors, {**index_metadata, KEY_WEIGHTS_SHA256: ""},
                             tuple(file for file, _ in shards))
-    digest = index_metadata[KEY_WEIGHTS_SHA256] = digest_file(written_header)
+    digest = index_metadata[KEY_WEIGHTS_SHA256] = compose_digest(written_header, digests)
     check_metadata(index_metadata, path)
     total = sum(info.nbytes for info in tensors.values())
     document = {"metadata": {"total_size": total, **index_metadata}, "weight_map": dict(sorted(weight_map.items()))}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,8 @@ def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     *, overwrite: bool = False, fill_in: Mapping[str, Future] | None = None,
     sources: Mapping[str, tuple[int, int]] | None = None, sync_folder: bool = True,
-    transaction: Transaction | None = None,
+    transaction: Transaction | None = None, digests: dict[str, bytes] | None = None,
+    pieces: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> str:
     """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
@@ -163,6 +164,13 @@ def write_safetensors(
         sync_folder: see `atomic_write`.
         transaction: stage the file in this checkpoint's transaction, to take its name when the
             transaction commits; with None it is written on its own (`atomic_write`).
+        digests: a dict to receive each stored tensor's full (32-byte) digest from the
+            read-back, by name: what the digest of a set of shards is put together from
+            (`digest.compose_digest`, `index.write_index`) without reading them again.
+        pieces: for tensors held in pieces (a sharded tensor's rows, as the ranks hold them),
+            `{name: [piece, ...]}`: the tensor's bytes are the pieces', one after another,
+            written and compared from where they lie, so no whole copy is made; the tensor in
+            `tensors` gives only its dtype and shape (a tensor on the meta device will do).
 
     Returns:
         The canonical weights digest of what was written.
@@ -180,8 +188,13 @@ def write_safetensors(
     check_metadata(metadata, path)
     order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
     sources = {name: span for name, span in (sources or {}).items() if name in stored}
-    data = {name: (sources[name] if name in sources else tensor_bytes(stored[name])) for name in order}
+    pieces = pieces or {}
+    data = {name: sources[name] if name in sources else [tensor_bytes(p) for p in pieces[name]] if name in pieces
+            else [tensor_bytes(stored[name])] for name in order}
     sizes = {name: stored[name].numel() * stored[name].element_size() for name in order}
+    for name in pieces.keys() & sizes.keys():
+        if sum(piece.nbytes for piece in data[name]) != sizes[name]:
+            raise ValueError(f"the pieces of tensor {name!r} do not add up to its shape {tuple(stored[name].shape)}")
     header, encoded = _encoded_header(metadata, stored, order, sizes)
     positions = _placeholder_positions(encoded, [*(fill_in or {}), *stand_ins.values()])
     data_start = 8 + len(encoded)
@@ -194,6 +207,8 @@ def write_safetensors(
         try:
             _write_data(fd, order, data, sizes, syncing)
             digest, tensor_digests = _read_back(fd, path, spans, data, sizes, aliases)
+            if digests is not None:
+                digests.update(tensor_digests)
         finally:
             for future in syncing:  # none may outlive the descriptor it syncs
                 future.result()
@@ -264,7 +279,8 @@ def _write_data(fd: int, order: list[str], data: dict[str, Any], sizes: dict[str
         if isinstance(data[name], tuple):
             _copy_range(data[name], fd, sizes[name])
         else:
-            write_all(fd, data[name])
+            for piece in data[name]:
+                write_all(fd, piece)
         unflushed += sizes[name]
         if unflushed >= _FLUSH_EVERY and (not syncing or syncing[-1].done()):
             syncing.append(helpers().submit(os.fsync, fd))
@@ -301,9 +317,10 @@ def _copy_range(source: tuple[int, int], fd: int, size: int) -> None:
 def _read_back(
     fd: int, path: Path, spans: dict, data: dict[str, Any], sizes: dict[str, int], aliases: dict[str, str],
 ) -> tuple[str, dict[str, bytes]]:
-    """Read every tensor back in name order: compare it with what it was written from (memory,
-    or the source file's bytes), and hash it (see `WeightsHasher`). Each stored byte is read
-    once, in chunks into bounded buffers. Returns the weights digest and each stored tensor's."""
+    """Read every tensor back in name order: compare it with what it was written from (its
+    pieces in memory, or the source file's bytes), and hash it (see `WeightsHasher`). Each stored byte is read
+    once, in chunks into bounded buffers. Returns the weights digest and each stored tensor's
+    full one."""
     hasher = WeightsHasher(per_tensor=True)
     buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
     original = np.empty(_READ_CHUNK, dtype=np.uint8) if any(isinstance(d, tuple) for d in data.values()) else None
@@ -316,15 +333,22 @@ def _read_back(
             continue
         hasher.begin(name, entry["dtype"], tuple(entry["shape"]), size)
         done = 0
+        # Pieces in memory: each chunk read back lies within one of them.
+        ends = [] if isinstance(expected, tuple) else np.cumsum([piece.nbytes for piece in expected]).tolist()
         while done < size:
-            want = min(_READ_CHUNK, size - done)
+            if isinstance(expected, tuple):
+                want = min(_READ_CHUNK, size - done)
+            else:
+                number = next(n for n, end in enumerate(ends) if end > done)
+                start = ends[number] - expected[number].nbytes
+                want = min(_READ_CHUNK, ends[number] - done)
             got = os.preadv(fd, [memoryview(buffer)[:want]], position + done)
             if isinstance(expected, tuple):
                 source_fd, offset = expected
                 same = got == want and os.preadv(source_fd, [memoryview(original)[:want]], offset + done) == want \
                     and np.array_equal(buffer[:want], original[:want])
             else:
-                same = got == want and np.array_equal(buffer[:want], expected[done:done + want])
+                same = got == want and np.array_equal(buffer[:want], expected[number][done - start:done - start + want])
             if not same:
                 raise IntegrityError(
                     f"reading back the written data of tensor {stored!r} gave other bytes than "
@@ -333,7 +357,7 @@ def _read_back(
                 )
             hasher.update(buffer[:want])
             done += want
-    return hasher.hexdigest(), hasher.tensor_digests()
+    return hasher.hexdigest(), hasher.tensor_digests(full=True)
 
 
 def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
