@@ -80,6 +80,19 @@ class Source:
     def training(self) -> dict[str, Any]:
         return self.header.training() if self.header is not None else self.legacy.training
 
+    def sha256(self) -> str:
+        """The digest a conversion records of this source as what it converted: a legacy
+        file's or a DCP folder's (computed when read, unless `hash_source=False`), or that of
+        safetensors written by someone else; "" for a ckptfmt checkpoint, which is no source of
+        a conversion."""
+        if self.legacy is not None:
+            return self.legacy.sha256
+        if self.header.is_ckptfmt:
+            return ""
+        from .sources.foreign import foreign_sha256
+
+        return foreign_sha256(self.header)
+
     def tensors(self, device: Any = "cpu") -> dict[str, torch.Tensor]:
         """The weights as a state dict: a ckptfmt file's memory-mapped, a legacy file's moved."""
         if self.header is not None:
