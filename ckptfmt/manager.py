@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_model, save
-from .config.registry import unwrap_model
+from .config.capture import unwrap_model
 from .config.sidecar import SIDECAR_SUFFIX, read_sidecar, write_sidecar
 from .errors import (
     CheckpointNotFoundError,
