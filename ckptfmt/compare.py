@@ -24,7 +24,7 @@ from .config.model_config import ModelConfig, config_differences
 from .errors import CheckpointNotFoundError
 
 if TYPE_CHECKING:
-    from .resolve import Source
+    from .sources.source import Source
 
 __all__ = ["diff"]
 
