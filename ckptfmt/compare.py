@@ -24,7 +24,7 @@ from .config.model_config import ModelConfig, config_differences
 from .errors import CheckpointNotFoundError
 
 if TYPE_CHECKING:
-    from .resolve import Source
+    from .sources.source import Source
 
 __all__ = ["diff"]
 
@@ -35,9 +35,13 @@ _DATES = ("created_at",)
 class _Side:
     config: ModelConfig | None
     training: dict[str, Any]
-    provenance: dict[str, Any] | None  # None for a legacy file, which records none
+    provenance: dict[str, Any] | None  # None for a source that is not ckptfmt's, which records none
     source: Source
-    sha256: str = ""  # a legacy file's own digest, which its conversion records as its source
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The source's own digest, which its conversion records; computed only when asked."""
+        return self.source.sha256()
 
     @functools.cached_property
     def state_dict(self) -> dict[str, Any]:
@@ -63,14 +67,16 @@ def _read(path: Path) -> _Side:
         raise CheckpointNotFoundError("no such file", path=path)
     resolution = resolve(read_source(path, light=True), check=False)
     header = resolution.header
-    return _Side(resolution.config, resolution.source.training, header.provenance() if header is not None else None,
-                 resolution.source, resolution.legacy.sha256 if resolution.legacy is not None else "")
+    provenance = header.provenance() if header is not None and header.is_ckptfmt else None
+    return _Side(resolution.config, resolution.source.training, provenance, resolution.source)
 
 
 def _converted_from(source: _Side, converted: _Side) -> bool:
-    """Whether `converted` records `source` (a legacy file) as what it was converted from."""
+    """Whether `converted` records `source` (anything `convert` takes: a legacy file, a DCP
+    folder, safetensors written by someone else) as what it was converted from: by the digest
+    of the source that the conversion recorded."""
     recorded = (converted.provenance or {}).get("source") or {}
-    return source.provenance is None and bool(source.sha256) and recorded.get("sha256") == source.sha256
+    return source.provenance is None and bool(recorded.get("sha256")) and recorded["sha256"] == source.sha256
 
 
 def _flat(document: Any, prefix: str = "") -> dict[str, Any]:
@@ -149,7 +155,7 @@ def diff(a: str | os.PathLike, b: str | os.PathLike, *, values: bool = False) ->
         dates, when they differ), `only_in_a`, `only_in_b`, `changed` (tensors whose shape
         changed), `tensors` (each common tensor: identical or not, its dtypes when they differ,
         with `values` the max absolute difference), `differs_in` (the parts that differ),
-        `identical`, and `conversion`: when one is a legacy file and the other records it as
+        `identical`, and `conversion`: when one is a source `convert` takes and the other records it as
         its source, what that records (the companion's binding is then no difference).
 
     Example:

@@ -18,8 +18,9 @@ from .config.model_config import ModelConfig, config_differences
 from .config.registry import registered_model_types
 from .config.sidecar import Sidecar, read_sidecar, sidecar_path
 from .errors import CheckpointNotFoundError, CkptfmtError
-from .format.header import DTYPE_SIZES, KEY_CONFIG, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
+from .format.header import KEY_CONFIG, KEY_OPTIMIZER, Header, looks_like_safetensors, read_header
 from .format.index import without_shards
+from .format.tensor_entries import DTYPE_SIZES
 from .io.files import read_capped, walk_files
 
 __all__ = ["inspect_checkpoint", "inspect_folder", "sidecar_status"]

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from .checkpoint import load_model, save
-from .config.registry import unwrap_model
-from .config.sidecar import read_sidecar, write_sidecar
+from .config.capture import unwrap_model
+from .config.sidecar import SIDECAR_SUFFIX, read_sidecar, write_sidecar
 from .errors import (
     CheckpointNotFoundError,
     CkptfmtError,
@@ -274,6 +274,7 @@ class CheckpointManager:
                 _delete(each)
                 with self._lock:
                     self._checkpoints.remove(each)
+        self._unbind_missing()
 
     def _point_entries(self, checkpoints: list[Checkpoint]) -> None:
         targets = {LAST_NAME: checkpoints[-1:], BEST_NAME: self._ranked(checkpoints)[:1]}
@@ -288,6 +289,17 @@ class CheckpointManager:
             digest = read_header(entry).weights_sha256
             if sidecar is not None and sidecar.weights.get(name) != digest:
                 write_sidecar(self.directory, sidecar.config, name, digest)
+
+    def _unbind_missing(self) -> None:
+        """The folder's sidecar binds the step files that are there, and no other: a deleted
+        step's binding would name weights that `verify` of the folder cannot find."""
+        sidecar = read_sidecar(self.directory)
+        if sidecar is None:
+            return
+        gone = {name for name in sidecar.weights
+                if _STEP_FILE.fullmatch(name) and not (self.directory / name).exists()}
+        if gone:
+            write_sidecar(self.directory, sidecar.config, unbind=gone)
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -313,6 +325,7 @@ class CheckpointManager:
                     (self.directory / name).unlink()
             if self._checkpoints:
                 self._point_entries(self._checkpoints)
+            self._unbind_missing()
         except (OSError, CkptfmtError) as exc:  # a read-only folder still serves restore()
             logger.warning("%s: could not tidy the folder (%s); its checkpoints are as listed", self.directory, exc)
 
@@ -330,7 +343,9 @@ def _read_checkpoint(path: Path) -> Checkpoint:
 
 def _delete(checkpoint: Checkpoint) -> None:
     """Main file first: once it is gone the checkpoint is gone, and a companion left behind by a
-    crash is an orphan the next opening removes."""
+    crash is an orphan the next opening removes (and the folder's sidecar's binding of it, which
+    retention drops after)."""
     checkpoint.path.unlink(missing_ok=True)
-    companion = checkpoint.path.with_name(checkpoint.path.name.removesuffix(".safetensors") + OPTIMIZER_SUFFIX)
-    companion.unlink(missing_ok=True)
+    stem = checkpoint.path.name.removesuffix(".safetensors")
+    for name in (stem + OPTIMIZER_SUFFIX, stem + SIDECAR_SUFFIX):
+        checkpoint.path.with_name(name).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 
 from .checkpoint import safetensors_path, save
-from .config.registry import unwrap_model
+from .config.capture import unwrap_model
 from .errors import WriteError
 from .staging import StagingBuffer
 

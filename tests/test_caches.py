@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptfmt.config import registry
+from ckptfmt.config import entry_points
 
 from .helpers import run
 
@@ -111,15 +111,15 @@ def test_the_installed_architectures_are_listed_as_importlib_metadata_lists_them
     monkeypatch.setattr(sys, "path", [str(first), str(tmp_path / "gone"), str(second)])
     assert [finder for finder in sys.meta_path if hasattr(finder, "find_distributions")] == [PathFinder]
 
-    listed = registry._entry_points.__wrapped__()
-    assert listed == registry._listed_by_importlib()
+    listed = entry_points.installed_entry_points.__wrapped__()
+    assert listed == entry_points._listed_by_importlib()
     assert sorted(listed) == [("alpha", "plug_arch:Alpha"), ("beta", "legacy:Beta [extra]"), ("delta", "d:D")]
 
     with zipfile.ZipFile(tmp_path / "zipped.zip", "w") as archive:
         archive.writestr("zipped-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: zipped\nVersion: 1.0\n")
         archive.writestr("zipped-1.0.dist-info/entry_points.txt", f"{group}\nzeta = zipped:Zeta\n")
     monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path / "zipped.zip")])
-    assert ("zeta", "zipped:Zeta") in registry._entry_points.__wrapped__()
+    assert ("zeta", "zipped:Zeta") in entry_points.installed_entry_points.__wrapped__()
 
 
 @pytest.mark.subprocess  # Its own process: only a fresh one shows what learning the facts imports.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -138,6 +139,8 @@ def test_sidecar_binds_several_files_of_one_config_and_gives_another_config_one_
     assert sidecar.weights == {"best_model.safetensors": "a" * 64, "last_model.safetensors": "b" * 64}
     own = write_sidecar(tmp_path, ModelConfig(base_filters=16), "best_model.safetensors", "c" * 64)
     assert own == tmp_path / "best_model.model_config.json"
+    # best_model moved to its own sidecar: the folder's keeps its config and last_model alone.
+    sidecar = dataclasses.replace(sidecar, weights={"last_model.safetensors": "b" * 64})
     assert read_sidecar(tmp_path) == sidecar
     assert read_sidecar(own).weights == {"best_model.safetensors": "c" * 64}
     with pytest.raises(ConfigError, match=r"holds another config \(base_filters: 16 != 32\); pass overwrite=True to replace it"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 import ckptfmt
 from ckptfmt import CheckpointManager, CheckpointNotFoundError, ConfigError, OutputExistsError, read_header
 
-from .helpers import small_model, state_dicts_bit_identical
+from .helpers import run_cli, small_model, state_dicts_bit_identical
 
 LOSSES = {1: 5.0, 2: 2.0, 3: 4.0, 4: 1.0, 5: 3.0, 6: 6.0}
 
@@ -79,6 +80,42 @@ def test_a_reopened_folder_is_tidied_of_what_a_crash_left(tmp_path):
     assert not (tmp_path / "step-00000001.optimizer.safetensors").exists()
     assert (tmp_path / "step-00000002.optimizer.safetensors").exists()
     assert os.path.samefile(tmp_path / "last_model.safetensors", tmp_path / "step-00000003.safetensors")
+
+
+def _bound(folder) -> list[str]:
+    return sorted(json.loads((folder / "model_config.json").read_text())["weights"])
+
+
+def test_retention_drops_the_sidecar_s_bindings_of_the_steps_it_deletes(tmp_path):
+    """Regression: a step deleted by retention stayed bound in model_config.json, which then
+    named weights the folder no longer held."""
+    model = _model()
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        manager.save(model, step=step)
+    present = _files(tmp_path)
+    assert present == ["last_model.safetensors", "step-00000003.safetensors", "step-00000004.safetensors"]
+    assert _bound(tmp_path) == present
+    reopened = CheckpointManager(tmp_path, keep_last=2)
+    assert [c.step for c in reopened.checkpoints] == [3, 4]
+    assert _bound(tmp_path) == present
+    verified = run_cli("verify", tmp_path)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.splitlines()[-1] == "3 verified, 0 failed"
+
+
+def test_a_reopened_folder_drops_the_binding_of_a_step_a_crash_deleted(tmp_path):
+    """A crash between deleting a step and unbinding it leaves the binding: the next manager
+    drops it."""
+    model = _model()
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2):
+        manager.save(model, step=step)
+    (tmp_path / "step-00000001.safetensors").unlink()
+    assert "step-00000001.safetensors" in _bound(tmp_path)
+    CheckpointManager(tmp_path, keep_last=3)
+    assert _bound(tmp_path) == ["last_model.safetensors", "step-00000002.safetensors"]
+    assert run_cli("verify", tmp_path).returncode == 0
 
 
 def test_restore_gives_back_the_weights_and_the_optimizer_scheduler_and_scaler(tmp_path):

@@ -60,7 +60,7 @@ def test_third_party_architecture_registers_through_entry_points(monkeypatch, tm
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
     points = [EntryPoint(name="wide", value="thirdparty_arch:Wide", group=registry.ENTRY_POINT_GROUP)]
-    monkeypatch.setattr(registry, "_entry_points", lambda: points)
+    monkeypatch.setattr(registry, "installed_entry_points", lambda: points)
     import sys
 
     assert "wide" in registered_model_types() and "thirdparty_arch" not in sys.modules
@@ -147,7 +147,7 @@ def test_arguments_are_checked_against_the_signature_and_its_annotations(registr
 
 
 def test_instances_of_a_registered_class_remember_their_arguments(registry_copy):
-    from ckptfmt.config.registry import captured_arguments
+    from ckptfmt.config.capture import captured_arguments
 
     @register_model("remembering")
     class Remembering(torch.nn.Module):
@@ -169,7 +169,7 @@ def test_instances_of_a_registered_class_remember_their_arguments(registry_copy)
 
 
 def test_a_registered_factory_records_the_arguments_on_what_it_returns(registry_copy):
-    from ckptfmt.config.registry import captured_arguments
+    from ckptfmt.config.capture import captured_arguments
 
     def make_head(classes: int = 2):
         return torch.nn.Linear(4, classes)

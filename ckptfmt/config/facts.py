@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from ..io.files import cache_folder, read_capped
+from .entry_points import installed_entry_points
 
 __all__ = ["recall", "remember"]
 
@@ -82,9 +83,7 @@ def _key(document: dict[str, Any]) -> str | None:
     None when no one entry point provides it (registered in this process only)."""
     import hashlib  # here: inspect imports what imports this module, and needs no hash
 
-    from .registry import _entry_points
-
-    points = [point.value for point in _entry_points() if point.name == document.get("model_type")]
+    points = [point.value for point in installed_entry_points() if point.name == document.get("model_type")]
     if len(points) != 1:
         return None
     text = json.dumps([_VERSION, sys.version, points[0], document], sort_keys=True)

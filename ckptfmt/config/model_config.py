@@ -56,12 +56,8 @@ from .fields import (
     check_structure,
 )
 from .migrations import MIGRATIONS
-from .registry import (
-    captured_arguments,
-    get_model_entry,
-    recognised_arguments,
-    unwrap_model,
-)
+from .capture import captured_arguments, unwrap_model
+from .registry import get_model_entry, recognised_arguments
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -12,17 +12,15 @@ ckptfmt's own architectures are declared the same way. Listing the known names i
 nothing (so `inspect` stays free of torch); the module behind a name is imported only when that
 architecture is needed.
 
-A registered class's instances remember the arguments they were built with, so that saving one
-needs no hand-written config (as huggingface_hub's PyTorchModelHubMixin and Lightning's
-save_hyperparameters do, but without pickles).
+A registered class's instances remember the arguments they were built with (see `capture`), so
+that saving one needs no hand-written config. The installed packages' entry points are listed by
+`entry_points`.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,14 +28,14 @@ from typing import Any
 
 from ..errors import CkptfmtError, CkptfmtWarning, ConfigError, PluginError, UnknownModelTypeError
 from .arguments import RESERVED_NAMES, Signature
+from .capture import record_arguments_of_instances, recording_factory, unwrap_model
+from .entry_points import ENTRY_POINT_GROUP, installed_entry_points
 from .plugins import import_failure, import_guarded, printed_words
 
 __all__ = [
-    "ENTRY_POINT_GROUP",
     "TASKS",
     "ModelEntry",
     "Task",
-    "captured_arguments",
     "check_model_type_name",
     "create_model",
     "get_model_entry",
@@ -46,16 +44,11 @@ __all__ = [
     "registered_model_types",
 ]
 
-ENTRY_POINT_GROUP = "ckptfmt.models"
 TASKS = ("classification", "segmentation", "segmentation+classification")
 
 # infer_config's one contract: tensor names to shapes (never tensors, so that inspect and convert
 # can call it without loading data) -> the architecture's arguments.
 InferConfig = Callable[[Mapping[str, tuple[int, ...]]], dict]
-
-# Where a registered class's instance keeps (model_type, the arguments it was built with).
-_CAPTURED = "_ckptfmt_arguments"
-
 
 @dataclass(frozen=True)
 class Task:
@@ -274,10 +267,10 @@ def register_model(
                 f"({', '.join(RESERVED_NAMES)}); rename it, or register a factory that maps it"
             )
         if isinstance(builder, type):
-            _record_arguments_of_instances(builder, name)
+            record_arguments_of_instances(builder, name)
             registered = builder
         else:
-            registered = _recording_factory(builder, name)
+            registered = recording_factory(builder, name)
         _registry[name] = ModelEntry(
             name, registered, infer_config, check, task, example, recognise, build_empty, fallback, preference,
             defaults, signature, read_foreign_config,
@@ -285,74 +278,6 @@ def register_model(
         return registered
 
     return decorate
-
-
-def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any] | str:
-    """The arguments of a call by name, or why they cannot be named."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        return f"its arguments could not be matched to its signature ({exc})"
-    arguments: dict[str, Any] = {}
-    for key, value in bound.arguments.items():
-        kind = signature.parameters[key].kind
-        if kind == inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                return f"it was given {len(value)} extra positional argument(s) (*{key}), which a config cannot name"
-        elif kind == inspect.Parameter.VAR_KEYWORD:
-            clashes = sorted(set(value) & set(RESERVED_NAMES))
-            if clashes:
-                return f"its **{key} was given {', '.join(map(repr, clashes))}, the name of a config field"
-            arguments.update(value)
-        else:
-            arguments[key] = value
-    return arguments
-
-
-def _record_arguments_of_instances(cls: type, name: str) -> None:
-    init = cls.__init__
-    signature = inspect.signature(cls)
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        # A subclass that is registered records its own arguments; one that is not records
-        # nothing, so saving it asks for it to be registered instead of naming its base.
-        if type(self) is cls:
-            self.__dict__[_CAPTURED] = (name, _bind(signature, args, kwargs))
-
-    cls.__init__ = __init__
-
-
-def _recording_factory(factory: Callable[..., Any], name: str) -> Callable[..., Any]:
-    signature = inspect.signature(factory)
-
-    @functools.wraps(factory)
-    def build(*args, **kwargs):
-        model = factory(*args, **kwargs)
-        if hasattr(model, "__dict__"):
-            model.__dict__[_CAPTURED] = (name, _bind(signature, args, kwargs))
-        return model
-
-    return build
-
-
-def captured_arguments(model: Any) -> tuple[str, dict[str, Any] | str] | None:
-    """`(model_type, arguments)` recorded when `model` was built by a registered architecture
-    (the arguments are a string saying why when they could not be recorded), or None.
-    DataParallel, DistributedDataParallel and torch.compile wrappers are looked through."""
-    return getattr(unwrap_model(model), "__dict__", {}).get(_CAPTURED)
-
-
-def unwrap_model(model: Any) -> Any:
-    """The module inside DataParallel, DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
-        if inner is None and type(model).__name__ in ("DataParallel", "DistributedDataParallel"):
-            inner = getattr(model, "module", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def create_model(model_type: str, /, *args: Any, **kwargs: Any) -> Any:
@@ -388,7 +313,7 @@ def recognised_arguments(model: Any) -> tuple[str, dict[str, Any]] | None:
 
 def registered_model_types() -> list[str]:
     """The known model types, sorted, without importing any of them."""
-    return sorted({*_registry, *(ep.name for ep in _entry_points())})
+    return sorted({*_registry, *(ep.name for ep in installed_entry_points())})
 
 
 def get_model_entry(name: str) -> ModelEntry:
@@ -404,7 +329,7 @@ def get_model_entry(name: str) -> ModelEntry:
     entry = _registry.get(name)
     if entry is not None:
         return entry
-    points = [ep for ep in _entry_points() if ep.name == name]
+    points = [ep for ep in installed_entry_points() if ep.name == name]
     if not points:
         raise UnknownModelTypeError(
             f"model_type {name!r} is not registered here (known: {', '.join(registered_model_types()) or 'none'}). "
@@ -447,99 +372,6 @@ def _load_plugin(name: str, points: list) -> None:
     _failed[name] = PluginError(failure)
     warnings.warn(CkptfmtWarning(failure), stacklevel=2)
     raise _failed[name].at()
-
-
-@functools.cache
-def _entry_points() -> tuple:
-    """The group's entry points, listed as importlib.metadata lists them, without importing it.
-
-    Importing importlib.metadata costs 15 to 20 ms, a sixth of what `inspect` costs, while
-    reading the few `entry_points.txt` files on sys.path costs one or two. So the folders on
-    sys.path are read here the way importlib.metadata reads them: each folder's `*.dist-info`
-    and `*.egg-info` in listing order, each distribution (by normalised name) taken from the
-    first folder that has it. Whatever this does not read, importlib.metadata lists: a zip file
-    or an egg on sys.path, or a finder on sys.meta_path that finds distributions of its own.
-    """
-    import os
-    import sys
-    from importlib.machinery import PathFinder
-
-    if [finder for finder in sys.meta_path if hasattr(finder, "find_distributions")] != [PathFinder]:
-        return _listed_by_importlib()
-    seen: set[str] = set()
-    points: list[_EntryPoint] = []
-    for entry in sys.path:
-        folder = entry or "."
-        if not isinstance(folder, str) or folder.lower().endswith(".egg"):
-            return _listed_by_importlib()
-        try:
-            children = os.listdir(folder)
-        except NotADirectoryError:  # a zip file
-            return _listed_by_importlib()
-        except OSError:  # gone, or not readable: importlib.metadata skips it too
-            continue
-        for child in children:
-            if not child.lower().endswith((".dist-info", ".egg-info")):
-                continue
-            name = re.sub(r"[-_.]+", "_", child.lower().rpartition(".")[0].partition("-")[0])
-            if not name:  # importlib.metadata would read its name from its METADATA
-                return _listed_by_importlib()
-            if name in seen:
-                continue
-            seen.add(name)
-            try:
-                with open(os.path.join(folder, child, "entry_points.txt"), encoding="utf-8") as file:
-                    text = file.read()
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
-                continue
-            except (OSError, ValueError):  # what importlib.metadata would raise, let it say so
-                return _listed_by_importlib()
-            if f"[{ENTRY_POINT_GROUP}]" in text:
-                points += _group_of(text)
-    return tuple(points)
-
-
-def _group_of(text: str) -> list[_EntryPoint]:
-    """The entry points of our group in an `entry_points.txt`, read as importlib.metadata reads
-    it: lines stripped, `#` comments and blank lines skipped, `[section]`, `name = value`."""
-    points, section = [], None
-    for line in map(str.strip, text.splitlines()):
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            section = line.strip("[]")
-        elif section == ENTRY_POINT_GROUP:
-            name, _, value = line.partition("=")
-            points.append(_EntryPoint(name.strip(), value.strip()))
-    return points
-
-
-def _listed_by_importlib() -> tuple:
-    from importlib.metadata import entry_points
-
-    return tuple(_EntryPoint(point.name, point.value) for point in entry_points(group=ENTRY_POINT_GROUP))
-
-
-class _EntryPoint(tuple):
-    """An entry point as (name, value): what importlib.metadata's gives, without it."""
-
-    __slots__ = ()
-
-    def __new__(cls, name: str, value: str):
-        return super().__new__(cls, (name, value))
-
-    name = property(lambda self: self[0])
-    value = property(lambda self: self[1])
-
-    def load(self) -> Any:
-        """The object named by `module:attribute.path`, its module imported."""
-        import importlib
-
-        module, _, attributes = self.value.partition(":")
-        target = importlib.import_module(module.strip())
-        for attribute in filter(None, attributes.strip().split(".")):
-            target = getattr(target, attribute)
-        return target
 
 
 def check_model_type_name(name: Any) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,21 +167,27 @@ def check_sidecar_accepts(
 def write_sidecar(
     folder: str | os.PathLike, config: ModelConfig, weights_file: str | None = None,
     weights_sha256: str | None = None, *, overwrite: bool = False, bindings: Mapping[str, str] | None = None,
-    sync_folder: bool = True, path: str | os.PathLike | None = None, transaction: Transaction | None = None,
+    unbind: Collection[str] = (), sync_folder: bool = True, path: str | os.PathLike | None = None,
+    transaction: Transaction | None = None,
 ) -> Path:
     """Write or update the sidecar that describes `weights_file` in `folder` (see
     `sidecar_path`), binding it (or each of `bindings`, file name -> digest) to its digest.
 
     Several checkpoints of one config share a folder's `model_config.json` (best_model and
     last_model, as in the seed), each with its own binding; a checkpoint of another config gets
-    `NAME.model_config.json`; legacy .pth files get no binding, and with no weights file named
-    the folder's `model_config.json` is written. A sidecar holding another config is an error
-    naming the fields, unless `overwrite`, which starts it afresh. `path` is the sidecar that
-    `check_sidecar_accepts` chose, for a caller that chose it before. With a `transaction` (the
-    checkpoint's), it is staged there, to take its name with the weights it binds.
+    `NAME.model_config.json`, and the folder's `model_config.json` drops its binding there, so
+    that no file binds a checkpoint it no longer describes. `unbind` drops the bindings of
+    files that are gone (a `CheckpointManager`'s retention). Legacy .pth files get no binding,
+    and with no weights file named the folder's `model_config.json` is written. A sidecar
+    holding another config is an error naming the fields, unless `overwrite`, which starts it
+    afresh. `path` is the sidecar that `check_sidecar_accepts` chose, for a caller that chose it
+    before. With a `transaction` (the checkpoint's), it is staged there, to take its name with
+    the weights it binds.
 
     Example:
         >>> write_sidecar("runs/joint", config, "best_model.safetensors", digest)
+        PosixPath('runs/joint/model_config.json')
+        >>> write_sidecar("runs/joint", config, unbind={"step-00000100.safetensors"})
         PosixPath('runs/joint/model_config.json')
     """
     bindings = {**(bindings or {}), **({weights_file: weights_sha256} if weights_file else {})}
@@ -191,10 +197,27 @@ def write_sidecar(
     path = Path(path)
     existing = _accepts(path, config, overwrite=overwrite, read=read_sidecar)
     if existing is not None and not _differences(existing.config, config):
-        bindings = {**existing.weights, **bindings}
-    document = {**config.to_dict(), "weights": dict(sorted(bindings.items()))}
-    opened = atomic_write(path, overwrite=existing is not None, sync_folder=sync_folder) if transaction is None \
-        else transaction.stage(path, overwrite=existing is not None)
+        bindings = {**{k: v for k, v in existing.weights.items() if k not in unbind}, **bindings}
+    _write(path, {**config.to_dict(), "weights": dict(sorted(bindings.items()))}, existing is not None,
+           sync_folder=sync_folder, transaction=transaction)
+    if path.name != SIDECAR_NAME:
+        _unbind_moved(path.with_name(SIDECAR_NAME), set(bindings), sync_folder=sync_folder, transaction=transaction)
+    return path
+
+
+def _write(path: Path, document: dict, exists: bool, *, sync_folder: bool, transaction: Transaction | None) -> None:
+    opened = atomic_write(path, overwrite=exists, sync_folder=sync_folder) if transaction is None \
+        else transaction.stage(path, overwrite=exists)
     with opened as fd:
         write_all(fd, (json.dumps(document, sort_keys=True, indent=2) + "\n").encode())
-    return path
+
+
+def _unbind_moved(shared_path: Path, names: set[str], *, sync_folder: bool, transaction: Transaction | None) -> None:
+    """Checkpoints that moved to their own sidecar leave the folder's: its bindings of them
+    would name weights it does not describe."""
+    shared = read_sidecar(shared_path)
+    if shared is None or not names & shared.weights.keys():
+        return
+    kept = {k: v for k, v in shared.weights.items() if k not in names}
+    _write(shared_path, {**shared.config.to_dict(), "weights": dict(sorted(kept.items()))}, True,
+           sync_folder=sync_folder, transaction=transaction)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ..errors import HeaderError, IntegrityError
 from ..io.files import open_regular
-from .header import TENSOR_DIGEST_BYTES, Header, TensorInfo
+from .header import TENSOR_DIGEST_BYTES, Header
+from .tensor_entries import TensorInfo
 
 __all__ = [
     "WeightsHasher",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from ..errors import HeaderError
 from ..io.files import file_in_folder, open_regular, read_capped
 from ..io.jsondoc import has_surrogate, loads_strict, shown_text
 from ..io.transaction import finish_pending
+from .tensor_entries import TensorInfo, check_tensor_name, check_tensors
 
 __all__ = [
-    "DTYPE_SIZES",
     "FORMAT_VERSION",
     "Header",
     "KEY_ALIASES",
@@ -40,10 +39,8 @@ __all__ = [
     "KEY_TRAINING",
     "KEY_WEIGHTS_SHA256",
     "TENSOR_DIGEST_BYTES",
-    "TensorInfo",
     "check_format_version",
     "check_metadata",
-    "check_tensor_name",
     "looks_like_safetensors",
     "metadata_size",
     "read_header",
@@ -80,41 +77,10 @@ MAX_INDEX_BYTES = 64 << 20
 MAX_HEADER_BYTES = 100_000_000
 MAX_METADATA_BYTES = 1 << 20
 
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as the header describes it. Offsets are relative to the data section, which
-    starts at byte `base` of `file` (for a sharded checkpoint, the shard that holds it)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-    file: Path | None = None
-    base: int = 0
-    digest: str | None = None  # its own digest (hex, see digest.py) where the file records one
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
 @dataclass(frozen=True)
 class Header:
     """A parsed, validated .safetensors header, or the index of a sharded checkpoint with the
-    headers of its shards (see `sharding.read_index`).
+    headers of its shards (see `read_index`).
 
     `tensors` is in file order; `aliases` maps a tied tensor's name to the stored tensor whose
     memory it shares (empty for files that have none); `files` are the files that hold the data.
@@ -241,7 +207,7 @@ def read_header(path: str | os.PathLike) -> Header:
         HeaderError: the header breaks a safetensors rule or one of ckptfmt's stricter ones.
 
     A sharded checkpoint's index (`NAME.safetensors.index.json`) is read with its shards' headers
-    as one Header (see `sharding.read_index`).
+    as one Header (see `read_index`).
 
     Example:
         >>> header = read_header("converted/multitask_joint/best_model.safetensors")
@@ -295,7 +261,7 @@ def _read_file_header(path: Path) -> Header:
     metadata = check_metadata(document.pop("__metadata__", {}), path)
     check_format_version(metadata.get(KEY_FORMAT_VERSION), path)
     digests = _tensor_digests(metadata, document, path)
-    tensors = _check_tensors(document, file_size - 8 - header_len, path, 8 + header_len, digests)
+    tensors = check_tensors(document, file_size - 8 - header_len, path, 8 + header_len, digests)
     return Header(path, file_size, 8 + header_len, tensors, metadata, (path,))
 
 
@@ -374,96 +340,6 @@ def check_format_version(version: str | None, path: Path) -> None:
             f"{FORMAT_VERSION}. Upgrade ckptfmt (pip install -U ckptfmt)",
             path=path,
         )
-
-
-_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
-
-
-def _check_tensors(document: dict[str, Any], data_size: int, path: Path, data_start: int,
-                   digests: dict[str, str]) -> dict[str, TensorInfo]:
-    entries = []
-    numbers: list = []  # every size and offset of every tensor, checked at once: thousands of tensors cost ~1 ms
-    for name, entry in document.items():
-        check_tensor_name(name, path)
-        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
-            raise HeaderError(f"tensor {name!r} must have exactly dtype, shape and data_offsets", path=path)
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        size = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
-        if size is None:
-            raise HeaderError(
-                f"tensor {name!r} has unknown dtype {dtype!r}; known: {', '.join(DTYPE_SIZES)}", path=path
-            )
-        if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
-            _refuse_numbers(name, shape, offsets, path)
-        numbers += shape
-        numbers += offsets
-        entries.append((name, dtype, size, shape, offsets))
-    if numbers and not (_INT_ONLY.issuperset(map(type, numbers)) and min(numbers) >= 0 and max(numbers) <= _MAX_SIZE):
-        for name, _, _, shape, offsets in entries:
-            _refuse_numbers(name, shape, offsets, path)
-    infos = []
-    for name, dtype, size, shape, (start, end) in entries:
-        if start > end:
-            _refuse_numbers(name, shape, [start, end], path)
-        expected = math.prod(shape) * size
-        if end - start != expected:
-            raise HeaderError(
-                f"tensor {name!r}: shape {list(shape)} of {dtype} needs {expected} bytes but its "
-                f"data_offsets span {end - start}",
-                path=path,
-            )
-        infos.append(TensorInfo(name, dtype, tuple(shape), start, end, path, data_start, digests.get(name)))
-    position = 0
-    for info in sorted(infos, key=lambda i: (i.start, i.end)):
-        if info.start != position:
-            problem = "overlaps the tensor before it" if info.start < position else "leaves a gap"
-            raise HeaderError(
-                f"tensor {info.name!r} {problem} (starts at byte {info.start}, expected "
-                f"{position}); the data offsets are corrupt",
-                path=path,
-            )
-        position = info.end
-    if position != data_size:
-        problem = "trailing bytes after the last tensor" if position < data_size else "truncated"
-        raise HeaderError(
-            f"tensor data is {data_size} bytes but the header describes {position}: {problem}",
-            path=path,
-        )
-    return {info.name: info for info in infos}
-
-
-def check_tensor_name(name: str, path: Path | None) -> None:
-    """The tensor-name rule, for the reader and the writer alike."""
-    if not name or "\x00" in name:
-        raise HeaderError(f"tensor {name!r}: tensor names must be non-empty and free of NUL", path=path)
-    if has_surrogate(name):
-        # Python's json reads and writes "\udc80"; safetensors refuses the whole header for it.
-        raise HeaderError(
-            f"tensor {shown_text(name)}: tensor names must be valid Unicode, and this one holds a lone surrogate, "
-            "which safetensors refuses to read",
-            path=path,
-        )
-    if name == "__metadata__":
-        raise HeaderError("tensor '__metadata__': safetensors reserves that name for the metadata", path=path)
-
-
-_MAX_SIZE = (1 << 63) - 1  # what a safetensors reader (Rust's u64/usize, torch's int64) can hold
-
-
-def _sizes(values: list) -> bool:
-    return all(type(v) is int for v in values) and (not values or 0 <= min(values) and max(values) <= _MAX_SIZE)
-
-
-_INT_ONLY = frozenset({int})  # not bool, which is an int to isinstance
-
-
-def _refuse_numbers(name: str, shape: Any, offsets: Any, path: Path) -> None:
-    """The error for a tensor whose shape or data_offsets break the rules, if they do: each an
-    int (not a bool), none negative or past int64, offsets two and in order."""
-    if type(shape) is not list or not _sizes(shape):
-        raise HeaderError(f"tensor {name!r} has an invalid shape {shape!r}", path=path)
-    if type(offsets) is not list or len(offsets) != 2 or not _sizes(offsets) or offsets[0] > offsets[1]:
-        raise HeaderError(f"tensor {name!r} has invalid data_offsets {offsets!r}", path=path)
 
 
 def read_index(path: str | os.PathLike) -> Header:

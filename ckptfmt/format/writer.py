@@ -26,7 +26,6 @@ from ..io.background import helpers
 from ..io.transaction import Transaction
 from .digest import WeightsHasher, encode_tensor_digests
 from .header import (
-    DTYPE_SIZES,
     KEY_ALIASES,
     KEY_TENSOR_DIGESTS,
     KEY_WEIGHTS_SHA256,
@@ -34,10 +33,10 @@ from .header import (
     TENSOR_DIGEST_BYTES,
     Header,
     check_metadata,
-    check_tensor_name,
     metadata_size,
     read_header,
 )
+from .tensor_entries import DTYPE_SIZES, check_tensor_name
 
 __all__ = [
     "DTYPE_NAMES",

@@ -19,7 +19,7 @@ from ..format.writer import load_tensors
 from ..io.files import files_sha256, sha256_file
 from .layouts import LegacyCheckpoint, unwrap
 
-__all__ = ["HUB_CONFIG_NAME", "HUB_WEIGHTS_NAME", "read_foreign_safetensors", "read_hub_config"]
+__all__ = ["HUB_CONFIG_NAME", "HUB_WEIGHTS_NAME", "foreign_sha256", "read_foreign_safetensors", "read_hub_config"]
 
 # A Hub-style folder, as timm's `push_to_hub` and `save_for_hf` (and transformers) write it.
 HUB_CONFIG_NAME = "config.json"
@@ -30,7 +30,7 @@ def read_foreign_safetensors(header: Header, *, hash_source: bool = True) -> Leg
     """A `.safetensors` file or a sharded checkpoint written by someone else (a plain
     `save_file`, the Hub, timm, transformers, accelerate, huggingface_hub's `save_torch_model`),
     read as a legacy file is: its tensors mapped from its files, sorted by `unwrap` (prefixes and
-    all). Its source digest covers the index and every shard, in that order, or the one file."""
+    all), with its source digest (`foreign_sha256`)."""
     path = header.path
     checkpoint = unwrap(load_tensors(header), path)
     if header.is_sharded:
@@ -39,9 +39,21 @@ def read_foreign_safetensors(header: Header, *, hash_source: bool = True) -> Leg
     else:
         checkpoint.serialization = "safetensors"
     if hash_source:
-        checkpoint.sha256 = (files_sha256([path, *header.files], error=HeaderError) if header.is_sharded
-                             else sha256_file(path, error=HeaderError))
+        checkpoint.sha256 = foreign_sha256(header)
     return checkpoint
+
+
+def foreign_sha256(header: Header) -> str:
+    """The source digest of safetensors written by someone else, as a conversion records it:
+    over the index and every shard, in that order, or over the one file.
+
+    Example:
+        >>> foreign_sha256(read_header("hub/resnet18/model.safetensors"))  # doctest: +SKIP
+        '9c1f...'
+    """
+    if header.is_sharded:
+        return files_sha256([header.path, *header.files], error=HeaderError)
+    return sha256_file(header.path, error=HeaderError)
 
 
 def read_hub_config(weights: str | os.PathLike, *, model_type: str | None = None) -> ModelConfig | None:
