@@ -42,11 +42,11 @@ from .atomic import (
     discard_temp,
     fsync_folder,
     hidden_name,
+    is_temp,
+    left_by_dead_process,
     name_temp,
     note_folder,
-    process_alive,
     seen_unchanged,
-    temp_pid,
     write_all,
     write_error,
     write_reason,
@@ -124,7 +124,7 @@ class Transaction:
         """Register a temp file that another process (another rank) wrote and fsynced in the
         folder, to take the name `path` at `commit`."""
         path, temp = self._member(Path(path)), Path(temp)
-        if os.path.abspath(temp.parent) != os.path.abspath(self.folder) or temp_pid(temp.name) is None:
+        if os.path.abspath(temp.parent) != os.path.abspath(self.folder) or not is_temp(temp.name):
             raise ValueError(f"{temp} is not a ckptfmt temp file in {self.folder}")
         check_writable(path, overwrite=overwrite)
         self._staged.append((temp, path))
@@ -370,7 +370,7 @@ def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list
     for name in (*(n for pair in renames for n in pair), *removals):
         check_plain_name(name, key="a name in the commit record", path=record, error=WriteError)
     for temp, final in renames:
-        if temp_pid(temp) is None or temp != hidden_name(final, temp[temp.rindex(TMP_MARK):]):
+        if not is_temp(temp) or temp != hidden_name(final, temp[temp.rindex(TMP_MARK):]):
             raise _unfinished(record, f"{temp!r} is not a temp file of {final!r}")
     for name in removals:
         if not name.endswith(REMOVABLE_SUFFIX):
@@ -385,7 +385,8 @@ _adopted: set[Path] = set()
 
 def clean_folder(folder: Path, *, force: bool = False) -> None:
     """Finish the commits that killed writers left in `folder`, then remove the temp files of
-    ours whose process is gone; nothing to do (one stat) when the folder did not change since
+    ours whose process, on this host, is gone (another host's are left alone: their process ids
+    mean nothing here); nothing to do (one stat) when the folder did not change since
     this process last cleaned or wrote it, unless `force`."""
     if not force and seen_unchanged(folder):
         return
@@ -402,8 +403,7 @@ def clean_folder(folder: Path, *, force: bool = False) -> None:
                 unfinished = True  # its temps are the new set: kept for whoever can finish it
     if not unfinished:
         for name in names:
-            pid = temp_pid(name)
-            if pid is not None and not process_alive(pid) and folder / name not in _adopted:
+            if left_by_dead_process(name) and folder / name not in _adopted:
                 try:
                     (folder / name).unlink()
                 except OSError:
