@@ -21,6 +21,13 @@ finishing it twice; a killed writer's lock goes with its process.
 
 A transaction of one file and no removal needs no record: its rename is atomic.
 
+Several checkpoints of one folder may be committed as one (`commit_together`: a batch of
+conversions, which then writes their shared sidecar once): one record, linked under the record
+name of each checkpoint (hard links, so one lock), so that a reader of any of them finds it. The
+first link is the commit point; should a further one fail, the record's names are removed before
+anything is renamed, and every checkpoint's own transaction is still open, its temps kept, to be
+committed alone.
+
 Derived names stay within the file-system limit of 255 bytes: see `atomic.hidden_name`.
 """
 
@@ -54,7 +61,8 @@ from .atomic import (
 )
 from .files import check_plain_name
 
-__all__ = ["RECORD_MARK", "Transaction", "clean_folder", "finish_pending", "finish_record", "record_path", "recover"]
+__all__ = ["RECORD_MARK", "Transaction", "clean_folder", "commit_together", "finish_pending", "finish_record",
+           "record_path", "recover"]
 
 RECORD_MARK = ".ckptfmt-commit"
 _RECORD_FORMAT = "ckptfmt-commit-1"
@@ -94,6 +102,9 @@ class Transaction:
         self._new: set[Path] = set()  # staged to take a name that nothing may hold (overwrite=False)
         self._removals: list[Path] = []
         self._ended = False
+        self._aborted = False
+        self._others: list[str] = []  # the main files of the checkpoints committed with this one
+        self._kept: set[Path] = set()  # temps that an abort leaves to the transaction that staged them
 
     @property
     def staged(self) -> list[tuple[Path, Path]]:
@@ -101,8 +112,17 @@ class Transaction:
         return list(self._staged)
 
     @property
+    def open(self) -> bool:
+        """Whether it is neither committed nor aborted."""
+        return not self._ended
+
+    @property
     def record(self) -> Path:
         return record_path(self.folder / self.name)
+
+    def _records(self) -> list[Path]:
+        """The record's names: this checkpoint's, then those of the others committed with it."""
+        return [self.record, *(record_path(self.folder / name) for name in self._others)]
 
     @contextmanager
     def stage(self, path: Path, *, overwrite: bool) -> Iterator[int]:
@@ -161,9 +181,10 @@ class Transaction:
 
     def abort(self) -> None:
         """Remove the staged temp files; no name of the folder changes."""
-        self._ended = True
+        self._ended = self._aborted = True
         for temp, _ in self._staged:
-            temp.unlink(missing_ok=True)
+            if temp not in self._kept:
+                temp.unlink(missing_ok=True)
         _adopted.difference_update(temp for temp, _ in self._staged)
         note_folder(self.folder)
 
@@ -207,7 +228,8 @@ class Transaction:
     def _ordered(self) -> list[tuple[Path, Path]]:
         """Members first, the main file last: a reader that does not look for the record sees the
         main file of the new set only once the rest of it is there."""
-        return sorted(self._staged, key=lambda pair: pair[1].name == self.name)
+        mains = {self.name, *self._others}
+        return sorted(self._staged, key=lambda pair: pair[1].name in mains)
 
     def _commit_with_record(self) -> None:
         renames, main = self._ordered(), self.folder / self.name
@@ -233,7 +255,8 @@ class Transaction:
             except BaseException as exc:
                 self._stopped(exc, done, len(renames))
             fsync_folder(self.folder)
-            self.record.unlink(missing_ok=True)
+            for record in reversed(self._records()):  # this checkpoint's last: it is the one a writer finishes
+                record.unlink(missing_ok=True)
         finally:
             os.close(lock)
 
@@ -243,7 +266,8 @@ class Transaction:
         or writer to finish, and the error says so."""
         main = self.folder / self.name
         if done == 0:
-            self.record.unlink(missing_ok=True)
+            for record in self._records():
+                record.unlink(missing_ok=True)
             self.abort()
             if isinstance(exc, OSError):
                 raise write_error(exc, main, "writing failed") from exc
@@ -266,6 +290,7 @@ class Transaction:
             "format": _RECORD_FORMAT,
             "renames": [[temp.name, path.name] for temp, path in renames],
             "removals": [path.name for path in self._removals],
+            "records": [path.name for path in self._records()],
         }
         with write_temp(record, overwrite=True) as (fd, tmp):
             write_all(fd, (json.dumps(document, indent=1) + "\n").encode())
@@ -283,8 +308,52 @@ class Transaction:
             if lock is not None:
                 os.close(lock)
             raise
+        try:
+            for other in self._records()[1:]:
+                try:
+                    os.link(record, other)
+                except FileExistsError:  # a killed commit of that checkpoint: finished first
+                    finish_record(other)
+                    os.link(record, other)
+        except BaseException:  # nothing renamed yet: the record goes, and with it the commit
+            for name in self._records():
+                name.unlink(missing_ok=True)
+            os.close(lock)
+            raise
         fsync_folder(self.folder)
         return lock
+
+
+def commit_together(members: list[Transaction], shared: Transaction) -> None:
+    """Commit the checkpoints of `members` (open transactions of one folder) and the files they
+    share, staged in `shared` (the sidecar binding them all), as one transaction: one record, its
+    name that of each checkpoint (see the module's docstring).
+
+    Raises:
+        What stopped it. If nothing had taken its name, `shared` is aborted and each member is
+        still open, its temps kept, for the caller to commit (or abort) alone; otherwise each
+        member is ended, and the record finishes the commit for the next reader or writer.
+
+    Example:
+        >>> commit_together([first, second], sidecar)
+    """
+    group = Transaction(members[0].folder, members[0].name)
+    group._others = [member.name for member in members[1:]]
+    for transaction in (*members, shared):
+        if transaction.folder != group.folder:
+            raise ValueError(f"{transaction.name} is not in {group.folder}")
+        transaction._end()
+        group._staged += transaction._staged
+        group._new |= transaction._new
+        group._removals += transaction._removals
+    group._kept = {temp for member in members for temp, _ in member._staged}
+    try:
+        group.commit()
+    except BaseException:
+        if group._aborted:
+            for member in members:
+                member._ended = False
+        raise
 
 
 def finish_pending(path: Path) -> None:
@@ -328,7 +397,7 @@ def finish_record(record: Path) -> None:
             return  # finished while we waited
         if not stat.S_ISREG(status.st_mode) or status.st_size > _RECORD_LIMIT:
             raise _unfinished(record, "it is not a commit record ckptfmt wrote")
-        renames, removals = _read_record(os.pread(fd, status.st_size, 0), record)
+        renames, removals, records = _read_record(os.pread(fd, status.st_size, 0), record)
         folder = record.parent
         try:
             for temp, final in renames:
@@ -339,7 +408,8 @@ def finish_record(record: Path) -> None:
             for name in removals:
                 (folder / name).unlink(missing_ok=True)
             fsync_folder(folder)
-            os.unlink(record)
+            for name in records:
+                (folder / name).unlink(missing_ok=True)
         except OSError as exc:
             raise _unfinished(record, write_reason(exc, Path(os.path.abspath(record))).split(";")[0]) from None
     finally:
@@ -356,18 +426,20 @@ def _unfinished(record: Path, why: str) -> WriteError:
     )
 
 
-def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """The renames and removals a record lists, each a plain name of its folder, and each temp
-    file the temp of its own final name (so a crafted record renames nothing else)."""
+def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """The renames, removals and record names a record lists, each a plain name of its folder,
+    each temp file the temp of its own final name and each record name that of a final name (so
+    a crafted record renames and removes nothing else)."""
     try:
         document = json.loads(data)
         if document.get("format") != _RECORD_FORMAT:
             raise ValueError
         renames = [(str(temp), str(final)) for temp, final in document["renames"]]
         removals = [str(name) for name in document["removals"]]
+        records = [str(name) for name in document.get("records", [record.name])]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise _unfinished(record, "it is not a commit record ckptfmt wrote") from None
-    for name in (*(n for pair in renames for n in pair), *removals):
+    for name in (*(n for pair in renames for n in pair), *removals, *records):
         check_plain_name(name, key="a name in the commit record", path=record, error=WriteError)
     for temp, final in renames:
         if not is_temp(temp) or temp != hidden_name(final, temp[temp.rindex(TMP_MARK):]):
@@ -375,7 +447,10 @@ def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list
     for name in removals:
         if not name.endswith(REMOVABLE_SUFFIX):
             raise _unfinished(record, f"it removes {name!r}, which is not a {REMOVABLE_SUFFIX} file")
-    return renames, removals
+    finals = {hidden_name(final, RECORD_MARK) for _, final in renames}
+    if record.name not in records or any(name not in finals and name != record.name for name in records):
+        raise _unfinished(record, "its record names are not those of the files it renames")
+    return renames, removals, records
 
 
 # Temp files that a transaction of this process adopted from another process (a rank that may
