@@ -65,9 +65,9 @@ def hidden_name(name: str, suffix: str) -> str:
 
 def check_writable(path: Path, *, overwrite: bool) -> None:
     """Refuse early what the final rename would refuse: a symlink, a folder, an existing file;
-    after finishing what killed writers left in the folder (`transaction.clean_folder`), so that
+    after finishing what killed writers left in the folder (`records.clean_folder`), so that
     the checks see the files as they are to be."""
-    from .transaction import clean_folder  # it builds on this module
+    from .records import clean_folder  # it builds on this module
 
     clean_folder(path.parent)
     if path.is_symlink():
@@ -253,7 +253,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-# Each folder's modification time when this process last listed it (`transaction.clean_folder`)
+# Each folder's modification time when this process last listed it (`records.clean_folder`)
 # or last changed it: a folder that no other process touched since holds no new leftovers, so a
 # batch of 2,000 files written into one folder costs one listing and 2,000 stats, not 2,000
 # listings.
@@ -269,7 +269,7 @@ def seen_unchanged(folder: Path) -> bool:
 
 
 def note_folder(folder: Path) -> None:
-    """Record that this process changed `folder` (see `transaction.clean_folder`)."""
+    """Record that this process changed `folder` (see `records.clean_folder`)."""
     try:
         _seen[os.path.abspath(folder)] = os.stat(folder).st_mtime_ns
     except OSError:
