@@ -72,6 +72,7 @@ class _Batch:
     sidecars: dict[Path, Any] = field(default_factory=dict)
     written: dict[Path, tuple[ModelConfig, dict[str, str]]] = field(default_factory=dict)
     group: list[_Pending] = field(default_factory=list)
+    pending: dict[Path, tuple[ModelConfig, dict[str, str]]] = field(default_factory=dict)  # the group's bindings
     opened: float = 0.0  # when the group's first conversion joined it
 
     def sidecar(self, path: Path):
@@ -89,21 +90,25 @@ class _Batch:
                 bound[result.sidecar] = (result.config, {**bindings, result.output.name: result.weights_sha256})
         return bound
 
+    def _planned_binding(self, path: Path) -> tuple[ModelConfig, dict[str, str]] | None:
+        """The config and bindings this batch gives the sidecar at `path`, its group included."""
+        if path in self.pending:
+            config, bindings = self.pending[path]
+            return config, {**self.written.get(path, (config, {}))[1], **bindings}
+        return self.written.get(path)
+
     def _planned(self, path: Path):
         """The sidecar at `path` as this batch has left it, its group included."""
-        bound = self._bound(self.group)
-        if path in bound:
-            config, bindings = bound[path]
-            return Sidecar(path, config, bindings)
-        return self.sidecar(path)
+        planned = self._planned_binding(path)
+        return Sidecar(path, *planned) if planned is not None else self.sidecar(path)
 
     def accepts(self, output: Path, config: ModelConfig) -> Path:
         """The sidecar to bind `output` in, as `check_sidecar_accepts` chooses it, knowing what
         this batch wrote there."""
         path = sidecar_path(output, config, writing=True, read=self._planned)
-        bound = self._bound(self.group)
-        if path in bound and not self.force:
-            differences = config_differences(bound[path][0], config)
+        planned = self._planned_binding(path)
+        if planned is not None and not self.force:
+            differences = config_differences(planned[0], config)
             if differences:
                 raise ConfigError(
                     f"is about to hold another config, of a file converted before this one "
@@ -111,7 +116,7 @@ class _Batch:
                     fix=Words("pass force=True to replace it, or give this file another output folder",
                               "pass --force to replace it, or give this file another output folder"),
                 )
-        elif path not in bound:
+        elif planned is None:
             check_sidecar_accepts(output, config, overwrite=self.force, read=self._planned)
         return path
 
@@ -122,6 +127,10 @@ class _Batch:
         if not self.group:
             self.opened = time.monotonic()
         self.group.append(_Pending(result, transaction))
+        if result.config is not None:
+            bindings = self.pending.get(result.sidecar, (result.config, {}))[1]
+            bindings[result.output.name] = result.weights_sha256
+            self.pending[result.sidecar] = (result.config, bindings)
         if len(self.group) >= GROUP_FILES or time.monotonic() - self.opened >= GROUP_SECONDS:
             self.commit()
 
@@ -129,7 +138,7 @@ class _Batch:
         """Commit the group: together, or, where that fails before anything took its name, one
         conversion at a time, each failing alone. A conversion whose commit fails keeps its
         previous files and binds nothing in the sidecar of the next."""
-        members, self.group = self.group, []
+        members, self.group, self.pending = self.group, [], {}
         try:
             if len(members) > 1 and not self._commit_together(members):
                 return
@@ -171,7 +180,7 @@ class _Batch:
 
     def abort(self) -> None:
         """Remove what the group staged: an interrupted run names nothing it did not commit."""
-        members, self.group = self.group, []
+        members, self.group, self.pending = self.group, [], {}
         _abort(members)
 
     def _stage_sidecars(self, members: list[_Pending], transaction: Transaction) -> Transaction:
