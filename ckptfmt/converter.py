@@ -183,7 +183,7 @@ class _Batch:
         members, self.group, self.pending = self.group, [], {}
         _abort(members)
 
-    def _stage_sidecars(self, members: list[_Pending], transaction: Transaction) -> Transaction:
+    def _stage_sidecars(self, members: list[_Pending], transaction: Transaction) -> None:
         """Stage in `transaction` each sidecar that `members` bind, with every binding this batch
         made there."""
         bound = self._bound(members)
@@ -191,7 +191,6 @@ class _Batch:
             config, bindings = bound[path]
             write_sidecar(path.parent, config, bindings=bindings, overwrite=self.force, transaction=transaction,
                           path=path)
-        return transaction
 
 
 def _fail(result: ConvertResult, exc: Exception) -> None:
