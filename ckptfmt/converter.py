@@ -48,8 +48,9 @@ from .io.transaction import Transaction, commit_together
 __all__ = ["ConvertResult", "convert", "convert_all", "default_output", "find_checkpoints"]
 
 # A group of conversions closes at this many files or this many seconds (and at the end of the
-# run, or when the next output is in another folder): the record and the sidecar are written once
-# per group, and a kill loses at most one group's work, which the rerun converts.
+# run, or when the next output is in another folder or bound in another sidecar): the record and
+# the sidecar are written once per group, and a kill loses at most one group's work, which the
+# rerun converts.
 GROUP_FILES = 64
 GROUP_SECONDS = 5.0
 
@@ -122,8 +123,9 @@ class _Batch:
 
     def add(self, result: ConvertResult, transaction: Transaction) -> None:
         """A conversion staged: it joins the group, which is committed once it is full or old."""
-        if self.group and self.group[0].transaction.folder != transaction.folder:
-            self.commit()
+        if self.group and (self.group[0].transaction.folder != transaction.folder
+                           or result.sidecar is not None and self.pending.keys() - {result.sidecar}):
+            self.commit()  # one sidecar a group: writing one may update another (its bindings moving)
         if not self.group:
             self.opened = time.monotonic()
         self.group.append(_Pending(result, transaction))
