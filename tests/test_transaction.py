@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ckptfmt import OutputExistsError, WriteError
-from ckptfmt.io.atomic import NAME_MAX, hidden_name, write_all
+from ckptfmt.io.atomic import HOST_TAG, NAME_MAX, hidden_name, write_all
 from ckptfmt.io.transaction import Transaction, clean_folder, finish_pending, record_path, recover
 
 
@@ -236,6 +236,28 @@ def test_leftovers_of_a_dead_process_go_with_the_next_write_in_the_folder(tmp_pa
     leftover.write_bytes(b"half")  # another process wrote it since, and died
     write_set(tmp_path, {"b.safetensors": b"b"})
     assert names(tmp_path) == ["a.safetensors", "b.safetensors"]
+
+
+def test_temps_of_another_host_on_a_shared_folder_are_left_alone(tmp_path):
+    """Regression: a temp was removed when its process id was not alive here, so on a file system
+    shared by several nodes a rank's live temps on another host were deleted under it."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    other_host = "0" * 8 if HOST_TAG != "0" * 8 else "1" * 8
+    theirs = tmp_path / f".m.safetensors.ckptfmt-tmp-{int(dead.stdout)}-{other_host}-0badf00d"
+    ours = tmp_path / f".n.safetensors.ckptfmt-tmp-{int(dead.stdout)}-{HOST_TAG}-0badf00d"
+    write_set(tmp_path, {"a.safetensors": b"a"})
+    theirs.write_bytes(b"a rank on another node is writing this")
+    ours.write_bytes(b"half")
+    write_set(tmp_path, {"b.safetensors": b"b"})
+    assert names(tmp_path) == [theirs.name, "a.safetensors", "b.safetensors"]
+
+
+def test_a_temp_name_names_the_host_within_the_name_limit(tmp_path):
+    long_name = "é" * 120 + ".safetensors"  # 252 bytes: its temp's name is cut to fit
+    with Transaction(tmp_path, long_name) as transaction:
+        with transaction.stage(tmp_path / long_name, overwrite=True) as fd:
+            name = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+    assert f"-{HOST_TAG}-" in name and len(os.fsencode(name)) <= NAME_MAX
 
 
 def test_a_batch_into_one_folder_lists_it_once(tmp_path, monkeypatch):

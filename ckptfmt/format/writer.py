@@ -143,8 +143,8 @@ def write_safetensors(
 ) -> str:
     """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
-    The data is fsynced as it is written. Then, while the last of it goes to disk, it is read
-    back once: compared byte for byte with what it was written from, and each stored tensor
+    The data of a large file is fsynced as it is written (a small one once, at its close). Then,
+    while the last of it goes to disk, it is read back once: compared byte for byte with what it was written from, and each stored tensor
     hashed on its own; those digests go into `ckptfmt.tensor_digests` (where they fit in the
     metadata cap) and make the canonical weights digest, which goes into
     `ckptfmt.weights_sha256` (unless `metadata` already sets it). Only a file that matches takes
@@ -273,7 +273,7 @@ def _placeholder_positions(encoded: bytes, stand_ins: list[str]) -> dict[str, in
 def _write_data(fd: int, order: list[str], data: dict[str, Any], sizes: dict[str, int], syncing: list[Future]) -> None:
     """Append the tensors' bytes in `order`, fsyncing as it goes, so the disk works while we write
     rather than all at the end. Each fsync goes into `syncing`, which the caller waits for."""
-    unflushed = 0
+    unflushed = total = 0
     for name in order:
         if isinstance(data[name], tuple):
             _copy_range(data[name], fd, sizes[name])
@@ -281,10 +281,15 @@ def _write_data(fd: int, order: list[str], data: dict[str, Any], sizes: dict[str
             for piece in data[name]:
                 write_all(fd, piece)
         unflushed += sizes[name]
+        total += sizes[name]
         if unflushed >= _FLUSH_EVERY and (not syncing or syncing[-1].done()):
             syncing.append(helpers().submit(os.fsync, fd))
             unflushed = 0
-    syncing.append(helpers().submit(os.fsync, fd))
+    # The file's closing fsync (`write_temp`, after the header is filled in) syncs every byte
+    # before it can take its name; this one only lets a large file's data go to disk while it is
+    # read back. Below one flush's worth it would be a second journal commit for nothing.
+    if total >= _FLUSH_EVERY:
+        syncing.append(helpers().submit(os.fsync, fd))
 
 
 _FLUSH_EVERY = 64 << 20

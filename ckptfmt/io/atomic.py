@@ -4,9 +4,9 @@ Every output goes to a temp file in the same folder (so the final rename never c
 system), is flushed and fsynced, then takes its name: by `os.link` when nothing may be
 overwritten (which fails, atomically, if the name was taken meanwhile), by `os.replace` when
 overwriting was asked for. The folder is fsynced after the rename. On any failure the temp file
-is removed; one left by a killed process has a recognisable name, `.NAME.ckptfmt-tmp-PID-XXXX`
-(see `hidden_name` for names near the file-system limit), and the next write into the same
-folder removes it once its process is gone.
+is removed; one left by a killed process has a recognisable name,
+`.NAME.ckptfmt-tmp-PID-HOST-XXXX` (see `hidden_name` for names near the file-system limit), and
+the next write into the same folder on the same host removes it once its process is gone.
 
 This is the one-file case; the files of one checkpoint are committed together by
 `transaction.Transaction`, which stages them with `write_temp` below.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,10 @@ __all__ = ["NAME_MAX", "atomic_link", "atomic_write", "check_writable", "fsync_f
 NAME_MAX = 255  # bytes in one file name: ext4, xfs, btrfs, tmpfs, APFS and NTFS (in UTF-16 units) alike
 TMP_MARK = ".ckptfmt-tmp-"
 _WRITE_CHUNK = 64 << 20
+# In each temp file's name: on a file system shared by several hosts (the ranks of a distributed
+# save on other nodes), a process id means something only on the host that wrote it, so only
+# the temps of this host are ever judged by whether their process is alive.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def name_fits(name: str) -> bool:
@@ -60,9 +65,9 @@ def hidden_name(name: str, suffix: str) -> str:
 
 def check_writable(path: Path, *, overwrite: bool) -> None:
     """Refuse early what the final rename would refuse: a symlink, a folder, an existing file;
-    after finishing what killed writers left in the folder (`transaction.clean_folder`), so that
+    after finishing what killed writers left in the folder (`records.clean_folder`), so that
     the checks see the files as they are to be."""
-    from .transaction import clean_folder  # it builds on this module
+    from .records import clean_folder  # it builds on this module
 
     clean_folder(path.parent)
     if path.is_symlink():
@@ -94,7 +99,7 @@ def write_temp(path: Path, *, overwrite: bool, durable: bool = True) -> Iterator
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(exc, path, "cannot create its folder") from None
-    tmp = path.with_name(hidden_name(path.name, f"{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"))
+    tmp = temp_path(path)
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
@@ -165,7 +170,7 @@ def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
     """
     source, path = Path(source), Path(path)
     check_writable(path, overwrite=True)
-    tmp = path.with_name(hidden_name(path.name, f"{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"))
+    tmp = temp_path(path)
     try:
         os.link(source, tmp)
     except OSError as exc:
@@ -211,15 +216,34 @@ def name_temp(tmp: Path, path: Path, *, overwrite: bool) -> None:
         os.unlink(tmp)
 
 
-def temp_pid(name: str) -> int | None:
-    """The process id in a temp file name of ours, or None for another name."""
+def temp_path(path: Path) -> Path:
+    """A new temp file's path for `path`, in its folder, naming this process and this host."""
+    return path.with_name(hidden_name(path.name, f"{TMP_MARK}{os.getpid()}-{HOST_TAG}-{os.urandom(4).hex()}"))
+
+
+def is_temp(name: str) -> bool:
+    """Whether `name` is a temp file name of ours."""
+    return _temp_owner(name) is not None
+
+
+def left_by_dead_process(name: str) -> bool:
+    """Whether `name` is a temp file of ours whose writer, on this host, is gone. A name without
+    a host tag (`PID-XXXX`) is of a single-host writer, judged here."""
+    owner = _temp_owner(name)
+    return owner is not None and owner[1] in (None, HOST_TAG) and not _process_alive(owner[0])
+
+
+def _temp_owner(name: str) -> tuple[int, str | None] | None:
+    """The process id and host tag in a temp file name of ours; None for another name."""
     if not name.startswith(".") or TMP_MARK not in name:
         return None
-    pid = name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
+    fields = name.rsplit(TMP_MARK, 1)[1].split("-")
+    if len(fields) not in (2, 3) or not fields[0].isdigit():
+        return None
+    return int(fields[0]), fields[1] if len(fields) == 3 else None
 
 
-def process_alive(pid: int) -> bool:
+def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -229,7 +253,7 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-# Each folder's modification time when this process last listed it (`transaction.clean_folder`)
+# Each folder's modification time when this process last listed it (`records.clean_folder`)
 # or last changed it: a folder that no other process touched since holds no new leftovers, so a
 # batch of 2,000 files written into one folder costs one listing and 2,000 stats, not 2,000
 # listings.
@@ -245,7 +269,7 @@ def seen_unchanged(folder: Path) -> bool:
 
 
 def note_folder(folder: Path) -> None:
-    """Record that this process changed `folder` (see `transaction.clean_folder`)."""
+    """Record that this process changed `folder` (see `records.clean_folder`)."""
     try:
         _seen[os.path.abspath(folder)] = os.stat(folder).st_mtime_ns
     except OSError:

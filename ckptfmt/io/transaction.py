@@ -21,6 +21,13 @@ finishing it twice; a killed writer's lock goes with its process.
 
 A transaction of one file and no removal needs no record: its rename is atomic.
 
+Several checkpoints of one folder may be committed as one (`commit_together`: a batch of
+conversions, which then writes their shared sidecar once): one record, linked under the record
+name of each checkpoint (hard links, so one lock), so that a reader of any of them finds it. The
+first link is the commit point; should a further one fail, the record's names are removed before
+anything is renamed, and every checkpoint's own transaction is still open, its temps kept, to be
+committed alone.
+
 Derived names stay within the file-system limit of 255 bytes: see `atomic.hidden_name`.
 """
 
@@ -29,7 +36,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,39 +43,33 @@ from types import TracebackType
 
 from ..errors import OutputExistsError, WriteError
 from .atomic import (
-    TMP_MARK,
     check_writable,
     discard_temp,
     fsync_folder,
-    hidden_name,
+    is_temp,
     name_temp,
     note_folder,
-    process_alive,
-    seen_unchanged,
-    temp_pid,
     write_all,
     write_error,
     write_reason,
     write_temp,
 )
-from .files import check_plain_name
+from .records import (
+    RECORD_FORMAT,
+    RECORD_MARK,
+    REMOVABLE_SUFFIX,
+    adopted_temps,
+    clean_folder,
+    finish_pending,
+    finish_record,
+    record_path,
+    recover,
+)
 
-__all__ = ["RECORD_MARK", "Transaction", "clean_folder", "finish_pending", "finish_record", "record_path", "recover"]
-
-RECORD_MARK = ".ckptfmt-commit"
-_RECORD_FORMAT = "ckptfmt-commit-1"
-REMOVABLE_SUFFIX = ".safetensors"
-_RECORD_LIMIT = 64 << 20  # some 100,000 renames of long names: a predictions run with its masks
-
-
-def record_path(path: Path) -> Path:
-    """The commit record of the checkpoint whose main file is `path`.
-
-    Example:
-        >>> record_path(Path("runs/m.safetensors"))
-        PosixPath('runs/.m.safetensors.ckptfmt-commit')
-    """
-    return path.with_name(hidden_name(path.name, RECORD_MARK))
+# The recovery side (`records`) is part of this module's interface: a writer's caller finishes
+# and cleans through the same names.
+__all__ = ["RECORD_MARK", "Transaction", "clean_folder", "commit_together", "finish_pending", "finish_record",
+           "record_path", "recover"]
 
 
 class Transaction:
@@ -94,6 +94,9 @@ class Transaction:
         self._new: set[Path] = set()  # staged to take a name that nothing may hold (overwrite=False)
         self._removals: list[Path] = []
         self._ended = False
+        self._aborted = False
+        self._others: list[str] = []  # the main files of the checkpoints committed with this one
+        self._kept: set[Path] = set()  # temps that an abort leaves to the transaction that staged them
 
     @property
     def staged(self) -> list[tuple[Path, Path]]:
@@ -101,8 +104,17 @@ class Transaction:
         return list(self._staged)
 
     @property
+    def open(self) -> bool:
+        """Whether it is neither committed nor aborted."""
+        return not self._ended
+
+    @property
     def record(self) -> Path:
         return record_path(self.folder / self.name)
+
+    def _records(self) -> list[Path]:
+        """The record's names: this checkpoint's, then those of the others committed with it."""
+        return [self.record, *(record_path(self.folder / name) for name in self._others)]
 
     @contextmanager
     def stage(self, path: Path, *, overwrite: bool) -> Iterator[int]:
@@ -124,11 +136,11 @@ class Transaction:
         """Register a temp file that another process (another rank) wrote and fsynced in the
         folder, to take the name `path` at `commit`."""
         path, temp = self._member(Path(path)), Path(temp)
-        if os.path.abspath(temp.parent) != os.path.abspath(self.folder) or temp_pid(temp.name) is None:
+        if os.path.abspath(temp.parent) != os.path.abspath(self.folder) or not is_temp(temp.name):
             raise ValueError(f"{temp} is not a ckptfmt temp file in {self.folder}")
         check_writable(path, overwrite=overwrite)
         self._staged.append((temp, path))
-        _adopted.add(temp)
+        adopted_temps.add(temp)
         if not overwrite:
             self._new.add(path)
 
@@ -156,15 +168,16 @@ class Transaction:
             fsync_folder(self.folder)
         else:
             self._commit_with_record()
-        _adopted.difference_update(temp for temp, _ in self._staged)
+        adopted_temps.difference_update(temp for temp, _ in self._staged)
         note_folder(self.folder)
 
     def abort(self) -> None:
         """Remove the staged temp files; no name of the folder changes."""
-        self._ended = True
+        self._ended = self._aborted = True
         for temp, _ in self._staged:
-            temp.unlink(missing_ok=True)
-        _adopted.difference_update(temp for temp, _ in self._staged)
+            if temp not in self._kept:
+                temp.unlink(missing_ok=True)
+        adopted_temps.difference_update(temp for temp, _ in self._staged)
         note_folder(self.folder)
 
     def __enter__(self) -> Transaction:
@@ -207,7 +220,8 @@ class Transaction:
     def _ordered(self) -> list[tuple[Path, Path]]:
         """Members first, the main file last: a reader that does not look for the record sees the
         main file of the new set only once the rest of it is there."""
-        return sorted(self._staged, key=lambda pair: pair[1].name == self.name)
+        mains = {self.name, *self._others}
+        return sorted(self._staged, key=lambda pair: pair[1].name in mains)
 
     def _commit_with_record(self) -> None:
         renames, main = self._ordered(), self.folder / self.name
@@ -233,7 +247,8 @@ class Transaction:
             except BaseException as exc:
                 self._stopped(exc, done, len(renames))
             fsync_folder(self.folder)
-            self.record.unlink(missing_ok=True)
+            for record in reversed(self._records()):  # this checkpoint's last: it is the one a writer finishes
+                record.unlink(missing_ok=True)
         finally:
             os.close(lock)
 
@@ -243,7 +258,8 @@ class Transaction:
         or writer to finish, and the error says so."""
         main = self.folder / self.name
         if done == 0:
-            self.record.unlink(missing_ok=True)
+            for record in self._records():
+                record.unlink(missing_ok=True)
             self.abort()
             if isinstance(exc, OSError):
                 raise write_error(exc, main, "writing failed") from exc
@@ -263,9 +279,10 @@ class Transaction:
         descriptor that holds the lock, to be closed once the record is deleted."""
         record = self.record
         document = {
-            "format": _RECORD_FORMAT,
+            "format": RECORD_FORMAT,
             "renames": [[temp.name, path.name] for temp, path in renames],
             "removals": [path.name for path in self._removals],
+            "records": [path.name for path in self._records()],
         }
         with write_temp(record, overwrite=True) as (fd, tmp):
             write_all(fd, (json.dumps(document, indent=1) + "\n").encode())
@@ -283,129 +300,49 @@ class Transaction:
             if lock is not None:
                 os.close(lock)
             raise
+        try:
+            for other in self._records()[1:]:
+                try:
+                    os.link(record, other)
+                except FileExistsError:  # a killed commit of that checkpoint: finished first
+                    finish_record(other)
+                    os.link(record, other)
+        except BaseException:  # nothing renamed yet: the record goes, and with it the commit
+            for name in self._records():
+                name.unlink(missing_ok=True)
+            os.close(lock)
+            raise
         fsync_folder(self.folder)
         return lock
 
 
-def finish_pending(path: Path) -> None:
-    """For a reader about to open the checkpoint `path`: finish the commit that a killed writer
-    left of it, if any (one `lstat` when there is none), waiting for one under way.
+def commit_together(members: list[Transaction], shared: Transaction) -> None:
+    """Commit the checkpoints of `members` (open transactions of one folder) and the files they
+    share, staged in `shared` (the sidecar binding them all), as one transaction: one record, its
+    name that of each checkpoint (see the module's docstring).
 
     Raises:
-        WriteError: naming the record, when it cannot be finished from here (a read-only
-            folder, another user's files).
-    """
-    record = record_path(Path(path))
-    try:
-        os.lstat(record)
-    except OSError:
-        return
-    finish_record(record)
-
-
-def recover(folder: Path) -> None:
-    """Finish (roll forward) each commit record that a killed commit left in `folder`, and remove
-    the temp files of ours whose process is gone. Safe to call often and concurrently.
+        What stopped it. If nothing had taken its name, `shared` is aborted and each member is
+        still open, its temps kept, for the caller to commit (or abort) alone; otherwise each
+        member is ended, and the record finishes the commit for the next reader or writer.
 
     Example:
-        >>> recover(Path("runs"))
+        >>> commit_together([first, second], sidecar)
     """
-    clean_folder(Path(folder), force=True)
-
-
-def finish_record(record: Path) -> None:
-    """Roll forward the commit whose record this is, holding its lock; nothing when it is gone."""
+    group = Transaction(members[0].folder, members[0].name)
+    group._others = [member.name for member in members[1:]]
+    for transaction in (*members, shared):
+        if transaction.folder != group.folder:
+            raise ValueError(f"{transaction.name} is not in {group.folder}")
+        transaction._end()
+        group._staged += transaction._staged
+        group._new |= transaction._new
+        group._removals += transaction._removals
+    group._kept = {temp for member in members for temp, _ in member._staged}
     try:
-        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise _unfinished(record, exc.strerror or str(exc)) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a commit under way holds it: wait for it to end
-        status = os.fstat(fd)
-        if status.st_nlink == 0:
-            return  # finished while we waited
-        if not stat.S_ISREG(status.st_mode) or status.st_size > _RECORD_LIMIT:
-            raise _unfinished(record, "it is not a commit record ckptfmt wrote")
-        renames, removals = _read_record(os.pread(fd, status.st_size, 0), record)
-        folder = record.parent
-        try:
-            for temp, final in renames:
-                try:
-                    os.replace(folder / temp, folder / final)
-                except FileNotFoundError:
-                    pass  # renamed by the commit that wrote the record
-            for name in removals:
-                (folder / name).unlink(missing_ok=True)
-            fsync_folder(folder)
-            os.unlink(record)
-        except OSError as exc:
-            raise _unfinished(record, write_reason(exc, Path(os.path.abspath(record))).split(";")[0]) from None
-    finally:
-        os.close(fd)
-
-
-def _unfinished(record: Path, why: str) -> WriteError:
-    return WriteError(
-        f"a commit of this checkpoint was interrupted (its record {record.name} is left), and this process cannot "
-        f"finish it ({why})",
-        path=record,
-        fix="run any ckptfmt command on the checkpoint as a user who may write to its folder, which finishes it; "
-            "until then its files are those of the previous save or of the new one",
-    )
-
-
-def _read_record(data: bytes, record: Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """The renames and removals a record lists, each a plain name of its folder, and each temp
-    file the temp of its own final name (so a crafted record renames nothing else)."""
-    try:
-        document = json.loads(data)
-        if document.get("format") != _RECORD_FORMAT:
-            raise ValueError
-        renames = [(str(temp), str(final)) for temp, final in document["renames"]]
-        removals = [str(name) for name in document["removals"]]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise _unfinished(record, "it is not a commit record ckptfmt wrote") from None
-    for name in (*(n for pair in renames for n in pair), *removals):
-        check_plain_name(name, key="a name in the commit record", path=record, error=WriteError)
-    for temp, final in renames:
-        if temp_pid(temp) is None or temp != hidden_name(final, temp[temp.rindex(TMP_MARK):]):
-            raise _unfinished(record, f"{temp!r} is not a temp file of {final!r}")
-    for name in removals:
-        if not name.endswith(REMOVABLE_SUFFIX):
-            raise _unfinished(record, f"it removes {name!r}, which is not a {REMOVABLE_SUFFIX} file")
-    return renames, removals
-
-
-# Temp files that a transaction of this process adopted from another process (a rank that may
-# have exited, or run on another host, where its process id means nothing here): not leftovers.
-_adopted: set[Path] = set()
-
-
-def clean_folder(folder: Path, *, force: bool = False) -> None:
-    """Finish the commits that killed writers left in `folder`, then remove the temp files of
-    ours whose process is gone; nothing to do (one stat) when the folder did not change since
-    this process last cleaned or wrote it, unless `force`."""
-    if not force and seen_unchanged(folder):
-        return
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return
-    unfinished = False
-    for name in names:
-        if name.startswith(".") and name.endswith(RECORD_MARK):
-            try:
-                finish_record(folder / name)
-            except WriteError:
-                unfinished = True  # its temps are the new set: kept for whoever can finish it
-    if not unfinished:
-        for name in names:
-            pid = temp_pid(name)
-            if pid is not None and not process_alive(pid) and folder / name not in _adopted:
-                try:
-                    (folder / name).unlink()
-                except OSError:
-                    pass
-    note_folder(folder)
+        group.commit()
+    except BaseException:
+        if group._aborted:
+            for member in members:
+                member._ended = False
+        raise

@@ -7,6 +7,7 @@ wrapping one system call, then killed with SIGKILL or SIGTERM, as a scheduler or
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -27,14 +28,19 @@ pytestmark = pytest.mark.subprocess
 #   commit-point    about to link the commit record into place
 #   renaming        after the first file of the new set took its name
 #   record-deleted  every file renamed, the record not yet deleted
+# (the STALL_AFTER-th time after the first, when it is set: a later file of a batch).
 WRITER = """
 import os, sys, time
 from pathlib import Path
 folder, action, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 real_fsync, real_link, real_replace, real_unlink = os.fsync, os.link, os.replace, os.unlink
 renames = []
+passed = [int(os.environ.get("STALL_AFTER", "0"))]
 
 def stall():
+    passed[0] -= 1
+    if passed[0] >= 0:
+        return
     (folder.parent / "stalled").touch()
     time.sleep(600)
 
@@ -66,6 +72,12 @@ if action == "convert":
     from ckptfmt.cli import main
     os.chdir(folder)
     main(["convert", "m.pth", *sys.argv[4:]])
+elif action == "convert-folder":  # in groups of 2, so that a batch of 5 files has 3
+    import ckptfmt.converter
+    from ckptfmt.cli import main
+    ckptfmt.converter.GROUP_FILES = 2
+    os.chdir(folder)
+    main(["convert", "."])
 else:
     import torch, ckptfmt
     from tests.helpers import small_model
@@ -94,9 +106,10 @@ def legacy_file(path: Path, seed: int) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def kill_writer(folder: Path, action: str, point: str, sig: int, *options: str) -> None:
+def kill_writer(folder: Path, action: str, point: str, sig: int, *options: str, stall_after: int = 0) -> None:
     stalled = folder.parent / "stalled"
-    process = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), action, point, *options], cwd=ROOT)
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), action, point, *options], cwd=ROOT,
+                               env={**os.environ, "STALL_AFTER": str(stall_after)})
     try:
         deadline = time.monotonic() + 240
         while not stalled.exists():
@@ -200,3 +213,44 @@ def test_a_first_save_killed_past_its_commit_point_loads_whole(tmp_path):
     loaded = ckptfmt.load_model(folder / "m.safetensors")
     assert state_dicts_bit_identical(loaded.state_dict(), trained(4)[0].state_dict())
     assert_whole(folder / "m.safetensors", trained(4)[0].state_dict())
+
+
+def test_a_folder_batch_killed_mid_group_leaves_its_committed_groups_and_the_rerun_converts_the_rest(tmp_path):
+    """Five files in groups of two, killed while the second group's second file is written: the
+    first group is converted and whole, nothing of the second took a name, and the rerun
+    converts the rest."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    weights = {name: legacy_file(folder / f"{name}.pth", seed=seed) for seed, name in enumerate("abcde")}
+    kill_writer(folder, "convert-folder", "writing", signal.SIGKILL, stall_after=3)
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "a.optimizer.safetensors", "a.pth", "a.safetensors", "b.optimizer.safetensors", "b.pth", "b.safetensors",
+        "c.pth", "d.pth", "e.pth", "model_config.json"]
+    for name in "ab":
+        assert_whole(folder / f"{name}.safetensors", weights[name])
+    result = run_cli("convert", ".", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[:2] for line in result.stdout.splitlines() if line.startswith("[")] == [
+        ["[SKIP]", "a.pth:"], ["[SKIP]", "b.pth:"], ["[OK]", "c.pth"], ["[OK]", "d.pth"], ["[OK]", "e.pth"]]
+    for name in "abcde":
+        assert_whole(folder / f"{name}.safetensors", weights[name])
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_a_group_killed_while_its_files_take_their_names_is_finished_by_a_reader_of_any_of_them(tmp_path):
+    """The group's one commit record is found under each checkpoint's record name: reading the
+    second checkpoint of a group killed mid-rename finishes the whole group, never a mixed set."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    weights = {name: legacy_file(folder / f"{name}.pth", seed=seed) for seed, name in enumerate("abc")}
+    kill_writer(folder, "convert-folder", "renaming", signal.SIGKILL)
+    assert (folder / ".b.safetensors.ckptfmt-commit").exists() and not (folder / "b.safetensors").exists()
+    loaded = ckptfmt.load_model(folder / "b.safetensors")
+    assert state_dicts_bit_identical(loaded.state_dict(), weights["b"])
+    assert not list(folder.glob("*.ckptfmt-commit"))
+    assert_whole(folder / "b.safetensors", weights["b"])
+    assert_whole(folder / "a.safetensors", weights["a"])
+    assert not (folder / "c.safetensors").exists()
+    result = run_cli("convert", ".", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert_whole(folder / "c.safetensors", weights["c"])
