@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .config.model_config import ModelConfig, remember_file_config
 from .config.capture import unwrap_model
+from .config.model_config import ModelConfig, remember_file_config
 from .config.registry import get_model_entry
 from .config.shapes import check_shapes, check_state, module_state
 from .config.sidecar import check_sidecar_accepts, sidecar_path, write_sidecar

@@ -28,7 +28,7 @@ from .errors import (
 )
 from .format.header import INDEX_SUFFIX, looks_like_safetensors, read_header
 from .format.index import is_foreign_index, is_index, parse_size
-from .io.atomic import check_writable, name_fits
+from .io.atomic import check_writable
 from .io.files import (
     FolderWalk,
     files_sha256,
@@ -37,6 +37,7 @@ from .io.files import (
     sha256_file,
     walk_files,
 )
+from .io.folder import name_fits
 from .io.jsondoc import has_surrogate
 from .io.transaction import clean_folder
 from .sources.dcp import dcp_folder_sha256, is_dcp_folder

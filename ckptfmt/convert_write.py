@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -27,8 +27,19 @@ from .io.transaction import Transaction
 from .resolve import Resolution, read_source, resolve
 from .sources.legacy import file_identity
 
-if TYPE_CHECKING:
-    from .converter import _Batch
+
+class Batch(Protocol):
+    """What one conversion needs of the run it belongs to (`converter`'s batch): whether
+    overwriting was asked, each sidecar read once, the sidecar its checkpoint gets, and the
+    group its transaction joins."""
+
+    force: bool
+
+    def sidecar(self, path: Path) -> Any: ...
+
+    def accepts(self, output: Path, config: Any) -> Path: ...
+
+    def add(self, result: ConvertResult, transaction: Transaction) -> None: ...
 
 __all__ = ["convert_one"]
 
@@ -40,7 +51,7 @@ WEIGHTS_ONLY_HINT = Words(
 )
 
 
-def convert_one(source: Path, output: str | os.PathLike | None, batch: _Batch, *, config: Any = None,
+def convert_one(source: Path, output: str | os.PathLike | None, batch: Batch, *, config: Any = None,
                  overrides: Mapping[str, Any] | None = None, model_type: str | None = None, dtype: str | None = None,
                  unsafe_pickle: bool = False, max_shard_size: int | str | None = None,
                  allow_overflow: bool = False) -> ConvertResult:
@@ -107,7 +118,7 @@ def _provenance(plan: Plan, resolution: Resolution, cast: dict[str, Any] | None,
 
 
 def _write(plan: Plan, resolution: Resolution, state_dict: dict[str, torch.Tensor], cast: dict[str, Any] | None,
-           result: ConvertResult, batch: _Batch) -> None:
+           result: ConvertResult, batch: Batch) -> None:
     """Stage the companion and the weights (read back and compared) in one transaction, which the
     batch commits with the sidecar's binding: they take their names together, after everything is
     written and checked."""

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ckptfmt import OutputExistsError, WriteError
-from ckptfmt.io.atomic import HOST_TAG, NAME_MAX, hidden_name, write_all
+from ckptfmt.io.atomic import write_all
+from ckptfmt.io.folder import HOST_TAG, NAME_MAX, hidden_name
 from ckptfmt.io.transaction import Transaction, clean_folder, finish_pending, record_path, recover
 
 

@@ -1,12 +1,11 @@
 """The per-tensor digests row of tools/bench.py: `ckptfmt diff` of two ~1 GB checkpoints that
 differ in one tensor, which it tells from their headers, against reading one of them whole.
 
-    python tools/bench.py --only digests      # or: python tools/bench_digests.py [bench.py's options]
+    python tools/bench.py --only digests
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 CHANGED = "bottleneck.0.weight"
@@ -55,7 +54,7 @@ def bench_digests(work: Path, repeats: int, architecture: tuple[int, int]) -> li
     """diff from the headers against reading one of the files: `ckptfmt verify` of it (which
     reads and hashes it whole), whole processes; and diff() against a plain read of the file,
     in-process (the page cache warm: the floor of any read)."""
-    from tools.bench import PYTHON, _median_of, gb, make_unet_files, measure, python_child, row
+    from tools.measure import PYTHON, gb, make_unet_files, measure, median_of, python_child, row
 
     _, a = make_unet_files(work, *architecture)
     b = _changed_copy(a)
@@ -70,7 +69,7 @@ def bench_digests(work: Path, repeats: int, architecture: tuple[int, int]) -> li
     if f"differs     {CHANGED}" not in ours["stdout"].splitlines() or CHANGED not in in_process["stdout"]:
         raise RuntimeError(f"diff did not name the changed tensor:\n{ours['stdout'][-2000:]}")
     for result in (in_process, read):
-        result["in_process_s"] = _median_of(result, "in_process_s")
+        result["in_process_s"] = median_of(result, "in_process_s")
     what = f"of two {gb(size)} checkpoints differing in one tensor (from their headers)"
     return [
         row("digests_diff", f"`ckptfmt diff` {what} vs `ckptfmt verify` of one (reads and hashes it whole): whole "
@@ -79,11 +78,3 @@ def bench_digests(work: Path, repeats: int, architecture: tuple[int, int]) -> li
             in_process, read, "in_process", target=("<=", 0.1)),
         row("digests_diff_read", "`ckptfmt diff` vs a plain read of one: whole processes", ours, read, "wall"),
     ]
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tools.bench import main
-
-    sys.argv[1:1] = ["--only", "digests"]
-    sys.exit(main())

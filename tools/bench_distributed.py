@@ -12,14 +12,12 @@
 Each rank restarts its peak (VmHWM) just before the timed part, so that the peak is the save's
 or the load's, not the setup's.
 
-    python tools/bench_distributed.py          # the same as: python tools/bench.py --only distributed
-    python tools/bench_distributed.py --repeats 3
+    python tools/bench.py --only distributed --repeats 3
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -101,7 +99,7 @@ def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -
     from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     import ckptfmt
-    from tools.bench import _median_of, gb, measure, python_child, row
+    from tools.measure import gb, measure, median_of, python_child, row
 
     path = work / f"distributed_{architecture[0]}_{architecture[1]}/model.safetensors"
     if not path.exists():
@@ -119,7 +117,7 @@ def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -
     def summarised(results: list[dict]) -> list[dict]:
         for result in results:
             reports = [json.loads(stdout) for stdout in result["stdouts"]]
-            result["in_process_s"] = _median_of(result, "in_process_s")
+            result["in_process_s"] = median_of(result, "in_process_s")
             result["peak_rss_bytes"] = max(report["rank_peak"] for report in reports)
             result["growth"] = {"peak_rss_bytes": max(report["rank_growth"] for report in reports),
                                 "walls_s": result["walls_s"]}
@@ -148,11 +146,3 @@ def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -
                         saves[4][index]["growth"], saves[2][index]["growth"], "rss",
                         target=("<=", 0.6) if index == 0 else None))
     return rows
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tools.bench import main
-
-    sys.argv[1:1] = ["--only", "distributed"]
-    sys.exit(main())

@@ -7,8 +7,7 @@ round is untimed (the staging buffers are allocated there, as in a training loop
 and the first async_save is reported apart. After the rounds, the async save's tensors are
 checked bit for bit against the blocking save's (not timed).
 
-    python tools/bench_training.py            # the same as: python tools/bench.py --only training
-    python tools/bench_training.py --quick
+    python tools/bench.py --only training --quick
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 # What the caller of each save waits for, in seconds, per round.
@@ -71,11 +69,11 @@ print(json.dumps({"times": times, "first_async": first_async, "identical": ident
 
 def bench_training(work: Path, repeats: int, architecture: tuple[int, int]) -> list[dict]:
     """The rows of the training step of `tools/bench.py`."""
-    from tools.bench import _ENV, ROOT, gb, python_child, row
+    from tools.measure import ENV, ROOT, gb, python_child, row
 
     out = work / "training"
     result = subprocess.run(python_child(TRAINING) + [*map(str, architecture), str(repeats), str(out)],
-                            capture_output=True, cwd=ROOT, env=_ENV)
+                            capture_output=True, cwd=ROOT, env=ENV)
     if result.returncode != 0:
         raise RuntimeError(f"the training bench failed:\n{result.stderr.decode()[-2000:]}")
     report = json.loads(result.stdout.decode().splitlines()[-1])
@@ -100,10 +98,3 @@ def bench_training(work: Path, repeats: int, architecture: tuple[int, int]) -> l
         row("training_dcp_async_done", "DCP's async_save until its future's result() vs the blocking ckptfmt.save",
             timed["dcp_done"], timed["blocking"], "in_process"),
     ]
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tools.bench import main
-
-    sys.exit(main(["--only", "training", *sys.argv[1:]]))

@@ -49,6 +49,7 @@ from ..io.atomic import atomic_write, write_all
 from ..io.files import read_capped
 from ..io.jsondoc import loads_strict
 from .arguments import RESERVED_NAMES
+from .capture import captured_arguments, unwrap_model
 from .fields import (
     SEED_MODEL_TYPE,
     TEXT_FIELDS,
@@ -56,7 +57,6 @@ from .fields import (
     check_structure,
 )
 from .migrations import MIGRATIONS
-from .capture import captured_arguments, unwrap_model
 from .registry import get_model_entry, recognised_arguments
 
 __all__ = [

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointNotFoundError, ConfigError, HeaderError, IntegrityError
-from ..io.atomic import hidden_name, name_fits
 from ..io.files import file_in_folder
+from ..io.folder import hidden_name, name_fits
 from ..io.jsondoc import dumps_strict, loads_strict
 from .digest import digest_file
 from .header import FORMAT_VERSION, INDEX_SUFFIX, KEY_FORMAT, KEY_FORMAT_VERSION, KEY_OPTIMIZER, Header, read_header

@@ -285,7 +285,7 @@ def check_shard_names(index: Path, names: Sequence[str] = ()) -> None:
     """Refuse, before anything is written, an index or shard name over the file system's limit:
     those names follow Hugging Face's convention, which other tools rely on, so they are not
     shortened as ckptfmt's hidden names are."""
-    from ..io.atomic import NAME_MAX, name_fits
+    from ..io.folder import NAME_MAX, name_fits
 
     stem = index.name[: -len(INDEX_SUFFIX)]
     longest = max([index.name, *names, *shard_names(stem, 1)], key=lambda n: len(os.fsencode(n)))

@@ -12,7 +12,8 @@ import stat
 from pathlib import Path
 
 from ..errors import WriteError
-from .atomic import (
+from .files import check_plain_name
+from .folder import (
     TMP_MARK,
     fsync_folder,
     hidden_name,
@@ -22,7 +23,6 @@ from .atomic import (
     seen_unchanged,
     write_reason,
 )
-from .files import check_plain_name
 
 __all__ = ["RECORD_FORMAT", "RECORD_MARK", "REMOVABLE_SUFFIX", "adopted_temps", "clean_folder", "finish_pending",
            "finish_record", "record_path", "recover"]

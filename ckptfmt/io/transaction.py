@@ -28,7 +28,7 @@ first link is the commit point; should a further one fail, the record's names ar
 anything is renamed, and every checkpoint's own transaction is still open, its temps kept, to be
 committed alone.
 
-Derived names stay within the file-system limit of 255 bytes: see `atomic.hidden_name`.
+Derived names stay within the file-system limit of 255 bytes: see `folder.hidden_name`.
 """
 
 from __future__ import annotations
@@ -42,18 +42,8 @@ from pathlib import Path
 from types import TracebackType
 
 from ..errors import OutputExistsError, WriteError
-from .atomic import (
-    check_writable,
-    discard_temp,
-    fsync_folder,
-    is_temp,
-    name_temp,
-    note_folder,
-    write_all,
-    write_error,
-    write_reason,
-    write_temp,
-)
+from .atomic import check_writable, discard_temp, name_temp, write_all, write_error, write_temp
+from .folder import fsync_folder, is_temp, note_folder, write_reason
 from .records import (
     RECORD_FORMAT,
     RECORD_MARK,
