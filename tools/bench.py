@@ -27,10 +27,21 @@ from pathlib import Path
 
 # Run as a script, this file's folder is on sys.path, not the repository that holds `tools`.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.bench_digests import bench_digests  # noqa: E402
-from tools.bench_distributed import bench_distributed  # noqa: E402
-from tools.bench_training import bench_training  # noqa: E402
-from tools.measure import ENV, PYTHON, ROOT, gb, make_unet_files, measure, median_of, python_child, row, run_once  # noqa: E402
+from tools.benchmarks.digests import bench_digests  # noqa: E402
+from tools.benchmarks.distributed import bench_distributed  # noqa: E402
+from tools.benchmarks.measure import (  # noqa: E402
+    ENV,
+    PYTHON,
+    ROOT,
+    gb,
+    make_unet_files,
+    measure,
+    median_of,
+    python_child,
+    row,
+    run_once,
+)
+from tools.benchmarks.training import bench_training  # noqa: E402
 
 # The measurements, in the order they run; `--only` picks some.
 STEPS = ("inspect", "load", "convert", "cast", "verify", "predict", "startup", "distributed", "many", "folder",

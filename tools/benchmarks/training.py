@@ -69,7 +69,7 @@ print(json.dumps({"times": times, "first_async": first_async, "identical": ident
 
 def bench_training(work: Path, repeats: int, architecture: tuple[int, int]) -> list[dict]:
     """The rows of the training step of `tools/bench.py`."""
-    from tools.measure import ENV, ROOT, gb, python_child, row
+    from tools.benchmarks.measure import ENV, ROOT, gb, python_child, row
 
     out = work / "training"
     result = subprocess.run(python_child(TRAINING) + [*map(str, architecture), str(repeats), str(out)],

@@ -54,7 +54,7 @@ def bench_digests(work: Path, repeats: int, architecture: tuple[int, int]) -> li
     """diff from the headers against reading one of the files: `ckptfmt verify` of it (which
     reads and hashes it whole), whole processes; and diff() against a plain read of the file,
     in-process (the page cache warm: the floor of any read)."""
-    from tools.measure import PYTHON, gb, make_unet_files, measure, median_of, python_child, row
+    from tools.benchmarks.measure import PYTHON, gb, make_unet_files, measure, median_of, python_child, row
 
     _, a = make_unet_files(work, *architecture)
     b = _changed_copy(a)

@@ -99,7 +99,7 @@ def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -
     from ckptfmt.models.multitask_unet import MultiTaskUNet
 
     import ckptfmt
-    from tools.measure import gb, measure, median_of, python_child, row
+    from tools.benchmarks.measure import gb, measure, median_of, python_child, row
 
     path = work / f"distributed_{architecture[0]}_{architecture[1]}/model.safetensors"
     if not path.exists():
