@@ -86,11 +86,7 @@ def load_training_state(
                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
             )
         except Exception as exc:  # torch's own checks, whatever they raise
-            raise ConfigError(
-                f"its saved optimizer state does not fit the {type(optimizer).__name__} given ({type(exc).__name__}: "
-                f"{(str(exc).strip().splitlines() or [''])[0][:200]}); build it as it was built when saved",
-                path=path,
-            ) from None
+            raise _does_not_fit("optimizer", optimizer, exc, path) from None
         for group, keys in zip(optimizer.param_groups, tuples):
             group.update({key: tuple(group[key]) for key in keys if isinstance(group.get(key), list)})
     for name in ("scheduler", "scaler"):
@@ -134,8 +130,14 @@ def _restore(name: str, target: Any, state: Any, path: Path) -> None:
     try:
         target.load_state_dict(state)
     except Exception as exc:  # torch's own checks, whatever they raise
-        raise ConfigError(
-            f"its saved {name} state does not fit the {type(target).__name__} given ({type(exc).__name__}: "
-            f"{(str(exc).strip().splitlines() or [''])[0][:200]}); build it as it was built when saved",
-            path=path,
-        ) from None
+        raise _does_not_fit(name, target, exc, path) from None
+
+
+def _does_not_fit(name: str, target: Any, exc: Exception, path: Path) -> ConfigError:
+    """The error for saved state that torch refused to load into `target`, with the first line
+    of torch's own words."""
+    return ConfigError(
+        f"its saved {name} state does not fit the {type(target).__name__} given ({type(exc).__name__}: "
+        f"{(str(exc).strip().splitlines() or [''])[0][:200]}); build it as it was built when saved",
+        path=path,
+    )
