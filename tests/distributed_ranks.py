@@ -15,6 +15,7 @@ again, for the test to kill a rank in the middle of a save. With `--save-in-back
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -240,7 +241,14 @@ def save_in_background(work: Path) -> None:
     agree_on_buffers(model)
     ckptfmt.distributed.save(model, work / "trained_on/model.safetensors", optimizer=optimizer)
     (work / f"rank{rank}.json").write_text(json.dumps({"background": str(future.result())}))
-    dist.destroy_process_group()
+    # Everything is written and checked by now. Tearing down gloo with the background save's
+    # group of its own now and then aborts the process in C++ ("terminate called without an
+    # active exception"), after the work: the ranks leave together, without the teardown, as
+    # tools/benchmarks/distributed.py's ranks do.
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
