@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -142,6 +144,25 @@ def main(work: Path) -> None:
     agree_on_buffers(model)
     ckptfmt.distributed.save(model, work / "straight/model.safetensors", optimizer=optimizer)
     report["exists"] = error_of(lambda: ckptfmt.distributed.save(model, work / "straight/model.safetensors"))
+
+    # A rank that cannot write (a file-size limit of 4 KB on rank 1): the save fails on every rank,
+    # naming the shard, and the previous checkpoint stays as it was.
+    limited = work / "limited/model.safetensors"
+    ckptfmt.distributed.save(model, limited)
+    if rank == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the rank
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+    originals = [parameter.detach().clone() for parameter in model.parameters()]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1)
+    report["limited"] = error_of(lambda: ckptfmt.distributed.save(model, limited, overwrite=True))
+    with torch.no_grad():
+        for parameter, original in zip(model.parameters(), originals):
+            parameter.copy_(original)
+    if rank == 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
 
     # Resume from the first save on fresh objects: each rank reads its slices, then the optimizer.
     resumed = ckptfmt.distributed.load_model(work / "first/model.safetensors", mesh=mesh).train()

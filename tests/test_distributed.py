@@ -313,6 +313,25 @@ def test_errors_on_rank_0_are_raised_on_every_rank(ranks):
 
 
 @pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
+def test_a_rank_that_cannot_write_fails_the_save_on_every_rank_and_leaves_the_previous_checkpoint(ranks):
+    work, reports = ranks
+    folder = work / "limited"
+    assert [report["limited"] for report in reports] == [{
+        "type": "WriteError",
+        "message": f"{folder / 'model-00002-of-00002.safetensors'}: writing failed: the file is larger than this "
+                   "process may write (its file-size limit); raise the limit (ulimit -f) and retry. Any previous file "
+                   "there is intact",
+    }] * WORLD
+    index = folder / "model.safetensors.index.json"
+    assert ckptfmt.verify(index).ok
+    assert read_header(index).weights_sha256 == read_header(work / "straight/model.safetensors.index.json").weights_sha256
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "model_config.json",
+    ]
+
+
+@pytest.mark.subprocess  # Its module's ranks: one process each, as torchrun starts them.
 def test_verify_divides_the_tensor_checks_among_the_ranks(ranks):
     """load_model(verify=True): each tensor is checked against its own digest by one rank, so a
     rank reads about half the file to check it (not all of it) besides its own slices; a

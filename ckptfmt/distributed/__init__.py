@@ -17,8 +17,8 @@
   (keyed by parameter name) is read on rank 0 and scattered to the shards by torch's
   `set_optimizer_state_dict`; save, resume, step equals never stopping, bit for bit.
 
-Loading lives in `loading`, saving in `saving` (the plan in `ownership`, the gathering in
-`gathering`, each rank's writing in `shards`), resuming in `resuming`; every collective is torch's.
+Loading lives in `loading`, saving in `saving` (the plan in `ownership`, what a rank holds in
+`pieces`, each rank's writing in `shards`), resuming in `resuming`; every collective is torch's.
 """
 
 from .loading import load_into, load_model, shard_model

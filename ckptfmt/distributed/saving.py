@@ -1,5 +1,5 @@
-"""Saving a sharded model without gathering it (`save`): every rank writes the whole tensors it
-owns into shards, in parallel, and rank 0 commits the set.
+"""Saving a sharded model without gathering it (`save`): every rank writes what it holds of each
+tensor into the shard that tensor belongs to, in parallel, and rank 0 commits the set.
 
 1. Every rank takes torch's sharded state dicts (`get_model_state_dict`, and
    `get_optimizer_state_dict` when an optimizer is given) and makes the same plan on its own
@@ -9,9 +9,10 @@ owns into shards, in parallel, and rank 0 commits the set.
 2. Rank 0 decides the config, the training record and the provenance, and checks what a save
    checks before writing (shapes against the config, existing files, the sidecar); its
    verdict reaches every rank (`broadcast_object_list`), so a refusal is raised everywhere.
-3. Every rank gathers its tensors one at a time and writes its shards with the one writer
-   (`shards.write_owned`), staged in a `Transaction` of its own: temp files in the folder,
-   fsynced, read back and compared, digested.
+3. Every rank writes what it holds of each tensor (its rows of a sharded one) straight into the
+   shard the tensor belongs to, which the shard's owner laid out and staged in a `Transaction`
+   of its own; then each owner reads its shards back once, compares and digests them, and
+   fsyncs them (`shards.write_owned`). Nothing is gathered.
 4. `gather_object` brings rank 0 every rank's staged temp names and errors. Rank 0 adopts the
    temps into its transaction, writes the companion's index, the index (whose digest of the
    whole state is put together from the per-tensor digests each rank's writer computed in its
@@ -19,7 +20,9 @@ owns into shards, in parallel, and rank 0 commits the set.
    sidecar, and commits: a kill of any rank before the commit record leaves the previous
    checkpoint as it was, and one after it is rolled forward by the next reader or writer.
 
-The folder must be one that every rank sees (a shared file system, or one host).
+The folder must be one that every rank sees (a shared file system, or one host). The ranks
+write into each other's staged files; each fsyncs and closes what it wrote before the owners read
+it back, as a network file system's close-to-open consistency asks.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from ..errors import CkptfmtError, CkptfmtWarning, ConfigError
 from ..format.header import FORMAT_VERSION, INDEX_SUFFIX, KEY_FORMAT, KEY_FORMAT_VERSION
 from ..format.index import check_shard_names, parse_size
 from ..io.transaction import Transaction
-from .gathering import Piece, piece_of, replica_digests
 from .ownership import model_ties, plan_shards
+from .pieces import Piece, piece_of, replica_digests
 from .rank_zero import on_rank0, shared
 from .shards import Part, write_owned
 
@@ -48,10 +51,9 @@ if TYPE_CHECKING:
 
 __all__ = ["async_save", "save"]
 
-# Shards of at most 64 MiB unless asked otherwise: beyond its own rows, a rank holds one shard's
-# worth of rows received from the others at most (or one larger tensor's), so this bounds what a
-# save costs beyond the model's own shards.
-DEFAULT_SHARD_BYTES = 64 << 20
+# As huggingface_hub's save_torch_state_dict. The shard size costs no memory (each rank writes its
+# pieces where they belong); every rank writes one shard at least.
+DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 def save(
@@ -71,8 +73,9 @@ def save(
     """Save a sharded model as one self-describing sharded checkpoint, each rank writing the
     tensors it owns: `NAME-0000K-of-0000N.safetensors` and `NAME.safetensors.index.json`.
 
-    Call it on every rank. No rank holds the full state: each gathers only the tensors it owns,
-    one at a time, and writes them (see the module's docstring for the steps). The checkpoint
+    Call it on every rank. No rank holds more than its own pieces: each writes its rows of every
+    tensor straight into the tensor's shard, and the owner of each shard checks and digests it
+    (see the module's docstring for the steps). The checkpoint
     is what `ckptfmt.save` writes for a sharded model: config from the arguments the model was
     built with, training record, digest of the whole state, sidecar, and the optimizer's state
     in companion shards (`NAME.optimizer-0000K-of-0000N.safetensors` and their index, keyed by
@@ -86,9 +89,8 @@ def save(
         optimizer: its sharded state goes to the companion shards, for `load_training_state`
             on any number of ranks (or `ckptfmt.load_training_state` in one process).
         max_shard_size: at most this many bytes per shard ("2GB", "500MiB", an int; a larger
-            tensor gets a shard of its own); 64 MiB by default. Beyond its own rows, a rank holds
-            up to this many bytes received from the others (or one larger tensor's), so this
-            bounds the memory a save takes.
+            tensor gets a shard of its own); 5 GB by default, as huggingface_hub's. Each rank
+            writes one shard at least. It does not change the memory a save takes.
         config, scheduler, scaler, epoch, metrics, overwrite, fields: as for `ckptfmt.save`.
 
     Returns:
@@ -106,8 +108,7 @@ def save(
 
     job = _prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
-    error, digests = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite,
-                                 budget=job.shard_bytes)
+    error, digests = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite)
     return _commit_save(job, error, digests)
 
 
@@ -127,7 +128,7 @@ def async_save(
     **fields: Any,
 ) -> Future[Path]:
     """`save` in the background: return once each rank has copied its pieces of the state into
-    host memory; gathering to the owners, writing, digests, fsync and the commit run on a thread.
+    host memory; writing, read-back, digests, fsync and the commit run on a thread.
 
     Call it on every rank, as `save`. The caller is blocked while the ranks agree on the plan
     and rank 0 checks the save (as `save` does, so a refusal is raised here), then while each
@@ -174,8 +175,7 @@ def async_save(
             parts = [replace(part, tensors={name: Piece(copy[str(number)][name], piece.shape, piece.rows)
                                             for name, piece in pieces[number].items()})
                      for number, part in enumerate(job.parts)]
-            error, digests = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite,
-                                         budget=job.shard_bytes, group=group)
+            error, digests = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite, group=group)
             return _commit_save(job, error, digests, group=group)
 
         state = {str(number): {name: piece.local for name, piece in table.items()} for number, table in enumerate(pieces)}
@@ -209,7 +209,6 @@ class _SaveJob:
     parts: list[Part]
     transaction: Transaction
     overwrite: bool
-    shard_bytes: int
     decided: tuple | None  # rank 0: (config, training record, provenance, companion JSON text)
 
 
@@ -254,7 +253,7 @@ def _prepare_save(model: torch.nn.Module, path: str | os.PathLike, *, config: An
         companion_index = companion.with_name(companion.name + ".index.json")
         parts.append(Part(companion_index, moments, plans["companion"],
                           {KEY_FORMAT: "pt", KEY_FORMAT_VERSION: FORMAT_VERSION}))
-    return _SaveJob(index, parts, Transaction(index.parent, index.name), overwrite, shard_bytes, decided)
+    return _SaveJob(index, parts, Transaction(index.parent, index.name), overwrite, decided)
 
 
 def _index_path(path: Path) -> Path:
@@ -335,7 +334,7 @@ def _commit_save(job: _SaveJob, error: BaseException | None, digests: dict[str, 
     rank. `digests`: this rank's tensors' full digests, by part (see `write_owned`).
 
     Example:
-        >>> _commit_save(job, *write_owned(job.parts, rank, job.transaction, overwrite=False, budget=1 << 27))
+        >>> _commit_save(job, *write_owned(job.parts, rank, job.transaction, overwrite=False))
         PosixPath('m.safetensors.index.json')
     """
     import torch.distributed as dist

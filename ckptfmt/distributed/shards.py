@@ -1,25 +1,30 @@
-"""Each rank's part of a distributed save: gather the tensors it owns, one at a time, and write
-them into its shards, staged in its own transaction.
+"""Each rank's part of a distributed save: every rank writes what it holds of each tensor straight
+into the shard that tensor belongs to, and each shard's owner checks and seals its files.
 
-The ranks walk one schedule, the same on all of them: turns of one tensor per owner (rank 0's
-first, rank 1's first, ...; then the seconds), so that every rank has a shard filling from the
-start, and the transfers of a turn run at once (`gather_to_owners`). The writing
-runs on a thread of each rank's own, so that a rank writing a shard still sends its pieces of
-the others' tensors, and the ranks write in parallel. A tensor is written from its pieces where
-they lie: the owner's own rows in its model, the others' rows in the buffers they were received
-into (`gather_to_owners`). Beyond its own, a rank holds at most `budget` bytes of what it
-received (the shard size; or one larger tensor's alone): before it gathers one more tensor, it
-waits for its writer to finish a shard, which frees that shard's buffers.
+Three steps, on every rank:
+1. Lay out: each shard's owner lays its file out (`writer.layout_file`: the header, holding
+   placeholders for the digests, and each tensor's place), stages it in its transaction at its
+   full size, and the ranks tell each other where every file and tensor is (one
+   `all_gather_object`).
+2. Write: every rank writes its rows of each sharded tensor (FSDP2's `Shard(0)`) at their place
+   in the tensor's file, and the tensors it owns whole (a replicated one); it reads back and
+   compares what it wrote into files it does not own, and fsyncs them. Nothing travels between
+   ranks and nothing is gathered, so a rank holds no more than its own pieces, however many
+   ranks there are. A tensor of another layout is assembled on its owner by DTensor
+   (`full_tensor()`, in the same order on every rank), written, checked and dropped, one at a
+   time. The ranks start at different files, so that they do not queue on one.
+3. Seal: once every rank has written (one `all_gather_object` of failures), each owner reads
+   its files back once, comparing its own pieces and hashing every tensor (the per-tensor
+   digests, and the file's weights digest, filled into its header), and fsyncs them.
 
-A failed write does not stop the schedule (the other ranks are waiting for this rank's pieces):
-it is kept, the rest of this rank's tensors are gathered and dropped, and the error is reported
-with the staged files for rank 0 to decide (see `saving`).
+A failed step on one rank is reported at the next exchange and the ranks give up together; the
+error and the staged files go to rank 0 (see `saving`), which fails the save on every rank.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 from ..format.header import INDEX_SUFFIX, KEY_SHARD
 from ..format.index import shard_names
-from .gathering import Piece, gather_to_owners, piece_of
+from ..io.folder import is_temp
 from .ownership import Plan
+from .pieces import Piece, assembled, piece_of, row_bounds
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
+    from ..format.writer import Layout
     from ..io.transaction import Transaction
 
 __all__ = ["Part", "write_owned"]
+
+_Key = tuple[int, int]  # (part number, shard number)
 
 
 @dataclass
@@ -64,133 +73,237 @@ class Part:
 
 
 def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overwrite: bool,
-                budget: int, group: Any = None) -> tuple[BaseException | None, dict[str, dict[str, bytes]]]:
-    """Gather this rank's tensors of every part and stage its shards in `transaction`; every
-    rank calls it. Rows travel through `group` (the default group when None). Returns the error
-    of a failed write (the files staged before it stay staged, for rank 0 to remove) or None,
-    and the full digest of each tensor written, by part (its index's name), from which rank 0
-    puts the digest of the whole set together (`write_index`).
+                group: Any = None) -> tuple[BaseException | None, dict[str, dict[str, bytes]]]:
+    """Write this rank's pieces of every part and stage the shards it owns in `transaction`, in
+    the three steps of the module's docstring; every rank calls it, and the ranks exchange
+    through `group` (the default group when None). Returns this rank's error (the files it
+    staged stay staged, for rank 0 to remove) or None, and the full digest of each tensor of its
+    shards, by part (its index's name), from which rank 0 puts the digest of the whole set
+    together (`write_index`).
 
     Example:
-        >>> error, digests = write_owned([weights], dist.get_rank(), transaction, overwrite=True, budget=64 << 20)
+        >>> error, digests = write_owned([weights], dist.get_rank(), transaction, overwrite=True)
     """
-    writer = _ShardWriter(transaction, overwrite, budget)
-    held: dict[tuple[int, int], dict[str, _Gathered]] = {}
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    owned: dict[_Key, Layout] = {}
+    error = None
     try:
-        for turn in _schedule(parts):
-            pieces = []
-            for part_number, shard, name in turn:
-                part = parts[part_number]
-                owner = part.plan.shard_owners[shard]
+        _lay_out(parts, rank, transaction, overwrite, owned)
+    except BaseException as exc:  # reported to rank 0, which fails the save on every rank
+        error = exc
+    temps = {final: temp.name for temp, final in transaction.staged}
+    mine = {key: (temps[layout.path], {name: position for name, (position, _) in layout.spans.items()})
+            for key, layout in owned.items()}
+    reports = _exchange((error is not None, mine), group)
+    if any(failed for failed, _ in reports):
+        return error, {}
+    places = {key: place for _, theirs in reports for key, place in theirs.items()}
+    writing = _Writing(parts, rank, world, transaction.folder, places, owned)
+    error = writing.run()
+    if any(_exchange(error is not None, group)):
+        return error, {}
+    digests: dict[str, dict[str, bytes]] = {}
+    try:
+        writing.seal(digests)
+    except BaseException as exc:
+        error = exc
+    return error, digests
+
+
+def _exchange(mine: Any, group: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, mine, group=group)
+    return reports
+
+
+def _lay_out(parts: list[Part], rank: int, transaction: Transaction, overwrite: bool, owned: dict[_Key, Layout]) -> None:
+    """Step 1 on this rank: lay out the shards it owns and stage each, its header written and its
+    size set (the data a hole for the ranks to fill), into `owned`."""
+    import torch
+
+    from ..format.writer import layout_file
+    from ..io.atomic import write_all
+
+    for number, part in enumerate(parts):
+        for shard in part.plan.shards_of(rank):
+            belongs = json.dumps({"index": part.index.name, "shard": shard + 1, "of": len(part.plan.shards)},
+                                 sort_keys=True)
+            shapes = {}
+            for name in part.plan.shards[shard]:
                 value = part.tensors[name]
-                piece = value if isinstance(value, Piece) else piece_of(value, owner)
-                if owner == rank:
-                    gathering = sum(tensor.extra for tensor in held.get((part_number, shard), {}).values())
-                    writer.make_room(_extra(piece, part.plan.sizes[name]), gathering)
-                pieces.append((piece, owner))
-            for (part_number, shard, name), (piece, _), got in zip(turn, pieces, gather_to_owners(pieces, group=group)):
-                if got is None:
-                    continue
-                part = parts[part_number]
-                tensors = held.setdefault((part_number, shard), {})
-                tensors[name] = _Gathered(piece.shape, got, _extra(piece, part.plan.sizes[name]))
-                if len(tensors) == len(part.plan.shards[shard]):
-                    writer.submit(part, shard, held.pop((part_number, shard)))
-    finally:
-        error = writer.finish()
-    return error, writer.digests
+                dtype = value.local.dtype if isinstance(value, Piece) else value.dtype
+                shapes[name] = torch.empty(tuple(value.shape), dtype=dtype, device="meta")
+            layout = layout_file(part.shard_path(shard), shapes, {**part.metadata, KEY_SHARD: belongs})
+            with transaction.stage(layout.path, overwrite=overwrite, durable=False) as fd:
+                write_all(fd, layout.head)
+                os.ftruncate(fd, layout.size)
+            owned[(number, shard)] = layout
 
 
-def _schedule(parts: list[Part]) -> list[list[tuple[int, int, str]]]:
-    """Turns of (part, shard, tensor name), in the order every rank gathers them: each rank's
-    list of owned tensors (part by part, shard by shard, in name order), one of each rank's per
-    turn, so that each turn has one tensor per owner and its transfers run at once."""
-    queues: dict[int, list[tuple[int, int, str]]] = {}
-    for part_number, part in enumerate(parts):
-        for shard, (names, owner) in enumerate(zip(part.plan.shards, part.plan.shard_owners)):
-            queues.setdefault(owner, []).extend((part_number, shard, name) for name in names)
-    return [[queue[turn] for _, queue in sorted(queues.items()) if turn < len(queue)]
-            for turn in range(max((len(queue) for queue in queues.values()), default=0))]
+class _Writing:
+    """Steps 2 (`run`) and 3 (`seal`) on this rank. `places`: every shard's temp file name and
+    tensors' file offsets; `owned`: the layouts of this rank's own shards."""
 
+    def __init__(self, parts: list[Part], rank: int, world: int, folder: Path, places: dict[_Key, tuple],
+                 owned: dict[_Key, Layout]) -> None:
+        self.parts, self.rank, self.world, self.folder = parts, rank, world, folder
+        self.places, self.owned = places, owned
+        # For the owner's read-back: each tensor of its shards as segments in file order, the
+        # bytes it wrote itself (compared) or the count of bytes another rank wrote and checked.
+        self.segments: dict[_Key, dict[str, list[np.ndarray | int]]] = {key: {} for key in owned}
 
-@dataclass(frozen=True)
-class _Gathered:
-    """A tensor on its owner: its shape, its pieces in order (`gather_to_owners`), and the bytes
-    the gathering added to the rank's own (the rows received, or a whole tensor)."""
+    def run(self) -> BaseException | None:
+        """Step 2: this rank's pieces written into their files; returns the first error (the
+        collectives of assembling go on after one, as the other ranks wait in them)."""
+        from ..io.background import helpers
 
-    shape: tuple[int, ...]
-    pieces: list[torch.Tensor]
-    extra: int
-
-
-def _extra(piece: Piece, size: int) -> int:
-    """What gathering the tensor of `size` bytes adds on its owner: the other ranks' rows, or
-    the whole tensor (counted whole even when replicated: those are small)."""
-    return size - piece.local.numel() * piece.local.element_size() if piece.rows else size
-
-
-class _ShardWriter:
-    """One thread writing this rank's shards in turn, and the count of gathered bytes not yet
-    written, which `make_room` keeps under the budget."""
-
-    def __init__(self, transaction: Transaction, overwrite: bool, budget: int) -> None:
-        self._transaction, self._overwrite, self._budget = transaction, overwrite, budget
-        self._queue: list[tuple[Part, int, dict[str, _Gathered]]] = []
-        self._pending = 0  # bytes submitted and not yet written
-        self._closed = False
-        self.error: BaseException | None = None
-        self.digests: dict[str, dict[str, bytes]] = {}  # by part's index name: each written tensor's full digest
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="ckptfmt-shard-writer", daemon=True)
-        self._thread.start()
-
-    def make_room(self, size: int, gathering: int) -> None:
-        """Wait until `size` more bytes fit beside those submitted and those being gathered
-        (`gathering`), or nothing submitted is left to wait for."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._pending == 0 or self._pending + gathering + size <= self._budget)
-
-    def submit(self, part: Part, shard: int, tensors: dict[str, _Gathered]) -> None:
-        with self._changed:
-            if self.error is not None:
-                return  # dropped: this rank's save has failed; its pieces were still sent
-            self._queue.append((part, shard, tensors))
-            self._pending += sum(tensor.extra for tensor in tensors.values())
-            self._changed.notify_all()
-
-    def finish(self) -> BaseException | None:
-        with self._changed:
-            self._closed = True
-            self._changed.notify_all()
-        self._thread.join()
-        return self.error
-
-    def _run(self) -> None:
-        import torch
-
-        from ..format.writer import write_safetensors
-
-        while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._queue or self._closed)
-                if not self._queue:
-                    return
-                part, shard, tensors = self._queue[0]
-            size = sum(tensor.extra for tensor in tensors.values())
+        error = self._write_assembled()
+        keys = [(number, shard) for number, part in enumerate(self.parts) for shard in range(len(part.plan.shards))]
+        first = len(keys) * self.rank // self.world
+        syncing = []
+        for key in keys[first:] + keys[:first]:
+            if error is not None:
+                break
             try:
-                if self.error is None:
-                    belongs = json.dumps({"index": part.index.name, "shard": shard + 1, "of": len(part.plan.shards)},
-                                         sort_keys=True)
-                    shapes = {name: torch.empty(tensor.shape, dtype=tensor.pieces[0].dtype, device="meta")
-                              for name, tensor in tensors.items()}
-                    write_safetensors(part.shard_path(shard), shapes, {**part.metadata, KEY_SHARD: belongs},
-                                      overwrite=self._overwrite, transaction=self._transaction,
-                                      digests=self.digests.setdefault(part.index.name, {}),
-                                      pieces={name: tensor.pieces for name, tensor in tensors.items()})
-            except BaseException as exc:  # reported to rank 0, which fails the save on every rank
-                self.error = exc
-            with self._changed:
-                self._queue.pop(0)
-                self._pending -= size
-                del tensors
-                self._changed.notify_all()
+                fd = self._write_held(key)
+                if fd is not None:
+                    syncing.append((key, helpers().submit(_sync_and_close, fd)))
+            except BaseException as exc:
+                error = self._failure(exc, key)
+        for key, future in syncing:
+            try:
+                future.result()
+            except BaseException as exc:
+                error = error or self._failure(exc, key)
+        return error
+
+    def seal(self, digests: dict[str, dict[str, bytes]]) -> None:
+        """Step 3: read back each of this rank's shards, compare its own pieces, hash every
+        tensor, fill the digests into the header, fsync."""
+        from ..format.writer import fill_in_header, read_back
+        from ..io.background import helpers
+
+        syncing = []
+        try:
+            for key, layout in self.owned.items():
+                try:
+                    fd = self._open(key)
+                    try:
+                        digest, tensor_digests = read_back(fd, layout, self.segments[key])
+                        fill_in_header(fd, layout, digest, tensor_digests, {})
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                except BaseException as exc:
+                    raise self._failure(exc, key) from None
+                syncing.append((key, helpers().submit(_sync_and_close, fd)))
+                digests.setdefault(self.parts[key[0]].index.name, {}).update(tensor_digests)
+        finally:
+            for key, future in syncing:
+                try:
+                    future.result()
+                except OSError as exc:
+                    raise self._failure(exc, key) from None
+
+    def _write_assembled(self) -> BaseException | None:
+        """The tensors of other layouts, in plan order on every rank: assembled on the owner,
+        written, checked and dropped there."""
+        from ..format.writer import check_written, tensor_bytes, write_at
+
+        error = None
+        for number, part in enumerate(self.parts):
+            for shard, (names, owner) in enumerate(zip(part.plan.shards, part.plan.shard_owners)):
+                for name in names:
+                    value = part.tensors[name]
+                    if isinstance(value, Piece) or not assembled(value):
+                        continue
+                    piece = piece_of(value, owner)  # every rank takes part
+                    if owner != self.rank or error is not None:
+                        continue
+                    self.segments[(number, shard)][name] = [part.plan.sizes[name]]  # checked here
+                    try:
+                        fd = self._open((number, shard))
+                        try:
+                            data = tensor_bytes(piece.local)
+                            write_at(fd, self.places[(number, shard)][1][name], [data])
+                            check_written(fd, self.places[(number, shard)][1][name], [data], part.shard_path(shard),
+                                          name)
+                        finally:
+                            os.close(fd)
+                    except BaseException as exc:
+                        error = self._failure(exc, (number, shard))
+                    del piece
+        return error
+
+    def _write_held(self, key: _Key) -> int | None:
+        """Write this rank's pieces of the tensors of one shard; a file of another rank is checked
+        and its descriptor returned, to be fsynced and closed (None when this rank has nothing
+        there, or owns it: its owner checks and fsyncs it in `seal`)."""
+        from ..format.writer import check_written, tensor_bytes, write_at
+
+        number, shard = key
+        part = self.parts[number]
+        owner = part.plan.shard_owners[shard]
+        positions = self.places[key][1]
+        writes = []
+        for name in part.plan.shards[shard]:
+            value = part.tensors[name]
+            if not isinstance(value, Piece) and assembled(value):
+                continue
+            piece = value if isinstance(value, Piece) else piece_of(value, owner)
+            if piece.local is None:
+                continue
+            data = tensor_bytes(piece.local)
+            offset = 0
+            if piece.rows and piece.shape[0]:
+                start, _ = row_bounds(piece, self.rank, self.world)[self.rank]
+                offset = start * (part.plan.sizes[name] // piece.shape[0])
+            if owner == self.rank:
+                after = part.plan.sizes[name] - offset - data.nbytes
+                self.segments[key][name] = [segment for segment in (offset, data, after)
+                                            if not isinstance(segment, int) or segment]
+            if data.nbytes:
+                writes.append((name, positions[name] + offset, data))
+        if not writes:
+            return None
+        fd = self._open(key)
+        try:
+            for _, position, data in writes:
+                write_at(fd, position, [data])
+            if owner == self.rank:
+                os.close(fd)
+                return None
+            for name, position, data in writes:
+                check_written(fd, position, [data], part.shard_path(shard), name)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _failure(self, exc: BaseException, key: _Key) -> BaseException:
+        """What to report of `exc`, raised writing the shard `key`: an OSError said as a
+        WriteError about the shard, anything else as it is."""
+        from ..errors import WriteError
+        from ..io.atomic import write_error
+
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            return write_error(exc, self.parts[key[0]].shard_path(key[1]), "writing failed")
+        return exc
+
+    def _open(self, key: _Key) -> int:
+        """The staged file of a shard, by the temp name its owner sent: a temp file of the folder."""
+        temp = self.places[key][0]
+        if os.path.basename(temp) != temp or not is_temp(temp):
+            raise ValueError(f"{temp!r} is not a ckptfmt temp file name")
+        return os.open(self.folder / temp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,47 +179,106 @@ def write_safetensors(
         IntegrityError: what was read back differs from the source (failing disk or memory).
         OutputExistsError, WriteError: see `atomic_write`.
     """
-    path = Path(path)
-    for name in tensors:
-        check_tensor_name(name, path)
-    stored, aliases = split_aliases(tensors)
-    metadata, stand_ins = _metadata_to_write(metadata, aliases, len(stored))
-    # Nothing is written that the reader, and so `verify`, would refuse.
-    check_metadata(metadata, path)
-    order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
+    layout = layout_file(path, tensors, metadata, fill_in=fill_in)
+    stored = layout.tensors
     sources = {name: span for name, span in (sources or {}).items() if name in stored}
     pieces = pieces or {}
     data = {name: sources[name] if name in sources else [tensor_bytes(p) for p in pieces[name]] if name in pieces
-            else [tensor_bytes(stored[name])] for name in order}
-    sizes = {name: stored[name].numel() * stored[name].element_size() for name in order}
-    for name in pieces.keys() & sizes.keys():
-        if sum(piece.nbytes for piece in data[name]) != sizes[name]:
+            else [tensor_bytes(stored[name])] for name in layout.order}
+    for name in pieces.keys() & layout.sizes.keys():
+        if sum(piece.nbytes for piece in data[name]) != layout.sizes[name]:
             raise ValueError(f"the pieces of tensor {name!r} do not add up to its shape {tuple(stored[name].shape)}")
-    header, encoded = _encoded_header(metadata, stored, order, sizes)
-    positions = _placeholder_positions(encoded, [*(fill_in or {}), *stand_ins.values()])
-    data_start = 8 + len(encoded)
-    spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
     opened = atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) if transaction is None \
         else transaction.stage(path, overwrite=overwrite)
     with opened as fd:
-        write_all(fd, len(encoded).to_bytes(8, "little") + encoded)
+        write_all(fd, layout.head)
         syncing: list[Future] = []
         try:
-            _write_data(fd, order, data, sizes, syncing)
-            digest, tensor_digests = _read_back(fd, path, spans, data, sizes, aliases)
+            _write_data(fd, layout.order, data, layout.sizes, syncing)
+            digest, tensor_digests = read_back(fd, layout, data)
             if digests is not None:
                 digests.update(tensor_digests)
         finally:
             for future in syncing:  # none may outlive the descriptor it syncs
                 future.result()
-        values = {stand_in: future.result() for stand_in, future in (fill_in or {}).items()}
-        computed = {KEY_WEIGHTS_SHA256: digest, KEY_TENSOR_DIGESTS: encode_tensor_digests(tensor_digests)}
-        values.update({stand_in: computed[key] for key, stand_in in stand_ins.items()})
-        for stand_in, value in values.items():
-            if len(value) != len(stand_in):
-                raise ValueError(f"the value filled in for placeholder {stand_in!r} is not as long as it")
-            os.pwrite(fd, value.encode(), positions[stand_in])
+        fill_in_header(fd, layout, digest, tensor_digests,
+                       {stand_in: future.result() for stand_in, future in (fill_in or {}).items()})
     return digest
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where everything of a safetensors file goes, known before a byte of its data is written:
+    what `write_safetensors` writes in one go, and what the ranks of a distributed save write
+    into one file in parts (`distributed.shards`).
+
+    Attributes:
+        path: the file's final name (for messages).
+        head: the file's first bytes: the header's length and the header, holding placeholders
+            for what is only known once the data is written.
+        tensors: the stored tensors (ties removed), by name; only their dtype and shape matter here.
+        order: the stored tensors' names as laid out in the file.
+        spans: stored name -> (the file offset of its data, its header entry).
+        sizes: stored name -> bytes.
+        aliases: tied name -> stored name.
+        positions: placeholder -> its file offset.
+        stand_ins: metadata key -> the placeholder of the value the read-back computes
+            (`ckptfmt.weights_sha256`, `ckptfmt.tensor_digests`).
+    """
+
+    path: Path
+    head: bytes
+    tensors: dict[str, torch.Tensor]
+    order: list[str]
+    spans: dict[str, tuple[int, dict]]
+    sizes: dict[str, int]
+    aliases: dict[str, str]
+    positions: dict[str, int]
+    stand_ins: dict[str, str]
+
+    @property
+    def size(self) -> int:
+        """The file's size once written."""
+        return len(self.head) + sum(self.sizes.values())
+
+
+def layout_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
+                fill_in: Mapping[str, Future] | None = None) -> Layout:
+    """The layout of a safetensors file of `tensors` and `metadata` (see `write_safetensors`),
+    checked as the reader checks a file: nothing is written that it, and so `verify`, would
+    refuse. `fill_in`: the caller's placeholders in `metadata`'s values.
+
+    Example:
+        >>> layout = layout_file("m.safetensors", {"w": torch.empty(2, 3, device="meta")}, {})
+        >>> layout.spans["w"][0] == len(layout.head)
+        True
+    """
+    path = Path(path)
+    for name in tensors:
+        check_tensor_name(name, path)
+    stored, aliases = split_aliases(tensors)
+    metadata, stand_ins = _metadata_to_write(metadata, aliases, len(stored))
+    check_metadata(metadata, path)
+    order = sorted(stored, key=lambda n: (-DTYPE_SIZES[dtype_name(stored[n], n)], n))
+    sizes = {name: stored[name].numel() * stored[name].element_size() for name in order}
+    header, encoded = _encoded_header(metadata, stored, order, sizes)
+    positions = _placeholder_positions(encoded, [*(fill_in or {}), *stand_ins.values()])
+    data_start = 8 + len(encoded)
+    spans = {name: (data_start + header[name]["data_offsets"][0], header[name]) for name in order}
+    return Layout(path, len(encoded).to_bytes(8, "little") + encoded, stored, order, spans, sizes, aliases,
+                  positions, stand_ins)
+
+
+def fill_in_header(fd: int, layout: Layout, digest: str, tensor_digests: dict[str, bytes],
+                   values: Mapping[str, str]) -> None:
+    """Write into the header of `fd` the digests the read-back computed and the caller's `values`
+    of its other placeholders (each as long as its placeholder)."""
+    computed = {KEY_WEIGHTS_SHA256: digest, KEY_TENSOR_DIGESTS: encode_tensor_digests(tensor_digests)}
+    values = {**values, **{stand_in: computed[key] for key, stand_in in layout.stand_ins.items()}}
+    for stand_in, value in values.items():
+        if len(value) != len(stand_in):
+            raise ValueError(f"the value filled in for placeholder {stand_in!r} is not as long as it")
+        os.pwrite(fd, value.encode(), layout.positions[stand_in])
 
 
 def _metadata_to_write(metadata: Mapping[str, str], aliases: dict[str, str],
@@ -318,50 +378,96 @@ def _copy_range(source: tuple[int, int], fd: int, size: int) -> None:
         done += got
 
 
-def _read_back(
-    fd: int, path: Path, spans: dict, data: dict[str, Any], sizes: dict[str, int], aliases: dict[str, str],
-) -> tuple[str, dict[str, bytes]]:
-    """Read every tensor back in name order: compare it with what it was written from (its
-    pieces in memory, or the source file's bytes), and hash it (see `WeightsHasher`). Each stored byte is read
-    once, in chunks into bounded buffers. Returns the weights digest and each stored tensor's
-    full one."""
+def read_back(fd: int, layout: Layout, data: Mapping[str, Any]) -> tuple[str, dict[str, bytes]]:
+    """Read every tensor of `layout` back from `fd` in name order: compare it with what it was
+    written from, and hash it (see `WeightsHasher`). Each stored byte is read once, in chunks
+    into bounded buffers. `data[name]`: the source file's `(descriptor, offset)`, or the
+    tensor's segments in order, each an array of the bytes written (compared) or a count of
+    bytes that another process wrote and checked (hashed only). Returns the weights digest and
+    each stored tensor's full one.
+
+    Raises:
+        IntegrityError: a compared byte differs.
+    """
     hasher = WeightsHasher(per_tensor=True)
     buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
     original = np.empty(_READ_CHUNK, dtype=np.uint8) if any(isinstance(d, tuple) for d in data.values()) else None
-    for name in sorted([*spans, *aliases]):
-        stored = aliases.get(name, name)
-        position, entry = spans[stored]
-        expected, size = data[stored], sizes[stored]
+    for name in sorted([*layout.spans, *layout.aliases]):
+        stored = layout.aliases.get(name, name)
+        position, entry = layout.spans[stored]
+        size = layout.sizes[stored]
         if stored != name:
             hasher.alias(name, entry["dtype"], tuple(entry["shape"]), size, stored)
             continue
         hasher.begin(name, entry["dtype"], tuple(entry["shape"]), size)
-        done = 0
-        # Pieces in memory: each chunk read back lies within one of them.
-        ends = [] if isinstance(expected, tuple) else np.cumsum([piece.nbytes for piece in expected]).tolist()
-        while done < size:
-            if isinstance(expected, tuple):
+        expected = data[stored]
+        if isinstance(expected, tuple):
+            source_fd, offset = expected
+            done = 0
+            while done < size:
                 want = min(_READ_CHUNK, size - done)
-            else:
-                number = next(n for n, end in enumerate(ends) if end > done)
-                start = ends[number] - expected[number].nbytes
-                want = min(_READ_CHUNK, ends[number] - done)
-            got = os.preadv(fd, [memoryview(buffer)[:want]], position + done)
-            if isinstance(expected, tuple):
-                source_fd, offset = expected
-                same = got == want and os.preadv(source_fd, [memoryview(original)[:want]], offset + done) == want \
-                    and _same_bytes(buffer[:want], original[:want])
-            else:
-                same = got == want and _same_bytes(buffer[:want], expected[number][done - start:done - start + want])
-            if not same:
-                raise IntegrityError(
-                    f"reading back the written data of tensor {stored!r} gave other bytes than "
-                    "were written; nothing was replaced. Check the disk and retry",
-                    path=path,
-                )
-            hasher.update(buffer[:want])
-            done += want
+                got = os.preadv(source_fd, [memoryview(original)[:want]], offset + done)
+                chunk = _read_chunk(fd, position + done, buffer, want, layout.path, stored)
+                if got != want or not _same_bytes(chunk, original[:want]):
+                    raise _differs(layout.path, stored)
+                hasher.update(chunk)
+                done += want
+        else:
+            for chunk in _checked_chunks(fd, position, expected, buffer, layout.path, stored):
+                hasher.update(chunk)
     return hasher.hexdigest(), hasher.tensor_digests(full=True)
+
+
+def write_at(fd: int, position: int, pieces: Sequence[np.ndarray]) -> None:
+    """Write the pieces one after another into `fd` from `position`, however many calls it takes:
+    how a rank writes its rows into a file another rank laid out (`distributed.shards`)."""
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        while view:
+            written = os.pwrite(fd, view[:_READ_CHUNK], position)
+            view, position = view[written:], position + written
+
+
+def check_written(fd: int, position: int, pieces: Sequence[np.ndarray], path: Path, name: str) -> None:
+    """Read back what `write_at` wrote and compare it with the pieces.
+
+    Raises:
+        IntegrityError: a byte differs (naming tensor `name` of the file `path`).
+    """
+    buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
+    for _ in _checked_chunks(fd, position, pieces, buffer, path, name):
+        pass
+
+
+def _checked_chunks(fd: int, position: int, segments: Sequence[np.ndarray | int], buffer: np.ndarray, path: Path,
+                    name: str) -> Iterator[np.ndarray]:
+    """The bytes of `segments` as read back from `position` on, chunk by chunk into `buffer`
+    (each chunk within one segment), each array segment's compared with it."""
+    for segment in segments:
+        size = segment if isinstance(segment, int) else segment.nbytes
+        done = 0
+        while done < size:
+            want = min(len(buffer), size - done)
+            chunk = _read_chunk(fd, position + done, buffer, want, path, name)
+            if not isinstance(segment, int) and not _same_bytes(chunk, segment[done:done + want]):
+                raise _differs(path, name)
+            yield chunk
+            done += want
+        position += size
+
+
+def _read_chunk(fd: int, position: int, buffer: np.ndarray, want: int, path: Path, name: str) -> np.ndarray:
+    if os.preadv(fd, [memoryview(buffer)[:want]], position) != want:
+        raise _differs(path, name)
+    return buffer[:want]
+
+
+def _differs(path: Path, name: str) -> IntegrityError:
+    return IntegrityError(
+        f"reading back the written data of tensor {name!r} gave other bytes than were written; nothing was "
+        "replaced. Check the disk and retry",
+        path=path,
+    )
 
 
 def _same_bytes(read: np.ndarray, expected: np.ndarray) -> bool:

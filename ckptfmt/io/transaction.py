@@ -107,16 +107,18 @@ class Transaction:
         return [self.record, *(record_path(self.folder / name) for name in self._others)]
 
     @contextmanager
-    def stage(self, path: Path, *, overwrite: bool) -> Iterator[int]:
+    def stage(self, path: Path, *, overwrite: bool, durable: bool = True) -> Iterator[int]:
         """Write a file of the set: checked and written as `atomic_write` does (yielding its file
-        descriptor), fsynced, and registered to take its name at `commit`.
+        descriptor), fsynced, and registered to take its name at `commit`. With `durable=False`
+        it is not fsynced here: the caller writes on and fsyncs it before the commit (the file
+        a distributed save's ranks fill in, `distributed.shards`).
 
         Example:
             >>> with transaction.stage(folder / "m.safetensors", overwrite=False) as fd:
             ...     write_all(fd, data)
         """
         path = self._member(Path(path))
-        with write_temp(path, overwrite=overwrite) as (fd, tmp):
+        with write_temp(path, overwrite=overwrite, durable=durable) as (fd, tmp):
             yield fd
         self._staged.append((tmp, path))
         if not overwrite:
