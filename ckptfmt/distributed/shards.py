@@ -8,14 +8,17 @@ Three steps, on every rank:
    `all_gather_object`).
 2. Write: every rank writes its rows of each sharded tensor (FSDP2's `Shard(0)`) at their place
    in the tensor's file, and the tensors it owns whole (a replicated one); it reads back and
-   compares what it wrote into files it does not own, and fsyncs them. Nothing travels between
+   compares what it wrote into files it does not own, and closes them before the exchange that
+   ends the step, which is what a network file system's close-to-open consistency asks for the
+   owner to read them. Nothing travels between
    ranks and nothing is gathered, so a rank holds no more than its own pieces, however many
    ranks there are. A tensor of another layout is assembled on its owner by DTensor
    (`full_tensor()`, in the same order on every rank), written, checked and dropped, one at a
    time. The ranks start at different files, so that they do not queue on one.
 3. Seal: once every rank has written (one `all_gather_object` of failures), each owner reads
    its files back once, comparing its own pieces and hashing every tensor (the per-tensor
-   digests, and the file's weights digest, filled into its header), and fsyncs them.
+   digests, and the file's weights digest, filled into its header), and fsyncs them: every
+   rank's bytes, as an fsync writes out a file's data whoever wrote it.
 
 A failed step on one rank is reported at the next exchange and the ranks give up together; the
 error and the staged files go to rank 0 (see `saving`), which fails the save on every rank.
@@ -159,31 +162,22 @@ class _Writing:
     def run(self) -> BaseException | None:
         """Step 2: this rank's pieces written into their files; returns the first error (the
         collectives of assembling go on after one, as the other ranks wait in them)."""
-        from ..io.background import helpers
-
         error = self._write_assembled()
         keys = [(number, shard) for number, part in enumerate(self.parts) for shard in range(len(part.plan.shards))]
         first = len(keys) * self.rank // self.world
-        syncing = []
         for key in keys[first:] + keys[:first]:
             if error is not None:
                 break
             try:
-                fd = self._write_held(key)
-                if fd is not None:
-                    syncing.append((key, helpers().submit(_sync_and_close, fd)))
+                self._write_held(key)
             except BaseException as exc:
                 error = self._failure(exc, key)
-        for key, future in syncing:
-            try:
-                future.result()
-            except BaseException as exc:
-                error = error or self._failure(exc, key)
         return error
 
     def seal(self, digests: dict[str, dict[str, bytes]]) -> None:
         """Step 3: read back each of this rank's shards, compare its own pieces, hash every
-        tensor, fill the digests into the header, fsync."""
+        tensor, fill the digests into the header, fsync. The disk writes a file out while it is
+        read back (its fsync starts first), and the fsync after the fill-in has a page left."""
         from ..format.writer import fill_in_header, read_back
         from ..io.background import helpers
 
@@ -193,7 +187,11 @@ class _Writing:
                 try:
                     fd = self._open(key)
                     try:
-                        digest, tensor_digests = read_back(fd, layout, self.segments[key])
+                        writing_out = helpers().submit(os.fsync, fd)
+                        try:
+                            digest, tensor_digests = read_back(fd, layout, self.segments[key])
+                        finally:
+                            writing_out.result()
                         fill_in_header(fd, layout, digest, tensor_digests, {})
                     except BaseException:
                         os.close(fd)
@@ -239,10 +237,10 @@ class _Writing:
                     del piece
         return error
 
-    def _write_held(self, key: _Key) -> int | None:
-        """Write this rank's pieces of the tensors of one shard; a file of another rank is checked
-        and its descriptor returned, to be fsynced and closed (None when this rank has nothing
-        there, or owns it: its owner checks and fsyncs it in `seal`)."""
+    def _write_held(self, key: _Key) -> None:
+        """Write this rank's pieces of the tensors of one shard, and check them in a file of
+        another rank (its owner checks its own in `seal`, and fsyncs the file: what every rank
+        wrote into it)."""
         from ..format.writer import check_written, tensor_bytes, write_at
 
         number, shard = key
@@ -269,20 +267,16 @@ class _Writing:
             if data.nbytes:
                 writes.append((name, positions[name] + offset, data))
         if not writes:
-            return None
+            return
         fd = self._open(key)
         try:
             for _, position, data in writes:
                 write_at(fd, position, [data])
-            if owner == self.rank:
-                os.close(fd)
-                return None
-            for name, position, data in writes:
-                check_written(fd, position, [data], part.shard_path(shard), name)
-        except BaseException:
+            if owner != self.rank:
+                for name, position, data in writes:
+                    check_written(fd, position, [data], part.shard_path(shard), name)
+        finally:
             os.close(fd)
-            raise
-        return fd
 
     def _failure(self, exc: BaseException, key: _Key) -> BaseException:
         """What to report of `exc`, raised writing the shard `key`: an OSError said as a
