@@ -12,7 +12,7 @@ tensor into the shard that tensor belongs to, in parallel, and rank 0 commits th
 3. Every rank writes what it holds of each tensor (its rows of a sharded one) straight into the
    shard the tensor belongs to, which the shard's owner laid out and staged in a `Transaction`
    of its own; then each owner reads its shards back once, compares and digests them, and
-   fsyncs them (`shards.write_owned`). Nothing is gathered.
+   fsyncs them (`shards.write_shards`). Nothing is gathered.
 4. `gather_object` brings rank 0 every rank's staged temp names and errors. Rank 0 adopts the
    temps into its transaction, writes the companion's index, the index (whose digest of the
    whole state is put together from the per-tensor digests each rank's writer computed in its
@@ -44,7 +44,7 @@ from ..io.transaction import Transaction
 from .ownership import model_ties, plan_shards
 from .pieces import Piece, piece_of, replica_digests
 from .rank_zero import on_rank0, shared
-from .shards import Part, write_owned
+from .shards import Part, write_shards
 
 if TYPE_CHECKING:
     import torch
@@ -108,7 +108,7 @@ def save(
 
     job = _prepare_save(model, path, config=config, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                         epoch=epoch, metrics=metrics, overwrite=overwrite, max_shard_size=max_shard_size, fields=fields)
-    error, digests = write_owned(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite)
+    error, digests = write_shards(job.parts, dist.get_rank(), job.transaction, overwrite=overwrite)
     return _commit_save(job, error, digests)
 
 
@@ -175,7 +175,7 @@ def async_save(
             parts = [replace(part, tensors={name: Piece(copy[str(number)][name], piece.shape, piece.rows)
                                             for name, piece in pieces[number].items()})
                      for number, part in enumerate(job.parts)]
-            error, digests = write_owned(parts, dist.get_rank(), job.transaction, overwrite=overwrite, group=group)
+            error, digests = write_shards(parts, dist.get_rank(), job.transaction, overwrite=overwrite, group=group)
             return _commit_save(job, error, digests, group=group)
 
         state = {str(number): {name: piece.local for name, piece in table.items()} for number, table in enumerate(pieces)}
@@ -331,10 +331,10 @@ def _commit_save(job: _SaveJob, error: BaseException | None, digests: dict[str, 
                  group: Any = None) -> Path:
     """Step 4 of a save (see the module's docstring), on every rank: rank 0 commits what every
     rank staged, or, when a rank failed, removes it; the outcome is raised or returned on every
-    rank. `digests`: this rank's tensors' full digests, by part (see `write_owned`).
+    rank. `digests`: this rank's tensors' full digests, by part (see `write_shards`).
 
     Example:
-        >>> _commit_save(job, *write_owned(job.parts, rank, job.transaction, overwrite=False))
+        >>> _commit_save(job, *write_shards(job.parts, rank, job.transaction, overwrite=False))
         PosixPath('m.safetensors.index.json')
     """
     import torch.distributed as dist

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ..format.writer import Layout
     from ..io.transaction import Transaction
 
-__all__ = ["Part", "write_owned"]
+__all__ = ["Part", "write_shards"]
 
 _Key = tuple[int, int]  # (part number, shard number)
 
@@ -75,7 +75,7 @@ class Part:
         return self.index.parent / self.names[number]
 
 
-def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overwrite: bool,
+def write_shards(parts: list[Part], rank: int, transaction: Transaction, *, overwrite: bool,
                 group: Any = None) -> tuple[BaseException | None, dict[str, dict[str, bytes]]]:
     """Write this rank's pieces of every part and stage the shards it owns in `transaction`, in
     the three steps of the module's docstring; every rank calls it, and the ranks exchange
@@ -85,7 +85,7 @@ def write_owned(parts: list[Part], rank: int, transaction: Transaction, *, overw
     together (`write_index`).
 
     Example:
-        >>> error, digests = write_owned([weights], dist.get_rank(), transaction, overwrite=True)
+        >>> error, digests = write_shards([weights], dist.get_rank(), transaction, overwrite=True)
     """
     import torch.distributed as dist
 

@@ -3,7 +3,8 @@
 
 - load: `ckptfmt.distributed.load_model`, each rank reading its slices, against each rank
   loading the full state dict (torch's `set_model_state_dict` with `full_state_dict=True`).
-- save: `ckptfmt.distributed.save` (each rank writing the tensors it owns into shards, rank 0
+- save: `ckptfmt.distributed.save` (each rank writing its part of every tensor into the shard
+  the tensor belongs to, each shard's owner reading it back and digesting it, rank 0
   committing) against DCP's own `dcp.save` (each rank writing its shards to its own file), on
   2 and 4 ranks: the peak RSS of the largest rank and the time of the slowest, and how the
   peak above a rank's start (its share of the model and what the save adds) goes from 2 to 4
@@ -134,8 +135,8 @@ def bench_distributed(work: Path, repeats: int, architecture: tuple[int, int]) -
         ours, own = saves[world] = summarised(measure(ranks(world, "save_ours"), ranks(world, "save_dcp"),
                                                       repeats=repeats))
         rows += [
-            row(f"distributed_save_rss_{world}", f"{world}-rank save of the {size} U-Net, each rank writing the tensors "
-                "it owns into shards, vs DCP's own dcp.save: peak RSS of the largest rank", ours, own, "rss",
+            row(f"distributed_save_rss_{world}", f"{world}-rank save of the {size} U-Net, each rank writing its part of "
+                "every shard, vs DCP's own dcp.save: peak RSS of the largest rank", ours, own, "rss",
                 target=("<=", 1.2)),
             row(f"distributed_save_wall_{world}", f"the same on {world} ranks: save time of the slowest rank", ours, own,
                 "in_process", target=("<=", 1.5)),
