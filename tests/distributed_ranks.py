@@ -15,7 +15,6 @@ again, for the test to kill a rank in the middle of a save. With `--save-in-back
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import sys
@@ -262,14 +261,9 @@ def save_in_background(work: Path) -> None:
     agree_on_buffers(model)
     ckptfmt.distributed.save(model, work / "trained_on/model.safetensors", optimizer=optimizer)
     (work / f"rank{rank}.json").write_text(json.dumps({"background": str(future.result())}))
-    # Everything is written and checked by now. Tearing down gloo with the background save's
-    # group of its own now and then aborts the process in C++ ("terminate called without an
-    # active exception"), after the work: the ranks leave together, without the teardown, as
-    # tools/benchmarks/distributed.py's ranks do.
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # The user's teardown: the background save's own gloo group is destroyed at exit, which
+    # left to the interpreter's finalization now and then aborted a rank after all was written.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ it back, as a network file system's close-to-open consistency asks.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import warnings
@@ -196,8 +197,24 @@ def _background_group() -> Any:
 
     world = dist.group.WORLD
     if world not in _groups:
+        if not _groups:
+            atexit.register(_release_groups)
         _groups[world] = dist.new_group(backend="gloo")
     return _groups[world]
+
+
+def _release_groups() -> None:
+    """At exit, once the saves in flight are done (`in_background` waits for them before any
+    atexit function runs): destroy the background groups torch still holds, and drop this
+    module's references. A gloo group left to the interpreter's finalization, after
+    `dist.destroy_process_group()` or without it, now and then aborted the process there
+    ("terminate called without an active exception"), after all was written."""
+    import torch.distributed as dist
+
+    for group in list(_groups.values()):
+        if dist.is_initialized() and group in dist.distributed_c10d._world.pg_map:
+            dist.destroy_process_group(group)
+    _groups.clear()
 
 
 @dataclass
