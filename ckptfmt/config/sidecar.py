@@ -55,6 +55,11 @@ class Sidecar:
         """The checkpoints bound here, by the NAME their files share."""
         return {checkpoint_stem(name) for name in self.weights}
 
+    def binds_only(self, stem: str) -> bool:
+        """Bound to `stem`'s checkpoint and no other (stops at the first other: a batch asks it
+        for each file it converts into a folder whose sidecar binds the files before)."""
+        return bool(self.weights) and all(checkpoint_stem(name) == stem for name in self.weights)
+
     def binds_others(self, stem: str) -> bool:
         """Bound to other checkpoints and not to `stem`'s: it describes other weights."""
         return bool(self.weights) and stem not in self.stems
@@ -116,7 +121,7 @@ def sidecar_path(
     if shared is None:
         return shared_path if writing else None
     if writing:
-        ours = shared.stems == {stem} or config is not None and not _differences(shared.config, config)
+        ours = shared.binds_only(stem) or config is not None and not _differences(shared.config, config)
         return shared_path if ours else own
     if config is None or not shared.binds_others(stem) or not config_differences(config, shared.config):
         return shared_path

@@ -247,36 +247,33 @@ class _Writing:
         part = self.parts[number]
         owner = part.plan.shard_owners[shard]
         positions = self.places[key][1]
-        writes = []
-        for name in part.plan.shards[shard]:
-            value = part.tensors[name]
-            if not isinstance(value, Piece) and assembled(value):
-                continue
-            piece = value if isinstance(value, Piece) else piece_of(value, owner)
-            if piece.local is None:
-                continue
-            data = tensor_bytes(piece.local)
-            offset = 0
-            if piece.rows and piece.shape[0]:
-                start, _ = row_bounds(piece, self.rank, self.world)[self.rank]
-                offset = start * (part.plan.sizes[name] // piece.shape[0])
-            if owner == self.rank:
-                after = part.plan.sizes[name] - offset - data.nbytes
-                self.segments[key][name] = [segment for segment in (offset, data, after)
-                                            if not isinstance(segment, int) or segment]
-            if data.nbytes:
-                writes.append((name, positions[name] + offset, data))
-        if not writes:
-            return
-        fd = self._open(key)
+        fd = None
         try:
-            for _, position, data in writes:
-                write_at(fd, position, [data])
-            if owner != self.rank:
-                for name, position, data in writes:
-                    check_written(fd, position, [data], part.shard_path(shard), name)
+            for name in part.plan.shards[shard]:
+                value = part.tensors[name]
+                if not isinstance(value, Piece) and assembled(value):
+                    continue
+                piece = value if isinstance(value, Piece) else piece_of(value, owner)
+                if piece.local is None:
+                    continue
+                data = tensor_bytes(piece.local)
+                offset = 0
+                if piece.rows and piece.shape[0]:
+                    start, _ = row_bounds(piece, self.rank, self.world)[self.rank]
+                    offset = start * (part.plan.sizes[name] // piece.shape[0])
+                if owner == self.rank:
+                    after = part.plan.sizes[name] - offset - data.nbytes
+                    self.segments[key][name] = [segment for segment in (offset, data, after)
+                                                if not isinstance(segment, int) or segment]
+                if not data.nbytes:
+                    continue
+                fd = self._open(key) if fd is None else fd
+                write_at(fd, positions[name] + offset, [data])
+                if owner != self.rank:  # checked while its bytes are at hand (a copy, when not contiguous)
+                    check_written(fd, positions[name] + offset, [data], part.shard_path(shard), name)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def _failure(self, exc: BaseException, key: _Key) -> BaseException:
         """What to report of `exc`, raised writing the shard `key`: an OSError said as a
