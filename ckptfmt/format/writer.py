@@ -140,13 +140,12 @@ def write_safetensors(
     *, overwrite: bool = False, fill_in: Mapping[str, Future] | None = None,
     sources: Mapping[str, tuple[int, int]] | None = None, sync_folder: bool = True,
     transaction: Transaction | None = None, digests: dict[str, bytes] | None = None,
-    pieces: Mapping[str, Sequence[torch.Tensor]] | None = None,
 ) -> str:
     """Write a safetensors file atomically, streaming tensor bytes, and check it.
 
     The data of a large file is fsynced as it is written (a small one once, at its close). Then,
-    while the last of it goes to disk, it is read back once: compared byte for byte with what it was written from, and each stored tensor
-    hashed on its own; those digests go into `ckptfmt.tensor_digests` (where they fit in the
+    while the last of it goes to disk, it is read back once (`read_back`): compared byte for byte
+    with what it was written from, and each stored tensor hashed on its own; those digests go into `ckptfmt.tensor_digests` (where they fit in the
     metadata cap) and make the canonical weights digest, which goes into
     `ckptfmt.weights_sha256` (unless `metadata` already sets it). Only a file that matches takes
     its name. Tied tensors (see `split_aliases`) are stored once and listed in
@@ -167,10 +166,6 @@ def write_safetensors(
         digests: a dict to receive each stored tensor's full (32-byte) digest from the
             read-back, by name: what the digest of a set of shards is put together from
             (`digest.compose_digest`, `index.write_index`) without reading them again.
-        pieces: for tensors held in pieces (a sharded tensor's rows, as the ranks hold them),
-            `{name: [piece, ...]}`: the tensor's bytes are the pieces', one after another,
-            written and compared from where they lie, so no whole copy is made; the tensor in
-            `tensors` gives only its dtype and shape (a tensor on the meta device will do).
 
     Returns:
         The canonical weights digest of what was written.
@@ -182,12 +177,7 @@ def write_safetensors(
     layout = layout_file(path, tensors, metadata, fill_in=fill_in)
     stored = layout.tensors
     sources = {name: span for name, span in (sources or {}).items() if name in stored}
-    pieces = pieces or {}
-    data = {name: sources[name] if name in sources else [tensor_bytes(p) for p in pieces[name]] if name in pieces
-            else [tensor_bytes(stored[name])] for name in layout.order}
-    for name in pieces.keys() & layout.sizes.keys():
-        if sum(piece.nbytes for piece in data[name]) != layout.sizes[name]:
-            raise ValueError(f"the pieces of tensor {name!r} do not add up to its shape {tuple(stored[name].shape)}")
+    data = {name: sources.get(name) or [tensor_bytes(stored[name])] for name in layout.order}
     opened = atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) if transaction is None \
         else transaction.stage(path, overwrite=overwrite)
     with opened as fd:
