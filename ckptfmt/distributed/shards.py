@@ -76,7 +76,7 @@ class Part:
 
 
 def write_shards(parts: list[Part], rank: int, transaction: Transaction, *, overwrite: bool,
-                group: Any = None) -> tuple[BaseException | None, dict[str, dict[str, bytes]]]:
+                 group: Any = None) -> tuple[BaseException | None, dict[str, dict[str, bytes]]]:
     """Write this rank's pieces of every part and stage the shards it owns in `transaction`, in
     the three steps of the module's docstring; every rank calls it, and the ranks exchange
     through `group` (the default group when None). Returns this rank's error (the files it

@@ -26,7 +26,7 @@ from pathlib import Path
 # sharded and filled first. Prints the rank's seconds, peak RSS during the timed part, and RSS
 # after start-up (before any of the model).
 DISTRIBUTED_RANK = """
-import json, os, sys, time
+import json, sys, time
 from pathlib import Path
 import torch, torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -67,10 +67,7 @@ else:
 seconds = time.perf_counter() - start
 dist.barrier()
 print(json.dumps({"rank": dist.get_rank(), "s": seconds, "peak": status("VmHWM:"), "base": base}), flush=True)
-dist.barrier()
-# gloo's teardown at exit now and then aborts a rank (std::terminate) after all is done; the
-# figures are out, so the rank ends here.
-os._exit(0)
+dist.destroy_process_group()
 """
 
 # Starts the ranks as torchrun would (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), without
