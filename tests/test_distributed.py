@@ -322,6 +322,13 @@ def test_a_rank_that_cannot_write_fails_the_save_on_every_rank_and_leaves_the_pr
                    "process may write (its file-size limit); raise the limit (ulimit -f) and retry. Any previous file "
                    "there is intact",
     }] * WORLD
+    # Its own shards written, its rows of another rank's shard refused: the same, naming that shard.
+    assert [report["limited_rows"] for report in reports] == [{
+        "type": "WriteError",
+        "message": f"{folder / 'model-00002-of-00009.safetensors'}: writing failed: the file is larger than this "
+                   "process may write (its file-size limit); raise the limit (ulimit -f) and retry. Any previous file "
+                   "there is intact",
+    }] * WORLD
     index = folder / "model.safetensors.index.json"
     assert ckptfmt.verify(index).ok
     assert read_header(index).weights_sha256 == read_header(work / "straight/model.safetensors.index.json").weights_sha256
