@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +50,9 @@ WEIGHTS_ONLY_HINT = Words(
     "To record what it is, pass --model-type NAME --set KEY=VALUE (or --config FILE); for a class of your own, "
     "add --import MODULE, the module that registers it",
 )
+
+# A source up to this size is hashed before its output is written rather than beside it.
+_HASH_AT_ONCE_BYTES = 8 << 20
 
 
 def convert_one(source: Path, output: str | os.PathLike | None, batch: Batch, *, config: Any = None,
@@ -144,9 +148,16 @@ def _write(plan: Plan, resolution: Resolution, state_dict: dict[str, torch.Tenso
             sources = {name: (source_fd, offset) for name, tensor in state_dict.items()
                        if (offset := legacy.file_offset(tensor)) is not None}
             # One file is hashed through the descriptor already open: the bytes read are those
-            # converted, even when the output takes the source's name (a rewrite in place).
-            source_sha256 = (helpers().submit(sha256_fd, source_fd) if plan.hash_source is sha256_file
-                             else helpers().submit(plan.hash_source, plan.source))
+            # converted, even when the output takes the source's name (a rewrite in place). A
+            # large one is hashed while the output is written; a small one at once, as handing
+            # it to a thread costs more than hashing it.
+            if plan.hash_source is not sha256_file:
+                source_sha256 = helpers().submit(plan.hash_source, plan.source)
+            elif os.fstat(source_fd).st_size > _HASH_AT_ONCE_BYTES:
+                source_sha256 = helpers().submit(sha256_fd, source_fd)
+            else:
+                source_sha256 = Future()
+                source_sha256.set_result(sha256_fd(source_fd))
             write = partial(write_sharded, max_shard_size=plan.shard_size) if is_index(output) else write_safetensors
             digest = write(output, state_dict, metadata, overwrite=batch.force, transaction=transaction,
                            fill_in={sha_stand_in: source_sha256}, sources=sources)

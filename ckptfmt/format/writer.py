@@ -177,6 +177,11 @@ def write_safetensors(
     layout = layout_file(path, tensors, metadata, fill_in=fill_in)
     stored = layout.tensors
     sources = {name: span for name, span in (sources or {}).items() if name in stored}
+    if layout.size <= _READ_CHUNK:
+        # A small file is written from memory and read back in one read: copying each tensor from
+        # its source file by the kernel (`sources`) saves memory only for large ones, and costs
+        # three system calls a tensor.
+        sources = {}
     data = {name: sources.get(name) or [tensor_bytes(stored[name])] for name in layout.order}
     opened = atomic_write(path, overwrite=overwrite, sync_folder=sync_folder) if transaction is None \
         else transaction.stage(path, overwrite=overwrite)
@@ -322,19 +327,31 @@ def _placeholder_positions(encoded: bytes, stand_ins: list[str]) -> dict[str, in
 
 def _write_data(fd: int, order: list[str], data: dict[str, Any], sizes: dict[str, int], syncing: list[Future]) -> None:
     """Append the tensors' bytes in `order`, fsyncing as it goes, so the disk works while we write
-    rather than all at the end. Each fsync goes into `syncing`, which the caller waits for."""
+    rather than all at the end. Each fsync goes into `syncing`, which the caller waits for.
+    Tensors in memory go out together, up to `_WRITEV_BYTES` in one `writev`: a file of many
+    small tensors is one system call, not one a tensor."""
     unflushed = total = 0
+    batch: list[memoryview] = []
+    batched = 0
     for name in order:
         if isinstance(data[name], tuple):
+            _writev_all(fd, batch)
+            batch, batched = [], 0
             _copy_range(data[name], fd, sizes[name])
         else:
-            for piece in data[name]:
-                write_all(fd, piece)
+            batch.extend(memoryview(piece).cast("B") for piece in data[name] if piece.nbytes)
+            batched += sizes[name]
+            if batched >= _WRITEV_BYTES or len(batch) >= _WRITEV_BUFFERS:
+                _writev_all(fd, batch)
+                batch, batched = [], 0
         unflushed += sizes[name]
         total += sizes[name]
         if unflushed >= _FLUSH_EVERY and (not syncing or syncing[-1].done()):
+            _writev_all(fd, batch)
+            batch, batched = [], 0
             syncing.append(helpers().submit(os.fsync, fd))
             unflushed = 0
+    _writev_all(fd, batch)
     # The file's closing fsync (`write_temp`, after the header is filled in) syncs every byte
     # before it can take its name; this one only lets a large file's data go to disk while it is
     # read back. Below one flush's worth it would be a second journal commit for nothing.
@@ -342,6 +359,20 @@ def _write_data(fd: int, order: list[str], data: dict[str, Any], sizes: dict[str
         syncing.append(helpers().submit(os.fsync, fd))
 
 
+def _writev_all(fd: int, views: list[memoryview]) -> None:
+    """Write the buffers one after another, however many calls it takes."""
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first:first + _WRITEV_BUFFERS])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:
+            views[first] = views[first][written:]
+
+
+_WRITEV_BYTES = 8 << 20
+_WRITEV_BUFFERS = 512  # under every system's IOV_MAX (1024 on Linux)
 _FLUSH_EVERY = 64 << 20
 _READ_CHUNK = 8 << 20
 
@@ -371,16 +402,16 @@ def _copy_range(source: tuple[int, int], fd: int, size: int) -> None:
 def read_back(fd: int, layout: Layout, data: Mapping[str, Any]) -> tuple[str, dict[str, bytes]]:
     """Read every tensor of `layout` back from `fd` in name order: compare it with what it was
     written from, and hash it (see `WeightsHasher`). Each stored byte is read once, in chunks
-    into bounded buffers. `data[name]`: the source file's `(descriptor, offset)`, or the
-    tensor's segments in order, each an array of the bytes written (compared) or a count of
-    bytes that another process wrote and checked (hashed only). Returns the weights digest and
-    each stored tensor's full one.
+    into a bounded buffer (a small file's data in one read). `data[name]`: the source file's
+    `(descriptor, offset)`, or the tensor's segments in order, each an array of the bytes
+    written (compared) or a count of bytes that another process wrote and checked (hashed
+    only). Returns the weights digest and each stored tensor's full one.
 
     Raises:
         IntegrityError: a compared byte differs.
     """
     hasher = WeightsHasher(per_tensor=True)
-    buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
+    reader = _Reader(fd, layout.path, sum(layout.sizes.values()), start=len(layout.head))
     original = np.empty(_READ_CHUNK, dtype=np.uint8) if any(isinstance(d, tuple) for d in data.values()) else None
     for name in sorted([*layout.spans, *layout.aliases]):
         stored = layout.aliases.get(name, name)
@@ -397,13 +428,13 @@ def read_back(fd: int, layout: Layout, data: Mapping[str, Any]) -> tuple[str, di
             while done < size:
                 want = min(_READ_CHUNK, size - done)
                 got = os.preadv(source_fd, [memoryview(original)[:want]], offset + done)
-                chunk = _read_chunk(fd, position + done, buffer, want, layout.path, stored)
+                chunk = reader.read(position + done, want, stored)
                 if got != want or not _same_bytes(chunk, original[:want]):
                     raise _differs(layout.path, stored)
                 hasher.update(chunk)
                 done += want
         else:
-            for chunk in _checked_chunks(fd, position, expected, buffer, layout.path, stored):
+            for chunk in reader.checked(position, expected, stored):
                 hasher.update(chunk)
     return hasher.hexdigest(), hasher.tensor_digests(full=True)
 
@@ -424,32 +455,47 @@ def check_written(fd: int, position: int, pieces: Sequence[np.ndarray], path: Pa
     Raises:
         IntegrityError: a byte differs (naming tensor `name` of the file `path`).
     """
-    buffer = np.empty(_READ_CHUNK, dtype=np.uint8)
-    for _ in _checked_chunks(fd, position, pieces, buffer, path, name):
+    for _ in _Reader(fd, path, sum(piece.nbytes for piece in pieces)).checked(position, pieces, name):
         pass
 
 
-def _checked_chunks(fd: int, position: int, segments: Sequence[np.ndarray | int], buffer: np.ndarray, path: Path,
-                    name: str) -> Iterator[np.ndarray]:
-    """The bytes of `segments` as read back from `position` on, chunk by chunk into `buffer`
-    (each chunk within one segment), each array segment's compared with it."""
-    for segment in segments:
-        size = segment if isinstance(segment, int) else segment.nbytes
-        done = 0
-        while done < size:
-            want = min(len(buffer), size - done)
-            chunk = _read_chunk(fd, position + done, buffer, want, path, name)
-            if not isinstance(segment, int) and not _same_bytes(chunk, segment[done:done + want]):
-                raise _differs(path, name)
-            yield chunk
-            done += want
-        position += size
+class _Reader:
+    """Reads a written file back for checking: a region of at most `_READ_CHUNK` bytes from
+    `start` in one read, up front (a small file's data: one system call rather than one a
+    tensor), anything else chunk by chunk into one buffer of its own."""
 
+    def __init__(self, fd: int, path: Path, size: int, *, start: int | None = None) -> None:
+        self.fd, self.path = fd, path
+        self.buffer = np.empty(min(size, _READ_CHUNK), dtype=np.uint8)
+        self.start = start if start is not None and size <= _READ_CHUNK else None
+        if self.start is not None:
+            self.got = os.preadv(fd, [memoryview(self.buffer)], self.start)
 
-def _read_chunk(fd: int, position: int, buffer: np.ndarray, want: int, path: Path, name: str) -> np.ndarray:
-    if os.preadv(fd, [memoryview(buffer)[:want]], position) != want:
-        raise _differs(path, name)
-    return buffer[:want]
+    def read(self, position: int, want: int, name: str) -> np.ndarray:
+        """`want` bytes from `position` (at most `_READ_CHUNK`)."""
+        if self.start is not None:
+            offset = position - self.start
+            if offset < 0 or offset + want > self.got:
+                raise _differs(self.path, name)
+            return self.buffer[offset:offset + want]
+        if os.preadv(self.fd, [memoryview(self.buffer)[:want]], position) != want:
+            raise _differs(self.path, name)
+        return self.buffer[:want]
+
+    def checked(self, position: int, segments: Sequence[np.ndarray | int], name: str) -> Iterator[np.ndarray]:
+        """The bytes of `segments` as read back from `position` on, chunk by chunk (each chunk
+        within one segment), each array segment's compared with them."""
+        for segment in segments:
+            size = segment if isinstance(segment, int) else segment.nbytes
+            done = 0
+            while done < size:
+                want = min(len(self.buffer), size - done)
+                chunk = self.read(position + done, want, name)
+                if not isinstance(segment, int) and not _same_bytes(chunk, segment[done:done + want]):
+                    raise _differs(self.path, name)
+                yield chunk
+                done += want
+            position += size
 
 
 def _differs(path: Path, name: str) -> IntegrityError:

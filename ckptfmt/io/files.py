@@ -245,7 +245,9 @@ def sha256_fd(fd: int) -> str:
     import hashlib
 
     sha = hashlib.sha256()
-    buffer = memoryview(bytearray(8 << 20))
+    # No larger than the file: a bytearray is zero-filled, 8 MiB of it cost more than hashing a
+    # small checkpoint, in a folder of many.
+    buffer = memoryview(bytearray(min(8 << 20, max(os.fstat(fd).st_size, 1 << 16))))
     position = 0
     while got := os.preadv(fd, [buffer], position):
         sha.update(buffer[:got])
