@@ -255,20 +255,28 @@ def test_disk_full_at_each_write_leaves_the_previous_set(converted_with_companio
     each time the previous set is untouched and verifies, and the message says so truly."""
     folder = converted_with_companion
     before = snapshot(folder)
-    real_write = os.write
+    real_write, real_writev = os.write, os.writev
     failed_at = set()
     for failing in range(1, 200):
         calls = 0
 
-        def write(fd, data):
+        def full(fd):
             nonlocal calls
             if os.readlink(f"/proc/self/fd/{fd}").startswith(str(folder)):
                 calls += 1
                 if calls == failing:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def write(fd, data):
+            full(fd)
             return real_write(fd, data)
 
+        def writev(fd, buffers):  # a small file's tensors go out in one writev
+            full(fd)
+            return real_writev(fd, buffers)
+
         monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "writev", writev)
         try:
             convert(folder / "m.pth", force=True)
             break
