@@ -160,3 +160,18 @@ def flip_byte(path: Path, offset_from_end: int = 1) -> None:
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def full_disk_at_link(monkeypatch, ending: str) -> None:
+    """`os.link` fails as on a full disk for a target whose name ends with `ending` (a commit
+    record's), and works for the others."""
+    import errno
+
+    real_link = os.link
+
+    def link(source, target, *args, **kwargs):
+        if str(target).endswith(ending):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_link(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", link)

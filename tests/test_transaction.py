@@ -18,6 +18,8 @@ from ckptfmt.io.atomic import write_all
 from ckptfmt.io.folder import HOST_TAG, NAME_MAX, hidden_name
 from ckptfmt.io.transaction import Transaction, clean_folder, finish_pending, record_path, recover
 
+from .helpers import full_disk_at_link
+
 
 def names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
@@ -86,14 +88,7 @@ def test_an_existing_file_is_refused_before_anything_is_written(tmp_path):
 
 def test_disk_full_at_the_commit_record_leaves_the_previous_set(tmp_path, monkeypatch):
     write_set(tmp_path, {"m.safetensors": b"old", "model_config.json": b"old"})
-    real_link = os.link
-
-    def full_for_the_record(source, target, *args, **kwargs):
-        if str(target).endswith(".ckptfmt-commit"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_link(source, target, *args, **kwargs)
-
-    monkeypatch.setattr(os, "link", full_for_the_record)
+    full_disk_at_link(monkeypatch, ".ckptfmt-commit")
     with pytest.raises(WriteError) as excinfo:
         write_set(tmp_path, {"m.safetensors": b"new", "model_config.json": b"new"})
     assert str(excinfo.value) == (f"{tmp_path / 'm.safetensors'}: writing failed: no space left on device; free "

@@ -217,15 +217,11 @@ def files_sha256(paths: list[Path], *, error: type[CkptfmtError] = InputError) -
     import json
 
     sha = hashlib.sha256()
-    buffer = memoryview(bytearray(8 << 20))
     for path in paths:
         fd = open_regular(path, error=error)
         try:
             sha.update(json.dumps([path.name, os.fstat(fd).st_size]).encode() + b"\n")
-            position = 0
-            while got := os.preadv(fd, [buffer], position):
-                sha.update(buffer[:got])
-                position += got
+            _hash_into(sha, fd)
         finally:
             os.close(fd)
     return sha.hexdigest()
@@ -245,6 +241,12 @@ def sha256_fd(fd: int) -> str:
     import hashlib
 
     sha = hashlib.sha256()
+    _hash_into(sha, fd)
+    return sha.hexdigest()
+
+
+def _hash_into(sha, fd: int) -> None:
+    """Feed an open file's bytes to `sha`, read with pread."""
     # No larger than the file: a bytearray is zero-filled, 8 MiB of it cost more than hashing a
     # small checkpoint, in a folder of many.
     buffer = memoryview(bytearray(min(8 << 20, max(os.fstat(fd).st_size, 1 << 16))))
@@ -252,4 +254,3 @@ def sha256_fd(fd: int) -> str:
     while got := os.preadv(fd, [buffer], position):
         sha.update(buffer[:got])
         position += got
-    return sha.hexdigest()

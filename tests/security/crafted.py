@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -37,6 +38,26 @@ def fresh_python(code: str, *, cwd: Path, memory_bytes: int | None = None) -> su
     if memory_bytes is not None:
         code = f"import resource\nresource.setrlimit(resource.RLIMIT_AS, ({memory_bytes}, {memory_bytes}))\n{code}"
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def refusals_under_2_gb(path: Path, uses: str) -> list[str]:
+    """What each of `uses` (a Python expression: a tuple of callables taking the path) says of
+    `path`, in a fresh process under a 2 GB address-space limit; each must refuse it with our
+    LegacyCheckpointError."""
+    code = textwrap.dedent(f"""
+        import ckptfmt, sys
+        from ckptfmt.compare import diff
+        for use in {uses}:
+            try:
+                use({str(path)!r})
+            except ckptfmt.LegacyCheckpointError as exc:
+                print(exc)
+            else:
+                sys.exit("not refused")
+    """)
+    result = fresh_python(code, cwd=path.parent, memory_bytes=2 << 30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.splitlines()
 
 
 def assert_our_error(path: Path) -> CkptfmtError:

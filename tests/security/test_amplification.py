@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from ckptfmt.format.digest import WeightsHasher, digest_file
 from ckptfmt.format.writer import tensor_bytes, write_safetensors
 
 from ..helpers import save_small
-from .crafted import assert_our_error, fresh_python
+from .crafted import assert_our_error, refusals_under_2_gb
 
 _PLACEHOLDER = "PLACEHOLDER-FOR-THE-LAUGHS"
 
@@ -65,20 +64,8 @@ def _crafted_pth(path: Path, ops: bytes, *, zip_format: bool) -> Path:
 def _refusals_under_2_gb(source) -> list[str]:
     """What convert, inspect, diff and load_model each say of `source`, in a fresh process under
     a 2 GB address-space limit; each must refuse it with our LegacyCheckpointError."""
-    code = textwrap.dedent(f"""
-        import ckptfmt, sys
-        from ckptfmt.compare import diff
-        for use in (ckptfmt.convert, ckptfmt.inspect_checkpoint, lambda p: diff(p, p), ckptfmt.load_model):
-            try:
-                use({str(source)!r})
-            except ckptfmt.LegacyCheckpointError as exc:
-                print(exc)
-            else:
-                sys.exit("not refused")
-    """)
-    result = fresh_python(code, cwd=source.parent, memory_bytes=2 << 30)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout.splitlines()
+    return refusals_under_2_gb(source, "(ckptfmt.convert, ckptfmt.inspect_checkpoint, lambda p: diff(p, p), "
+                                       "ckptfmt.load_model)")
 
 
 @pytest.mark.subprocess  # Its own process: the address-space limit (2 GB) is set for the whole process.

@@ -5,7 +5,6 @@ as our error naming the folder's `.metadata`, by convert and inspect alike."""
 from __future__ import annotations
 
 import io
-import textwrap
 import zipfile
 
 import pytest
@@ -17,7 +16,7 @@ from ckptfmt import LegacyCheckpointError
 from ckptfmt.sources.dcp import read_dcp_state_dict
 
 from ..helpers import run_cli, write_dcp_folder
-from .crafted import edit_dcp_metadata, fresh_python
+from .crafted import edit_dcp_metadata, refusals_under_2_gb
 
 DAMAGED = "; the folder is damaged or was crafted"
 
@@ -34,19 +33,7 @@ def _refusals(folder) -> list[str]:
 
 def _refusals_under_2_gb(folder) -> list[str]:
     """`_refusals`, in a fresh process under a 2 GB address-space limit."""
-    code = textwrap.dedent(f"""
-        import ckptfmt, sys
-        for use in (ckptfmt.convert, ckptfmt.inspect_checkpoint):
-            try:
-                use({str(folder)!r})
-            except ckptfmt.LegacyCheckpointError as exc:
-                print(exc)
-            else:
-                sys.exit("not refused")
-    """)
-    result = fresh_python(code, cwd=folder.parent, memory_bytes=2 << 30)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout.splitlines()
+    return refusals_under_2_gb(folder, "(ckptfmt.convert, ckptfmt.inspect_checkpoint)")
 
 
 def _reuse_one_record(copies: int):

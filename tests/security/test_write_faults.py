@@ -17,7 +17,7 @@ import torch
 import ckptfmt
 from ckptfmt import OutputExistsError, WriteError, convert, read_header
 
-from ..helpers import run_cli, run_cli_in_fresh_process, small_model
+from ..helpers import full_disk_at_link, run_cli, run_cli_in_fresh_process, small_model
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -393,14 +393,7 @@ def test_a_conversion_failing_at_its_commit_leaves_its_previous_file_bound(tmp_p
     convert_all([tmp_path])
     for name in "abc":
         torch.save(small_model(seed=4)[0].state_dict(), tmp_path / f"{name}.pth")
-    real_link = os.link
-
-    def full_at_bs_commit(source, target, *args, **kwargs):
-        if str(target).endswith(".b.safetensors.ckptfmt-commit"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_link(source, target, *args, **kwargs)
-
-    monkeypatch.setattr(os, "link", full_at_bs_commit)
+    full_disk_at_link(monkeypatch, ".b.safetensors.ckptfmt-commit")
     results = convert_all([tmp_path], force=True)
     monkeypatch.undo()
     assert [result.status for result in results] == ["converted", "failed", "converted"]
